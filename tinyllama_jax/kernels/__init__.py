@@ -1,0 +1,41 @@
+"""The backend table: one entry per fused op, each backend a lazily imported function.
+
+The model asks `get(op, backend)` and calls the result with the op's reference signature, so a
+backend is a drop-in replacement for the reference. Importing this package imports no kernel:
+Pallas (and its Triton/Mosaic lowering) loads only when a config asks for it.
+
+  op             signature                                              reference
+  attention      (q_BTHD, k_BTKD, v_BTKD, segment_ids_BT|None, *, causal) -> o_BTHD
+  rms_norm       (x_...D, w_D, eps) -> y_...D (x's dtype, fp32 inside)
+  rope           (x_BTHD, positions_BT, theta) -> x_BTHD (rotate-half layout, HF's)
+  swiglu         (gate_...F, up_...F) -> silu(gate) * up
+  cross_entropy  (x_ND, w_DV, targets_N) -> loss_N fp32 (lm_head matmul + log-softmax NLL)
+"""
+
+import importlib
+
+_TABLE = {
+    "attention": {
+        "xla": "tinyllama_jax.kernels.attention:attention_xla",
+        "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
+    },
+    "rms_norm": {"xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref"},
+    "rope": {"xla": "tinyllama_jax.kernels.rope:rope_ref"},
+    "swiglu": {"xla": "tinyllama_jax.kernels.swiglu:swiglu_ref"},
+    "cross_entropy": {"xla": "tinyllama_jax.kernels.cross_entropy:cross_entropy_ref"},
+}
+
+
+def backends(op):
+  return sorted(_TABLE[op])
+
+
+def get(op, backend):
+  """The function implementing `op` with `backend`; a clear error for an unknown pair."""
+  if op not in _TABLE:
+    raise ValueError(f"unknown fused op {op!r}; known: {', '.join(sorted(_TABLE))}")
+  if backend not in _TABLE[op]:
+    raise ValueError(f"op {op!r} has no backend {backend!r}; choose one of {backends(op)} "
+                     f"(--config.model.kernels.{op}=...)")
+  module, name = _TABLE[op][backend].split(":")
+  return getattr(importlib.import_module(module), name)

@@ -1,0 +1,14 @@
+"""Rotary position embedding in the rotate-half layout (HF LlamaRotaryEmbedding's), all dims."""
+
+import jax.numpy as jnp
+
+
+def rope_ref(x_BTHD, positions_BT, theta):
+  D = x_BTHD.shape[-1]
+  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+  angle_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
+  cos_BT1F = jnp.cos(angle_BTF)[:, :, None, :]
+  sin_BT1F = jnp.sin(angle_BTF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
+  return out.astype(x_BTHD.dtype)
