@@ -1,0 +1,121 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tinyllama_jax import config as config_lib
+from tinyllama_jax.kernels import attention as attn
+from tinyllama_jax.model import Llama, param_count
+
+
+def small_model_config(**overrides):
+  c = config_lib.model_config()
+  c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads = 97, 32, 3, 4, 2
+  c.head_dim, c.ffn_dim, c.max_seq_len, c.compute_dtype = 8, 48, 32, "float32"
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def load_config(name):
+  return config_lib.load_config_file(f"configs/{name}.py")
+
+
+def test_1b_parameter_count_is_tinyllamas():
+  cfg = load_config("1b").model
+  assert param_count(cfg) == 1_100_048_384
+  assert param_count(cfg, with_embedding=False) == 1_034_512_384
+  # The module really holds that many (shapes only, nothing allocated).
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0)))
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  assert sum(int(np.prod(x.shape)) for x in leaves) == 1_100_048_384
+
+
+def test_init_follows_tinyllama():
+  cfg = small_model_config(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32,
+                           ffn_dim=512, vocab_size=1000)
+  m = Llama(cfg, rngs=nnx.Rngs(params=0))
+  np.testing.assert_allclose(np.std(m.layers.wq[...]), (2 / (5 * 256)) ** 0.5, rtol=0.05)
+  np.testing.assert_allclose(np.std(m.layers.wo[...]), 1 / 256 ** 0.5 / 4, rtol=0.05)
+  np.testing.assert_allclose(np.std(m.embed[...]), (2 / (5 * 256)) ** 0.5, rtol=0.05)
+  assert np.all(m.layers.attn_norm[...] == 1) and np.all(m.final_norm[...] == 1)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots", "save_qkv_attn"])
+def test_scan_and_unrolled_agree(remat):
+  x = jax.random.randint(jax.random.key(1), (2, 16), 0, 97)
+  outs, grads = [], []
+  for scan in (False, True):
+    cfg = small_model_config(scan_layers=scan, remat=remat)
+    m = Llama(cfg, rngs=nnx.Rngs(params=0))
+    gd, params = nnx.split(m, nnx.Param)
+    f = lambda p: nnx.merge(gd, p)(x).mean()
+    outs.append(m(x))
+    grads.append(jax.grad(f)(params)["layers"]["wq"][...])
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_causal_future_tokens_do_not_leak():
+  m = Llama(small_model_config(), rngs=nnx.Rngs(params=0))
+  x = jax.random.randint(jax.random.key(2), (1, 16), 0, 97)
+  y = x.at[0, 10:].set((x[0, 10:] + 1) % 97)
+  np.testing.assert_allclose(m(x)[0, :10], m(y)[0, :10], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(m(x)[0, 10:], m(y)[0, 10:])
+
+
+def naive_attention(q, k, v, segment_ids):
+  """Repeats K/V per group and masks with Python loops: slow but obviously right."""
+  H, K = q.shape[2], k.shape[2]
+  k = np.repeat(np.asarray(k, np.float64), H // K, axis=2)
+  v = np.repeat(np.asarray(v, np.float64), H // K, axis=2)
+  q = np.asarray(q, np.float64)
+  B, T, _, D = q.shape
+  out = np.zeros_like(q)
+  for b in range(B):
+    for t in range(T):
+      allowed = [s for s in range(t + 1) if segment_ids is None or segment_ids[b, s] == segment_ids[b, t]]
+      for h in range(H):
+        logits = np.array([q[b, t, h] @ k[b, s, h] for s in allowed]) / np.sqrt(D)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        out[b, t, h] = sum(pi * v[b, s, h] for pi, s in zip(p, allowed))
+  return out
+
+
+@pytest.mark.parametrize("H,K", [(4, 4), (4, 1), (8, 2)])
+def test_xla_attention_gqa_and_segments(H, K):
+  keys = jax.random.split(jax.random.key(3), 3)
+  B, T, D = 2, 9, 8
+  q = jax.random.normal(keys[0], (B, T, H, D))
+  k = jax.random.normal(keys[1], (B, T, K, D))
+  v = jax.random.normal(keys[2], (B, T, K, D))
+  segments = np.array([[1, 1, 1, 2, 2, 3, 4, 4, 4], [1] * 5 + [2] * 4], np.int32)
+  for seg in (None, segments):
+    got = attn.attention_xla(q, k, v, None if seg is None else jnp.asarray(seg))
+    np.testing.assert_allclose(got, naive_attention(q, k, v, seg), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_documents_do_not_see_each_other():
+  """With segment ids, the second document's logits do not depend on the first's tokens."""
+  m = Llama(small_model_config(), rngs=nnx.Rngs(params=0))
+  x = jax.random.randint(jax.random.key(4), (1, 16), 0, 97)
+  seg = jnp.array([[1] * 6 + [2] * 10])
+  pos = jnp.array([list(range(6)) + list(range(10))])
+  y = x.at[0, :6].set((x[0, :6] + 5) % 97)
+  np.testing.assert_allclose(m(x, pos, seg)[0, 6:], m(y, pos, seg)[0, 6:], rtol=1e-5, atol=1e-6)
+  # And document 2 alone gives the same logits as inside the packed row.
+  np.testing.assert_allclose(m(x[:, 6:])[0], m(x, pos, seg)[0, 6:], rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_refuses_packed_documents():
+  q = jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="cannot mask packed documents"):
+    attn.attention_cudnn(q, q, q, jnp.ones((1, 4), jnp.int32))
+
+
+def test_sequence_longer_than_model_maximum_is_refused():
+  m = Llama(small_model_config(max_seq_len=8), rngs=nnx.Rngs(params=0))
+  with pytest.raises(ValueError, match="max_seq_len"):
+    m(jnp.zeros((1, 9), jnp.int32))

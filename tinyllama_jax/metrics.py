@@ -1,0 +1,122 @@
+"""Throughput, MFU, tensorboard events and the console line."""
+
+import os
+import time
+
+import jax
+from absl import logging
+
+# Dense bf16 peak FLOP/s per device, by jax's device_kind (datasheet numbers; MFU's denominator).
+PEAK_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA GeForce RTX 4090": 165e12,
+    "NVIDIA GeForce RTX 3090": 71e12,
+    "NVIDIA L40S": 362e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device(override=0.0):
+  """Peak from the config when set, else from the table; None when unknown (CPU): no MFU."""
+  if override:
+    return float(override)
+  return PEAK_FLOPS.get(jax.devices()[0].device_kind)
+
+
+def peak_memory_bytes():
+  """Peak bytes in use on device 0 where the backend reports it (GPU, TPU), else None."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+class Writer:
+  """tensorboardX on process 0 only; other processes write nothing."""
+
+  def __init__(self, logdir):
+    self._tb = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      os.makedirs(logdir, exist_ok=True)
+      self._tb = SummaryWriter(logdir, flush_secs=10)
+
+  def scalars(self, step, values):
+    if self._tb is not None:
+      for name, value in values.items():
+        if value is not None:
+          self._tb.add_scalar(name, float(value), step)
+
+  def text(self, step, name, value):
+    if self._tb is not None:
+      self._tb.add_text(name, value, step)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Throughput:
+  """Tokens/s, MFU and ETA over the steps since the last report."""
+
+  def __init__(self, tokens_per_step, flops_per_token, n_devices, peak_flops, total_steps):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.n_devices = n_devices
+    self.peak_flops = peak_flops
+    self.total_steps = total_steps
+    self._t = None
+    self._step = None
+
+  def start(self, step):
+    self._t, self._step = time.perf_counter(), step
+
+  def report(self, step):
+    now = time.perf_counter()
+    steps = step - self._step
+    dt = now - self._t
+    self._t, self._step = now, step
+    if steps <= 0 or dt <= 0:
+      return {}
+    tokens_per_s = steps * self.tokens_per_step / dt
+    out = {
+        "perf/step_time_s": dt / steps,
+        "perf/tokens_per_s": tokens_per_s,
+        "perf/tokens_per_s_per_device": tokens_per_s / self.n_devices,
+        "perf/eta_s": (self.total_steps - step) * dt / steps,
+    }
+    if self.peak_flops:
+      out["perf/mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.n_devices)
+    mem = peak_memory_bytes()
+    if mem is not None:
+      out["perf/peak_memory_gib"] = mem / 2**30
+    return out
+
+
+def _fmt_eta(seconds):
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def console_line(step, total, values):
+  parts = [f"step {step}/{total}", f"loss {values['train/loss']:.4f}",
+           f"lr {values['train/lr']:.2e}", f"gnorm {values['train/grad_norm']:.3f}"]
+  if "perf/tokens_per_s" in values:
+    parts.append(f"{values['perf/tokens_per_s']:,.0f} tok/s")
+    if "perf/mfu" in values:
+      parts.append(f"MFU {100 * values['perf/mfu']:.1f}%")
+    if "perf/peak_memory_gib" in values:
+      parts.append(f"mem {values['perf/peak_memory_gib']:.1f} GiB")
+    parts.append(f"ETA {_fmt_eta(values['perf/eta_s'])}")
+  logging.info(" | ".join(parts))

@@ -1,0 +1,188 @@
+"""The Llama-2 decoder (TinyLlama's architecture) as a Flax NNX module.
+
+Parameters are fp32 and always stored stacked over layers, whatever the execution mode:
+
+  name               shape          logical axes (sharding.py maps them to the mesh)
+  embed              [V, D]         vocab, embed
+  layers.attn_norm   [L, D]         layers, norm
+  layers.wq          [L, D, H, Dh]  layers, embed, heads, head_dim
+  layers.wk, wv      [L, D, K, Dh]  layers, embed, kv_heads, head_dim
+  layers.wo          [L, H, Dh, D]  layers, heads, head_dim, embed
+  layers.mlp_norm    [L, D]         layers, norm
+  layers.w_gate/up   [L, D, F]      layers, embed, mlp
+  layers.w_down      [L, F, D]      layers, mlp, embed
+  final_norm         [D]            norm
+  lm_head            [D, V]         embed, vocab
+
+One layout means one checkpoint format: `scan_layers` only changes how the block runs (a
+`lax.scan` over the stack, or a Python loop over static slices, which XLA schedules better),
+never what is saved. The block itself is a pure function of one layer's parameters.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from tinyllama_jax import kernels
+
+# Remat policies by name. The tags are the checkpoint_name()s in `block`; a policy saves the
+# tagged activations it names and recomputes everything else in the backward pass.
+_TAGS_QKV = ("query_proj", "key_proj", "value_proj")
+REMAT_POLICIES = {
+    "none": None,  # no jax.checkpoint: keep every activation (TinyLlama's choice)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "save_qkv_attn": jax.checkpoint_policies.save_only_these_names(*_TAGS_QKV, "attn_out"),
+    "save_all_but_mlp": jax.checkpoint_policies.save_only_these_names(
+        *_TAGS_QKV, "attn_out", "attn_proj"),
+}
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+
+
+def compute_dtype(cfg_model):
+  if cfg_model.compute_dtype == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return jnp.dtype(cfg_model.compute_dtype)
+
+
+def resolve_attention(name, uses_segments):
+  """'auto': cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows
+  where it is registered, the jnp reference otherwise."""
+  if name != "auto":
+    return name
+  if jax.default_backend() == "gpu":
+    if not uses_segments:
+      return "cudnn"
+    if "pallas" in kernels.backends("attention"):
+      return "pallas"
+  return "xla"
+
+
+class Ops:
+  """The fused ops the block uses, each from the backend its config names."""
+
+  def __init__(self, cfg_kernels, uses_segments):
+    self.attention = kernels.get("attention",
+                                 resolve_attention(cfg_kernels.attention, uses_segments))
+    self.rms_norm = kernels.get("rms_norm", cfg_kernels.rms_norm)
+    self.rope = kernels.get("rope", cfg_kernels.rope)
+    self.swiglu = kernels.get("swiglu", cfg_kernels.swiglu)
+
+
+def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
+  """One pre-norm Llama layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+  w = {k: v.astype(dtype) for k, v in p.items()}
+  h_BTD = ops.rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
+  q_BTHK = checkpoint_name(jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"]), "query_proj")
+  k_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"]), "key_proj")
+  v_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"]), "value_proj")
+  q_BTHK = ops.rope(q_BTHK, positions_BT, cfg.rope_theta)
+  k_BTGK = ops.rope(k_BTGK, positions_BT, cfg.rope_theta)
+  o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, causal=True),
+                           "attn_out")
+  x_BTD = x_BTD + checkpoint_name(jnp.einsum("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
+
+  h_BTD = ops.rms_norm(x_BTD, w["mlp_norm"], cfg.norm_eps)
+  gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, w["w_gate"]), "mlp_gate")
+  up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, w["w_up"]), "mlp_up")
+  return x_BTD + jnp.einsum("btf,fd->btd", ops.swiglu(gate_BTF, up_BTF), w["w_down"])
+
+
+def _normal(rngs, shape, std):
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+
+
+class Layers(nnx.Module):
+  """All L blocks' parameters, stacked on a leading layer axis."""
+
+  def __init__(self, cfg, *, rngs):
+    L, D, H, K, Dh, F = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                         cfg.ffn_dim)
+    std, out_std = init_stds(cfg)
+    self.attn_norm = nnx.Param(jnp.ones((L, D), jnp.float32))
+    self.wq = _normal(rngs, (L, D, H, Dh), std)
+    self.wk = _normal(rngs, (L, D, K, Dh), std)
+    self.wv = _normal(rngs, (L, D, K, Dh), std)
+    self.wo = _normal(rngs, (L, H, Dh, D), out_std)
+    self.mlp_norm = nnx.Param(jnp.ones((L, D), jnp.float32))
+    self.w_gate = _normal(rngs, (L, D, F), std)
+    self.w_up = _normal(rngs, (L, D, F), std)
+    self.w_down = _normal(rngs, (L, F, D), out_std)
+
+
+def init_stds(cfg):
+  """TinyLlama's init: N(0, sqrt(2/(5d))) everywhere, N(0, 1/sqrt(d)/L) on the output projections."""
+  std = cfg.init_std or math.sqrt(2.0 / (5 * cfg.d_model))
+  return std, 1.0 / math.sqrt(cfg.d_model) / cfg.n_layers
+
+
+class Llama(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    if cfg.n_heads % cfg.n_kv_heads:
+      raise ValueError(f"model.n_heads ({cfg.n_heads}) must be a multiple of model.n_kv_heads "
+                       f"({cfg.n_kv_heads})")
+    if cfg.head_dim % 2:
+      raise ValueError(f"model.head_dim ({cfg.head_dim}) must be even for RoPE")
+    self.cfg = cfg
+    std, _ = init_stds(cfg)
+    self.embed = _normal(rngs, (cfg.vocab_size, cfg.d_model), std)
+    self.layers = Layers(cfg, rngs=rngs)
+    self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), jnp.float32))
+    self.lm_head = _normal(rngs, (cfg.d_model, cfg.vocab_size), std)
+
+  def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    """The final-normed hidden states h_BTD in the compute dtype (the lm_head's input)."""
+    cfg = self.cfg
+    dtype = compute_dtype(cfg)
+    B, T = tokens_BT.shape
+    if T > cfg.max_seq_len:
+      raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    ops = Ops(cfg.kernels, uses_segments=segment_ids_BT is not None)
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+
+    layer_fn = functools.partial(block, cfg=cfg, ops=ops, dtype=dtype)
+    if cfg.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown model.remat {cfg.remat!r}; choose one of "
+                       f"{sorted(REMAT_POLICIES)}")
+    if cfg.remat != "none":
+      layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    stacked = {name: getattr(self.layers, name)[...] for name in LAYER_PARAMS}
+    if cfg.scan_layers:
+      def scan_body(x, p):
+        return layer_fn(p, x, positions_BT, segment_ids_BT), None
+      x_BTD, _ = jax.lax.scan(scan_body, x_BTD, stacked)
+    else:
+      for i in range(cfg.n_layers):
+        x_BTD = layer_fn({k: v[i] for k, v in stacked.items()}, x_BTD, positions_BT,
+                         segment_ids_BT)
+    return kernels.get("rms_norm", cfg.kernels.rms_norm)(
+        x_BTD, self.final_norm[...].astype(dtype), cfg.norm_eps)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    """Logits in fp32, [B, T, V]. Training uses `hidden` + the fused cross-entropy instead."""
+    h_BTD = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
+    return jnp.einsum("btd,dv->btv", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def param_count(cfg, with_embedding=True):
+  """Exact parameter count from the config (no arrays built)."""
+  D, L, H, K, Dh, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                          cfg.ffn_dim, cfg.vocab_size)
+  per_layer = 2 * D + D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F
+  return L * per_layer + D + D * V + (V * D if with_embedding else 0)
+
+
+def flops_per_token(cfg, seq_len):
+  """Model FLOPs per trained token: 6N + 12*L*d*T, N without the input embedding (the
+  reference's formula, which reproduces TinyLlama's stated 56% MFU)."""
+  return 6 * param_count(cfg, with_embedding=False) + 12 * cfg.n_layers * cfg.d_model * seq_len

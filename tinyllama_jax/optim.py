@@ -1,0 +1,30 @@
+"""TinyLlama's optimizer: AdamW, global-norm clipping, linear warmup then cosine to min_lr.
+
+The schedule is a function of the optimizer step (optax's own count, advanced once per update),
+never of micro-batches: gradient accumulation happens inside the train step, before optax sees
+the gradients (upstream mistake 3 in the reference).
+"""
+
+import optax
+
+
+def lr_schedule(cfg_optim, total_steps):
+  decay_steps = cfg_optim.decay_steps or total_steps
+  if cfg_optim.min_lr > cfg_optim.lr:
+    raise ValueError(f"optim.min_lr ({cfg_optim.min_lr}) is above optim.lr ({cfg_optim.lr})")
+  if cfg_optim.warmup_steps >= decay_steps:
+    raise ValueError(f"optim.warmup_steps ({cfg_optim.warmup_steps}) must be below the decay "
+                     f"length ({decay_steps} steps: optim.decay_steps or train.steps)")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg_optim.lr, warmup_steps=cfg_optim.warmup_steps,
+      decay_steps=decay_steps, end_value=cfg_optim.min_lr)
+
+
+def make_optimizer(cfg_optim, total_steps):
+  schedule = lr_schedule(cfg_optim, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(cfg_optim.clip_norm),
+      optax.adamw(schedule, b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps,
+                  weight_decay=cfg_optim.weight_decay),
+  )
+  return tx, schedule

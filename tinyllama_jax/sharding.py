@@ -1,0 +1,123 @@
+"""The whole sharding story: a mesh, two tables, and the functions that apply them.
+
+Mesh axes: `data` (pure data parallel: replicas), `fsdp` (data parallel whose replicas also
+split parameters, gradients and optimizer state), `tensor` (splits heads and the MLP width).
+Nothing outside this file names a mesh axis.
+
+Table 1 maps logical axes (model.py's docstring names them) to mesh axes. Table 2 gives each
+parameter its logical axes. A dimension that does not divide by its mesh axes is replicated.
+"""
+
+import re
+
+import jax
+from absl import logging
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_TO_MESH = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "head_dim": None,
+    "norm": None,
+}
+
+PARAM_LOGICAL_AXES = (  # (regex on the '/'-joined parameter path, logical axes)
+    (r"(^|/)embed$", ("vocab", "embed")),
+    (r"(^|/)layers/(attn_norm|mlp_norm)$", ("layers", "norm")),
+    (r"(^|/)layers/wq$", ("layers", "embed", "heads", "head_dim")),
+    (r"(^|/)layers/(wk|wv)$", ("layers", "embed", "kv_heads", "head_dim")),
+    (r"(^|/)layers/wo$", ("layers", "heads", "head_dim", "embed")),
+    (r"(^|/)layers/(w_gate|w_up)$", ("layers", "embed", "mlp")),
+    (r"(^|/)layers/w_down$", ("layers", "mlp", "embed")),
+    (r"(^|/)final_norm$", ("norm",)),
+    (r"(^|/)lm_head$", ("embed", "vocab")),
+)
+
+
+def make_mesh(cfg_mesh, devices=None):
+  devices = jax.devices() if devices is None else devices
+  sizes = [cfg_mesh[a] for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1 (the rest), got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  n = int(np.prod(sizes))
+  if n > len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {n} devices, only "
+                     f"{len(devices)} present: set --config.mesh.fsdp=-1 to use what there is")
+  if n < len(devices):
+    logging.warning("mesh %s uses %d of %d devices (--config.mesh.fsdp=-1 uses them all)",
+                    dict(zip(MESH_AXES, sizes)), n, len(devices))
+    devices = devices[:n]
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical_axes, shape, mesh):
+  """PartitionSpec for an array with these logical axes; indivisible dims stay replicated."""
+  spec = []
+  for axis, dim in zip(logical_axes, shape):
+    mesh_axes = LOGICAL_TO_MESH[axis] if axis else None
+    if mesh_axes is not None:
+      names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+      names = tuple(n for n in names if mesh.shape[n] > 1)
+      size = int(np.prod([mesh.shape[n] for n in names]))
+      mesh_axes = (names[0] if len(names) == 1 else names) if names and dim % size == 0 else None
+    spec.append(mesh_axes)
+  return P(*spec)
+
+
+def _path_str(path):
+  parts = []
+  for k in path:
+    name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+    parts.append(str(name))
+  return "/".join(parts)
+
+
+def param_logical_axes(path_str):
+  for pattern, axes in PARAM_LOGICAL_AXES:
+    if re.search(pattern, path_str):
+      return axes
+  return None
+
+
+def tree_shardings(tree, mesh):
+  """NamedShardings for a tree of (abstract) arrays: parameters and anything that mirrors them
+  (gradients, Adam's moments) by their path; everything else (step, counts, RNG) replicated."""
+  def one(path, leaf):
+    axes = param_logical_axes(_path_str(path))
+    if axes is None or len(axes) != len(leaf.shape):
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh, ndim=2):
+  """Sequences split over data x fsdp; the rest of each array whole."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def accum_batch_sharding(mesh, ndim=3):
+  """[accum, micro_batch, ...]: the accumulation axis stays whole on every device."""
+  return NamedSharding(mesh, P(None, ("data", "fsdp"), *([None] * (ndim - 2))))
+
+
+def batch_devices(mesh):
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch_array(local_batch, sharding):
+  """This process's slice of a batch (numpy) -> one global jax.Array with `sharding`."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
