@@ -18,6 +18,7 @@ _TABLE = {
     "attention": {
         "xla": "tinyllama_jax.kernels.attention:attention_xla",
         "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
+        "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
     },
     "rms_norm": {"xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref"},
     "rope": {"xla": "tinyllama_jax.kernels.rope:rope_ref"},

@@ -1,0 +1,45 @@
+"""Error measure and random inputs shared by the kernel tests."""
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+# Relative L2 error bounds from the issue: fp32 against an fp32 reference, bf16 against the
+# fp32 reference computed from the same bf16 values.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def rel_l2(x, ref):
+  """||x - ref|| / ||ref|| in float64; a NaN or inf anywhere in x is an infinite error."""
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  assert x.shape == ref.shape, (x.shape, ref.shape)
+  if not np.isfinite(x).all():
+    return float("inf")
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def assert_close(x, ref, dtype, what=""):
+  err = rel_l2(x, ref)
+  assert err < TOL[dtype], f"{what}: relative L2 error {err:.3g} >= {TOL[dtype]:g} ({jnp.dtype(dtype).name})"
+
+
+def packed_segments(rng, B, T, with_padding=False):
+  """Segment ids of documents of random lengths packed in rows; row 0 has a length-1 document."""
+  rows = []
+  for b in range(B):
+    ids, doc = [], 1
+    while len(ids) < T:
+      n = 1 if (b == 0 and doc == 2) else int(rng.integers(1, max(2, T // 2)))
+      ids += [doc] * n
+      doc += 1
+    row = np.array(ids[:T], np.int32)
+    if with_padding and b == B - 1:
+      row[-max(1, T // 5):] = 0  # trailing padding, id 0
+    rows.append(row)
+  return jnp.asarray(np.stack(rows))
+
+
+def normal(key, shape, dtype):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
