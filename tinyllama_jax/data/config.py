@@ -1,0 +1,35 @@
+"""Data defaults. The trainer's base config does `cfg.data = data_config()`; config files override."""
+
+import ml_collections
+
+SOURCES = ("stdlib", "synthetic", "text", "prepared", "litpkds", "mixture")
+PACKINGS = ("concat", "first_fit", "best_fit")
+
+
+def data_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # 'stdlib': the running Python's standard library .py files (real text, always present).
+  # 'synthetic': uniform random tokens (benchmarks). 'text': raw .txt/.jsonl/.parquet files.
+  # 'prepared': token shards + manifest written by `python -m tinyllama_jax.data.prepare`.
+  # 'litpkds': TinyLlama's prepared .bin files. 'mixture': weighted mix of `mixture` entries.
+  c.source = "stdlib"
+  # 'concat' is TinyLlama's concat-then-split (documents run into each other, no masking) and works
+  # with every attention backend. 'first_fit' / 'best_fit' pack whole documents with segment ids,
+  # so attention and loss respect document boundaries (needs a segment-aware attention backend).
+  c.packing = "concat"
+  c.num_packing_bins = 64  # first/best fit: more bins, less padding
+  c.paths = ""  # glob(s), comma separated, for 'text' / 'prepared' / 'litpkds'
+  c.text_field = "text"  # .jsonl / .parquet column holding the document
+  # 'mixture': "weight:source:glob" entries joined by ';', e.g. TinyLlama's
+  # "0.693584:prepared:/data/slim/*.manifest.json;0.306416:prepared:/data/star/*.manifest.json".
+  c.mixture = ""
+  # Sentencepiece .model; '' = train a BPE on a sample of the corpus, cached in WORKDIR/tokenizer.
+  c.tokenizer = ""
+  c.tokenizer_vocab_size = 32000
+  c.tokenizer_train_bytes = 4_000_000  # sample of the training split the tokenizer learns from
+  c.eval_fraction = 0.02  # held-out share of documents/files, chosen by a stable hash of the name
+  c.num_workers = 0  # grain mp_prefetch worker processes; 0 = in-process
+  c.worker_buffer_size = 4  # batches each worker keeps ready
+  c.add_bos = True
+  c.add_eos = True
+  return c

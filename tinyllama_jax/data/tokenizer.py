@@ -1,0 +1,96 @@
+"""Sentencepiece tokenizers: load any .model (Llama-2's own too) or train a BPE on a corpus sample."""
+
+import hashlib
+import io
+import os
+import tempfile
+from typing import Iterable
+
+from absl import logging
+import sentencepiece as spm
+
+# Llama-2's special ids: the model's embedding rows 0..2 keep the same meaning with our tokenizers.
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# Longest line the trainer learns from; longer lines (minified data, long literals) are skipped by
+# sentencepiece, which only affects what merges are learned, never what can be encoded.
+_MAX_TRAIN_LINE_BYTES = 16384
+
+
+class Tokenizer:
+  """A sentencepiece model plus its identity (path, sha256). Picklable for grain worker processes."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"tokenizer file {path!r} not found: set data.tokenizer to a sentencepiece .model file, "
+          "or to '' to train one on the corpus")
+    with open(path, "rb") as f:
+      proto = f.read()
+    self._init(path, proto)
+
+  def _init(self, path: str, proto: bytes):
+    self.path = path
+    self._proto = proto
+    self.sha256 = hashlib.sha256(proto).hexdigest()
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(proto)
+    except RuntimeError as e:
+      raise ValueError(f"tokenizer file {path!r} is not a sentencepiece model ({e}): point "
+                       "data.tokenizer at a .model file") from None
+    self.vocab_size = self._sp.vocab_size()
+    self.bos_id = self._sp.bos_id()
+    self.eos_id = self._sp.eos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+    return self._sp.encode(texts, num_threads=num_threads)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def __getstate__(self):
+    return {"path": self.path, "proto": self._proto}
+
+  def __setstate__(self, state):
+    self._init(state["path"], state["proto"])
+
+  def __repr__(self):
+    return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int) -> Tokenizer:
+  """Trains a byte-fallback BPE with Llama-2's settings on `texts` and writes it atomically to `path`.
+
+  Settings follow Llama-2's tokenizer (identity normalisation, whitespace kept, digits split, byte
+  fallback so every string is encodable) so that decode(encode(s)) == s for any text.
+  """
+  lines = (line for text in texts for line in text.split("\n")
+           if line.strip() and len(line) <= _MAX_TRAIN_LINE_BYTES)
+  model = io.BytesIO()
+  # Sentencepiece reserves 256 byte pieces + 3 specials: below that there is nothing to learn.
+  if vocab_size < 300:
+    raise ValueError(f"tokenizer_vocab_size={vocab_size} is too small for a byte-fallback BPE: "
+                     "use at least 300")
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
+      byte_fallback=True, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+      normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+      allow_whitespace_only_pieces=True, character_coverage=0.99995,
+      # A small corpus may not hold vocab_size merges; take what it has rather than fail.
+      hard_vocab_limit=False, max_sentence_length=_MAX_TRAIN_LINE_BYTES,
+      num_threads=os.cpu_count() or 1, minloglevel=2)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(model.getvalue())
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  tok = Tokenizer(path)
+  logging.info("trained %s", tok)
+  return tok
