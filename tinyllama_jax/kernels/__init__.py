@@ -23,7 +23,10 @@ _TABLE = {
     "rms_norm": {"xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref"},
     "rope": {"xla": "tinyllama_jax.kernels.rope:rope_ref"},
     "swiglu": {"xla": "tinyllama_jax.kernels.swiglu:swiglu_ref"},
-    "cross_entropy": {"xla": "tinyllama_jax.kernels.cross_entropy:cross_entropy_ref"},
+    "cross_entropy": {
+        "xla": "tinyllama_jax.kernels.cross_entropy:cross_entropy_ref",
+        "chunked": "tinyllama_jax.kernels.cross_entropy:cross_entropy_chunked",
+    },
 }
 
 
