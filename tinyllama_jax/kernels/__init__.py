@@ -7,6 +7,7 @@ Pallas (and its Triton/Mosaic lowering) loads only when a config asks for it.
   op             signature                                              reference
   attention      (q_BTHD, k_BTKD, v_BTKD, segment_ids_BT|None, *, causal) -> o_BTHD
   rms_norm       (x_...D, w_D, eps) -> y_...D (x's dtype, fp32 inside)
+  add_rms_norm   (x_...D, delta_...D, w_D, eps) -> (h = x + delta, rms_norm(h, w_D, eps))
   rope           (x_BTHD, positions_BT, theta) -> x_BTHD (rotate-half layout, HF's)
   swiglu         (gate_...F, up_...F) -> silu(gate) * up
   cross_entropy  (x_ND, w_DV, targets_N) -> loss_N fp32 (lm_head matmul + log-softmax NLL)
@@ -20,7 +21,14 @@ _TABLE = {
         "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
         "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
     },
-    "rms_norm": {"xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref"},
+    "rms_norm": {
+        "xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref",
+        "pallas": "tinyllama_jax.kernels.rms_norm:rms_norm_pallas",
+    },
+    "add_rms_norm": {
+        "xla": "tinyllama_jax.kernels.rms_norm:add_rms_norm_ref",
+        "pallas": "tinyllama_jax.kernels.rms_norm:add_rms_norm_pallas",
+    },
     "rope": {"xla": "tinyllama_jax.kernels.rope:rope_ref"},
     "swiglu": {"xla": "tinyllama_jax.kernels.swiglu:swiglu_ref"},
     "cross_entropy": {
