@@ -5,6 +5,7 @@ import grain
 import numpy as np
 import pytest
 
+from tinyllama_jax.data import packing as packing_lib
 from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import sources
 
@@ -84,7 +85,7 @@ def test_long_documents_are_split_not_dropped():
   want = sorted((int(a), int(b)) for d in docs for a, b in zip(d[:-1], d[1:]))
   for packing in ["first_fit", "best_fit"]:
     got = []
-    for row in pipeline._pack(ds, packing, seq_len=16, num_bins=3, seed=0):
+    for row in packing_lib.pack_documents(ds, packing, seq_len=16, num_bins=3, seed=0):
       seg = row["inputs_segment_ids"]
       got += [(int(a), int(b)) for a, b, s in zip(row["inputs"], row["targets"], seg) if s]
       assert len(row["inputs"]) == 16

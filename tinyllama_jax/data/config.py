@@ -19,6 +19,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.packing = "concat"
   c.num_packing_bins = 64  # first/best fit: more bins, less padding
   c.paths = ""  # glob(s), comma separated, for 'text' / 'prepared' / 'litpkds'
+  # 'litpkds': the eval split's files (TinyLlama kept validation files apart); '' = eval_fraction
+  # of the files by name hash. 'prepared' data carries its own eval split (prepare --eval_fraction).
+  c.eval_paths = ""
   c.text_field = "text"  # .jsonl / .parquet column holding the document
   # 'mixture': "weight:source:glob" entries joined by ';', e.g. TinyLlama's
   # "0.693584:prepared:/data/slim/*.manifest.json;0.306416:prepared:/data/star/*.manifest.json".

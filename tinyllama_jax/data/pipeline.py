@@ -10,31 +10,34 @@ The iterator's state is a small JSON dict (grain's index bookkeeping, no buffers
 straight there, so resuming costs O(1) and the resumed stream equals the uninterrupted one.
 """
 
+import functools
 import json
 import os
 
 from absl import logging
 import grain
-from grain import experimental as grain_x
 import ml_collections
 import numpy as np
 
+from tinyllama_jax.data import corpus
+from tinyllama_jax.data import formats
+from tinyllama_jax.data import packing
 from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.data.config import PACKINGS, SOURCES
 
 _STATE_VERSION = 1
-_DOCUMENT_SOURCES = ("stdlib",)
+_TEXT_SOURCES = ("stdlib", "text")  # tokenized on the fly
+_MIXABLE = ("stdlib", "text", "prepared", "litpkds")
 
 
 def _check_cfg(cfg: ml_collections.ConfigDict):
   if cfg.source not in SOURCES:
     raise ValueError(f"unknown data.source {cfg.source!r}: use one of {', '.join(SOURCES)}")
-  if cfg.source not in _DOCUMENT_SOURCES + ("synthetic",):
-    raise NotImplementedError(f"data.source={cfg.source!r} is not built yet: use 'stdlib' or "
-                              "'synthetic'")
   if cfg.packing not in PACKINGS:
     raise ValueError(f"unknown data.packing {cfg.packing!r}: use one of {', '.join(PACKINGS)}")
+  if cfg.source in ("text", "prepared", "litpkds") and not cfg.paths:
+    raise ValueError(f"data.source={cfg.source!r} needs data.paths (a glob, or the prepared folder)")
 
 
 # --- tokenizer -------------------------------------------------------------------------------
@@ -52,9 +55,19 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     return None
   if cfg.tokenizer:
     return tokenizer_lib.Tokenizer(cfg.tokenizer)
+  comps = components(cfg)
+  prepared = [paths for _, source, paths in comps if source == "prepared"]
+  if prepared:  # the tokenizer the data was prepared with
+    manifest, _ = corpus.load_manifest(prepared[0].split(",")[0].strip())
+    tok = tokenizer_lib.Tokenizer(manifest["tokenizer"]["path"])
+    corpus.check_tokenizer(manifest, prepared[0], tok)
+    return tok
+  if any(source == "litpkds" for _, source, _ in comps):
+    raise ValueError("LITPKDS files do not name their tokenizer: set data.tokenizer to the "
+                     ".model they were made with (Llama-2's for TinyLlama's files)")
   path = os.path.join(workdir, "tokenizer", "tokenizer.model")
   info_path = os.path.join(workdir, "tokenizer", "trained_for.json")
-  want = {"source": cfg.source, "vocab_size": cfg.tokenizer_vocab_size,
+  want = {"source": cfg.source, "paths": cfg.paths, "mixture": cfg.mixture, "vocab_size": cfg.tokenizer_vocab_size,
           "train_bytes": cfg.tokenizer_train_bytes, "eval_fraction": cfg.eval_fraction}
   if os.path.exists(path):
     have = _read_json(info_path)
@@ -74,18 +87,23 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
 
 
 def _tokenizer_sample(cfg):
-  """Texts of training-split documents in a stable pseudo-random order, up to the byte budget."""
-  root, names = _document_names(cfg, "train")
-  names = sorted(names, key=sources.hash_fraction)
-  total = 0
-  for name in names:
-    text = sources.read_utf8(os.path.join(root, name))
-    if text is None:
-      continue
-    yield text
-    total += len(text)
-    if total >= cfg.tokenizer_train_bytes:
-      return
+  """Texts of training-split documents in a stable pseudo-random order, up to the byte budget,
+  shared among the text sources of a mixture by weight."""
+  comps = components(cfg)
+  total_weight = sum(w for w, _, _ in comps)
+  for weight, source, paths in comps:
+    items, tokenize = _documents(source, paths, cfg, "train")
+    key = (lambda n: sources.hash_fraction(n)) if source == "stdlib" else (
+        lambda d: sources.hash_fraction(d[0]))
+    budget, total = cfg.tokenizer_train_bytes * weight / total_weight, 0
+    for item in sorted(items, key=key):
+      text = tokenize.text(item)
+      if text is None:
+        continue
+      yield text
+      total += len(text)
+      if total >= budget:
+        break
 
 
 def _read_json(path):
@@ -102,87 +120,130 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-# --- documents -------------------------------------------------------------------------------
+# --- components: one (weight, source, paths) each; a mixture has several ------------------------
 
 
-def _document_names(cfg, split):
-  """(root, sorted names of this split); names are relative so the split hash is machine-independent."""
-  if cfg.source == "stdlib":
-    return sources.stdlib_root(), sources.split_names(sources.stdlib_files(), split,
-                                                      cfg.eval_fraction)
-  raise AssertionError(cfg.source)
+def components(cfg) -> list[tuple[float, str, str]]:
+  if cfg.source != "mixture":
+    return [(1.0, cfg.source, cfg.paths)]
+  out = []
+  for entry in [e.strip() for e in cfg.mixture.split(";") if e.strip()]:
+    parts = entry.split(":", 2)
+    try:
+      weight = float(parts[0])
+    except ValueError:
+      weight = -1.0
+    if len(parts) != 3 or weight <= 0 or parts[1] not in _MIXABLE:
+      raise ValueError(f"data.mixture entry {entry!r} is not 'weight:source:paths' with weight > 0 "
+                       f"and source in {_MIXABLE}")
+    out.append((weight, parts[1], parts[2]))
+  if not out:
+    raise ValueError("data.source='mixture' needs data.mixture, e.g. "
+                     "'0.693584:prepared:/data/slim;0.306416:prepared:/data/star'")
+  return out
 
 
-class _TokenizeFile:
-  """name -> {'tokens': int32 [n]}: read + encode one document, BOS/EOS added as configured."""
+def _documents(source, paths, cfg, split):
+  """(items, tokenize_fn) for a text source: items are names (stdlib) or (name, text) pairs."""
+  if source == "stdlib":
+    names = sources.split_names(sources.stdlib_files(), split, cfg.eval_fraction)
+    return names, _TokenizeFile(sources.stdlib_root())
+  if source == "text":
+    docs = _text_documents(paths, cfg.text_field)
+    chosen = [d for d in docs if (sources.hash_fraction(d[0]) < cfg.eval_fraction) == (split == "eval")]
+    if not chosen:
+      raise ValueError(f"the {split!r} split of {paths!r} is empty ({len(docs)} documents, "
+                       f"eval_fraction={cfg.eval_fraction}): change data.eval_fraction")
+    return chosen, _TokenizeText()
+  raise AssertionError(source)
 
-  def __init__(self, root, tokenizer, add_bos, add_eos):
-    self._root, self._tok = root, tokenizer
+
+@functools.lru_cache(maxsize=4)
+def _text_documents(paths, text_field):
+  """All documents of raw text files, in memory (this source is for small data; prepare big data)."""
+  files = corpus.expand(paths, "text file (.txt/.jsonl/.jsonl.zst/.parquet)")
+  stats, docs = formats.ReadStats(), []
+  for f in files:
+    docs += [(f"{os.path.basename(f)}:{i}", text)
+             for i, text in enumerate(formats.iter_documents(f, text_field, stats))]
+  logging.info("text corpus %s: %d files, %s", paths, len(files), stats)
+  return tuple(docs)
+
+
+class _Tokenize:
+  def bind(self, tokenizer, add_bos, add_eos):
+    self._tok = tokenizer
     self._bos = [tokenizer.bos_id] if add_bos else []
     self._eos = [tokenizer.eos_id] if add_eos else []
+    return self
 
-  def __call__(self, name):
-    text = sources.read_utf8(os.path.join(self._root, name))
+  def _encode(self, text):
     ids = [] if text is None else self._bos + self._tok.encode(text) + self._eos
     return {"tokens": np.asarray(ids, np.int32)}
 
 
-def _has_a_target(element) -> bool:
-  return len(element["tokens"]) >= 2
+class _TokenizeFile(_Tokenize):
+  """name -> {'tokens': int32 [n]}: read + encode one file, BOS/EOS added as configured."""
+
+  def __init__(self, root):
+    self._root = root
+
+  def text(self, name):
+    return sources.read_utf8(os.path.join(self._root, name))
+
+  def __call__(self, name):
+    return self._encode(self.text(name))
 
 
-class _SplitIntoPairs(grain_x.FlatMapTransform):
-  """tokens [n] -> chunks of at most seq_len (input, target) pairs: long documents are split, never
-  dropped, and the one-token overlap between chunks means every pair is trained on exactly once."""
+class _TokenizeText(_Tokenize):
+  def text(self, name_text):
+    return name_text[1]
 
-  max_fan_out = 2**31  # only checked by the map-dataset flat_map; documents may be arbitrarily long
-
-  def __init__(self, seq_len):
-    self._seq_len = seq_len
-
-  def flat_map(self, element):
-    inputs, targets = element["tokens"][:-1], element["tokens"][1:]
-    return [{"inputs": inputs[s:s + self._seq_len], "targets": targets[s:s + self._seq_len]}
-            for s in range(0, len(inputs), self._seq_len)]
+  def __call__(self, name_text):
+    return self._encode(name_text[1])
 
 
-class _Finalize:
-  """Packed batch -> the trainer's dict; checks token ids against the model's vocab."""
+def _token_files(source, paths, cfg, split, tokenizer):
+  """(files, trim_token) of a tokenized source's split."""
+  if source == "prepared":
+    for p in paths.split(","):
+      manifest, _ = corpus.load_manifest(p.strip())
+      corpus.check_tokenizer(manifest, p, tokenizer)
+    return corpus.prepared_shards(paths, split), None
+  files = corpus.expand(paths, "LITPKDS .bin file")
+  if cfg.eval_paths:  # TinyLlama kept validation files apart
+    files = corpus.expand(cfg.eval_paths, "LITPKDS .bin file") if split == "eval" else files
+  else:
+    files = sources.split_names(files, split, cfg.eval_fraction)
+  return files, tokenizer.bos_id  # TinyLlama padded its last chunks with BOS
 
-  def __init__(self, packing, seq_len, vocab_size):
-    self._packing, self._vocab_size = packing, vocab_size
-    self._positions_T = np.arange(seq_len, dtype=np.int32)
 
-  def __call__(self, batch):
-    if self._packing == "concat":
-      rows_BT1 = batch["tokens"]
-      inputs_BT, targets_BT = rows_BT1[:, :-1], rows_BT1[:, 1:]
-      segment_ids_BT = np.ones(inputs_BT.shape, np.int32)
-      positions_BT = np.broadcast_to(self._positions_T, inputs_BT.shape).copy()
+def _component(source, paths, cfg, *, split, seq_len, seed, process_index, process_count,
+               tokenizer):
+  """One source's stream: documents {'tokens': [n]} or, for concat, rows {'tokens': [T+1]}."""
+  if source in _TEXT_SOURCES:
+    items, tokenize = _documents(source, paths, cfg, split)
+    items = sources.process_shard(items, process_index, process_count, f"{source} {split!r}")
+    ds = grain.MapDataset.source(items)
+    map_fn = tokenize.bind(tokenizer, cfg.add_bos, cfg.add_eos)
+  else:
+    files, trim = _token_files(source, paths, cfg, split, tokenizer)
+    store = corpus.TokenStore(files, trim_token=trim)
+    if cfg.packing == "concat":
+      ds = grain.MapDataset.source(corpus.RowSource(store, seq_len + 1, process_index,
+                                                    process_count))
     else:
-      inputs_BT, targets_BT = batch["inputs"], batch["targets"]
-      segment_ids_BT = batch["inputs_segment_ids"].astype(np.int32)
-      positions_BT = batch["inputs_positions"].astype(np.int32)
-    top = int(max(inputs_BT.max(), targets_BT.max()))
-    if top >= self._vocab_size:
-      raise ValueError(f"token id {top} is beyond the model's vocab_size={self._vocab_size}: use a "
-                       "tokenizer with at most that many pieces, or raise the model's vocab_size")
-    return {"inputs": np.ascontiguousarray(inputs_BT, np.int32),
-            "targets": np.ascontiguousarray(targets_BT, np.int32),
-            "segment_ids": segment_ids_BT, "positions": positions_BT,
-            "loss_mask": (segment_ids_BT != 0).astype(np.float32)}
-
-
-def _pack(ds: grain.IterDataset, packing: str, seq_len: int, num_bins: int, seed: int):
-  if packing == "concat":
-    # TinyLlama's rows: seq_len + 1 tokens cut from the concatenated stream, inputs = row[:-1],
-    # targets = row[1:]. The stream never ends (repeat), so no padded tail exists.
-    return grain_x.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
-  ds = grain_x.FlatMapIterDataset(ds, _SplitIntoPairs(seq_len))
-  pack_cls = {"first_fit": grain_x.FirstFitPackIterDataset,
-              "best_fit": grain_x.BestFitPackIterDataset}[packing]
-  return pack_cls(ds, length_struct={"inputs": seq_len, "targets": seq_len},
-                  num_packing_bins=num_bins, seed=seed, shuffle_bins=True)
+      ds = grain.MapDataset.source(corpus.DocumentSource(store, process_index, process_count))
+    map_fn = None
+  if split == "train":
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(None)
+  if map_fn is not None:
+    ds = ds.map(map_fn)
+  it_ds = ds.to_iter_dataset()
+  if cfg.packing == "concat" and source in _TEXT_SOURCES:
+    return packing.concat_rows(it_ds.filter(packing.has_a_target), seq_len)
+  return it_ds if cfg.packing == "concat" else it_ds.filter(packing.has_a_target)
 
 
 # --- iterators -------------------------------------------------------------------------------
@@ -277,7 +338,8 @@ def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, b
     raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
   if split == "eval":
     seed = 0
-  fingerprint = {"source": cfg.source, "packing": cfg.packing, "split": split, "seq_len": seq_len,
+  fingerprint = {"source": cfg.source, "paths": cfg.paths, "mixture": cfg.mixture,
+                 "packing": cfg.packing, "split": split, "seq_len": seq_len,
                  "batch_size": batch_size, "seed": seed, "process_index": process_index,
                  "process_count": process_count, "num_workers": cfg.num_workers,
                  "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}
@@ -291,17 +353,18 @@ def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, b
     raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than "
                      f"the model's vocab_size={vocab_size}: raise model vocab_size or use a smaller "
                      "tokenizer")
-  root, names = _document_names(cfg, split)
-  names = sources.process_shard(names, process_index, process_count, f"the {split!r} split")
-  ds = grain.MapDataset.source(names)
-  if split == "train":
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(None).map(_TokenizeFile(root, tokenizer, cfg.add_bos, cfg.add_eos))
-  it_ds = ds.to_iter_dataset().filter(_has_a_target)
-  it_ds = _pack(it_ds, cfg.packing, seq_len, cfg.num_packing_bins, seed)
-  it_ds = it_ds.batch(batch_size, drop_remainder=True).map(_Finalize(cfg.packing, seq_len,
+  comps = components(cfg)
+  streams = [_component(source, paths, cfg, split=split, seq_len=seq_len,
+                        seed=(seed + i) % 2**32, process_index=process_index,
+                        process_count=process_count, tokenizer=tokenizer)
+             for i, (_, source, paths) in enumerate(comps)]
+  ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
+      streams, [w for w, _, _ in comps])
+  if cfg.packing != "concat":
+    ds = packing.pack_documents(ds, cfg.packing, seq_len, cfg.num_packing_bins, seed)
+  ds = ds.batch(batch_size, drop_remainder=True).map(packing.Finalize(cfg.packing, seq_len,
                                                                       vocab_size))
   if cfg.num_workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
-  return DataIterator(iter(it_ds), fingerprint)
+  return DataIterator(iter(ds), fingerprint)

@@ -1,0 +1,185 @@
+"""On-disk formats: TinyLlama's LITPKDS token files (read + write) and raw text corpora (read).
+
+LITPKDS (the original's packed shards): 7-byte magic, u64 LE version (1), u8 dtype code, u64 LE
+chunk size in tokens, then the tokens. Our prepared shards use the same layout (chunk size = the
+tokens actually in the file, never padding), so TinyLlama's loader reads them and we read its files.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import struct
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+MAGIC = b"LITPKDS"
+VERSION = 1
+HEADER_BYTES = len(MAGIC) + 8 + 1 + 8
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float32,
+          7: np.float64, 8: np.uint16}
+_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
+MANIFEST = "manifest.json"  # written by `python -m tinyllama_jax.data.prepare`
+MANIFEST_FORMAT = "tinyllama_jax.prepared/1"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16 if vocab_size <= 2**16 else np.int32)
+
+
+def atomic_write(path: str, write_fn, mode="wb"):
+  """Writes through a temp file in the same folder and renames: never a half-written `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, mode) as f:
+      write_fn(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_litpkds(path: str, tokens: np.ndarray):
+  tokens = np.ascontiguousarray(tokens)
+  if tokens.dtype not in _CODES:
+    raise ValueError(f"cannot write {tokens.dtype} tokens to a LITPKDS file")
+  header = MAGIC + struct.pack("<QBQ", VERSION, _CODES[tokens.dtype], len(tokens))
+
+  def write(f):
+    f.write(header)
+    f.write(tokens.tobytes())
+  atomic_write(path, write)
+
+
+def read_litpkds(path: str) -> np.ndarray:
+  """The file's tokens as a read-only memmap (1-D); a clear error for anything but a whole file."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    header = f.read(HEADER_BYTES)
+  if len(header) < HEADER_BYTES or header[:len(MAGIC)] != MAGIC:
+    raise ValueError(f"{path} is not a LITPKDS token file (bad magic {header[:7]!r}): point "
+                     "data.paths at prepared .bin shards")
+  version, code, count = struct.unpack("<QBQ", header[len(MAGIC):])
+  if version != VERSION or code not in DTYPES or np.dtype(DTYPES[code]).kind == "f":
+    raise ValueError(f"{path}: unsupported LITPKDS version {version} / dtype code {code}")
+  dtype = np.dtype(DTYPES[code])
+  want = HEADER_BYTES + count * dtype.itemsize
+  if size != want:
+    raise ValueError(f"{path} is truncated or corrupt: its header promises {count} tokens "
+                     f"({want} bytes) but the file has {size} bytes; prepare it again")
+  if count == 0:
+    return np.zeros((0,), dtype)
+  return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+# --- raw text --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ReadStats:
+  """What reading found, including what it skipped (each skip is counted, never silent)."""
+  documents: int = 0
+  text_bytes: int = 0
+  skipped_empty: int = 0
+  skipped_not_utf8: int = 0
+
+  def add(self, other: "ReadStats"):
+    for f in dataclasses.fields(self):
+      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def _suffix(path: str) -> str:
+  for s in TEXT_SUFFIXES:
+    if path.endswith(s):
+      return s
+  raise ValueError(f"{path}: unknown file type; readable: {', '.join(TEXT_SUFFIXES)}")
+
+
+def _optional(module: str, path: str):
+  try:
+    return __import__(module)
+  except ImportError:
+    raise ImportError(f"reading {path} needs the {module!r} package, which is not installed: "
+                      f"pip install {module}") from None
+
+
+def _decode(raw: bytes, stats: ReadStats) -> str | None:
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError:
+    stats.skipped_not_utf8 += 1
+    return None
+  if not text.strip():
+    stats.skipped_empty += 1
+    return None
+  return text
+
+
+def _jsonl_lines(path: str) -> Iterator[bytes]:
+  if path.endswith(".zst"):
+    zstandard = _optional("zstandard", path)
+    with open(path, "rb") as raw:
+      yield from io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+  else:
+    with open(path, "rb") as f:
+      yield from f
+
+
+def iter_documents(path: str, text_field: str, stats: ReadStats) -> Iterator[str]:
+  """Yields the documents of one file: a .txt file is one document; .jsonl(.zst) one per line;
+  .parquet one per row. Empty and non-UTF-8 documents are skipped and counted in `stats`; a
+  missing text field or broken JSON is an error naming the file and line."""
+  kind = _suffix(path)
+  if kind == ".txt":
+    with open(path, "rb") as f:
+      raw = f.read()
+    text = _decode(raw, stats)
+    if text is not None:
+      stats.documents += 1
+      stats.text_bytes += len(raw)
+      yield text
+  elif kind == ".parquet":
+    pq = _optional("pyarrow", path) and __import__("pyarrow.parquet").parquet
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+      raise ValueError(f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}): "
+                       "set the text field option")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+      for text in batch.column(0).to_pylist():
+        if not text or not text.strip():
+          stats.skipped_empty += 1
+          continue
+        stats.documents += 1
+        stats.text_bytes += len(text.encode("utf-8"))
+        yield text
+  else:
+    for lineno, line in enumerate(_jsonl_lines(path), 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if isinstance(e, UnicodeDecodeError):
+          stats.skipped_not_utf8 += 1
+          continue
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+      if not isinstance(record, dict) or text_field not in record:
+        keys = list(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{path}:{lineno}: no {text_field!r} field (has {keys}): set the text "
+                         "field option")
+      text = record[text_field]
+      if not isinstance(text, str) or not text.strip():
+        stats.skipped_empty += 1
+        continue
+      try:
+        stats.text_bytes += len(text.encode("utf-8"))
+      except UnicodeEncodeError:  # a lone surrogate escaped in the JSON
+        stats.skipped_not_utf8 += 1
+        continue
+      stats.documents += 1
+      yield text
