@@ -6,15 +6,17 @@ the gradients (upstream mistake 3 in the reference).
 """
 
 import optax
+from absl import logging
 
 
 def lr_schedule(cfg_optim, total_steps):
   decay_steps = cfg_optim.decay_steps or total_steps
   if cfg_optim.min_lr > cfg_optim.lr:
     raise ValueError(f"optim.min_lr ({cfg_optim.min_lr}) is above optim.lr ({cfg_optim.lr})")
-  if cfg_optim.warmup_steps >= decay_steps:
-    raise ValueError(f"optim.warmup_steps ({cfg_optim.warmup_steps}) must be below the decay "
-                     f"length ({decay_steps} steps: optim.decay_steps or train.steps)")
+  if cfg_optim.warmup_steps >= decay_steps:  # a short trial run of a long recipe: warmup only
+    logging.warning("optim.warmup_steps (%d) >= decay length (%d): the run ends inside warmup",
+                    cfg_optim.warmup_steps, decay_steps)
+    return optax.linear_schedule(0.0, cfg_optim.lr, cfg_optim.warmup_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg_optim.lr, warmup_steps=cfg_optim.warmup_steps,
       decay_steps=decay_steps, end_value=cfg_optim.min_lr)

@@ -8,6 +8,7 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 
 import functools
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -259,7 +260,7 @@ def train(cfg, workdir, dry_run=False):
 
   train_it, tokenizer = make_data(cfg, workdir, "train", t.global_batch)
   state, data_state = run.initial_state()
-  if data_state is not None:
+  if data_state:  # an imported model's checkpoint has none: the stream starts fresh
     train_it.set_state(data_state)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -312,12 +313,20 @@ def train(cfg, workdir, dry_run=False):
   return last
 
 
+class _OwnInfoOnly(std_logging.Filter):
+  """INFO lines from this package; other libraries' (orbax writes ~30 per save) from WARNING up."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "tinyllama_jax" in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
   train(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
 
 
