@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from tinyllama_jax import checkpoint, config as config_lib, kernels, metrics, optim, sharding
+from tinyllama_jax import checkpoint, config as config_lib, distributed, kernels, metrics, optim, sharding
 from tinyllama_jax.model import Llama, flops_per_token, param_count
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
@@ -327,6 +327,7 @@ def main(argv):
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  distributed.initialize()
   train(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
 
 
