@@ -9,6 +9,7 @@ Pallas (and its Triton/Mosaic lowering) loads only when a config asks for it.
   rms_norm       (x_...D, w_D, eps) -> y_...D (x's dtype, fp32 inside)
   add_rms_norm   (x_...D, delta_...D, w_D, eps) -> (h = x + delta, rms_norm(h, w_D, eps))
   rope           (x_BTHD, positions_BT, theta) -> x_BTHD (rotate-half layout, HF's)
+  rope_qk        (q_BTHD, k_BTKD, positions_BT, theta) -> (rope(q), rope(k)) in one pass
   swiglu         (gate_...F, up_...F) -> silu(gate) * up
   cross_entropy  (x_ND, w_DV, targets_N) -> loss_N fp32 (lm_head matmul + log-softmax NLL)
 """
@@ -29,8 +30,18 @@ _TABLE = {
         "xla": "tinyllama_jax.kernels.rms_norm:add_rms_norm_ref",
         "pallas": "tinyllama_jax.kernels.rms_norm:add_rms_norm_pallas",
     },
-    "rope": {"xla": "tinyllama_jax.kernels.rope:rope_ref"},
-    "swiglu": {"xla": "tinyllama_jax.kernels.swiglu:swiglu_ref"},
+    "rope": {
+        "xla": "tinyllama_jax.kernels.rope:rope_ref",
+        "pallas": "tinyllama_jax.kernels.rope:rope_pallas",
+    },
+    "rope_qk": {
+        "xla": "tinyllama_jax.kernels.rope:rope_qk_ref",
+        "pallas": "tinyllama_jax.kernels.rope:rope_qk_pallas",
+    },
+    "swiglu": {
+        "xla": "tinyllama_jax.kernels.swiglu:swiglu_ref",
+        "pallas": "tinyllama_jax.kernels.swiglu:swiglu_pallas",
+    },
     "cross_entropy": {
         "xla": "tinyllama_jax.kernels.cross_entropy:cross_entropy_ref",
         "chunked": "tinyllama_jax.kernels.cross_entropy:cross_entropy_chunked",

@@ -1,5 +1,8 @@
 """Rotary position embedding in the rotate-half layout (HF LlamaRotaryEmbedding's), all dims."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 
@@ -12,3 +15,93 @@ def rope_ref(x_BTHD, positions_BT, theta):
   x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
   return out.astype(x_BTHD.dtype)
+
+
+def rope_qk_ref(q_BTHD, k_BTKD, positions_BT, theta):
+  """RoPE on queries and keys (the model's use): two calls of the reference."""
+  return rope_ref(q_BTHD, positions_BT, theta), rope_ref(k_BTKD, positions_BT, theta)
+
+
+# --- 'pallas': one pass rotates q and k of a row block with shared cos/sin --------------------
+# The backward is the same kernel rotating by -angle. Rows are B*T; the head axis is padded to a
+# power of two (Triton tiles) only when it is not one already.
+
+
+def _inv_freq(D, theta):
+  # Computed exactly as the reference does, so angles round identically.
+  return 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+
+
+def _rope_kernel(pos_ref, f_ref, *refs, n, sign):
+  D2 = f_ref.shape[0]
+  angle = pos_ref[...].astype(jnp.float32)[:, None] * f_ref[...][None, :]
+  cos = jnp.cos(angle)[:, None, :]
+  sin = sign * jnp.sin(angle)[:, None, :]
+  for x_ref, o_ref in zip(refs[:n], refs[n:]):
+    x1 = x_ref[:, :, :D2].astype(jnp.float32)
+    x2 = x_ref[:, :, D2:].astype(jnp.float32)
+    o_ref[:, :, :D2] = (x1 * cos - x2 * sin).astype(o_ref.dtype)
+    o_ref[:, :, D2:] = (x2 * cos + x1 * sin).astype(o_ref.dtype)
+
+
+def _rope_call(xs, positions_BT, theta, sign):
+  from jax.experimental import pallas as pl
+  from tinyllama_jax.kernels import _pallas
+  B, T, _, D = xs[0].shape
+  R = B * T
+  heads = [x.shape[2] for x in xs]
+  H_pad = [1 << (h - 1).bit_length() for h in heads]
+  rows = max(1, min(64, 8192 // (sum(H_pad) * D)))
+  rows = 1 << (rows.bit_length() - 1)
+  R_pad = -(-R // rows) * rows
+  ins = [jnp.pad(x.reshape(R, h, D), [(0, R_pad - R), (0, hp - h), (0, 0)])
+         for x, h, hp in zip(xs, heads, H_pad)]
+  pos = jnp.pad(positions_BT.reshape(R).astype(jnp.int32), [(0, R_pad - R)])
+  specs = [pl.BlockSpec((rows, hp, D), lambda i: (i, 0, 0)) for hp in H_pad]
+  outs = _pallas.call(
+      functools.partial(_rope_kernel, n=len(xs), sign=sign), grid=(R_pad // rows,),
+      in_specs=[pl.BlockSpec((rows,), lambda i: (i,)),
+                pl.BlockSpec((D // 2,), lambda i: (0,))] + specs,
+      out_specs=specs, out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins],
+      name=f"rope{len(xs)}", interpret=_pallas.interpret_default(),
+  )(pos, _inv_freq(D, theta), *ins)
+  return tuple(o[:R, :h].reshape(B, T, h, D) for o, h in zip(outs, heads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rope_many(xs, positions_BT, theta):
+  return _rope_call(xs, positions_BT, theta, 1.0)
+
+
+def _rope_many_fwd(xs, positions_BT, theta):
+  return _rope_call(xs, positions_BT, theta, 1.0), positions_BT
+
+
+def _rope_many_bwd(theta, positions_BT, dys):
+  return _rope_call(dys, positions_BT, theta, -1.0), None
+
+
+_rope_many.defvjp(_rope_many_fwd, _rope_many_bwd)
+
+
+def _check(xs, positions_BT):
+  for x in xs:
+    D = x.shape[-1]
+    if x.ndim != 4 or x.shape[:2] != positions_BT.shape:
+      raise ValueError(f"rope: x {x.shape} must be [B, T, heads, D] with positions "
+                       f"{positions_BT.shape} = [B, T]")
+    if D < 4 or (D // 2) & (D // 2 - 1) or D % 2:
+      raise ValueError(f"rope 'pallas' needs head dim = 2 x a power of two (Triton tiles), got "
+                       f"{D}; use --config.model.kernels.rope=xla")
+
+
+def rope_pallas(x_BTHD, positions_BT, theta):
+  """Drop-in for `rope_ref`."""
+  _check([x_BTHD], positions_BT)
+  return _rope_many((x_BTHD,), positions_BT, float(theta))[0]
+
+
+def rope_qk_pallas(q_BTHD, k_BTKD, positions_BT, theta):
+  """Drop-in for `rope_qk_ref`: q and k in one kernel, cos/sin computed once per row."""
+  _check([q_BTHD, k_BTKD], positions_BT)
+  return _rope_many((q_BTHD, k_BTKD), positions_BT, float(theta))

@@ -1,0 +1,75 @@
+"""RoPE (q and k in one pass) and SwiGLU Pallas kernels against the references."""
+
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from kernels_util import assert_close, normal
+from tinyllama_jax.kernels import rope, swiglu
+
+
+def _check_rope_qk(B, T, H, K, D, dtype, seed):
+  kq, kk, kp, kg, kh = jax.random.split(jax.random.key(seed), 5)
+  q = normal(kq, (B, T, H, D), dtype)
+  k = normal(kk, (B, T, K, D), dtype)
+  # Packed documents restart their positions; large positions test the angle rounding.
+  pos = jax.random.randint(kp, (B, T), 0, 2048)
+  gq = normal(kg, q.shape, jnp.float32)
+  gk = normal(kh, k.shape, jnp.float32)
+
+  def loss(fn):
+    def f(q, k):
+      a, b = fn(q, k, pos, 10000.0)
+      return jnp.sum(a.astype(jnp.float32) * gq) + jnp.sum(b.astype(jnp.float32) * gk), (a, b)
+    return f
+
+  (_, outs), grads = jax.jit(jax.value_and_grad(loss(rope.rope_qk_pallas), (0, 1),
+                                                has_aux=True))(q, k)
+  (_, outs_ref), grads_ref = jax.value_and_grad(loss(rope.rope_qk_ref), (0, 1), has_aux=True)(
+      q.astype(jnp.float32), k.astype(jnp.float32))
+  for name, a, b in zip(["q", "k", "dq", "dk"], outs + grads, outs_ref + grads_ref):
+    assert a.dtype == dtype
+    assert_close(a, b, dtype, name)
+  single = jax.jit(rope.rope_pallas, static_argnums=2)(k, pos, 10000.0)
+  assert_close(single, outs_ref[1], dtype, "rope_pallas(k)")
+
+
+@pytest.mark.parametrize("B,T,H,K,D,dtype", [
+    (2, 7, 4, 1, 64, jnp.float32), (1, 9, 8, 2, 128, jnp.bfloat16), (1, 6, 12, 3, 32, jnp.float32)])
+def test_rope_qk(B, T, H, K, D, dtype):
+  _check_rope_qk(B, T, H, K, D, dtype, seed=T * D)
+
+
+def test_rope_refuses_odd_head_dim():
+  x = jnp.zeros((1, 2, 1, 48))
+  with pytest.raises(ValueError, match="head dim"):
+    rope.rope_pallas(x, jnp.zeros((1, 2), jnp.int32), 10000.0)
+
+
+def _check_swiglu(shape, dtype, seed):
+  kg, ku, kd = jax.random.split(jax.random.key(seed), 3)
+  g, u = normal(kg, shape, dtype) * 3, normal(ku, shape, dtype)
+  dy = normal(kd, shape, jnp.float32)
+  loss = lambda fn: lambda g, u: (jnp.sum(fn(g, u).astype(jnp.float32) * dy), fn(g, u))
+  (_, y), grads = jax.jit(jax.value_and_grad(loss(swiglu.swiglu_pallas), (0, 1),
+                                             has_aux=True))(g, u)
+  (_, y_ref), grads_ref = jax.value_and_grad(loss(swiglu.swiglu_ref), (0, 1), has_aux=True)(
+      g.astype(jnp.float32), u.astype(jnp.float32))
+  for name, a, b in zip(["y", "dgate", "dup"], (y,) + grads, (y_ref,) + grads_ref):
+    assert a.dtype == dtype
+    assert_close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5, 176), jnp.float32), ((7, 96), jnp.bfloat16),
+                                         ((5, 45), jnp.float32)])
+def test_swiglu(shape, dtype):
+  _check_swiglu(shape, dtype, seed=shape[-1])
+
+
+@pytest.mark.gpu
+def test_rope_swiglu_gpu(on_gpu):
+  _check_rope_qk(2, 2048, 32, 4, 64, jnp.bfloat16, seed=0)
+  _check_rope_qk(1, 100, 12, 1, 64, jnp.float32, seed=1)
+  _check_swiglu((2, 2048, 5632), jnp.bfloat16, seed=2)
+  _check_swiglu((3, 77, 2048), jnp.float32, seed=3)

@@ -1,0 +1,43 @@
+"""Every Pallas kernel lowers through the Triton backend at TinyLlama shapes, here on CPU.
+
+jax lowers for a platform it does not run (`lowering_platforms=("cuda",)`); that runs the whole
+Pallas -> Triton IR lowering, so an op Triton cannot express fails here, not on the GPU machine.
+"""
+
+from unittest import mock
+
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from tinyllama_jax.kernels import _pallas, rms_norm, rope, swiglu
+
+S = jax.ShapeDtypeStruct
+BF16 = jnp.bfloat16
+
+
+def _sum(*outs):
+  return sum(o.astype(jnp.float32).sum() for o in outs)
+
+
+CASES = {
+    "rms_norm": (lambda x, w: _sum(rms_norm.rms_norm_pallas(x, w, 1e-5)),
+                 [S((8, 2048, 2048), BF16), S((2048,), jnp.float32)], 2),
+    "add_rms_norm": (lambda x, d, w: _sum(*rms_norm.add_rms_norm_pallas(x, d, w, 1e-5)),
+                     [S((8, 2048, 2048), BF16)] * 2 + [S((2048,), jnp.float32)], 2),
+    "rope_qk": (lambda q, k, p: _sum(*rope.rope_qk_pallas(q, k, p, 10000.0)),
+                [S((8, 2048, 32, 64), BF16), S((8, 2048, 4, 64), BF16), S((8, 2048), jnp.int32)],
+                2),
+    "swiglu": (lambda g, u: _sum(swiglu.swiglu_pallas(g, u)), [S((8, 2048, 5632), BF16)] * 2, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_lowers_to_triton(name):
+  loss, args, n_kernels = CASES[name]
+  with mock.patch.object(_pallas, "interpret_default", lambda: False):
+    argnums = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+    lowered = jax.jit(jax.value_and_grad(loss, argnums)).trace(*args).lower(
+        lowering_platforms=("cuda",))
+  assert lowered.as_text().count("xla.gpu.triton") == n_kernels  # forward + backward
