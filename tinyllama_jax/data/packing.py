@@ -33,7 +33,12 @@ def has_a_target(element) -> bool:
 
 def concat_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   """Documents -> {'tokens': [seq_len + 1]} rows. The streams here repeat forever: no tail."""
-  return grain_x.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
+  rows = grain_x.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
+  return rows.map(_tokens_only)  # the same structure as prepared rows, so sources can mix
+
+
+def _tokens_only(row):
+  return {"tokens": row["tokens"]}
 
 
 def pack_documents(docs: grain.IterDataset, packing: str, seq_len: int, num_bins: int,

@@ -1,0 +1,262 @@
+"""prepare CLI + readers + prepared/LITPKDS/text sources, on files built from the stdlib sources."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinyllama_jax.data import corpus
+from tinyllama_jax.data import formats
+from tinyllama_jax.data import pipeline
+from tinyllama_jax.data import prepare as prepare_lib
+from tinyllama_jax.data import sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _stdlib_texts(start, n):
+  root = sources.stdlib_root()
+  return [open(os.path.join(root, name), encoding="utf-8").read()
+          for name in sources.stdlib_files()[start:start + n]]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """a.jsonl (30 docs, one blank line, one non-UTF-8 line), b/*.txt (5 files + 1 empty), plus
+  .jsonl.zst / .parquet when their packages are installed."""
+  d = tmp_path_factory.mktemp("inputs")
+  docs = _stdlib_texts(100, 40)
+  with open(d / "a.jsonl", "wb") as f:
+    for i, text in enumerate(docs[:30]):
+      f.write(json.dumps({"text": text, "id": i}).encode() + b"\n")
+      if i == 3:
+        f.write(b"\n" + b'{"text": "caf\xe9"}\n')
+  (d / "b").mkdir()
+  for i, text in enumerate(docs[30:35]):
+    (d / "b" / f"{i}.txt").write_text(text)
+  (d / "b" / "empty.txt").write_text("")
+  try:
+    import zstandard  # pylint: disable=g-import-not-at-top
+    payload = "".join(json.dumps({"text": t}) + "\n" for t in docs[35:38]).encode()
+    (d / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
+  except ImportError:
+    pass
+  try:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    pq.write_table(pa.table({"text": docs[38:40]}), str(d / "e.parquet"))
+  except ImportError:
+    pass
+  return d
+
+
+def _prepare(inputs, tok, out, **kw):
+  paths = prepare_lib.expand_inputs(f"{inputs}/a.jsonl,{inputs}/b/*.txt,{inputs}/*.zst,"
+                                    f"{inputs}/*.parquet")
+  kw.setdefault("eval_fraction", 0.1)
+  return prepare_lib.prepare(paths, tok, str(out), progress=False, **kw)
+
+
+def _documents_of(out, split):
+  """Every document of a split, read back through the shards' document index."""
+  manifest, root = corpus.load_manifest(str(out))
+  store = corpus.TokenStore(corpus.prepared_shards(str(out), split))
+  docs = corpus.DocumentSource(store, 0, 1)
+  return manifest, [docs[i]["tokens"] for i in range(len(docs))]
+
+
+def test_prepare_writes_every_document_once_with_bos_and_eos(inputs, tok, tmp_path):
+  manifest = _prepare(inputs, tok, tmp_path / "out")
+  totals = manifest["totals"]
+  want = _stdlib_texts(100, 35)
+  if os.path.exists(inputs / "c.jsonl.zst"):
+    want += _stdlib_texts(135, 3)
+  if os.path.exists(inputs / "e.parquet"):
+    want += _stdlib_texts(138, 2)
+  assert totals["documents"] == len(want)
+  assert totals["skipped_not_utf8"] == 1 and totals["skipped_empty"] == 1
+  assert manifest["tokenizer"]["sha256"] == tok.sha256
+  got = []
+  for split in sources.SPLITS:
+    _, docs = _documents_of(tmp_path / "out", split)
+    assert sum(map(len, docs)) == totals[f"{split}_tokens"]
+    for d in docs:
+      assert d[0] == tok.bos_id and d[-1] == tok.eos_id
+      got.append(tok.decode(d[1:-1]))
+  assert sorted(got) == sorted(want)
+  assert 0 < totals["eval_documents"] < totals["train_documents"]
+
+
+def test_small_shards_hold_the_same_stream_and_rerun_skips_done_inputs(inputs, tok, tmp_path):
+  big = _prepare(inputs, tok, tmp_path / "big")
+  small = _prepare(inputs, tok, tmp_path / "small", shard_tokens=1000)
+  assert len(small["shards"]) > len(big["shards"])
+  assert all(s["tokens"] <= 1000 for s in small["shards"])
+  for split in sources.SPLITS:
+    a = corpus.TokenStore(corpus.prepared_shards(str(tmp_path / "big"), split))
+    b = corpus.TokenStore(corpus.prepared_shards(str(tmp_path / "small"), split))
+    np.testing.assert_array_equal(a.slice(0, a.num_tokens), b.slice(0, b.num_tokens))
+  mtimes = {p: os.path.getmtime(p) for p in (tmp_path / "small" / "shards").iterdir()}
+  again = _prepare(inputs, tok, tmp_path / "small", shard_tokens=1000)
+  assert again["totals"] == small["totals"]
+  assert mtimes == {p: os.path.getmtime(p) for p in (tmp_path / "small" / "shards").iterdir()}
+
+
+def test_litpkds_round_trip_and_corrupt_files(tmp_path):
+  tokens = np.arange(1000, dtype=np.uint16)
+  path = str(tmp_path / "x.bin")
+  formats.write_litpkds(path, tokens)
+  with open(path, "rb") as f:  # the original's header, byte for byte
+    assert f.read(24) == b"LITPKDS" + (1).to_bytes(8, "little") + b"\x08" + (1000).to_bytes(8, "little")
+  np.testing.assert_array_equal(formats.read_litpkds(path), tokens)
+  raw = open(path, "rb").read()
+  (tmp_path / "short.bin").write_bytes(raw[:-10])
+  with pytest.raises(ValueError, match="short.bin is truncated or corrupt.*1000 tokens"):
+    formats.read_litpkds(str(tmp_path / "short.bin"))
+  (tmp_path / "magic.bin").write_bytes(b"NOTPKDS" + raw[7:])
+  with pytest.raises(ValueError, match="magic.bin is not a LITPKDS token file"):
+    formats.read_litpkds(str(tmp_path / "magic.bin"))
+
+
+def test_tinyllama_files_train_without_their_bos_padding(tok, small_cfg, tmp_path):
+  """TinyLlama's last chunk is padded with BOS: those tokens never reach a batch."""
+  rng = np.random.default_rng(0)
+  body = rng.integers(3, 512, 3000).astype(np.uint16)
+  formats.write_litpkds(str(tmp_path / "train_0.bin"), body[:2000])
+  formats.write_litpkds(str(tmp_path / "train_1.bin"),
+                        np.concatenate([body[2000:], np.full(1000, tok.bos_id, np.uint16)]))
+  cfg = small_cfg(source="litpkds", paths=f"{tmp_path}/train_*.bin", tokenizer=tok.path,
+                  eval_paths=f"{tmp_path}/train_1.bin")
+  it = pipeline.make_iterator(cfg, split="train", seq_len=99, batch_size=10, seed=0,
+                              process_index=0, process_count=1, tokenizer=tok, vocab_size=512)
+  rows = [next(it) for _ in range(3)]  # 3000 tokens = 30 rows of 100 = exactly one epoch
+  seen = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1).ravel()
+                         for b in rows])
+  assert (seen != tok.bos_id).all()
+  assert sorted(seen.tolist()) == sorted(body.tolist())  # every token once: a global row shuffle
+
+
+@pytest.mark.parametrize("packing", ["concat", "first_fit"])
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_prepared_processes_are_disjoint_and_complete(inputs, tok, tmp_path_factory, packing,
+                                                      process_count):
+  out = tmp_path_factory.getbasetemp() / "disjoint"
+  if not (out / formats.MANIFEST).exists():
+    _prepare(inputs, tok, out, shard_tokens=5000)
+  store = corpus.TokenStore(corpus.prepared_shards(str(out), "train"))
+  make = ((lambda p: corpus.RowSource(store, 65, p, process_count)) if packing == "concat" else
+          (lambda p: corpus.DocumentSource(store, p, process_count)))
+  parts = [make(p) for p in range(process_count)]
+  items = [tuple(part[i]["tokens"].tolist()) for part in parts for i in range(len(part))]
+  everything = make(0).__class__(*((store, 65) if packing == "concat" else (store,)), 0, 1)
+  assert sorted(items) == sorted(tuple(everything[i]["tokens"].tolist())
+                                 for i in range(len(everything)))
+  if packing == "first_fit":
+    assert sum(len(t) for t in items) == store.num_tokens
+
+
+def test_prepared_pipeline_resumes_exactly_with_workers(inputs, tok, small_cfg, tmp_path):
+  _prepare(inputs, tok, tmp_path / "out", shard_tokens=5000)
+  cfg = small_cfg(source="prepared", paths=str(tmp_path / "out"), packing="best_fit",
+                  num_workers=2)
+  make = lambda: pipeline.make_iterator(cfg, split="train", seq_len=64, batch_size=4, seed=2,
+                                        process_index=1, process_count=2, tokenizer=tok,
+                                        vocab_size=512)
+  it = make()
+  try:
+    [next(it) for _ in range(6)]
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(4)]
+  finally:
+    it.close()
+  resumed = make()
+  try:
+    resumed.set_state(state)
+    for want in expected:
+      got = next(resumed)
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+  finally:
+    resumed.close()
+
+
+def test_mixture_follows_the_weights(tok, small_cfg, tmp_path):
+  for name, token in (("five", 5), ("seven", 7)):
+    formats.write_litpkds(str(tmp_path / f"{name}.bin"), np.full(20000, token, np.uint16))
+  cfg = small_cfg(source="mixture", tokenizer=tok.path, eval_fraction=0.0,
+                  mixture=f"0.693584:litpkds:{tmp_path}/five.bin;0.306416:litpkds:{tmp_path}/seven.bin")
+  it = pipeline.make_iterator(cfg, split="train", seq_len=15, batch_size=50, seed=0,
+                              process_index=0, process_count=1, tokenizer=tok, vocab_size=512)
+  rows = np.concatenate([next(it)["inputs"][:, 0] for _ in range(20)])
+  assert set(rows.tolist()) == {5, 7}
+  assert abs((rows == 5).mean() - 0.693584) < 0.01
+
+
+def test_bad_inputs(inputs, tok, small_cfg, tmp_path):
+  with pytest.raises(FileNotFoundError, match="matches no files"):
+    prepare_lib.expand_inputs(str(tmp_path / "nothing*.jsonl"))
+  (tmp_path / "nofield.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
+  with pytest.raises(ValueError, match=r"nofield.jsonl:2: no 'text' field \(has \['body'\]\)"):
+    _ = list(formats.iter_documents(str(tmp_path / "nofield.jsonl"), "text", formats.ReadStats()))
+  (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+  with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
+    _ = list(formats.iter_documents(str(tmp_path / "broken.jsonl"), "text", formats.ReadStats()))
+  with pytest.raises(ValueError, match="unknown file type"):
+    prepare_lib.expand_inputs(__file__)
+  # A manifest made with another tokenizer.
+  _prepare(inputs, tok, tmp_path / "out")
+  other = pipeline.load_tokenizer(small_cfg(tokenizer_vocab_size=600), str(tmp_path / "w"))
+  cfg = small_cfg(source="prepared", paths=str(tmp_path / "out"))
+  with pytest.raises(ValueError, match="prepared with tokenizer .*prepare the data again"):
+    pipeline.make_iterator(cfg, split="train", seq_len=16, batch_size=2, seed=0, process_index=0,
+                           process_count=1, tokenizer=other, vocab_size=1024)
+  # Token ids beyond the model's vocab never make a batch.
+  formats.write_litpkds(str(tmp_path / "big.bin"), np.full(200, 900, np.uint16))
+  cfg = small_cfg(source="litpkds", paths=str(tmp_path / "big.bin"), eval_fraction=0.0)
+  it = pipeline.make_iterator(cfg, split="train", seq_len=16, batch_size=2, seed=0,
+                              process_index=0, process_count=1, tokenizer=tok, vocab_size=512)
+  with pytest.raises(ValueError, match="token id 900 is beyond the model's vocab_size=512"):
+    next(it)
+  with pytest.raises(ValueError, match="needs data.paths"):
+    pipeline.load_tokenizer(small_cfg(source="prepared"), str(tmp_path))
+  with pytest.raises(ValueError, match="mixture entry 'x:prepared' is not"):
+    pipeline.components(small_cfg(source="mixture", mixture="x:prepared"))
+
+
+def test_cli_prepares_and_fails_clearly(inputs, tok, tmp_path):
+  cmd = [sys.executable, "-m", "tinyllama_jax.data.prepare", f"--tokenizer={tok.path}",
+         "--num_workers=2"]
+  ok = subprocess.run(cmd + [f"--input={inputs}/b/*.txt", f"--out={tmp_path}/out"], cwd=REPO,
+                      capture_output=True, text=True, timeout=120)
+  assert ok.returncode == 0, ok.stderr
+  assert json.loads(ok.stdout)["documents"] == 5
+  bad = subprocess.run(cmd + [f"--input={tmp_path}/none/*.jsonl", f"--out={tmp_path}/bad"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 1 and "matches no files" in bad.stderr
+  assert not os.path.exists(tmp_path / "bad" / formats.MANIFEST)
+
+
+def test_optional_formats_name_their_missing_package(tmp_path, monkeypatch):
+  import builtins  # pylint: disable=g-import-not-at-top
+  real_import = builtins.__import__
+
+  def no_optional(name, *args, **kwargs):
+    if name in ("zstandard", "pyarrow"):
+      raise ImportError(name)
+    return real_import(name, *args, **kwargs)
+  monkeypatch.setattr(builtins, "__import__", no_optional)
+  for name, package in (("x.jsonl.zst", "zstandard"), ("x.parquet", "pyarrow")):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ImportError, match=f"{name} needs the '{package}' package.*pip install"):
+      _ = list(formats.iter_documents(str(tmp_path / name), "text", formats.ReadStats()))
+
+
+@pytest.mark.parametrize("package,name", [("zstandard", "c.jsonl.zst"), ("pyarrow", "e.parquet")])
+def test_compressed_and_columnar_inputs_read(inputs, package, name):
+  pytest.importorskip(package, reason=f"{package} not installed: {name} inputs untested")
+  stats = formats.ReadStats()
+  docs = list(formats.iter_documents(str(inputs / name), "text", stats))
+  assert docs == (_stdlib_texts(135, 3) if package == "zstandard" else _stdlib_texts(138, 2))
