@@ -1,0 +1,390 @@
+"""Sweeps: grids, validation, run names, skip/resume, the print and SLURM launchers, the summary."""
+
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tinyllama_jax import sweep, sweep_summary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def _plan(tmp_path, bindings, fixed=None, cli=()):
+  return sweep.plan(TINY, bindings, fixed or {}, list(cli), str(tmp_path / "sweep"))
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def test_product_zip_chain():
+  grid = sweep.product({"optim.lr": [1e-4, 1e-3], "optim.warmup_steps": [5, 10, 20]})
+  assert len(grid) == 6
+  assert grid[0] == {"optim.lr": 1e-4, "optim.warmup_steps": 5}
+  assert grid[1] == {"optim.lr": 1e-4, "optim.warmup_steps": 10}  # first key outermost
+  zipped = sweep.zipped({"optim.lr": [1e-3, 3e-3], "optim.min_lr": [1e-4, 3e-4]})
+  assert zipped == [{"optim.lr": 1e-3, "optim.min_lr": 1e-4}, {"optim.lr": 3e-3, "optim.min_lr": 3e-4}]
+  crossed = sweep.product(zipped, {"seed": [0, 1]})
+  assert crossed[1] == {"optim.lr": 1e-3, "optim.min_lr": 1e-4, "seed": 1} and len(crossed) == 4
+  chained = sweep.chain(grid[:2], [{"optim.lr": 1e-2}], {"seed": [3, 4]})
+  assert chained == grid[:2] + [{"optim.lr": 1e-2}, {"seed": 3}, {"seed": 4}]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: sweep.zipped({"optim.lr": [1, 2], "seed": [1]}), "one length"),
+    (lambda: sweep.product({"optim.lr": 1e-3}), r"non-empty list of values for 'optim.lr'"),
+    (lambda: sweep.product({"data.source": "stdlib"}), r"'data.source': \['stdlib'\]"),
+    (lambda: sweep.product({"seed": [1]}, {"seed": [2]}), "binds 'seed' in two parts"),
+    (lambda: sweep.chain(3), "dicts of value lists or lists of bindings"),
+])
+def test_grid_errors(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_load_sweep_file(tmp_path):
+  path = tmp_path / "s.py"
+  path.write_text(textwrap.dedent("""
+      from tinyllama_jax.sweep import product, zipped
+      FIXED = {"train.steps": 7}
+      def get_sweep():
+        return product(zipped({"optim.lr": [1e-3, 2e-3], "optim.warmup_steps": [1, 2]}), {"seed": [0, 1]})
+  """))
+  bindings, fixed = sweep.load_sweep_file(str(path))
+  assert len(bindings) == 4 and fixed == {"train.steps": 7}
+  path.write_text("def get_sweep():\n  return {'seed': [0, 1, 2]}\n")  # a plain dict: its product
+  assert sweep.load_sweep_file(str(path))[0] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+  path.write_text("SWEEP = 1\n")
+  with pytest.raises(ValueError, match="defines no get_sweep"):
+    sweep.load_sweep_file(str(path))
+  with pytest.raises(ValueError, match="does not exist"):
+    sweep.load_sweep_file(str(tmp_path / "missing.py"))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_unknown_key_fails_up_front_with_close_keys(tmp_path):
+  with pytest.raises(ValueError, match=r"unknown config key 'optim.lrr'; did you mean optim.lr"):
+    _plan(tmp_path, [{"optim.lr": 1e-3}, {"optim.lrr": 1e-3}])
+  assert not (tmp_path / "sweep").exists()  # nothing was created, nothing started
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("optim.lr", "fast", r"optim.lr='fast' is str, but optim.lr takes float values"),
+    ("train.steps", 1.5, r"train.steps=1.5 is float, but train.steps takes int values"),
+    ("train.steps", True, r"train.steps=True is bool, but train.steps takes int"),
+    ("model.scan_layers", 1, r"model.scan_layers=1 is int, but model.scan_layers takes bool"),
+    ("data.source", 3, r"data.source=3 is int, but data.source takes str"),
+    ("optim.lr", [1e-3], r"belongs in product\(\) or zipped\(\)"),
+])
+def test_bad_values_name_key_and_type(tmp_path, key, value, match):
+  with pytest.raises(ValueError, match=match):
+    _plan(tmp_path, [{key: value}])
+
+
+def test_values_are_typed_like_the_base_config(tmp_path):
+  (run,) = _plan(tmp_path, [{"optim.lr": 1, "model.scan_layers": True}],
+                 cli=["--config.train.steps=40", "--config.optim.b2=0.99"])
+  assert run.cfg.optim.lr == 1.0 and isinstance(run.cfg.optim.lr, float)
+  assert run.cfg.train.steps == 40 and run.cfg.optim.b2 == 0.99 and run.cfg.model.scan_layers
+  assert "--config.optim.lr=1.0" in run.train_args(TINY)
+  for bad, match in [("--config.train.steps=4.5", "train.steps takes int values"),
+                     ("--config.model.scan_layers=yes", "takes bool values"),
+                     ("--config.train.stepz=4", "did you mean train.steps")]:
+    with pytest.raises(ValueError, match=match):
+      _plan(tmp_path, [{"seed": 1}], cli=[bad])
+
+
+def test_swept_and_fixed_and_bad_corners_fail_up_front(tmp_path):
+  with pytest.raises(ValueError, match="optim.lr is both swept and fixed"):
+    _plan(tmp_path, [{"optim.lr": 1e-3}], fixed={"optim.lr": 2e-3})
+  # tiny.py's min_lr is 3e-4: a peak below it is caught before any run starts
+  with pytest.raises(ValueError, match=r"run lr1e-04: optim.min_lr \(0.0003\) is above optim.lr"):
+    _plan(tmp_path, [{"optim.lr": 1e-3}, {"optim.lr": 1e-4}])
+  with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+    _plan(tmp_path, [{"train.seq_len": 4096}])
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_names_readable_and_exact():
+  assert sweep.run_name({"optim.lr": 0.0004, "optim.warmup_steps": 500}) == "lr4e-04_warmup_steps500"
+  assert sweep.run_name({"optim.lr": 3.5e-4}) == "lr3.5e-04"  # never rounded onto a neighbour
+  assert sweep.run_name({"optim.b2": 0.95, "optim.lr": 2.0}) == "b20.95_lr2"
+  assert sweep.run_name({"model.scan_layers": True, "data.packing": "best_fit"}) == \
+      "scan_layers-True_packing-best_fit"
+  assert sweep.run_name({}) == "base"
+
+
+def test_names_stable_safe_unique():
+  a = {"optim.lr": 1e-3, "seed": 2}
+  # a function of the binding alone: the same in any sweep, in any process
+  assert sweep.run_names([a, {"seed": 5}])[0] == sweep.run_names([{"seed": 9}, a])[1] == "lr1e-03_seed2"
+  out = subprocess.run([sys.executable, "-c", "from tinyllama_jax import sweep; "
+                        "print(sweep.run_name({'optim.lr': 1e-3, 'seed': 2}))"],
+                       cwd=REPO, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "lr1e-03_seed2"
+  # unsafe characters are replaced, and the hash keeps two such values apart
+  odd = [{"data.paths": "/data/a b/*.txt"}, {"data.paths": "/data/a_b/*.txt"}]
+  names = sweep.run_names(odd)
+  assert names[0] != names[1]
+  assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) and len(n) <= 120 for n in names)
+  long = sweep.run_name({"data.mixture": "0.5:prepared:" + "x" * 300})
+  assert len(long) <= 120 and re.fullmatch(r"[A-Za-z0-9._+-]+", long)
+  # one binding with two keys that end alike: the full keys
+  assert sweep.run_name({"a.x": 1, "b.x": 2, "seed": 3}) == "a.x1_b.x2_seed3"
+  assert sweep.run_name({"optim.eps": 1e-8, "model.norm_eps": 1e-6}) == "eps1e-08_norm_eps1e-06"
+  clash = sweep.run_names([{"mesh.data": 1}, {"train.seq_len": 4, "mesh.data": 1}, {"data": 1}])
+  assert len(set(clash)) == 3
+  # the same leaf in different runs: names that would collide get the binding's hash
+  colliding = sweep.run_names([{"train.steps": 5}, {"other.steps": 5}])
+  assert colliding[0] != colliding[1] and all(n.startswith("steps5_") for n in colliding)
+  with pytest.raises(ValueError, match="lists the run .* twice"):
+    sweep.run_names([{"seed": 1}, {"seed": 1}])
+
+
+# ----------------------------------------------------------------------------- skip / resume
+
+FAKE_TRAINER = textwrap.dedent("""
+    # Stands in for tinyllama_jax.train: resumes from the latest checkpoint directory, saves every
+    # 5 steps, and crashes halfway when its workdir holds a 'crash_once' file.
+    import json, os, sys
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    workdir, steps = args["workdir"], int(args["config.train.steps"])
+    ckpt = os.path.join(workdir, "checkpoints")
+    os.makedirs(ckpt, exist_ok=True)
+    start = max([int(n) for n in os.listdir(ckpt) if n.isdigit()], default=0)
+    with open(os.path.join(workdir, "calls.jsonl"), "a") as f:
+      f.write(json.dumps({"start": start, "devices": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
+    crash = os.path.join(workdir, "crash_once")
+    for step in range(start + 5, steps + 1, 5):
+      if os.path.exists(crash) and step > steps // 2:
+        os.remove(crash)
+        print("simulated crash"); sys.exit(3)
+      os.makedirs(os.path.join(ckpt, str(step)))
+""")
+
+
+def _calls(run):
+  path = os.path.join(run.workdir, "calls.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_local_skips_finished_and_resumes_interrupted(tmp_path, capsys):
+  trainer = tmp_path / "fake_train.py"
+  trainer.write_text(FAKE_TRAINER)
+  runs = _plan(tmp_path, sweep.product({"seed": [0, 1, 2]}), fixed={"train.steps": 20})
+  sweep.prepare_workdirs(runs, TINY)
+  open(os.path.join(runs[1].workdir, "crash_once"), "w").close()
+  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+  launch = lambda: sweep.launch_local(runs, TINY, max_parallel=2, trainer=[sys.executable, str(trainer)],
+                                      env=env, poll_s=0.05)
+  assert launch() == ["seed1"]
+  out = capsys.readouterr().out
+  assert "seed1: FAILED (exit 3)" in out and "simulated crash" in out  # the log's tail is shown
+  assert [sweep.run_state(r)[0] for r in runs] == ["finished", "failed", "finished"]
+  assert sweep.run_state(runs[1])[1] == 10
+  # two at a time, each on its own half of the GPUs
+  assert {c["devices"] for r in runs for c in _calls(r)} == {"0,1", "2,3"}
+
+  assert launch() == []  # the rerun: finished runs skipped, the crashed one resumed
+  out = capsys.readouterr().out
+  assert "skip seed0: finished (20/20 steps)" in out and "resume from step 10 seed1" in out
+  assert [len(_calls(r)) for r in runs] == [1, 2, 1]
+  assert _calls(runs[1])[1]["start"] == 10
+  assert sweep.read_run_file(runs[1].workdir)["status"] == "finished"
+
+  assert launch() == []
+  assert [len(_calls(r)) for r in runs] == [1, 2, 1]  # all finished: nothing runs again
+
+
+def test_run_state_reads_checkpoint_steps(tmp_path):
+  (run,) = _plan(tmp_path, [{"seed": 0}], fixed={"train.steps": 60})
+  sweep.prepare_workdirs([run], TINY)
+  assert sweep.run_state(run) == ("new", None)
+  ckpt = os.path.join(run.workdir, "checkpoints")
+  os.makedirs(os.path.join(ckpt, "20"))
+  os.makedirs(os.path.join(ckpt, "60.orbax-checkpoint-tmp-1234"))  # a save cut short: not a step
+  assert sweep.run_state(run) == ("interrupted", 20)
+  os.makedirs(os.path.join(ckpt, "60"))
+  assert sweep.run_state(run) == ("finished", 60)
+
+
+def test_device_slots():
+  assert sweep.device_slots(1, {"CUDA_VISIBLE_DEVICES": "0,1"}) == [{}]
+  assert sweep.device_slots(2, {"CUDA_VISIBLE_DEVICES": "3,4,5"}) == [
+      {"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "4"}]
+  with pytest.raises(ValueError, match="more than the 2 visible GPUs"):
+    sweep.device_slots(4, {"CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_trained_run_refuses_a_changed_config(tmp_path):
+  (run,) = _plan(tmp_path, [{"seed": 0}], fixed={"train.steps": 60})
+  sweep.prepare_workdirs([run], TINY)
+  record = sweep.read_run_file(run.workdir)
+  assert record["binding"] == {"seed": 0} and record["config"]["train"]["steps"] == 60
+  os.makedirs(os.path.join(run.workdir, "checkpoints", "20"))
+  (changed,) = _plan(tmp_path, [{"seed": 0}], fixed={"train.steps": 60, "optim.b2": 0.9})
+  with pytest.raises(ValueError, match=r"already trained with another config \(optim.b2: 0.95 -> 0.9\)"):
+    sweep.prepare_workdirs([changed], TINY)
+  sweep.prepare_workdirs([changed], TINY, allow_config_change=True)
+  assert sweep.read_run_file(run.workdir)["config"]["optim"]["b2"] == 0.9
+
+
+# ----------------------------------------------------------------------------- print and SLURM
+
+
+def test_print_lists_the_unfinished_commands(tmp_path, capsys):
+  runs = _plan(tmp_path, sweep.product({"optim.lr": [1e-3, 2e-3]}), fixed={"train.steps": 10})
+  sweep.prepare_workdirs(runs, TINY)
+  os.makedirs(os.path.join(runs[0].workdir, "checkpoints", "10"))
+  sweep.launch_print(runs, TINY)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "# skip lr1e-03: finished (10/10 steps)"
+  (cmd,) = [shlex.split(l) for l in lines if not l.startswith("#")]
+  assert cmd[:3] == ["python", "-m", "tinyllama_jax.train"]
+  assert f"--workdir={runs[1].workdir}" in cmd and "--config.optim.lr=0.002" in cmd
+  assert "--config.train.steps=10" in cmd
+
+
+def test_slurm_script(tmp_path, capsys):
+  runs = _plan(tmp_path, sweep.product({"optim.lr": [1e-3, 2e-3, 3e-3]}),
+               fixed={"train.steps": 10, "data.paths": "/data/my corpus/*.txt"})
+  sweep.prepare_workdirs(runs, TINY)
+  os.makedirs(os.path.join(runs[0].workdir, "checkpoints", "10"))  # finished: left out
+  path = sweep.launch_slurm(runs, TINY, str(tmp_path / "sweep"), max_parallel=2,
+                            options=["--gres=gpu:8", "--time=48:00:00"])
+  text = open(path).read()
+  assert text.startswith("#!/bin/bash\n") and os.access(path, os.X_OK)
+  for line in ["#SBATCH --array=0-1%2", "#SBATCH --gres=gpu:8", "#SBATCH --time=48:00:00",
+               f"#SBATCH --output={tmp_path}/sweep/slurm/%A_%a.out", f"cd {REPO}"]:
+    assert line in text.splitlines()
+  assert runs[0].workdir not in text and runs[1].workdir in text and runs[2].workdir in text
+  subprocess.run(["bash", "-n", path], check=True)
+  # Run task 1 with a stand-in interpreter that records its argv: the quoting survives bash.
+  recorder = tmp_path / "python"
+  recorder.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$RECORD"\n')
+  recorder.chmod(0o755)
+  record = tmp_path / "argv.txt"
+  subprocess.run(["bash", path], check=True, env={**os.environ, "SLURM_ARRAY_TASK_ID": "1",
+                                                  "PYTHON": str(recorder), "RECORD": str(record)})
+  assert record.read_text().splitlines() == ["-m", "tinyllama_jax.train"] + runs[2].train_args(TINY)
+  assert "--config.data.paths=/data/my corpus/*.txt" in record.read_text().splitlines()
+  bad = subprocess.run(["bash", path], env={**os.environ, "SLURM_ARRAY_TASK_ID": "7"},
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "no run for array task 7" in bad.stderr
+  for run in runs:
+    os.makedirs(os.path.join(run.workdir, "checkpoints", "10"), exist_ok=True)
+  assert sweep.launch_slurm(runs, TINY, str(tmp_path / "sweep")) is None
+  assert "all 3 runs are finished" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _write_events(tb_dir, points, file_time):
+  """points: {tag: [(step, value)]}, written by tensorboardX into one events file."""
+  from tensorboardX import SummaryWriter
+  writer = SummaryWriter(str(tb_dir), filename_suffix=f".{file_time}")
+  for tag, series in points.items():
+    for step, value in series:
+      writer.add_scalar(tag, value, step)
+  writer.close()
+  (path,) = [p for p in tb_dir.iterdir() if p.name.endswith(f".{file_time}")]
+  os.rename(path, tb_dir / f"events.out.tfevents.{file_time}.host")
+
+
+def test_event_files_merge_across_a_resume(tmp_path):
+  tb = tmp_path / "tb"
+  _write_events(tb, {"train/loss": [(10, 5.0), (20, 4.0), (30, 3.9)], "eval/loss": [(20, 4.5)]}, 100)
+  # resumed from the checkpoint at 20: the new file repeats step 30 onwards
+  _write_events(tb, {"train/loss": [(30, 3.5), (40, 3.0)], "eval/loss": [(40, 3.2)]}, 200)
+  scalars, bad = sweep_summary.read_scalars(str(tb))
+  assert scalars["train/loss"] == [(10, 5.0), (20, 4.0), (30, 3.5), (40, 3.0)]
+  assert scalars["eval/loss"] == [(20, 4.5), (40, pytest.approx(3.2))] and bad == 0
+  with open(tb / "events.out.tfevents.200.host", "ab") as f:
+    f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00partial")  # a write cut short
+  scalars, bad = sweep_summary.read_scalars(str(tb))
+  assert bad == 1 and scalars["train/loss"][-1] == (40, 3.0)
+
+
+def _run_sweep_cli(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "tinyllama_jax.sweep", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_sweep():\n  return {'optim.lrr': [1e-3]}\n")
+  out = _run_sweep_cli(f"--config={TINY}", f"--sweep={bad}", f"--workdir={tmp_path / 'w'}")
+  assert out.returncode == 2 and not (tmp_path / "w").exists()
+  assert out.stderr.strip().splitlines() == [
+      "error: binding {'optim.lrr': 0.001}: unknown config key 'optim.lrr'; did you mean "
+      "optim.lr, optim.min_lr, optim.b2?"]
+  out = _run_sweep_cli("summarize", f"--workdir={tmp_path}")
+  assert out.returncode == 2 and "holds no runs" in out.stderr
+
+
+@pytest.mark.slow
+def test_two_tiny_runs_end_to_end(tmp_path):
+  """A real sweep of two tiny runs, a real resume, the summary and plot from their events."""
+  sweep_file = tmp_path / "two.py"
+  sweep_file.write_text(textwrap.dedent("""
+      FIXED = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
+               "model.head_dim": 16, "model.ffn_dim": 128, "model.vocab_size": 512,
+               "model.max_seq_len": 64, "data.tokenizer_vocab_size": 512,
+               "data.tokenizer_train_bytes": 300_000, "train.seq_len": 64, "train.global_batch": 8,
+               "train.micro_batch_per_device": 8, "train.steps": 8, "train.log_every": 2,
+               "train.eval_every": 4, "train.checkpoint_every": 4, "train.eval_batches": 1,
+               "train.sample_tokens": 0, "train.async_checkpoint": False, "optim.warmup_steps": 2}
+      def get_sweep():
+        return {"optim.lr": [3e-3, 1e-4]}
+  """))
+  workdir = tmp_path / "sweep"
+  args = [f"--config={TINY}", f"--sweep={sweep_file}", f"--workdir={workdir}",
+          "--config.optim.min_lr=1e-5"]
+  out = _run_sweep_cli(*args)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "all 2 runs finished" in out.stdout
+  # Interrupt one after the fact: drop its last checkpoint; the rerun resumes from step 4.
+  resumed = workdir / "lr1e-04"
+  subprocess.run(["rm", "-r", str(resumed / "checkpoints" / "8")], check=True)
+  out = _run_sweep_cli(*args)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "skip lr3e-03: finished (8/8 steps)" in out.stdout
+  assert "resume from step 4 lr1e-04" in out.stdout
+  assert len(os.listdir(resumed / "tb")) == 2 and len(os.listdir(workdir / "lr3e-03" / "tb")) == 1
+
+  out = _run_sweep_cli("summarize", f"--workdir={workdir}")
+  assert out.returncode == 0, out.stdout + out.stderr
+  with open(workdir / "summary.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["run"] for r in rows] == ["lr3e-03", "lr1e-04"]  # the higher lr learns faster in 8 steps
+  for r in rows:
+    assert r["status"] == "finished" and r["step"] == "8" and r["steps"] == "8"
+    assert 0 < float(r["best_eval_loss"]) < 9 and 0 < float(r["final_train_loss"]) < 9
+    assert float(r["tokens_per_s"]) > 0 and r["best_eval_step"] in ("4", "8")
+  assert float(rows[0]["best_eval_loss"]) < float(rows[1]["best_eval_loss"])
+  assert float(rows[0]["optim.lr"]) == 3e-3
+  md = (workdir / "summary.md").read_text()
+  assert md.splitlines()[0].startswith("| run | optim.lr | status | step | steps | final train loss")
+  assert "| lr3e-03 | 3e-03 | finished | 8 | 8 |" in md and md in out.stdout
+  scalars, _ = sweep_summary.read_scalars(str(resumed / "tb"))
+  newest = sorted(os.listdir(resumed / "tb"), key=lambda n: int(n.split(".")[3]))[-1]
+  after_resume, _ = sweep_summary.read_event_file(str(resumed / "tb" / newest))
+  assert sorted(after_resume["train/loss"]) == [6, 8]
+  assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8]
+  assert scalars["train/loss"][2:] == sorted(after_resume["train/loss"].items())  # newer file wins
+  assert (workdir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

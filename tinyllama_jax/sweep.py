@@ -1,0 +1,591 @@
+"""Experiment sweeps: grids of config overrides, one workdir per run, resumable, summarised.
+
+  python -m tinyllama_jax.sweep --config=configs/tiny.py --sweep=configs/sweeps/tiny_lr.py
+      --workdir=runs/tiny_lr [--launcher=local|print|slurm] [--max_parallel=N] [--config.a.b=v]
+  python -m tinyllama_jax.sweep summarize --workdir=runs/tiny_lr
+
+A sweep file defines `get_sweep()`, returning bindings ({dotted config key: value}) built with
+`product`, `zipped` and `chain` below (a plain dict means its product), and optionally `FIXED`,
+overrides every run gets that stay out of the run names. `--config.a.b=v` on the command line does
+the same as FIXED and wins over it. Every binding is checked against the base config (key and
+type) before anything starts, so a typo fails the whole sweep, not run 7 of 12 an hour in.
+
+Each run lives in WORKDIR/<name>, the name made from its bindings (`lr4e-04_warmup_steps500`),
+and trains with `python -m tinyllama_jax.train`, which resumes from the run's latest checkpoint;
+rerunning the sweep therefore skips finished runs and resumes interrupted ones.
+WORKDIR/<name>/sweep_run.json holds the bindings, the resolved config and the last launch status.
+"""
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+from tinyllama_jax import config as config_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_MODULE = ["-m", "tinyllama_jax.train"]
+RUN_FILE = "sweep_run.json"
+SLURM_SCRIPT = "sweep.sbatch"
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def _axis(key, values, fn):
+  if not isinstance(values, (list, tuple)) or not values:
+    raise ValueError(f"{fn}() needs a non-empty list of values for {key!r}, got {values!r}: "
+                     f"write {key!r}: [{values!r}]")
+  return [{key: v} for v in values]
+
+
+def _bindings(part, fn):
+  """A dict of value lists (its product, first key outermost) or a list of bindings."""
+  if isinstance(part, dict):
+    out = [{}]
+    for key, values in part.items():
+      out = [{**a, **b} for a in out for b in _axis(key, values, fn)]
+    return out
+  if isinstance(part, (list, tuple)) and all(isinstance(b, dict) for b in part):
+    return [dict(b) for b in part]
+  raise ValueError(f"{fn}() takes dicts of value lists or lists of bindings, got {part!r}")
+
+
+def product(*parts):
+  """Every combination of the parts, the first outermost:
+  product({'optim.lr': [1e-4, 1e-3]}, zipped({...})) -> len(lr) x len(zipped) bindings."""
+  out = [{}]
+  for part in parts:
+    rows = _bindings(part, "product")
+    for a in out:
+      for b in rows:
+        if a.keys() & b.keys():
+          raise ValueError(f"product() binds {sorted(a.keys() & b.keys())[0]!r} in two parts: "
+                           "give each key to one part")
+    out = [{**a, **b} for a in out for b in rows]
+  return out
+
+
+def zipped(axes):
+  """Lists walked together: zipped({'optim.lr': [1e-3, 3e-3], 'optim.min_lr': [1e-4, 3e-4]})."""
+  lengths = {key: len(values) if isinstance(values, (list, tuple)) else None
+             for key, values in axes.items()}
+  rows = [_axis(key, values, "zipped") for key, values in axes.items()]
+  if len(set(lengths.values())) > 1:
+    raise ValueError(f"zipped() needs lists of one length, got lengths {lengths}")
+  return [{k: v for b in row for k, v in b.items()} for row in zip(*rows)]
+
+
+def chain(*parts):
+  """The parts one after another: chain(product(...), [{'optim.lr': 1e-2}])."""
+  return [b for part in parts for b in _bindings(part, "chain")]
+
+
+def load_sweep_file(path):
+  """(bindings, fixed) from a sweep file's get_sweep() and FIXED."""
+  if not os.path.isfile(path):
+    raise ValueError(f"sweep file {path!r} does not exist (try --sweep=configs/sweeps/tiny_lr.py)")
+  spec = importlib.util.spec_from_file_location("_tinyllama_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_sweep", None)):
+    raise ValueError(f"sweep file {path!r} defines no get_sweep(): return e.g. "
+                     "product({'optim.lr': [1e-4, 1e-3]})")
+  bindings = _bindings(module.get_sweep(), "get_sweep")
+  if not bindings:
+    raise ValueError(f"sweep file {path!r}: get_sweep() returned no runs")
+  fixed = getattr(module, "FIXED", {})
+  if not isinstance(fixed, dict):
+    raise ValueError(f"sweep file {path!r}: FIXED must be a dict of dotted key -> value")
+  return bindings, dict(fixed)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def coerce(cfg, key, value, where):
+  """`value` as the type of `cfg`'s field `key` (ml_collections' rules: an int may fill a float
+  field; stricter in refusing a bool for a number), or a one-line error naming key and type."""
+  if key not in config_lib.flat_keys(cfg):
+    raise ValueError(f"{where}: {config_lib.unknown_key_message(key, cfg)}")
+  base = cfg[key]
+  if isinstance(value, (list, tuple, dict, set)) and not isinstance(base, (list, tuple)):
+    raise ValueError(f"{where}: {key}={value!r} is {type(value).__name__}, but {key} takes one "
+                     f"{type(base).__name__} (a list of values belongs in product() or zipped())")
+  if base is None:
+    return value
+  want = type(base)
+  ok = (isinstance(value, bool) if want is bool
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if want is float
+        else isinstance(value, int) and not isinstance(value, bool) if want is int
+        else isinstance(value, want))
+  if not ok:
+    raise ValueError(f"{where}: {key}={value!r} is {type(value).__name__}, but {key} takes "
+                     f"{want.__name__} values (base value {base!r})")
+  return float(value) if want is float else value
+
+
+def parse_override(cfg, arg):
+  """'--config.optim.lr=3e-4' -> ('optim.lr', 0.0003), typed like the base field."""
+  key, sep, text = arg[len("--config."):].partition("=")
+  if not sep:
+    raise ValueError(f"override {arg!r} has no value: write --config.{key}=VALUE")
+  if key not in config_lib.flat_keys(cfg):
+    raise ValueError(f"{arg}: {config_lib.unknown_key_message(key, cfg)}")
+  base = cfg[key]
+  try:
+    if isinstance(base, bool):
+      if text.lower() not in ("true", "false"):
+        raise ValueError
+      return key, text.lower() == "true"
+    if isinstance(base, (int, float)):
+      return key, type(base)(text)
+  except ValueError:
+    raise ValueError(f"{arg}: {key} takes {type(base).__name__} values (base value {base!r}); "
+                     f"{text!r} is not one") from None
+  return key, text
+
+
+def resolve(base, overrides):
+  cfg = base.copy_and_resolve_references()
+  cfg.lock()
+  for key, value in overrides.items():
+    parent, _, leaf = key.rpartition(".")
+    (cfg[parent] if parent else cfg)[leaf] = value
+  return cfg
+
+
+def check_run_config(cfg, name):
+  """The checks that need no devices, so a bad corner of the grid fails before the first run."""
+  from tinyllama_jax import optim  # imports jax: only once the bindings themselves are valid
+  if cfg.train.seq_len > cfg.model.max_seq_len:
+    raise ValueError(f"run {name}: train.seq_len ({cfg.train.seq_len}) exceeds model.max_seq_len "
+                     f"({cfg.model.max_seq_len})")
+  if cfg.model.n_heads % cfg.model.n_kv_heads:
+    raise ValueError(f"run {name}: model.n_heads ({cfg.model.n_heads}) must be a multiple of "
+                     f"model.n_kv_heads ({cfg.model.n_kv_heads})")
+  try:
+    optim.lr_schedule(cfg.optim, cfg.train.steps)
+  except ValueError as e:
+    raise ValueError(f"run {name}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- names
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def format_value(value):
+  """Short and exact: 0.0004 -> '4e-04', 0.95 -> '0.95', 2.0 -> '2', 500 -> '500'."""
+  if isinstance(value, float):
+    if value != 0 and value == value and abs(value) != float("inf") and not 0.1 <= abs(value) < 1e5:
+      for digits in range(17):  # the fewest digits that read back as the same float
+        text = f"{value:.{digits}e}"
+        if float(text) == value:
+          return text
+    text = repr(value)
+    return text[:-2] if text.endswith(".0") else text
+  return str(value)
+
+
+def binding_hash(binding):
+  return hashlib.sha1(json.dumps(binding, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def run_name(binding):
+  """A function of the binding alone (so names survive edits to the rest of the sweep): each key
+  by its last part (the full dotted key where two share it), then the value; numbers follow the
+  key directly, words after '-'. A short hash of the binding is added when the readable form had
+  to drop characters or be cut short."""
+  if not binding:
+    return "base"
+  leaves = [key.rpartition(".")[2] for key in binding]
+  parts, lossy = [], False
+  for (key, value), leaf in zip(binding.items(), leaves):
+    label = leaf if leaves.count(leaf) == 1 else key
+    text = format_value(value)
+    safe = _UNSAFE.sub("-", text)[:40]
+    lossy |= safe != text
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    parts.append(f"{label}{safe}" if numeric else f"{label}-{safe}")
+  name = "_".join(parts)
+  if lossy or len(name) > 120:
+    name = f"{name[:100]}_{binding_hash(binding)}"
+  return name
+
+
+def run_names(bindings):
+  """Names for a whole sweep: a repeated binding is an error; names that still collide (two
+  keys sharing a last part in different runs) get the binding's hash."""
+  seen = {}
+  for i, b in enumerate(bindings):
+    canon = json.dumps(b, sort_keys=True)
+    if canon in seen:
+      raise ValueError(f"the sweep lists the run {b} twice (runs {seen[canon]} and {i}): "
+                       "drop one, or bind 'seed' to repeat it")
+    seen[canon] = i
+  names = [run_name(b) for b in bindings]
+  return [f"{n}_{binding_hash(b)}" if names.count(n) > 1 else n for n, b in zip(names, bindings)]
+
+
+# ----------------------------------------------------------------------------- plan and state
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  binding: dict
+  overrides: dict  # FIXED, then the command line, then the binding
+  cfg: object
+  workdir: str
+
+  def train_args(self, config_path):
+    args = [f"--config={os.path.abspath(config_path)}", f"--workdir={self.workdir}"]
+    return args + [f"--config.{k}={v!r}" if isinstance(v, float) else f"--config.{k}={v}"
+                   for k, v in self.overrides.items()]
+
+
+def plan(config_path, bindings, fixed, cli_overrides, workdir):
+  """Every run of the sweep, validated, with its resolved config: raises before anything runs."""
+  base = config_lib.load_config_file(config_path)
+  fixed = {k: coerce(base, k, v, "sweep FIXED") for k, v in fixed.items()}
+  cli = dict(parse_override(base, arg) for arg in cli_overrides)
+  typed = [{k: coerce(base, k, v, f"binding {b}") for k, v in b.items()} for b in bindings]
+  swept = {k for b in typed for k in b}
+  both = sorted(swept & (fixed.keys() | cli.keys()))
+  if both:
+    raise ValueError(f"{both[0]} is both swept and fixed (in FIXED or --config.{both[0]}): drop one")
+  runs = []
+  for binding, name in zip(typed, run_names(typed)):
+    overrides = {**fixed, **cli, **binding}
+    cfg = resolve(base, overrides)
+    check_run_config(cfg, name)
+    runs.append(Run(name, binding, overrides, cfg, os.path.join(os.path.abspath(workdir), name)))
+  return runs
+
+
+def latest_checkpoint_step(run_dir):
+  """orbax's finished step directories are plain integers; a save cut short is a temporary name."""
+  ckpt = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt):
+    return None
+  steps = [int(n) for n in os.listdir(ckpt) if n.isdigit() and os.path.isdir(os.path.join(ckpt, n))]
+  return max(steps, default=None)
+
+
+def read_run_file(run_dir):
+  path = os.path.join(run_dir, RUN_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json_atomic(path, obj):
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _pid_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def run_state(run):
+  """(status, latest checkpoint step): finished | running | interrupted | failed | new."""
+  step = latest_checkpoint_step(run.workdir)
+  if step is not None and step >= run.cfg.train.steps:
+    return "finished", step
+  record = read_run_file(run.workdir)
+  if (record.get("status") == "running" and record.get("host") == socket.gethostname()
+      and _pid_alive(record.get("pid", -1))):
+    return "running", step
+  if record.get("status") == "failed":
+    return "failed", step
+  return ("interrupted" if step is not None else "new"), step
+
+
+def _config_diff(old, new, prefix=""):
+  diffs = []
+  for key in sorted(old.keys() | new.keys()):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += _config_diff(a, b, f"{prefix}{key}.")
+    elif a != b:
+      diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+  return diffs
+
+
+def prepare_workdirs(runs, config_path, allow_config_change=False):
+  """Creates each run's workdir and records its bindings and resolved config. A run that already
+  trained under another config is an error: resuming it would silently mix two experiments."""
+  for run in runs:
+    old = read_run_file(run.workdir)
+    new_cfg = run.cfg.to_dict()
+    if old.get("config") and latest_checkpoint_step(run.workdir) is not None:
+      diffs = _config_diff(old["config"], new_cfg)
+      if diffs and not allow_config_change:
+        raise ValueError(f"run {run.name} already trained with another config ({'; '.join(diffs[:3])}"
+                         f"{'; ...' if len(diffs) > 3 else ''}): use a new --workdir, or pass "
+                         "--allow_config_change to continue it under the new one")
+  for run in runs:
+    os.makedirs(run.workdir, exist_ok=True)
+    record = read_run_file(run.workdir)
+    record.update(name=run.name, binding=run.binding, overrides=run.overrides,
+                  config=run.cfg.to_dict(), command=train_command(run, config_path, "python"))
+    record.setdefault("status", "new")
+    write_json_atomic(os.path.join(run.workdir, RUN_FILE), record)
+
+
+def train_command(run, config_path, python):
+  return [python, *TRAIN_MODULE, *run.train_args(config_path)]
+
+
+def parse_sweep_argv(argv):
+  """Splits `--config.a.b=v` overrides (forwarded to every run) from the sweep's own flags."""
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  return [a for a in argv if a not in overrides], overrides
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def visible_gpus(env):
+  if "CUDA_VISIBLE_DEVICES" in env:
+    return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+def device_slots(max_parallel, env):
+  """One environment per concurrent run: the host's GPUs split into max_parallel equal sets."""
+  if max_parallel < 1:
+    raise ValueError(f"--max_parallel={max_parallel}: give 1 or more")
+  if max_parallel == 1:
+    return [{}]
+  gpus = visible_gpus(env)
+  if not gpus:
+    print(f"no GPUs visible: {max_parallel} runs at a time share this host's devices", flush=True)
+    return [{} for _ in range(max_parallel)]
+  if max_parallel > len(gpus):
+    raise ValueError(f"--max_parallel={max_parallel} is more than the {len(gpus)} visible GPUs "
+                     f"({','.join(gpus)}): give at most {len(gpus)}")
+  per = len(gpus) // max_parallel
+  if per * max_parallel < len(gpus):
+    print(f"{len(gpus) - per * max_parallel} of {len(gpus)} GPUs stay idle: {len(gpus)} do not "
+          f"split evenly into {max_parallel} sets", flush=True)
+  return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per:(i + 1) * per])}
+          for i in range(max_parallel)]
+
+
+def _update_record(run, **fields):
+  path = os.path.join(run.workdir, RUN_FILE)
+  record = read_run_file(run.workdir)
+  record.update(fields, updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+  write_json_atomic(path, record)
+
+
+def _tail(path, n=15):
+  with open(path, errors="replace") as f:
+    return "".join(f.readlines()[-n:])
+
+
+def launch_local(runs, config_path, max_parallel=1, trainer=None, env=None, poll_s=1.0):
+  """Runs the unfinished runs, max_parallel at a time, each on its own set of GPUs, output in
+  RUN/train.log; `trainer` is the command before the run's flags. Returns the failed runs' names."""
+  env = dict(os.environ if env is None else env)
+  env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+  trainer = trainer or [sys.executable, *TRAIN_MODULE]
+  todo = []
+  for run in runs:
+    status, step = run_state(run)
+    if status in ("finished", "running"):
+      print(f"skip {run.name}: {status} ({step or 0}/{run.cfg.train.steps} steps)", flush=True)
+    else:
+      todo.append(run)
+  slots = device_slots(max_parallel, env) if todo else []
+  free, active, failed, done = list(range(len(slots))), {}, [], 0
+  try:
+    while todo or active:
+      while todo and free:
+        run, slot = todo.pop(0), free.pop(0)
+        status, step = run_state(run)
+        verb = f"resume from step {step}" if step else "start"
+        log_path = os.path.join(run.workdir, "train.log")
+        devices = "".join(f" on {k}={v}" for k, v in slots[slot].items())
+        print(f"{verb} {run.name}{devices} (log: {log_path})", flush=True)
+        with open(log_path, "a") as log:
+          proc = subprocess.Popen(trainer + run.train_args(config_path), cwd=REPO_ROOT,
+                                  env={**env, **slots[slot]}, stdout=log, stderr=subprocess.STDOUT)
+        _update_record(run, status="running", pid=proc.pid, host=socket.gethostname(),
+                       returncode=None)
+        active[proc.pid] = (run, proc, slot, time.time(), log_path)
+      time.sleep(poll_s)
+      for pid, (run, proc, slot, t0, log_path) in list(active.items()):
+        rc = proc.poll()
+        if rc is None:
+          continue
+        del active[pid]
+        free.append(slot)
+        done += 1
+        finished = rc == 0 and (latest_checkpoint_step(run.workdir) or 0) >= run.cfg.train.steps
+        _update_record(run, status="finished" if finished else "failed", returncode=rc)
+        print(f"[{done}/{done + len(active) + len(todo)}] {run.name}: "
+              f"{'finished' if finished else f'FAILED (exit {rc})'} in {time.time() - t0:.0f} s",
+              flush=True)
+        if not finished:
+          failed.append(run.name)
+          print(f"--- last lines of {log_path}:\n{_tail(log_path)}---", flush=True)
+  except KeyboardInterrupt:
+    for run, proc, _, _, _ in active.values():
+      proc.terminate()  # each trainer saves nothing more; rerunning resumes from its checkpoint
+    for run, proc, _, _, _ in active.values():
+      proc.wait()
+      _update_record(run, status="interrupted", returncode=proc.returncode)
+    raise
+  return failed
+
+
+def _unfinished(runs):
+  out = []
+  for run in runs:
+    status, step = run_state(run)
+    if status == "finished":
+      print(f"# skip {run.name}: finished ({step}/{run.cfg.train.steps} steps)", flush=True)
+    else:
+      out.append(run)
+  return out
+
+
+def launch_print(runs, config_path):
+  """The train command of every unfinished run, one a line, to run from the repository root."""
+  todo = _unfinished(runs)
+  print(f"# {len(todo)} of {len(runs)} runs to go; run these from {REPO_ROOT}")
+  for run in todo:
+    print(shlex.join(train_command(run, config_path, "python")))
+
+
+def slurm_script(runs, config_path, workdir, max_parallel=0, options=(), job_name="sweep"):
+  """A job array, one task per run; each task runs (or resumes) its run with the train command."""
+  array = f"0-{len(runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+  lines = ["#!/bin/bash",
+           f"# Written by python -m tinyllama_jax.sweep: {len(runs)} runs of {os.path.abspath(workdir)}.",
+           f"# Submit with: sbatch {os.path.join(os.path.abspath(workdir), SLURM_SCRIPT)}",
+           "# Rerun the sweep command to rewrite it with only the runs still unfinished.",
+           f"#SBATCH --job-name={job_name}",
+           f"#SBATCH --array={array}",
+           f"#SBATCH --output={os.path.join(os.path.abspath(workdir), 'slurm', '%A_%a.out')}",
+           "#SBATCH --ntasks=1",
+           *[f"#SBATCH {opt}" for opt in options],
+           "set -euo pipefail",
+           f"cd {shlex.quote(REPO_ROOT)}",
+           f"export PYTHONPATH={shlex.quote(REPO_ROOT)}${{PYTHONPATH:+:$PYTHONPATH}}",
+           'case "$SLURM_ARRAY_TASK_ID" in']
+  for i, run in enumerate(runs):
+    lines.append(f"  {i}) ARGS=({' '.join(shlex.quote(a) for a in run.train_args(config_path))}) ;;")
+  lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac",
+            '# PYTHON: the interpreter of the environment with tinyllama_jax\'s requirements',
+            f'exec "${{PYTHON:-python}}" {" ".join(TRAIN_MODULE)} "${{ARGS[@]}}"', ""]
+  return "\n".join(lines)
+
+
+def launch_slurm(runs, config_path, workdir, max_parallel=0, options=()):
+  todo = _unfinished(runs)
+  path = os.path.join(workdir, SLURM_SCRIPT)
+  if not todo:
+    print(f"all {len(runs)} runs are finished: nothing to submit")
+    return None
+  os.makedirs(os.path.join(workdir, "slurm"), exist_ok=True)
+  name = "sweep-" + os.path.basename(os.path.abspath(workdir))
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(slurm_script(todo, config_path, workdir, max_parallel, options, name))
+  os.chmod(tmp, 0o755)
+  os.replace(tmp, path)
+  for i, run in enumerate(todo):
+    print(f"# task {i}: {run.name}")
+  print(f"wrote {path} ({len(todo)} of {len(runs)} runs): submit with  sbatch {path}")
+  return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def sweep_main(flags_, cli_overrides):
+  if not flags_.config or not flags_.sweep or not flags_.workdir:
+    raise ValueError("--config, --sweep and --workdir are required (e.g. --config=configs/tiny.py "
+                     "--sweep=configs/sweeps/tiny_lr.py --workdir=runs/tiny_lr)")
+  bindings, fixed = load_sweep_file(flags_.sweep)
+  runs = plan(flags_.config, bindings, fixed, cli_overrides, flags_.workdir)
+  prepare_workdirs(runs, flags_.config, flags_.allow_config_change)
+  print(f"sweep of {len(runs)} runs in {os.path.abspath(flags_.workdir)}", flush=True)
+  if flags_.launcher == "print":
+    launch_print(runs, flags_.config)
+  elif flags_.launcher == "slurm":
+    launch_slurm(runs, flags_.config, flags_.workdir, flags_.max_parallel, flags_.slurm_option)
+  else:
+    try:
+      failed = launch_local(runs, flags_.config, flags_.max_parallel or 1)
+    except KeyboardInterrupt:
+      print("interrupted: rerun the same command to resume from the checkpoints", file=sys.stderr)
+      sys.exit(130)
+    if failed:
+      print(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}; fix and rerun the "
+            "same command to retry them (finished runs are skipped)", file=sys.stderr)
+      sys.exit(1)
+    print(f"all {len(runs)} runs finished: python -m tinyllama_jax.sweep summarize "
+          f"--workdir={flags_.workdir}")
+
+
+def run_cli(argv=None):
+  from absl import app, flags  # flags live here, not at import, so sweep files can import grids
+
+  flags.DEFINE_string("config", None, "Base config file (configs/*.py).")
+  flags.DEFINE_string("sweep", None, "Sweep file (configs/sweeps/*.py) with get_sweep().")
+  flags.DEFINE_string("workdir", None, "Sweep directory: one subdirectory per run.")
+  flags.DEFINE_enum("launcher", "local", ["local", "print", "slurm"],
+                    "local: run here; print: print the commands; slurm: write a job-array script.")
+  flags.DEFINE_integer("max_parallel", 0, "local: runs at a time, the GPUs split between them "
+                       "(default 1); slurm: array tasks at a time (default: no limit).")
+  flags.DEFINE_multi_string("slurm_option", [], "An #SBATCH line for the slurm script, repeatable: "
+                            "--slurm_option=--gres=gpu:8 --slurm_option=--time=48:00:00")
+  flags.DEFINE_bool("allow_config_change", False, "Continue runs that trained under another config.")
+  flags.DEFINE_bool("plot", True, "summarize: also draw the loss curves (needs matplotlib).")
+  argv, cli_overrides = parse_sweep_argv(sys.argv if argv is None else argv)
+
+  def main(args):
+    if args[1:] == ["summarize"]:
+      if cli_overrides:
+        raise app.UsageError("summarize takes no --config.* overrides")
+      if not flags.FLAGS.workdir:
+        raise ValueError("summarize needs --workdir: the sweep's directory")
+      from tinyllama_jax import sweep_summary
+      sweep_summary.summarize(flags.FLAGS.workdir, plot_curves=flags.FLAGS.plot)
+    elif len(args) > 1:
+      raise app.UsageError(f"unexpected arguments {args[1:]}: the only command is 'summarize'")
+    else:
+      sweep_main(flags.FLAGS, cli_overrides)
+
+  config_lib.exit_on_error(lambda: app.run(main, argv=argv))
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -1,0 +1,234 @@
+"""A sweep's results: one row per run from its tensorboard events, as CSV, Markdown and a plot.
+
+`python -m tinyllama_jax.sweep summarize --workdir=runs/tiny_lr` writes summary.csv, summary.md
+and loss_curves.png into the sweep directory, rows sorted by best eval loss. The events are read
+directly (TFRecord framing + tensorboardX's Event proto), so no tensorflow or tensorboard needed.
+"""
+
+import csv
+import glob
+import io
+import json
+import math
+import os
+import re
+import statistics
+import struct
+
+from tensorboardX.proto import event_pb2
+
+from tinyllama_jax import sweep as sweep_lib
+
+HIGHLIGHT = 3  # the best runs drawn in colour; the rest in grey
+
+
+def read_event_file(path):
+  """{tag: {step: value}} of one events file, and the number of records that could not be read
+  (a run killed mid-write leaves a cut-off last record)."""
+  scalars, bad = {}, 0
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos < len(data):
+    if pos + 12 > len(data):
+      bad += 1
+      break
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    start, end = pos + 12, pos + 12 + length  # header: length (8) + its crc (4); then data + crc
+    if end + 4 > len(data):
+      bad += 1
+      break
+    pos = end + 4
+    event = event_pb2.Event()
+    try:
+      event.ParseFromString(data[start:end])
+    except Exception:  # protobuf's DecodeError: one unreadable record, the rest stay usable
+      bad += 1
+      continue
+    for value in event.summary.value:
+      if value.WhichOneof("value") == "simple_value":
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars, bad
+
+
+def _file_time(path):
+  m = re.search(r"tfevents\.(\d+)", os.path.basename(path))
+  return (int(m.group(1)) if m else 0, path)
+
+
+def read_scalars(tb_dir):
+  """{tag: [(step, value)]} over all of a run's event files. A resumed run writes a new file that
+  repeats the steps after its checkpoint: from each file's first step on, the newer file wins."""
+  merged, bad = {}, 0
+  for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")), key=_file_time):
+    scalars, file_bad = read_event_file(path)
+    bad += file_bad
+    steps = [s for points in scalars.values() for s in points]
+    if not steps:
+      continue
+    first = min(steps)
+    for tag in merged:
+      merged[tag] = {s: v for s, v in merged[tag].items() if s < first}
+    for tag, points in scalars.items():
+      merged.setdefault(tag, {}).update(points)
+  return {tag: sorted(points.items()) for tag, points in merged.items()}, bad
+
+
+def run_row(run_dir):
+  """The summary of one run directory, or None when it is not a run (no events, no record)."""
+  record = sweep_lib.read_run_file(run_dir)
+  tb_dir = os.path.join(run_dir, "tb")
+  if not record and not os.path.isdir(tb_dir):
+    return None
+  scalars, bad = read_scalars(tb_dir)
+  steps_total = record.get("config", {}).get("train", {}).get("steps")
+  if steps_total is None and os.path.exists(os.path.join(run_dir, "config.json")):
+    with open(os.path.join(run_dir, "config.json")) as f:
+      steps_total = json.load(f)["train"]["steps"]
+  train = scalars.get("train/loss", [])
+  evals = scalars.get("eval/loss", [])
+  speed = [v for _, v in scalars.get("perf/tokens_per_s", [])]
+  ckpt = sweep_lib.latest_checkpoint_step(run_dir)
+  finished = ckpt is not None and steps_total is not None and ckpt >= steps_total
+  best = min(evals, key=lambda p: p[1]) if evals else (None, None)
+  return {
+      "run": os.path.basename(run_dir),
+      "binding": record.get("binding", {}),
+      "status": "finished" if finished else record.get("status", "unknown"),
+      "step": max((s for s, _ in train), default=0),
+      "steps": steps_total,
+      "final_train_loss": train[-1][1] if train else None,
+      "best_eval_loss": best[1],
+      "best_eval_step": best[0],
+      # the median: the first interval of a (re)started run carries its warm-up
+      "tokens_per_s": statistics.median(speed) if speed else None,
+      "unreadable_records": bad,
+      "curves": {"train/loss": train, "eval/loss": evals},
+  }
+
+
+def collect(workdir):
+  if not os.path.isdir(workdir):
+    raise ValueError(f"sweep directory {workdir!r} does not exist: pass the --workdir of the sweep")
+  rows = [r for d in sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, d))
+          for r in [run_row(os.path.join(workdir, d))] if r is not None]
+  if not rows:
+    raise ValueError(f"{workdir!r} holds no runs (no subdirectory with {sweep_lib.RUN_FILE} or tb/): "
+                     "pass the --workdir of the sweep")
+  # Best eval loss first; runs with no eval yet at the end, in name order.
+  rows.sort(key=lambda r: (r["best_eval_loss"] is None or math.isnan(r["best_eval_loss"]),
+                           r["best_eval_loss"] or 0.0, r["run"]))
+  return rows
+
+
+def binding_keys(rows):
+  keys = []
+  for row in rows:
+    keys += [k for k in row["binding"] if k not in keys]
+  return keys
+
+
+def table(rows):
+  """(header, rows of raw values): the CSV's content; the Markdown formats the same cells."""
+  keys = binding_keys(rows)
+  header = ["run", *keys, "status", "step", "steps", "final_train_loss", "best_eval_loss",
+            "best_eval_step", "tokens_per_s"]
+  body = [[r["run"], *[r["binding"].get(k, "") for k in keys], r["status"], r["step"],
+           r["steps"], r["final_train_loss"], r["best_eval_loss"], r["best_eval_step"],
+           r["tokens_per_s"]] for r in rows]
+  return header, body
+
+
+def to_csv(rows):
+  header, body = table(rows)
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows([["" if v is None else v for v in line] for line in body])
+  return out.getvalue()
+
+
+def _cell(value, column):
+  if value is None or value == "":
+    return "-"
+  if column == "tokens_per_s":
+    return f"{value:,.0f}"
+  if column.endswith("loss"):
+    return f"{value:.4f}"
+  if isinstance(value, float):
+    return sweep_lib.format_value(value)
+  return str(value)
+
+
+def to_markdown(rows):
+  header, body = table(rows)
+  names = {"final_train_loss": "final train loss", "best_eval_loss": "best eval loss",
+           "best_eval_step": "at step", "tokens_per_s": "tokens/s"}
+  lines = ["| " + " | ".join(names.get(h, h) for h in header) + " |",
+           "|" + "|".join("---:" if h not in ("run", "status") else "---" for h in header) + "|"]
+  lines += ["| " + " | ".join(_cell(v, h) for v, h in zip(line, header)) + " |" for line in body]
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+  """Train and eval loss against step, the best runs (by eval loss) in colour, the rest grey."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for panel, tag in zip(axes, ("train/loss", "eval/loss")):
+    for rank, row in reversed(list(enumerate(rows))):  # the best drawn last, on top
+      points = row["curves"][tag]
+      if not points:
+        continue
+      steps, values = zip(*points)
+      best = rank < HIGHLIGHT and row["best_eval_loss"] is not None
+      style = dict(color=f"C{rank}", linewidth=2.2, zorder=3) if best else \
+          dict(color="0.7", linewidth=1.0, zorder=1)
+      label = f"#{rank + 1} {row['run']}" if best else None
+      panel.plot(steps, values, marker="o" if tag == "eval/loss" else None, markersize=3,
+                 label=label, **style)
+    panel.set_title(tag)
+    panel.set_xlabel("step")
+    panel.set_ylabel("loss")
+    panel.grid(alpha=0.3)
+  handles, labels = axes[1].get_legend_handles_labels()
+  if handles:
+    axes[1].legend(handles, labels, fontsize=8, title=f"best {min(HIGHLIGHT, len(rows))} of "
+                   f"{len(rows)} (grey: the rest)", title_fontsize=8)
+  fig.tight_layout()
+  tmp = f"{path}.tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def _write(path, text):
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def summarize(workdir, plot_curves=True):
+  """Writes summary.csv, summary.md and loss_curves.png into workdir; prints the Markdown."""
+  rows = collect(workdir)
+  markdown = to_markdown(rows)
+  _write(os.path.join(workdir, "summary.csv"), to_csv(rows))
+  _write(os.path.join(workdir, "summary.md"), markdown)
+  print(markdown, end="")
+  bad = {r["run"]: r["unreadable_records"] for r in rows if r["unreadable_records"]}
+  if bad:
+    print(f"left out unreadable event records (cut-off writes): {bad}")
+  written = [os.path.join(workdir, n) for n in ("summary.csv", "summary.md")]
+  if plot_curves:
+    png = os.path.join(workdir, "loss_curves.png")
+    try:
+      plot(rows, png)
+      written.append(png)
+    except ImportError:
+      print("no loss_curves.png: matplotlib is not installed (pip install 'matplotlib>=3.8'; "
+            "--noplot skips the plot)")
+  print("wrote " + ", ".join(written))
+  return rows
