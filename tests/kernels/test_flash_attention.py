@@ -107,10 +107,9 @@ def test_lowers_to_triton_at_tinyllama_shape(D, segmented):
 
 
 GPU_CASES = [
-    (2, 2048, 32, 4, 64, jnp.bfloat16, True, True),
-    (2, 2048, 32, 4, 64, jnp.bfloat16, False, True),
-    (1, 1000, 8, 1, 128, jnp.bfloat16, True, True),
-    (1, 515, 8, 8, 64, jnp.float32, True, True),
+    (2, 2048, 32, 4, 64, jnp.bfloat16, True, True),    # TinyLlama heads, packed documents
+    (1, 1000, 8, 1, 128, jnp.bfloat16, False, True),   # head dim 128, padded length
+    (1, 515, 8, 8, 64, jnp.float32, True, True),       # fp32 (no TF32), odd length
     (1, 256, 16, 4, 128, jnp.float32, True, False),
 ]
 
