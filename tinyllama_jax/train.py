@@ -106,9 +106,12 @@ def train_step(state, batch_AMT, *, graphdef, cfg, tx, schedule):
     grads = jax.tree.map(jnp.add, grads, micro_grads)
     return (grads, loss_sum + micro_loss, count + micro_count), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  (grads, loss_sum, count), _ = jax.lax.scan(
-      accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch_AMT)
+  if jax.tree.leaves(batch_AMT)[0].shape[0] == 1:  # no accumulation: no loop, no zeroed buffer
+    (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch_AMT))
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss_sum, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch_AMT)
   # Gradients of the mean over all counted tokens of the whole step, as one big batch would give.
   count = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
