@@ -1,0 +1,387 @@
+"""Hugging Face / PyTorch interop: export a run's checkpoint, import a HF Llama as a run.
+
+  python -m tinyllama_jax.export --workdir=DIR [--step=N] --out=OUT [--dtype=bf16|fp32]
+  python -m tinyllama_jax.export --from_hf=HFDIR --workdir=DIR [--config=configs/1b.py]
+
+Export writes a directory that `AutoModelForCausalLM.from_pretrained(OUT)` and
+`AutoTokenizer.from_pretrained(OUT)` load offline; its model*.safetensors hold a plain PyTorch
+state dict with HF names, so `safetensors.torch.load_file` is all a user without transformers
+needs. Parameters are read from the orbax checkpoint one at a time onto the host, converted and
+streamed into the safetensors files: a model sharded over many devices is never gathered whole.
+
+Import writes a checkpoint `train` continues from (step 0, fresh AdamW state, empty data state:
+the stream starts fresh), the tokenizer, and WORKDIR/config.py: the imported architecture on top
+of --config, so `python -m tinyllama_jax.train --config=WORKDIR/config.py --workdir=WORKDIR`.
+
+Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from tinyllama_jax import config as config_lib, hf
+
+# ----------------------------------------------------------------------------- reading a run
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(workdir, "checkpoints")
+
+
+def resolve_step(workdir, step=None):
+  """The checkpoint step to read (latest when None), with one-line errors for the usual slips."""
+  if not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir!r} does not exist: pass the --workdir of a training run")
+  ckdir = checkpoint_dir(workdir)
+  steps = sorted(int(n) for n in (os.listdir(ckdir) if os.path.isdir(ckdir) else [])
+                 if n.isdigit() and os.path.isdir(os.path.join(ckdir, n, "state")))
+  if not steps:
+    raise ValueError(f"workdir {workdir!r} has no checkpoint under checkpoints/: train first, or "
+                     "import one with --from_hf")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise ValueError(f"workdir {workdir!r} has no checkpoint for step {step}; it has steps "
+                     f"{steps}: pass one of them to --step")
+  return step
+
+
+def run_config(workdir, step):
+  """The config the checkpoint was saved with (its `meta` item)."""
+  import orbax.checkpoint as ocp
+  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "meta")),
+      args=ocp.args.JsonRestore())
+  return ml_collections.ConfigDict(meta["config"])
+
+
+def tokenizer_path(cfg, workdir):
+  """The run's sentencepiece model, or None for a run without one (synthetic data)."""
+  if cfg.data.get("tokenizer"):
+    path = cfg.data.tokenizer
+  elif cfg.data.get("source") == "synthetic":
+    return None
+  else:
+    path = os.path.join(workdir, "tokenizer", "tokenizer.model")
+  if not os.path.isfile(path):
+    raise ValueError(f"the run's tokenizer {path} is missing: copy it back, or set "
+                     "data.tokenizer in the run's config")
+  return path
+
+
+def iter_params(workdir, step, cfg_model):
+  """Yields (path, fp32 numpy array) for each parameter, one restored at a time on the host."""
+  import orbax.checkpoint as ocp
+  state_dir = os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "state"))
+  checkpointer = ocp.PyTreeCheckpointer()
+  for path, shape in hf.param_paths(cfg_model):
+    item = {"params": _nest(path, 0)}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))["params"]
+    for key in path:
+      out = out[key]
+    x = np.asarray(out, np.float32)
+    if x.shape != tuple(shape):
+      raise ValueError(f"checkpoint parameter {'/'.join(path)} has shape {x.shape}, the config "
+                       f"says {shape}: the checkpoint and its meta config disagree")
+    yield path, x
+
+
+def _nest(path, value):
+  for key in reversed(path):
+    value = {key: value}
+  return value
+
+
+def load_params(workdir, step, cfg_model):
+  """All parameters as a nested dict of numpy arrays (for generate/evaluate)."""
+  params = {}
+  for path, x in iter_params(workdir, step, cfg_model):
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = x
+  return params
+
+
+# ----------------------------------------------------------------------------- output dirs
+
+
+def fresh_output_dir(path, what):
+  """A temporary sibling of `path` to write into; `path` must be absent or an empty directory."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise ValueError(f"{what} {path} already exists and is not empty: remove it or choose another")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+
+
+def commit_output_dir(tmp, path):
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    os.rmdir(path)  # empty (checked up front)
+  os.rename(tmp, path)
+
+
+# ----------------------------------------------------------------------------- export
+
+_EXPORT_DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
+                  "fp32": ("float32", np.dtype(np.float32))}
+
+
+def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB"):
+  """Writes the HF directory `out` from the run in `workdir`; returns a small report dict."""
+  if dtype not in _EXPORT_DTYPES:
+    raise ValueError(f"--dtype={dtype!r}: choose bf16 or fp32")
+  max_bytes = hf.parse_size(max_shard_size)
+  step = resolve_step(workdir, step)
+  cfg = run_config(workdir, step)
+  tok_path = tokenizer_path(cfg, workdir)
+  dtype_name, np_dtype = _EXPORT_DTYPES[dtype]
+  tmp = fresh_output_dir(out, "--out")
+  t0 = time.perf_counter()
+  try:
+    bos_id, eos_id = 1, 2  # Llama-2's, which our tokenizers keep
+    if tok_path is not None:
+      bos_id, eos_id = hf.write_tokenizer(tmp, tok_path, add_bos=cfg.data.add_bos, add_eos=False,
+                                          max_len=cfg.model.max_seq_len, log=logging.warning)
+    else:
+      logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
+                      cfg.data.source)
+    _write_json(os.path.join(tmp, "config.json"),
+                hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
+    _write_json(os.path.join(tmp, "generation_config.json"),
+                {"bos_token_id": bos_id, "eos_token_id": eos_id,
+                 "max_length": cfg.model.max_seq_len})
+    plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
+    writer = hf.ShardWriter(tmp, plan, np_dtype)
+    try:
+      for path, x in iter_params(workdir, step, cfg.model):
+        logging.info("writing %s %s", "/".join(path), x.shape)
+        for name, w in hf.to_hf(path, x):
+          writer.write(name, w)
+    finally:
+      writer.close()
+    if len(plan) > 1:
+      hf.write_index(tmp, plan, np_dtype)
+    commit_output_dir(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  report = {"step": step, "out": os.path.abspath(out), "files": [f for f, _ in plan],
+            "dtype": dtype_name, "seconds": round(time.perf_counter() - t0, 2)}
+  logging.info("exported step %d of %s to %s", step, workdir, report)
+  return report
+
+
+def _write_json(path, obj):
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def read_hf(hf_dir):
+  """(model fields, HF config dict, reader) for a HF Llama directory, or a one-line error."""
+  if not os.path.isdir(hf_dir):
+    raise ValueError(f"--from_hf={hf_dir!r} is not a directory: give a Hugging Face model directory")
+  config_path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise ValueError(f"{hf_dir} has no config.json: give a Hugging Face model directory")
+  with open(config_path) as f:
+    hf_cfg = json.load(f)
+  fields = hf.model_fields_from_hf(hf_cfg, hf_dir)
+  return fields, hf_cfg, hf.SafetensorsReader(hf_dir)
+
+
+def check_tensors(reader, cfg_model, hf_cfg, hf_dir):
+  """Every tensor present with its shape; returns get(name) (tied embeddings resolved)."""
+  expected = hf.hf_shapes(cfg_model)
+  have = set(reader.names())
+  alias = {}
+  if "lm_head.weight" not in have and hf_cfg.get("tie_word_embeddings"):
+    logging.info("%s ties lm_head to the input embedding: importing it as two untied copies",
+                 hf_dir)
+    alias["lm_head.weight"] = "model.embed_tokens.weight"
+  missing = [n for n in expected if n not in have and n not in alias]
+  if missing:
+    raise ValueError(f"{hf_dir} lacks tensor {missing[0]} ({len(missing)} missing): not a "
+                     "complete LlamaForCausalLM checkpoint")
+  ignored = [n for n in have - set(expected) if n.endswith(hf.IGNORED_HF_SUFFIXES)]
+  unknown = sorted(have - set(expected) - set(ignored))
+  if unknown:
+    raise ValueError(f"{hf_dir} has tensors a Llama does not ({unknown[0]}, {len(unknown)} in "
+                     "all): not a plain LlamaForCausalLM checkpoint")
+  if ignored:
+    logging.info("skipping %d recomputable buffers (%s)", len(ignored), ignored[0])
+  for name, shape in expected.items():
+    got = tuple(reader.tensors[alias.get(name, name)][2]["shape"])
+    if got != tuple(shape):
+      raise ValueError(f"{hf_dir}: tensor {name} has shape {got}, config.json implies {shape}")
+  return lambda name: reader.get(alias.get(name, name))
+
+
+def import_config(fields, base_config_path, tokenizer_file):
+  cfg = (config_lib.load_config_file(base_config_path) if base_config_path
+         else config_lib.base_config())
+  for k, v in fields.items():
+    cfg.model[k] = v
+  cfg.data.tokenizer = tokenizer_file
+  cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
+  return cfg
+
+
+def config_py(cfg, source):
+  """A config file whose get_config() rebuilds `cfg`: base_config() plus the differing keys."""
+  base = dict(_flat_items(config_lib.base_config()))
+  lines = [f"c.{k} = {v!r}" for k, v in _flat_items(cfg) if base.get(k, object()) != v]
+  body = "\n".join(f"  {line}" for line in lines)
+  return (f'"""Written by `python -m tinyllama_jax.export --from_hf={source}`: the imported\n'
+          'architecture and tokenizer on top of the defaults. Edit the training fields freely;\n'
+          'the model fields must stay as they are to continue from the imported checkpoint."""\n\n'
+          "from tinyllama_jax.config import base_config\n\n\n"
+          f"def get_config():\n  c = base_config()\n{body}\n  return c\n")
+
+
+def _flat_items(cfg, prefix=""):
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _flat_items(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def abstract_train_state(cfg, tx):
+  """The trainer's state tree (train.make_init_fn's), as shapes. Built here rather than imported:
+  train.py defines its command-line flags on import (tests check the two agree)."""
+  from tinyllama_jax.model import Llama
+
+  def init(rng):
+    params = nnx.to_pure_dict(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(params=rng)), nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.fold_in(rng, 1)}
+  return jax.eval_shape(init, jax.random.key(cfg.seed))
+
+
+def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
+  """Writes a trainable run into `workdir` from the HF Llama in `hf_dir`; returns a report."""
+  from tinyllama_jax import checkpoint, optim, sharding
+  from tinyllama_jax.data import tokenizer as tokenizer_lib
+
+  fields, hf_cfg, reader = read_hf(hf_dir)
+  tok_src = tokenizer or os.path.join(hf_dir, "tokenizer.model")
+  if not os.path.isfile(tok_src):
+    raise ValueError(f"{hf_dir} has no tokenizer.model (sentencepiece), which training needs: pass "
+                     "--tokenizer=PATH to the model's sentencepiece .model file")
+  tok = tokenizer_lib.Tokenizer(tok_src)
+  if tok.vocab_size > fields["vocab_size"]:
+    raise ValueError(f"the tokenizer {tok_src} has {tok.vocab_size} pieces, more than the "
+                     f"model's vocab_size {fields['vocab_size']}: pass the model's own tokenizer")
+  final = os.path.abspath(workdir)
+  tmp = fresh_output_dir(final, "--workdir")
+  t0 = time.perf_counter()
+  try:
+    cfg = import_config(fields, base_config_path,
+                        os.path.join(final, "tokenizer", "tokenizer.model"))
+    get = check_tensors(reader, cfg.model, hf_cfg, hf_dir)
+    os.makedirs(os.path.join(tmp, "tokenizer"))
+    shutil.copyfile(tok_src, os.path.join(tmp, "tokenizer", "tokenizer.model"))
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    shardings = sharding.tree_shardings(abstract_train_state(cfg, tx), mesh)
+    params = {}
+    for path, shape in hf.param_paths(cfg.model):
+      target, node = shardings["params"], params
+      for key in path[:-1]:
+        target, node = target[key], node.setdefault(key, {})
+      # One parameter at a time: read, convert, place on the mesh, drop the host copy.
+      node[path[-1]] = jax.device_put(hf.from_hf(path, shape, get), target[path[-1]])
+    state = {"step": jax.device_put(np.zeros((), np.int32), shardings["step"]),
+             "params": params,
+             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+             "rng": jax.device_put(jax.random.fold_in(jax.random.key(cfg.seed), 1),
+                                   shardings["rng"])}
+    ckpt = checkpoint.Checkpointer(checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
+                                   async_save=False)
+    ckpt.save(0, state, {}, cfg, force=True)
+    ckpt.wait()
+    ckpt.close()
+    del state, params
+    with open(os.path.join(tmp, "config.py"), "w") as f:
+      f.write(config_py(cfg, hf_dir))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+    _write_json(os.path.join(tmp, "imported_from.json"),
+                {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
+    commit_output_dir(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  report = {"workdir": final, "model": fields, "seconds": round(time.perf_counter() - t0, 2)}
+  logging.info("imported %s: %s", hf_dir, report)
+  return report
+
+
+# ----------------------------------------------------------------------------- CLI
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Flags are defined when the command runs, not on import, so library users (tests, the
+  trainer) can import this module next to other commands that define --workdir/--config."""
+  flags.DEFINE_string("workdir", None, "Run directory to export from (or import into).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_string("out", None, "Export: the Hugging Face directory to write.")
+  flags.DEFINE_enum("dtype", "bf16", ["bf16", "fp32"], "Export: weight dtype.")
+  flags.DEFINE_string("max_shard_size", "5GB",
+                      "Export: largest safetensors file (e.g. 2GB); 0 = one file.")
+  flags.DEFINE_string("from_hf", None, "Import: a Hugging Face Llama directory.")
+  flags.DEFINE_string("config", None,
+                      "Import: config file whose training fields the run starts from.")
+  flags.DEFINE_string("tokenizer", None,
+                      "Import: sentencepiece .model (default: HFDIR/tokenizer.model).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  if not FLAGS.workdir:
+    raise ValueError("--workdir is required")
+  if FLAGS.from_hf:
+    report = import_hf(FLAGS.from_hf, FLAGS.workdir, base_config_path=FLAGS.config,
+                       tokenizer=FLAGS.tokenizer)
+    print(f"imported {FLAGS.from_hf} -> {report['workdir']}; continue training with:\n"
+          f"  python -m tinyllama_jax.train --config={report['workdir']}/config.py "
+          f"--workdir={report['workdir']}")
+    return
+  if not FLAGS.out:
+    raise ValueError("--out is required for export (or pass --from_hf=HFDIR to import)")
+  report = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+                  max_shard_size=FLAGS.max_shard_size)
+  print(json.dumps(report))
+
+
+def run_cli():
+  define_flags()
+  config_lib.exit_on_error(lambda: app.run(main))
+
+
+if __name__ == "__main__":
+  run_cli()

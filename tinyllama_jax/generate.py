@@ -1,0 +1,252 @@
+"""Sample text from a run: `python -m tinyllama_jax.generate --workdir=DIR --prompt="def fib(n):"`.
+
+A jitted decoder with a KV cache: one prefill over the prompts, then one compiled step per new
+token. Prompts of different lengths share a batch without left padding: each row writes its
+keys/values at its own positions and attends to cache slots up to its own position, so every
+row sees exactly what it would see alone (and greedy decoding equals transformers' token for
+token). Greedy (temperature 0), temperature, and top-p (nucleus) sampling. One prompt streams to
+the console as it is decoded; a batch prints each completion at the end.
+
+The cached forward is written here from the kernels' jnp references and model.py's stacked
+parameter layout; it computes what model.Llama computes (tests hold it to transformers').
+"""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from tinyllama_jax import config as config_lib
+from tinyllama_jax.kernels.rms_norm import rms_norm_ref
+from tinyllama_jax.kernels.rope import rope_ref
+from tinyllama_jax.kernels.swiglu import swiglu_ref
+from tinyllama_jax.model import compute_dtype
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def init_cache(cfg_model, batch, length, dtype):
+  """Keys and values of every layer: [L, B, S, K, Dh] each."""
+  m = cfg_model
+  shape = (m.n_layers, batch, length, m.n_kv_heads, m.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cached_attention(q_BTHD, k_BSKD, v_BSKD, positions_BT):
+  """Query at position p attends to cache slots 0..p (slot s holds position s's key)."""
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+  logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
+                            preferred_element_type=jnp.float32) * (D ** -0.5)
+  mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKD.dtype)
+  o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD,
+                       preferred_element_type=jnp.float32)
+  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+def forward(params, tokens_BT, positions_BT, cache, *, cfg_model, dtype):
+  """(final-normed hidden h_BTD, cache with these tokens' keys/values written at their positions)."""
+  m = cfg_model
+  B = tokens_BT.shape[0]
+  rows_B1 = jnp.arange(B)[:, None]
+  x_BTD = jnp.take(params["embed"], tokens_BT, axis=0).astype(dtype)
+
+  def layer(x_BTD, inputs):
+    p, k_BSKD, v_BSKD = inputs
+    w = {k: v.astype(dtype) for k, v in p.items()}
+    h_BTD = rms_norm_ref(x_BTD, w["attn_norm"], m.norm_eps)
+    q_BTHD = rope_ref(jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"]), positions_BT, m.rope_theta)
+    k_BTKD = rope_ref(jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"]), positions_BT, m.rope_theta)
+    v_BTKD = jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"])
+    k_BSKD = k_BSKD.at[rows_B1, positions_BT].set(k_BTKD.astype(k_BSKD.dtype))
+    v_BSKD = v_BSKD.at[rows_B1, positions_BT].set(v_BTKD.astype(v_BSKD.dtype))
+    o_BTHD = cached_attention(q_BTHD, k_BSKD, v_BSKD, positions_BT)
+    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", o_BTHD, w["wo"])
+    h_BTD = rms_norm_ref(x_BTD, w["mlp_norm"], m.norm_eps)
+    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, w["w_gate"])
+    up_BTF = jnp.einsum("btd,df->btf", h_BTD, w["w_up"])
+    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", swiglu_ref(gate_BTF, up_BTF), w["w_down"])
+    return x_BTD, (k_BSKD, v_BSKD)
+
+  x_BTD, (k, v) = jax.lax.scan(layer, x_BTD, (params["layers"], cache["k"], cache["v"]))
+  h_BTD = rms_norm_ref(x_BTD, params["final_norm"].astype(dtype), m.norm_eps)
+  return h_BTD, {"k": k, "v": v}
+
+
+def logits_of(params, h_BD):
+  return jnp.einsum("bd,dv->bv", h_BD, params["lm_head"].astype(h_BD.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def sample(logits_BV, key, *, temperature, top_p):
+  """Greedy when temperature is 0; otherwise softmax(logits / T) cut to the top-p nucleus."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / temperature
+  if top_p < 1.0:
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep a token while the probability mass before it is below top_p (the first always stays).
+    n_keep_B = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p, axis=-1)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+class Decoder:
+  """Compiled prefill and step for one (batch, cache length) shape."""
+
+  def __init__(self, cfg_model, *, batch, length, temperature=0.0, top_p=1.0):
+    self.cfg_model, self.batch, self.length = cfg_model, batch, length
+    self.dtype = compute_dtype(cfg_model)
+    fwd = functools.partial(forward, cfg_model=cfg_model, dtype=self.dtype)
+    pick = functools.partial(sample, temperature=temperature, top_p=top_p)
+
+    def prefill(params, tokens_BT, lengths_B, key):
+      B, T = tokens_BT.shape
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      cache = init_cache(cfg_model, B, length, self.dtype)
+      h_BTD, cache = fwd(params, tokens_BT, positions_BT, cache)
+      h_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+      return pick(logits_of(params, h_BD), key), cache
+
+    def step(params, cache, tokens_B, positions_B, key):
+      h_B1D, cache = fwd(params, tokens_B[:, None], positions_B[:, None], cache)
+      return pick(logits_of(params, h_B1D[:, 0]), key), cache
+
+    self.prefill = jax.jit(prefill)
+    self.step = jax.jit(step, donate_argnums=1)
+
+
+def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, temperature=0.0,
+             top_p=1.0, seed=0, on_token=None):
+  """New tokens for each prompt (lists of ids), stopping after eos_id (kept) or max_new_tokens.
+
+  on_token(i, token) is called as soon as row i's next token is known (for streaming).
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (the BOS counts)")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  limit = cfg_model.max_seq_len
+  if lengths.max() >= limit:
+    raise ValueError(f"a prompt has {lengths.max()} tokens; the model's context is {limit}")
+  if lengths.max() + max_new_tokens > limit:
+    logging.warning("max_new_tokens %d cut to %d: the model's context is %d tokens",
+                    max_new_tokens, limit - lengths.max(), limit)
+    max_new_tokens = int(limit - lengths.max())
+  B = len(prompts)
+  # Cache and prompt lengths round up to multiples of 64, so similar requests reuse compiles.
+  length = min(-(-int(lengths.max() + max_new_tokens) // 64) * 64, limit)
+  T = min(-(-int(lengths.max()) // 64) * 64, length)
+  tokens_BT = np.zeros((B, T), np.int32)
+  for i, p in enumerate(prompts):
+    tokens_BT[i, :len(p)] = p
+  decoder = Decoder(cfg_model, batch=B, length=length, temperature=temperature, top_p=top_p)
+  key = jax.random.key(seed)
+  out = [[] for _ in range(B)]
+  done = np.zeros(B, bool)
+  positions_B = lengths.copy()
+  next_B, cache = decoder.prefill(params, tokens_BT, lengths, jax.random.fold_in(key, 0))
+  for n in range(max_new_tokens):
+    next_np = np.asarray(next_B)
+    for i in np.flatnonzero(~done):
+      out[i].append(int(next_np[i]))
+      if on_token is not None:
+        on_token(i, int(next_np[i]))
+      done[i] = eos_id is not None and next_np[i] == eos_id
+    if done.all() or n == max_new_tokens - 1:
+      break
+    next_B, cache = decoder.step(params, cache, next_B, positions_B, jax.random.fold_in(key, n + 1))
+    positions_B = positions_B + 1
+  return out
+
+
+class Streamer:
+  """Prints one row's text as it grows; waits while a multi-byte character is half decoded."""
+
+  def __init__(self, tokenizer, prompt_ids, out=sys.stdout):
+    self.tok, self.ids, self.out = tokenizer, list(prompt_ids), out
+    self.printed = len(tokenizer.decode(self.ids))
+
+  def __call__(self, row, token):
+    del row
+    if token == self.tok.eos_id:
+      return
+    self.ids.append(token)
+    text = self.tok.decode(self.ids)
+    if not text.endswith("\ufffd"):
+      self.out.write(text[self.printed:])
+      self.out.flush()
+      self.printed = len(text)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Run directory (train's --workdir, or an import).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
+  flags.DEFINE_string("prompts_file", None, "A file with one prompt per line (a batch).")
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
+  flags.DEFINE_float("temperature", 0.0, "0: greedy; otherwise sample from softmax(logits / T).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens with this "
+                     "much probability (1: all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from tinyllama_jax import export
+  from tinyllama_jax.data import tokenizer as tokenizer_lib
+  if not FLAGS.workdir:
+    raise ValueError("--workdir is required")
+  prompts = list(FLAGS.prompt)
+  if FLAGS.prompts_file:
+    try:
+      with open(FLAGS.prompts_file) as f:
+        prompts += [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+      raise ValueError(f"--prompts_file={FLAGS.prompts_file!r} cannot be read ({e.strerror})")
+  if not prompts:
+    raise ValueError("give --prompt=TEXT (repeatable) or --prompts_file=FILE")
+  if FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1:
+    raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
+  step = export.resolve_step(FLAGS.workdir, FLAGS.step)
+  cfg = export.run_config(FLAGS.workdir, step)
+  tok_path = export.tokenizer_path(cfg, FLAGS.workdir)
+  if tok_path is None:
+    raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): nothing to "
+                     "decode text with")
+  tok = tokenizer_lib.Tokenizer(tok_path)
+  params = jax.device_put(export.load_params(FLAGS.workdir, step, cfg.model))
+  prompt_ids = [([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(p) for p in prompts]
+  stream = Streamer(tok, prompt_ids[0]) if len(prompts) == 1 else None
+  if stream:
+    sys.stdout.write(prompts[0])
+  outs = generate(params, cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
+                  eos_id=tok.eos_id, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                  seed=FLAGS.seed, on_token=stream)
+  if stream:
+    sys.stdout.write("\n")
+    return
+  for i, (prompt, ids) in enumerate(zip(prompts, outs)):
+    print(f"--- [{i}]\n{prompt}{tok.decode([t for t in ids if t != tok.eos_id])}")
+
+
+def run_cli():
+  define_flags()
+  config_lib.exit_on_error(lambda: app.run(main))
+
+
+if __name__ == "__main__":
+  run_cli()

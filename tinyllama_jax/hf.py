@@ -1,0 +1,394 @@
+"""The Hugging Face Llama format: names, config, safetensors files and the tokenizer files.
+
+No transformers or torch here: export and import run on machines that have neither.
+
+  ours (stacked over L)   HF, per layer i (PyTorch Linear weights are [out, in])
+  embed       [V, D]      model.embed_tokens.weight               [V, D]
+  attn_norm   [L, D]      model.layers.i.input_layernorm.weight    [D]
+  wq          [L, D, H, Dh]  model.layers.i.self_attn.q_proj.weight [H*Dh, D]
+  wk, wv      [L, D, K, Dh]  ...k_proj / v_proj.weight             [K*Dh, D]
+  wo          [L, H, Dh, D]  ...o_proj.weight                      [D, H*Dh]
+  mlp_norm    [L, D]      model.layers.i.post_attention_layernorm.weight
+  w_gate/up   [L, D, F]   model.layers.i.mlp.gate_proj/up_proj.weight [F, D]
+  w_down      [L, F, D]   model.layers.i.mlp.down_proj.weight      [D, F]
+  final_norm  [D]         model.norm.weight
+  lm_head     [D, V]      lm_head.weight                           [V, D]
+
+RoPE is rotate-half on both sides, so q/k need no permutation.
+"""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "w_gate": "mlp.gate_proj",
+    "w_up": "mlp.up_proj",
+    "w_down": "mlp.down_proj",
+}
+TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+             "lm_head": "lm_head.weight"}
+# Buffers older exports carry: recomputed by every loader, safe to skip (and counted in the log).
+IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def layer_name(i, ours):
+  return f"model.layers.{i}.{LAYER_NAMES[ours]}.weight"
+
+
+def param_paths(cfg_model):
+  """Our parameter paths in HF file order, with their shapes."""
+  m = cfg_model
+  L, D, H, K, Dh, F, V = (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim,
+                          m.vocab_size)
+  layer_shapes = {"attn_norm": (L, D), "wq": (L, D, H, Dh), "wk": (L, D, K, Dh),
+                  "wv": (L, D, K, Dh), "wo": (L, H, Dh, D), "mlp_norm": (L, D),
+                  "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D)}
+  return ([(("embed",), (V, D))] + [(("layers", n), s) for n, s in layer_shapes.items()]
+          + [(("final_norm",), (D,)), (("lm_head",), (D, V))])
+
+
+def to_hf(path, x):
+  """One of our (stacked) parameters -> [(hf_name, array)], PyTorch layout."""
+  if path[0] != "layers":
+    return [(TOP_NAMES[path[0]], x.T if path[0] == "lm_head" else x)]
+  name = path[1]
+  out = []
+  for i in range(x.shape[0]):
+    w = x[i]
+    if name in ("wq", "wk", "wv"):  # [D, H, Dh] -> [H*Dh, D]
+      w = w.reshape(w.shape[0], -1).T
+    elif name == "wo":  # [H, Dh, D] -> [D, H*Dh]
+      w = w.reshape(-1, w.shape[-1]).T
+    elif name != "attn_norm" and name != "mlp_norm":  # [in, out] -> [out, in]
+      w = w.T
+    out.append((layer_name(i, name), w))
+  return out
+
+
+def from_hf(path, shape, get):
+  """The inverse of `to_hf`: builds our parameter of `shape` with `get(hf_name)` -> array."""
+  if path[0] != "layers":
+    x = get(TOP_NAMES[path[0]])
+    return x.T if path[0] == "lm_head" else x
+  name = path[1]
+  per_layer = []
+  for i in range(shape[0]):
+    w = get(layer_name(i, name))
+    if name in ("wq", "wk", "wv", "wo"):
+      w = w.T.reshape(shape[1:])
+    elif name not in ("attn_norm", "mlp_norm"):
+      w = w.T
+    per_layer.append(w)
+  return np.stack(per_layer)
+
+
+def hf_shapes(cfg_model):
+  """{hf_name: shape} in file order, computed without any array."""
+  out = {}
+  for path, shape in param_paths(cfg_model):
+    for name, x in to_hf(path, np.broadcast_to(np.zeros((), np.int8), shape)):
+      out[name] = x.shape
+  return out
+
+
+# ----------------------------------------------------------------------------- config.json
+
+_SUPPORTED_ROPE = (None, "default")
+
+
+def hf_config(cfg_model, *, bos_id, eos_id, dtype_name):
+  """config.json for LlamaForCausalLM. rope_theta is written both flat (transformers 4, vLLM,
+  llama.cpp converters) and as rope_parameters (transformers 5's own spelling)."""
+  m = cfg_model
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.ffn_dim,
+      "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
+      "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
+      "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
+      "rope_theta": m.rope_theta,
+      "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+      "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+      "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+      "initializer_range": m.init_std or float(np.sqrt(2.0 / (5 * m.d_model))),
+      "pretraining_tp": 1, "use_cache": True, "torch_dtype": dtype_name, "dtype": dtype_name,
+  }
+
+
+def model_fields_from_hf(hf_cfg, source):
+  """Our model.* fields from a HF config.json; one clear error for anything not Llama-shaped."""
+  def refuse(why):
+    raise ValueError(f"{source} is not a Llama model this code can load ({why}): only "
+                     "LlamaForCausalLM checkpoints (model_type 'llama') are supported")
+  model_type = hf_cfg.get("model_type")
+  archs = hf_cfg.get("architectures") or ["LlamaForCausalLM"]
+  if model_type != "llama" or archs != ["LlamaForCausalLM"]:
+    refuse(f"model_type {model_type!r}, architectures {archs}")
+  if hf_cfg.get("hidden_act", "silu") != "silu":
+    refuse(f"hidden_act {hf_cfg['hidden_act']!r}, not 'silu'")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf_cfg.get(flag):
+      refuse(f"{flag} is set; our Llama has no biases")
+  rope = hf_cfg.get("rope_parameters") or {}
+  scaling = hf_cfg.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type")))
+  if rope_type not in _SUPPORTED_ROPE:
+    refuse(f"RoPE scaling {rope_type!r}; only plain RoPE is implemented")
+  theta = hf_cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+  required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads")
+  missing = [k for k in required if k not in hf_cfg]
+  if missing:
+    refuse(f"config.json lacks {', '.join(missing)}")
+  H = hf_cfg["num_attention_heads"]
+  return {
+      "vocab_size": hf_cfg["vocab_size"], "d_model": hf_cfg["hidden_size"],
+      "n_layers": hf_cfg["num_hidden_layers"], "n_heads": H,
+      "n_kv_heads": hf_cfg.get("num_key_value_heads") or H,
+      "head_dim": hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // H,
+      "ffn_dim": hf_cfg["intermediate_size"],
+      "max_seq_len": hf_cfg.get("max_position_embeddings", 2048),
+      "rope_theta": float(theta), "norm_eps": float(hf_cfg.get("rms_norm_eps", 1e-6)),
+  }
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+           "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def parse_size(text):
+  """'2GB', '500MB', '123' (bytes); 0 means one file."""
+  text = str(text).strip().upper()
+  for suffix, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    if text.endswith(suffix):
+      return int(float(text[:-len(suffix)]) * scale)
+  return int(text)
+
+
+def plan_shards(shapes, dtype, max_shard_bytes):
+  """[(file_name, [(hf_name, shape)])]: consecutive tensors, each file at most max_shard_bytes
+  (a single tensor larger than that gets a file of its own)."""
+  itemsize = np.dtype(dtype).itemsize
+  groups, size = [[]], 0
+  for name, shape in shapes.items():
+    nbytes = int(np.prod(shape)) * itemsize
+    if max_shard_bytes and groups[-1] and size + nbytes > max_shard_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append((name, shape))
+    size += nbytes
+  if len(groups) == 1:
+    return [("model.safetensors", groups[0])]
+  n = len(groups)
+  return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+class ShardWriter:
+  """Writes planned safetensors files tensor by tensor, in any order: the headers are known up
+  front from the shapes, so nothing but the tensor being written is held in memory."""
+
+  def __init__(self, directory, plan, dtype):
+    self.dtype = np.dtype(dtype)
+    self.where = {}  # hf_name -> (file handle, absolute offset, shape)
+    self.files = []
+    self.written = set()
+    for file_name, tensors in plan:
+      header, offset = {}, 0
+      for name, shape in tensors:
+        nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[self.dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+      header["__metadata__"] = {"format": "pt"}
+      blob = json.dumps(header, separators=(",", ":")).encode()
+      blob += b" " * (-len(blob) % 8)  # the data start stays 8-byte aligned
+      f = open(os.path.join(directory, file_name), "wb")
+      f.write(len(blob).to_bytes(8, "little") + blob)
+      f.truncate(8 + len(blob) + offset)
+      self.files.append(f)
+      for name, shape in tensors:
+        self.where[name] = (f, 8 + len(blob) + header[name]["data_offsets"][0], tuple(shape))
+
+  def write(self, name, x):
+    f, offset, shape = self.where[name]
+    if tuple(x.shape) != shape:
+      raise ValueError(f"tensor {name} has shape {x.shape}, planned {shape}")
+    f.seek(offset)
+    f.write(np.ascontiguousarray(x, dtype=self.dtype).tobytes())
+    self.written.add(name)
+
+  def close(self):
+    for f in self.files:
+      f.close()
+    missing = set(self.where) - self.written
+    if missing:
+      raise ValueError(f"tensors never written: {sorted(missing)[:3]}...")
+
+
+def write_index(directory, plan, dtype):
+  total = sum(int(np.prod(s)) for _, ts in plan for _, s in ts) * np.dtype(dtype).itemsize
+  index = {"metadata": {"total_size": total},
+           "weight_map": {name: f for f, ts in plan for name, _ in ts}}
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+
+
+class SafetensorsReader:
+  """Memory-maps a HF directory's safetensors files; `get(name)` reads one tensor as fp32."""
+
+  def __init__(self, directory):
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+      files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    if not files:
+      pickles = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth")))
+      if pickles:
+        raise ValueError(
+            f"{directory} holds only pickle weights ({pickles[0]}); pickle is refused. Convert "
+            "them once where you trust the file: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{directory}').save_pretrained("
+            f"'{directory}-safetensors')\", then import that directory")
+      raise ValueError(f"{directory} has no model.safetensors: give a Hugging Face model directory")
+    self.tensors = {}
+    for name in files:
+      path = os.path.join(directory, name)
+      if not os.path.exists(path):
+        raise ValueError(f"{path} is listed in the index but missing: the download is incomplete")
+      with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+      header.pop("__metadata__", None)
+      for tensor, info in header.items():
+        if info["dtype"] not in _DTYPES:
+          raise ValueError(f"{path}: tensor {tensor} has dtype {info['dtype']}, not a float type")
+        self.tensors[tensor] = (path, 8 + n, info)
+    self._maps = {}
+
+  def names(self):
+    return list(self.tensors)
+
+  def get(self, name):
+    if name not in self.tensors:
+      raise ValueError(f"the checkpoint has no tensor {name!r}: not a complete Llama checkpoint")
+    path, start, info = self.tensors[name]
+    if path not in self._maps:
+      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+    begin, end = info["data_offsets"]
+    raw = self._maps[path][start + begin:start + end]
+    return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _sp_proto(path):
+  from sentencepiece import sentencepiece_model_pb2  # protobuf: loaded only for export
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(path, "rb") as f:
+    proto.ParseFromString(f.read())
+  return proto
+
+
+def tokenizer_json(sp_model_path, *, add_bos, add_eos):
+  """A `tokenizers` BPE equal to the sentencepiece model, as tokenizer.json's dict.
+
+  Written by us, not by transformers' slow->fast conversion: that one pre-tokenizes with
+  Metaspace(prepend_scheme='first'), which drops sentencepiece's dummy prefix when the text
+  starts with a space, so ' x' encodes differently. Llama-2's own tokenizer.json spells the
+  normalizer below (always prepend '▁', spaces -> '▁'), which matches sentencepiece exactly.
+  Returns None (with the reason) for models this recipe does not cover.
+  """
+  proto = _sp_proto(sp_model_path)
+  spec = proto.normalizer_spec
+  if proto.trainer_spec.model_type != 2:  # 2 = BPE
+    return None, "not a BPE sentencepiece model"
+  if spec.name != "identity" or spec.remove_extra_whitespaces or len(spec.precompiled_charsmap):
+    return None, f"sentencepiece normalizer {spec.name!r} has no exact tokenizers equivalent"
+  normal, unknown, control = 1, 2, 3  # sentencepiece piece types
+  vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+  # A merge (a, b) for every normal piece that splits into two normal pieces, ranked by the
+  # merged piece's score: sentencepiece's BPE merges the highest-scoring pair first.
+  mergeable = {p.piece for p in proto.pieces if p.type == normal}
+  merges = []
+  for p in sorted((p for p in proto.pieces if p.type == normal), key=lambda p: -p.score):
+    splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))]
+    merges += sorted((s for s in splits if s[0] in mergeable and s[1] in mergeable),
+                     key=lambda s: (vocab[s[0]], vocab[s[1]]))
+  specials = [(i, p.piece) for i, p in enumerate(proto.pieces) if p.type in (control, unknown)]
+  unk = next(p.piece for p in proto.pieces if p.type == unknown)
+  bos = proto.pieces[proto.trainer_spec.bos_id].piece
+  eos = proto.pieces[proto.trainer_spec.eos_id].piece
+  single = ([{"SpecialToken": {"id": bos, "type_id": 0}}] if add_bos else []) + \
+      [{"Sequence": {"id": "A", "type_id": 0}}] + \
+      ([{"SpecialToken": {"id": eos, "type_id": 0}}] if add_eos else [])
+  post_specials = {t: {"id": t, "ids": [vocab[t]], "tokens": [t]}
+                   for t, on in ((bos, add_bos), (eos, add_eos)) if on}
+  prefix = [{"type": "Prepend", "prepend": "▁"}] if spec.add_dummy_prefix else []
+  decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+              {"type": "ByteFallback"}, {"type": "Fuse"}]
+  if spec.add_dummy_prefix:
+    decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+  return {
+      "version": "1.0", "truncation": None, "padding": None,
+      "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
+                        "rstrip": False, "normalized": False, "special": True}
+                       for i, t in specials],
+      "normalizer": {"type": "Sequence", "normalizers": prefix + [
+          {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+      "pre_tokenizer": None,
+      "post_processor": {"type": "TemplateProcessing", "single": single, "pair": single + [
+          {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": post_specials},
+      "decoder": {"type": "Sequence", "decoders": decoders},
+      "model": {"type": "BPE", "dropout": None, "unk_token": unk,
+                "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
+                "merges": [list(m) for m in merges]},
+  }, None
+
+
+def write_tokenizer(directory, sp_model_path, *, add_bos, add_eos, max_len, log):
+  """tokenizer.model, tokenizer.json (when exact), tokenizer_config.json, special_tokens_map.json."""
+  import shutil
+  shutil.copyfile(sp_model_path, os.path.join(directory, "tokenizer.model"))
+  proto = _sp_proto(sp_model_path)
+  piece = lambda i: proto.pieces[i].piece if i >= 0 else None  # noqa: E731
+  t = proto.trainer_spec
+  special = {"bos_token": piece(t.bos_id), "eos_token": piece(t.eos_id),
+             "unk_token": piece(t.unk_id)}
+  tok_json, why_not = tokenizer_json(sp_model_path, add_bos=add_bos, add_eos=add_eos)
+  config = {**special, "add_bos_token": add_bos, "add_eos_token": add_eos,
+            "model_max_length": max_len, "clean_up_tokenization_spaces": False,
+            "legacy": True, "pad_token": None,
+            # '<s>' typed in a text is text, as in training (sentencepiece never emits a control
+            # piece from text); transformers would otherwise read it as BOS.
+            "split_special_tokens": True}
+  if tok_json is not None:
+    # PreTrainedTokenizerFast loads tokenizer.json as written; LlamaTokenizer would rebuild the
+    # pre-tokenizer (see tokenizer_json).
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+      json.dump(tok_json, f, ensure_ascii=False)
+  else:
+    config["tokenizer_class"] = "LlamaTokenizer"
+    log(f"tokenizer.json not written ({why_not}): transformers will convert tokenizer.model "
+        "itself, which may differ from sentencepiece on text that starts with a space")
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+    json.dump(special, f, indent=2)
+  return t.bos_id, t.eos_id
