@@ -52,9 +52,6 @@ def prepared_shards(paths: str, split: str) -> list[str]:
   return shards
 
 
-def litpkds_files(paths: str) -> list[str]:
-  return expand(paths, "LITPKDS .bin file")
-
 
 def expand(paths: str, what: str) -> list[str]:
   found = sorted({f for pat in paths.split(",") if pat.strip()

@@ -240,7 +240,10 @@ def _component(source, paths, cfg, *, split, seq_len, seed, process_index, proce
   ds = ds.repeat(None)
   if map_fn is not None:
     ds = ds.map(map_fn)
-  it_ds = ds.to_iter_dataset()
+  # Text is tokenized by grain's reader threads; grain's default read-ahead (500 elements on 16
+  # threads) would tokenize megabytes before the first batch, so text sources read ahead less.
+  read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32) if map_fn else grain.ReadOptions()
+  it_ds = ds.to_iter_dataset(read)
   if cfg.packing == "concat" and source in _TEXT_SOURCES:
     return packing.concat_rows(it_ds.filter(packing.has_a_target), seq_len)
   return it_ds if cfg.packing == "concat" else it_ds.filter(packing.has_a_target)

@@ -29,17 +29,6 @@ from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
-_INPUT = flags.DEFINE_string("input", None, "glob(s) of .txt/.jsonl/.jsonl.zst/.parquet files, "
-                             "comma separated")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "sentencepiece .model file")
-_OUT = flags.DEFINE_string("out", None, "output folder (shards/ + manifest.json)")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", ".jsonl key / .parquet column of the text")
-_ADD_BOS = flags.DEFINE_bool("add_bos", True, "start each document with BOS")
-_ADD_EOS = flags.DEFINE_bool("add_eos", True, "end each document with EOS")
-_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.001, "share of documents held out for eval")
-_SHARD_TOKENS = flags.DEFINE_integer("shard_tokens", 2049 * 1024, "tokens per shard (TinyLlama's)")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "tokenizer processes")
-
 _ENCODE_BATCH_BYTES = 1 << 20  # documents are encoded in ~1 MB batches (one C++ call each)
 
 
@@ -185,6 +174,7 @@ def prepare(inputs: list[str], tokenizer: tokenizer_lib.Tokenizer, out_dir: str,
   finally:
     if pool is not None:
       pool.terminate()
+      pool.join()
     if bar is not None:
       bar.close()
   records.sort(key=lambda r: r["input"])
@@ -213,18 +203,32 @@ def _manifest(records, tokenizer, options):
           "inputs": [{k: r[k] for k in ("input", "input_bytes", "stats")} for r in records]}
 
 
+def _define_flags():
+  """CLI flags, defined only when run as a program (importing this module defines none)."""
+  flags.DEFINE_string("input", None, "glob(s) of .txt/.jsonl/.jsonl.zst/.parquet files, comma "
+                      "separated")
+  flags.DEFINE_string("tokenizer", None, "sentencepiece .model file")
+  flags.DEFINE_string("out", None, "output folder (shards/ + manifest.json)")
+  flags.DEFINE_string("text_field", "text", ".jsonl key / .parquet column holding the text")
+  flags.DEFINE_bool("add_bos", True, "start each document with BOS")
+  flags.DEFINE_bool("add_eos", True, "end each document with EOS")
+  flags.DEFINE_float("eval_fraction", 0.001, "share of documents held out for eval")
+  flags.DEFINE_integer("shard_tokens", 2049 * 1024, "tokens per shard (TinyLlama's chunk)")
+  flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "tokenizer processes")
+
+
 def main(argv):
   del argv
-  for flag in (_INPUT, _TOKENIZER, _OUT):
-    if not flag.value:
-      raise app.UsageError(f"--{flag.name} is required")
+  f = flags.FLAGS
+  for name in ("input", "tokenizer", "out"):
+    if not f[name].value:
+      raise app.UsageError(f"--{name} is required")
   try:
-    tokenizer = tokenizer_lib.Tokenizer(_TOKENIZER.value)
-    inputs = expand_inputs(_INPUT.value)
-    manifest = prepare(inputs, tokenizer, _OUT.value, text_field=_TEXT_FIELD.value,
-                       add_bos=_ADD_BOS.value, add_eos=_ADD_EOS.value,
-                       eval_fraction=_EVAL_FRACTION.value, shard_tokens=_SHARD_TOKENS.value,
-                       num_workers=_NUM_WORKERS.value)
+    tokenizer = tokenizer_lib.Tokenizer(f.tokenizer)
+    inputs = expand_inputs(f.input)
+    manifest = prepare(inputs, tokenizer, f.out, text_field=f.text_field, add_bos=f.add_bos,
+                       add_eos=f.add_eos, eval_fraction=f.eval_fraction,
+                       shard_tokens=f.shard_tokens, num_workers=f.num_workers)
   except (FileNotFoundError, ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -232,4 +236,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
