@@ -29,10 +29,11 @@ import sys
 import time
 
 from tinyllama_jax import config as config_lib
+from tinyllama_jax.sweep_summary import (RUN_FILE, format_value, latest_checkpoint_step,
+                                         read_run_file, write_json_atomic)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_MODULE = ["-m", "tinyllama_jax.train"]
-RUN_FILE = "sweep_run.json"
 SLURM_SCRIPT = "sweep.sbatch"
 
 
@@ -162,15 +163,9 @@ def resolve(base, overrides):
   return cfg
 
 
-def check_run_config(cfg, name):
-  """The checks that need no devices, so a bad corner of the grid fails before the first run."""
+def check_schedule(cfg, name):
+  """A learning rate below min_lr in one corner of the grid fails the sweep before the first run."""
   from tinyllama_jax import optim  # imports jax: only once the bindings themselves are valid
-  if cfg.train.seq_len > cfg.model.max_seq_len:
-    raise ValueError(f"run {name}: train.seq_len ({cfg.train.seq_len}) exceeds model.max_seq_len "
-                     f"({cfg.model.max_seq_len})")
-  if cfg.model.n_heads % cfg.model.n_kv_heads:
-    raise ValueError(f"run {name}: model.n_heads ({cfg.model.n_heads}) must be a multiple of "
-                     f"model.n_kv_heads ({cfg.model.n_kv_heads})")
   try:
     optim.lr_schedule(cfg.optim, cfg.train.steps)
   except ValueError as e:
@@ -181,19 +176,6 @@ def check_run_config(cfg, name):
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
-
-
-def format_value(value):
-  """Short and exact: 0.0004 -> '4e-04', 0.95 -> '0.95', 2.0 -> '2', 500 -> '500'."""
-  if isinstance(value, float):
-    if value != 0 and value == value and abs(value) != float("inf") and not 0.1 <= abs(value) < 1e5:
-      for digits in range(17):  # the fewest digits that read back as the same float
-        text = f"{value:.{digits}e}"
-        if float(text) == value:
-          return text
-    text = repr(value)
-    return text[:-2] if text.endswith(".0") else text
-  return str(value)
 
 
 def binding_hash(binding):
@@ -267,33 +249,9 @@ def plan(config_path, bindings, fixed, cli_overrides, workdir):
   for binding, name in zip(typed, run_names(typed)):
     overrides = {**fixed, **cli, **binding}
     cfg = resolve(base, overrides)
-    check_run_config(cfg, name)
+    check_schedule(cfg, name)
     runs.append(Run(name, binding, overrides, cfg, os.path.join(os.path.abspath(workdir), name)))
   return runs
-
-
-def latest_checkpoint_step(run_dir):
-  """orbax's finished step directories are plain integers; a save cut short is a temporary name."""
-  ckpt = os.path.join(run_dir, "checkpoints")
-  if not os.path.isdir(ckpt):
-    return None
-  steps = [int(n) for n in os.listdir(ckpt) if n.isdigit() and os.path.isdir(os.path.join(ckpt, n))]
-  return max(steps, default=None)
-
-
-def read_run_file(run_dir):
-  path = os.path.join(run_dir, RUN_FILE)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_json_atomic(path, obj):
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _pid_alive(pid):
@@ -301,8 +259,8 @@ def _pid_alive(pid):
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:
-    return True
+  except PermissionError:  # alive, someone else's
+    pass
   return True
 
 
@@ -354,12 +312,6 @@ def prepare_workdirs(runs, config_path, allow_config_change=False):
 
 def train_command(run, config_path, python):
   return [python, *TRAIN_MODULE, *run.train_args(config_path)]
-
-
-def parse_sweep_argv(argv):
-  """Splits `--config.a.b=v` overrides (forwarded to every run) from the sweep's own flags."""
-  overrides = [a for a in argv[1:] if a.startswith("--config.")]
-  return [a for a in argv if a not in overrides], overrides
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -569,7 +521,10 @@ def run_cli(argv=None):
                             "--slurm_option=--gres=gpu:8 --slurm_option=--time=48:00:00")
   flags.DEFINE_bool("allow_config_change", False, "Continue runs that trained under another config.")
   flags.DEFINE_bool("plot", True, "summarize: also draw the loss curves (needs matplotlib).")
-  argv, cli_overrides = parse_sweep_argv(sys.argv if argv is None else argv)
+  argv = sys.argv if argv is None else argv
+  # `--config.a.b=v` goes to every run (absl would refuse it here); the rest are the sweep's flags.
+  cli_overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  argv = [a for a in argv if a not in cli_overrides]
 
   def main(args):
     if args[1:] == ["summarize"]:

@@ -1,4 +1,4 @@
-"""A sweep's results: one row per run from its tensorboard events, as CSV, Markdown and a plot.
+"""A sweep's results: run directories, their tensorboard events, a table (CSV, Markdown), a plot.
 
 `python -m tinyllama_jax.sweep summarize --workdir=runs/tiny_lr` writes summary.csv, summary.md
 and loss_curves.png into the sweep directory, rows sorted by best eval loss. The events are read
@@ -11,21 +11,62 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import struct
 
 from tensorboardX.proto import event_pb2
 
-from tinyllama_jax import sweep as sweep_lib
-
 HIGHLIGHT = 3  # the best runs drawn in colour; the rest in grey
+RUN_FILE = "sweep_run.json"  # in each run's workdir: bindings, resolved config, launch status
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def format_value(value):
+  """Short and exact: 0.0004 -> '4e-04', 0.95 -> '0.95', 2.0 -> '2', 500 -> '500'."""
+  if isinstance(value, float):
+    if value != 0 and value == value and abs(value) != float("inf") and not 0.1 <= abs(value) < 1e5:
+      for digits in range(17):  # the fewest digits that read back as the same float
+        text = f"{value:.{digits}e}"
+        if float(text) == value:
+          return text
+    text = repr(value)
+    return text[:-2] if text.endswith(".0") else text
+  return str(value)
+
+
+def latest_checkpoint_step(run_dir):
+  """orbax's finished step directories are plain integers; a save cut short is a temporary name."""
+  ckpt = os.path.join(run_dir, "checkpoints")
+  if not os.path.isdir(ckpt):
+    return None
+  steps = [int(n) for n in os.listdir(ckpt) if n.isdigit() and os.path.isdir(os.path.join(ckpt, n))]
+  return max(steps, default=None)
+
+
+def read_run_file(run_dir):
+  path = os.path.join(run_dir, RUN_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json_atomic(path, obj):
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- events
 
 
 def read_event_file(path):
-  """{tag: {step: value}} of one events file, and the number of records that could not be read
-  (a run killed mid-write leaves a cut-off last record)."""
-  scalars, bad = {}, 0
+  """({tag: {step: value}}, records that could not be read, wall time of the first record) of one
+  events file; a run killed mid-write leaves a cut-off last record."""
+  scalars, bad, wall_time = {}, 0, None
   with open(path, "rb") as f:
     data = f.read()
   pos = 0
@@ -45,24 +86,22 @@ def read_event_file(path):
     except Exception:  # protobuf's DecodeError: one unreadable record, the rest stay usable
       bad += 1
       continue
+    wall_time = event.wall_time if wall_time is None else wall_time
     for value in event.summary.value:
       if value.WhichOneof("value") == "simple_value":
         scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-  return scalars, bad
-
-
-def _file_time(path):
-  m = re.search(r"tfevents\.(\d+)", os.path.basename(path))
-  return (int(m.group(1)) if m else 0, path)
+  return scalars, bad, wall_time
 
 
 def read_scalars(tb_dir):
   """{tag: [(step, value)]} over all of a run's event files. A resumed run writes a new file that
   repeats the steps after its checkpoint: from each file's first step on, the newer file wins."""
-  merged, bad = {}, 0
-  for path in sorted(glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")), key=_file_time):
-    scalars, file_bad = read_event_file(path)
+  merged, bad, files = {}, 0, []
+  for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")):
+    scalars, file_bad, wall_time = read_event_file(path)
     bad += file_bad
+    files.append((wall_time or 0.0, path, scalars))
+  for _, _, scalars in sorted(files):
     steps = [s for points in scalars.values() for s in points]
     if not steps:
       continue
@@ -76,7 +115,7 @@ def read_scalars(tb_dir):
 
 def run_row(run_dir):
   """The summary of one run directory, or None when it is not a run (no events, no record)."""
-  record = sweep_lib.read_run_file(run_dir)
+  record = read_run_file(run_dir)
   tb_dir = os.path.join(run_dir, "tb")
   if not record and not os.path.isdir(tb_dir):
     return None
@@ -88,7 +127,7 @@ def run_row(run_dir):
   train = scalars.get("train/loss", [])
   evals = scalars.get("eval/loss", [])
   speed = [v for _, v in scalars.get("perf/tokens_per_s", [])]
-  ckpt = sweep_lib.latest_checkpoint_step(run_dir)
+  ckpt = latest_checkpoint_step(run_dir)
   finished = ckpt is not None and steps_total is not None and ckpt >= steps_total
   best = min(evals, key=lambda p: p[1]) if evals else (None, None)
   return {
@@ -113,7 +152,7 @@ def collect(workdir):
   rows = [r for d in sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, d))
           for r in [run_row(os.path.join(workdir, d))] if r is not None]
   if not rows:
-    raise ValueError(f"{workdir!r} holds no runs (no subdirectory with {sweep_lib.RUN_FILE} or tb/): "
+    raise ValueError(f"{workdir!r} holds no runs (no subdirectory with {RUN_FILE} or tb/): "
                      "pass the --workdir of the sweep")
   # Best eval loss first; runs with no eval yet at the end, in name order.
   rows.sort(key=lambda r: (r["best_eval_loss"] is None or math.isnan(r["best_eval_loss"]),
@@ -156,7 +195,7 @@ def _cell(value, column):
   if column.endswith("loss"):
     return f"{value:.4f}"
   if isinstance(value, float):
-    return sweep_lib.format_value(value)
+    return format_value(value)
   return str(value)
 
 
@@ -194,8 +233,8 @@ def plot(rows, path):
     panel.set_ylabel("loss")
     panel.grid(alpha=0.3)
   handles, labels = axes[1].get_legend_handles_labels()
-  if handles:
-    axes[1].legend(handles, labels, fontsize=8, title=f"best {min(HIGHLIGHT, len(rows))} of "
+  if handles:  # drawn worst first, listed best first
+    axes[1].legend(handles[::-1], labels[::-1], fontsize=8, title=f"best {min(HIGHLIGHT, len(rows))} of "
                    f"{len(rows)} (grey: the rest)", title_fontsize=8)
   fig.tight_layout()
   tmp = f"{path}.tmp.png"
