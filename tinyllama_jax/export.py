@@ -19,16 +19,15 @@ Both write into a temporary sibling directory and rename it at the end: a failur
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
-from absl import app, flags, logging
-from flax import nnx
+from absl import flags, logging
 
 from tinyllama_jax import config as config_lib, hf
 
@@ -265,21 +264,9 @@ def _flat_items(cfg, prefix=""):
       yield f"{prefix}{k}", v
 
 
-def abstract_train_state(cfg, tx):
-  """The trainer's state tree (train.make_init_fn's), as shapes. Built here rather than imported:
-  train.py defines its command-line flags on import (tests check the two agree)."""
-  from tinyllama_jax.model import Llama
-
-  def init(rng):
-    params = nnx.to_pure_dict(nnx.state(Llama(cfg.model, rngs=nnx.Rngs(params=rng)), nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.fold_in(rng, 1)}
-  return jax.eval_shape(init, jax.random.key(cfg.seed))
-
-
 def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
   """Writes a trainable run into `workdir` from the HF Llama in `hf_dir`; returns a report."""
-  from tinyllama_jax import checkpoint, optim, sharding
+  from tinyllama_jax import checkpoint, optim, sharding, train
   from tinyllama_jax.data import tokenizer as tokenizer_lib
 
   fields, hf_cfg, reader = read_hf(hf_dir)
@@ -301,9 +288,13 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
     os.makedirs(os.path.join(tmp, "tokenizer"))
     shutil.copyfile(tok_src, os.path.join(tmp, "tokenizer", "tokenizer.model"))
 
+    # The trainer's own init fixes the state tree; its parameters and optimizer state are
+    # replaced by the imported ones, everything else (step, RNG, counters) is kept as init makes it.
     mesh = sharding.make_mesh(cfg.mesh)
     tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = sharding.tree_shardings(abstract_train_state(cfg, tx), mesh)
+    init = train.make_init_fn(cfg, tx)
+    abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
+    shardings = sharding.tree_shardings(abstract, mesh)
     params = {}
     for path, shape in hf.param_paths(cfg.model):
       target, node = shardings["params"], params
@@ -311,14 +302,16 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
         target, node = target[key], node.setdefault(key, {})
       # One parameter at a time: read, convert, place on the mesh, drop the host copy.
       node[path[-1]] = jax.device_put(hf.from_hf(path, shape, get), target[path[-1]])
-    state = {"step": jax.device_put(np.zeros((), np.int32), shardings["step"]),
-             "params": params,
-             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
-             "rng": jax.device_put(jax.random.fold_in(jax.random.key(cfg.seed), 1),
-                                   shardings["rng"])}
+    fresh = ("params", "opt_state")
+    rest = jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k not in fresh},
+                   out_shardings={k: v for k, v in shardings.items() if k not in fresh})
+    state = {**rest(jax.random.key(cfg.seed)), "params": params,  # init's params: dead code
+             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
+    if jax.tree.structure(state) != jax.tree.structure(abstract):
+      raise AssertionError("the imported state does not match the trainer's state tree")
     ckpt = checkpoint.Checkpointer(checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
                                    async_save=False)
-    ckpt.save(0, state, {}, cfg, force=True)
+    ckpt.save(0, state, {}, cfg)
     ckpt.wait()
     ckpt.close()
     del state, params
@@ -339,28 +332,29 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """Flags are defined when the command runs, not on import, so library users (tests, the
-  trainer) can import this module next to other commands that define --workdir/--config."""
-  flags.DEFINE_string("workdir", None, "Run directory to export from (or import into).")
-  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-  flags.DEFINE_string("out", None, "Export: the Hugging Face directory to write.")
-  flags.DEFINE_enum("dtype", "bf16", ["bf16", "fp32"], "Export: weight dtype.")
-  flags.DEFINE_string("max_shard_size", "5GB",
-                      "Export: largest safetensors file (e.g. 2GB); 0 = one file.")
-  flags.DEFINE_string("from_hf", None, "Import: a Hugging Face Llama directory.")
-  flags.DEFINE_string("config", None,
-                      "Import: config file whose training fields the run starts from.")
-  flags.DEFINE_string("tokenizer", None,
-                      "Import: sentencepiece .model (default: HFDIR/tokenizer.model).")
+# A private flag set: importing this module defines no global flag, and the import path can load
+# train.py (which defines --workdir and --config on the global set) without a clash.
+FLAGS = flags.FlagValues()
+_FLAG_SPECS = (
+    ("workdir", flags.DEFINE_string, None, "Run directory to export from (or import into)."),
+    ("step", flags.DEFINE_integer, None, "Checkpoint step to export (default: the latest)."),
+    ("out", flags.DEFINE_string, None, "Export: the Hugging Face directory to write."),
+    ("dtype", flags.DEFINE_string, "bf16", "Export: weight dtype, bf16 or fp32."),
+    ("max_shard_size", flags.DEFINE_string, "5GB",
+     "Export: largest safetensors file (e.g. 2GB); 0 = one file."),
+    ("from_hf", flags.DEFINE_string, None, "Import: a Hugging Face Llama directory."),
+    ("config", flags.DEFINE_string, None,
+     "Import: config file whose training fields the run starts from (default: base_config)."),
+    ("tokenizer", flags.DEFINE_string, None,
+     "Import: sentencepiece .model (default: HFDIR/tokenizer.model)."),
+)
+for _name, _define, _default, _help in _FLAG_SPECS:
+  _define(_name, _default, _help, flag_values=FLAGS)
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise ValueError(f"unexpected arguments: {argv[1:]} (see --help)")
   logging.set_verbosity(logging.INFO)
   if not FLAGS.workdir:
     raise ValueError("--workdir is required")
@@ -378,9 +372,20 @@ def main(argv):
   print(json.dumps(report))
 
 
-def run_cli():
-  define_flags()
-  config_lib.exit_on_error(lambda: app.run(main))
+def run_cli(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  if "--help" in argv or "-h" in argv:
+    print(__doc__ + "\nflags:\n" + FLAGS.get_help())
+    return
+
+  def parse_and_run():
+    try:
+      rest = FLAGS(argv)
+    except flags.Error as e:
+      raise ValueError(f"{e} (see --help)") from None
+    flags.FLAGS(argv[:1])  # absl's own flags (logging) at their defaults
+    main(rest)
+  config_lib.exit_on_error(parse_and_run)
 
 
 if __name__ == "__main__":

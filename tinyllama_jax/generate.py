@@ -102,11 +102,17 @@ def sample(logits_BV, key, *, temperature, top_p):
 class Decoder:
   """Compiled prefill and step for one (batch, cache length) shape."""
 
-  def __init__(self, cfg_model, *, batch, length, temperature=0.0, top_p=1.0):
+  def __init__(self, cfg_model, *, batch, length, temperature=0.0, top_p=1.0, n_valid=None):
     self.cfg_model, self.batch, self.length = cfg_model, batch, length
     self.dtype = compute_dtype(cfg_model)
     fwd = functools.partial(forward, cfg_model=cfg_model, dtype=self.dtype)
-    pick = functools.partial(sample, temperature=temperature, top_p=top_p)
+    sample_fn = functools.partial(sample, temperature=temperature, top_p=top_p)
+
+    def pick(logits_BV, key):
+      if n_valid is not None and n_valid < logits_BV.shape[-1]:
+        # Ids past the tokenizer's pieces have untrained embeddings and no text: never emit them.
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < n_valid, logits_BV, -jnp.inf)
+      return sample_fn(logits_BV, key)
 
     def prefill(params, tokens_BT, lengths_B, key):
       B, T = tokens_BT.shape
@@ -125,8 +131,9 @@ class Decoder:
 
 
 def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, temperature=0.0,
-             top_p=1.0, seed=0, on_token=None):
+             top_p=1.0, seed=0, n_valid=None, on_token=None):
   """New tokens for each prompt (lists of ids), stopping after eos_id (kept) or max_new_tokens.
+  n_valid: the tokenizer's vocab size when it is below the model's (only those ids are sampled).
 
   on_token(i, token) is called as soon as row i's next token is known (for streaming).
   """
@@ -147,7 +154,8 @@ def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, tempera
   tokens_BT = np.zeros((B, T), np.int32)
   for i, p in enumerate(prompts):
     tokens_BT[i, :len(p)] = p
-  decoder = Decoder(cfg_model, batch=B, length=length, temperature=temperature, top_p=top_p)
+  decoder = Decoder(cfg_model, batch=B, length=length, temperature=temperature, top_p=top_p,
+                    n_valid=n_valid)
   key = jax.random.key(seed)
   out = [[] for _ in range(B)]
   done = np.zeros(B, bool)
@@ -208,6 +216,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from tinyllama_jax import export
   from tinyllama_jax.data import tokenizer as tokenizer_lib
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the console is for the generated text
   if not FLAGS.workdir:
     raise ValueError("--workdir is required")
   prompts = list(FLAGS.prompt)
@@ -235,7 +245,7 @@ def main(argv):
     sys.stdout.write(prompts[0])
   outs = generate(params, cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
                   eos_id=tok.eos_id, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                  seed=FLAGS.seed, on_token=stream)
+                  seed=FLAGS.seed, n_valid=tok.vocab_size, on_token=stream)
   if stream:
     sys.stdout.write("\n")
     return

@@ -1,0 +1,272 @@
+"""HF interop against the real library: random HF Llama (GQA) -> import -> our logits equal
+HF's -> export -> reload in transformers -> identical tensors and logits; the same from our own
+trained (sharded) checkpoint; the exported tokenizer encodes like ours; bad input fails cleanly.
+
+The helpers at the top are shared with test_generate.py and test_evaluate.py."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from tinyllama_jax import config as config_lib
+from tinyllama_jax import export, hf
+from tinyllama_jax.data import tokenizer as tokenizer_lib
+from tinyllama_jax.model import Llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_texts(pattern="json/*.py"):
+  return [open(p, encoding="utf-8").read() for p in sorted(glob.glob(os.path.join(STDLIB, pattern)))]
+
+
+def make_tokenizer(path, vocab_size=512):
+  return tokenizer_lib.train_tokenizer(stdlib_texts("email/*.py") + stdlib_texts(), path,
+                                       vocab_size)
+
+
+def make_hf_llama(directory, tokenizer_path=None, **overrides):
+  """A random LlamaForCausalLM with GQA saved as safetensors (+ tokenizer.model if given).
+  A large init range makes its next-token choices confident, so greedy decoding has no ties."""
+  fields = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+  fields.update(overrides)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
+  with torch.no_grad():  # norm weights are 1 at init: make them matter (a transposed norm shows)
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.5, 1.5)
+  model.save_pretrained(directory)
+  if tokenizer_path:
+    import shutil
+    shutil.copyfile(tokenizer_path, os.path.join(directory, "tokenizer.model"))
+  return model
+
+
+def our_logits(params, cfg_model, tokens_BT):
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg_model, rngs=nnx.Rngs(params=0))))
+  return np.asarray(nnx.merge(graphdef, jax.device_put(params))(np.asarray(tokens_BT)))
+
+
+def hf_logits(model, tokens_BT):
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(tokens_BT))).logits.float().numpy()
+
+
+def load_hf(directory):
+  return transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                           dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+  return make_tokenizer(str(tmp_path_factory.mktemp("tok") / "tokenizer.model")).path
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, tokenizer_file):
+  """(hf_dir, hf_model, workdir): a random HF Llama and its import as a run."""
+  root = tmp_path_factory.mktemp("interop")
+  hf_dir, workdir = str(root / "hf"), str(root / "run")
+  model = make_hf_llama(hf_dir, tokenizer_file)
+  export.import_hf(hf_dir, workdir, base_config_path=os.path.join(REPO, "configs/tiny.py"))
+  return hf_dir, model, workdir
+
+
+TOKENS = np.random.default_rng(0).integers(0, 512, (2, 17))
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def test_import_logits_equal_hf(imported):
+  _, model, workdir = imported
+  cfg = export.run_config(workdir, export.resolve_step(workdir))
+  assert (cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.rope_theta) == (4, 2, 500.0)
+  params = export.load_params(workdir, 0, cfg.model)
+  diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
+  assert diff <= 1e-4, diff
+
+
+def test_import_is_a_run_train_continues(imported):
+  """The trainer's own Run restores the import: step 0, same params, fresh data stream."""
+  from tinyllama_jax import train as train_lib
+  hf_dir, _, workdir = imported
+  cfg = config_lib.load_config_file(os.path.join(workdir, "config.py"))
+  assert cfg.data.tokenizer == os.path.join(workdir, "tokenizer", "tokenizer.model")
+  assert os.path.isfile(cfg.data.tokenizer)
+  run = train_lib.Run(cfg, workdir)
+  state, data_state, step = run.initial_state()  # restores and verifies the checksums
+  assert step == 0 and int(state["step"]) == 0 and data_state == {}
+  reader = hf.SafetensorsReader(hf_dir)
+  np.testing.assert_array_equal(np.asarray(state["params"]["layers"]["wk"][1]),
+                                reader.get("model.layers.1.self_attn.k_proj.weight").T.reshape(
+                                    64, 2, 16))
+  assert jax.tree.structure(state) == jax.tree.structure(run.abstract_state)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_roundtrip_identical(imported, tmp_path):
+  hf_dir, model, workdir = imported
+  out = str(tmp_path / "out")
+  report = export.export(workdir, out, dtype="fp32", max_shard_size="60KB")
+  assert len(report["files"]) > 2 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+  reloaded = load_hf(out)
+  want, got = model.state_dict(), reloaded.state_dict()
+  assert set(want) == set(got)
+  for name in want:
+    assert torch.equal(want[name], got[name]), name
+  np.testing.assert_array_equal(hf_logits(reloaded, TOKENS), hf_logits(model, TOKENS))
+  # A plain PyTorch state dict for users without transformers: the shards, HF names.
+  from safetensors.torch import load_file
+  state_dict = {}
+  for f in report["files"]:
+    state_dict.update(load_file(os.path.join(out, f)))
+  assert set(state_dict) == set(want)
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
+  assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == 2
+
+
+def test_export_bf16_single_file(imported, tmp_path):
+  _, model, workdir = imported
+  out = str(tmp_path / "out")
+  assert export.export(workdir, out, dtype="bf16", max_shard_size="0")["files"] == [
+      "model.safetensors"]
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+  assert reloaded.dtype == torch.bfloat16
+  for name, w in model.state_dict().items():
+    assert torch.equal(w.to(torch.bfloat16), reloaded.state_dict()[name]), name
+
+
+def test_trained_sharded_checkpoint_roundtrip(tmp_path):
+  """Our own trained run, its state sharded over 8 devices -> export -> transformers logits equal
+  ours -> import back -> identical parameters."""
+  from tinyllama_jax import train as train_lib
+  cfg = config_lib.load_config_file(os.path.join(REPO, "configs/tiny.py"))
+  m, t = cfg.model, cfg.train
+  m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim = 64, 2, 4, 2, 16, 128
+  m.vocab_size, m.max_seq_len = 512, 32
+  cfg.data.tokenizer_vocab_size, cfg.data.tokenizer_train_bytes = 512, 200_000
+  t.seq_len, t.global_batch, t.micro_batch_per_device = 32, 8, 1
+  t.steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 2, 1, 2, 2, 1
+  t.sample_tokens, t.async_checkpoint = 0, False
+  cfg.optim.warmup_steps = 1
+  cfg.mesh.fsdp = 8
+  run_dir, out, back = (str(tmp_path / n) for n in ("run", "out", "back"))
+  train_lib.train(cfg, run_dir)
+  params = export.load_params(run_dir, 2, cfg.model)
+  export.export(run_dir, out, dtype="fp32")
+  tokens = TOKENS % 512
+  diff = np.abs(hf_logits(load_hf(out), tokens) - our_logits(params, cfg.model, tokens)).max()
+  assert diff <= 1e-4, diff
+  export.import_hf(out, back)
+  jax.tree.map(np.testing.assert_array_equal, export.load_params(back, 0, cfg.model), params)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_exported_tokenizer_encodes_like_ours(imported, tokenizer_file, tmp_path):
+  _, _, workdir = imported
+  out = str(tmp_path / "out")
+  export.export(workdir, out, dtype="fp32")
+  theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+  ours = tokenizer_lib.Tokenizer(tokenizer_file)
+  texts = stdlib_texts("*.py")[::6] + [
+      " leading space", "  two", "   x", " ", "", "a   b  ", "\t\n  tab", "ünïcödé 中文 😀",
+      "literal <s> and </s> stay text", "1234567 89"]
+  for text in texts:
+    assert theirs(text)["input_ids"] == [ours.bos_id] + ours.encode(text), text[:40]
+    assert theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True) == text, text[:40]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def leftovers(parent):
+  return [n for n in os.listdir(parent) if ".tmp-" in n]
+
+
+def test_bad_inputs_fail_cleanly(imported, tmp_path, tokenizer_file):
+  hf_dir, _, workdir = imported
+  out = str(tmp_path / "out")
+  with pytest.raises(ValueError, match="does not exist"):
+    export.export(str(tmp_path / "nope"), out)
+  with pytest.raises(ValueError, match=r"no checkpoint for step 7.*\[0\]"):
+    export.export(workdir, out, step=7)
+  os.makedirs(out)
+  open(os.path.join(out, "x"), "w").close()
+  with pytest.raises(ValueError, match="not empty"):
+    export.export(workdir, out)
+
+  not_llama = str(tmp_path / "mistral")
+  make_hf_llama(not_llama)
+  config = json.load(open(os.path.join(not_llama, "config.json")))
+  json.dump({**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"]},
+            open(os.path.join(not_llama, "config.json"), "w"))
+  with pytest.raises(ValueError, match="not a Llama model.*mistral"):
+    export.import_hf(not_llama, str(tmp_path / "w1"))
+
+  pickled = str(tmp_path / "pickled")
+  os.makedirs(pickled)
+  json.dump(config, open(os.path.join(pickled, "config.json"), "w"))
+  open(os.path.join(pickled, "pytorch_model.bin"), "wb").close()
+  with pytest.raises(ValueError, match="pickle is refused.*save_pretrained"):
+    export.import_hf(pickled, str(tmp_path / "w2"))
+
+  with pytest.raises(ValueError, match="no tokenizer.model"):
+    export.import_hf(_no_tokenizer(tmp_path), str(tmp_path / "w3"))
+  with pytest.raises(ValueError, match="not a directory"):
+    export.import_hf(str(tmp_path / "missing"), str(tmp_path / "w4"))
+  for name in ("w1", "w2", "w3", "w4"):
+    assert not os.path.exists(tmp_path / name)
+  assert leftovers(tmp_path) == []
+
+
+def _no_tokenizer(tmp_path):
+  d = str(tmp_path / "no_tok")
+  make_hf_llama(d)
+  return d
+
+
+def test_failure_midway_leaves_nothing(imported, tmp_path, monkeypatch):
+  _, _, workdir = imported
+
+  def broken(path, x):
+    raise OSError("disk full")
+  monkeypatch.setattr(hf, "to_hf", broken)
+  with pytest.raises(OSError):
+    export.export(workdir, str(tmp_path / "out"))
+  assert os.listdir(tmp_path) == []
+
+
+def test_cli_one_line_errors(imported, tmp_path):
+  _, _, workdir = imported
+  for args in ([f"--workdir={workdir}", "--step=9", f"--out={tmp_path}/o"],
+               [f"--from_hf={workdir}", f"--workdir={tmp_path}/w"]):
+    proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.export", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+  assert os.listdir(tmp_path) == []

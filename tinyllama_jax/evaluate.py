@@ -1,0 +1,183 @@
+"""Loss and perplexity of a run on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
+
+--data is a .jsonl file (one document a line, in --text_field), any other text file (the whole
+file is one document), a comma-separated list or glob of those, or `split:eval` / `split:train`
+for the run's own data pipeline (--batches batches of it).
+
+Files are scored document by document, as training tokenized them (BOS/EOS per the run's
+data.add_bos / add_eos): a document longer than --seq_len is cut into windows that overlap by one
+token, so every (input, target) pair counts exactly once and no window sees another document.
+The loss is the mean over all scored tokens; perplexity is exp(loss).
+"""
+
+import functools
+import glob
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from tinyllama_jax import config as config_lib
+from tinyllama_jax.model import Llama
+
+
+def read_documents(spec, text_field="text"):
+  """(documents, skipped) from files; unreadable files and empty documents are counted, logged."""
+  paths = []
+  for part in spec.split(","):
+    matched = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+    paths += matched
+    if not matched or not all(os.path.isfile(p) for p in matched):
+      raise ValueError(f"--data: {part!r} is not a file (give a .txt/.jsonl file, a glob, or "
+                       "split:eval)")
+  docs, skipped = [], 0
+  for path in paths:
+    try:
+      with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+          docs.append(f.read())
+          continue
+        for n, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          try:
+            docs.append(json.loads(line)[text_field])
+          except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n} is not a JSON object with a {text_field!r} field "
+                             "(set --text_field)") from None
+    except UnicodeDecodeError:
+      skipped += 1
+      logging.warning("skipping %s: not UTF-8 text", path)
+  kept = [d for d in docs if d]
+  skipped += len(docs) - len(kept)
+  if skipped:
+    logging.warning("skipped %d empty or unreadable documents", skipped)
+  return kept, skipped
+
+
+def document_rows(token_docs, seq_len):
+  """[(inputs, targets)] windows of at most seq_len pairs, overlapping by one token."""
+  rows = []
+  for ids in token_docs:
+    for s in range(0, len(ids) - 1, seq_len):
+      window = ids[s:s + seq_len + 1]
+      rows.append((window[:-1], window[1:]))
+  return rows
+
+
+def row_batches(rows, batch_size, seq_len):
+  """Right-padded [batch_size, seq_len] batches (padding rows and tokens have loss_mask 0)."""
+  for b in range(0, len(rows), batch_size):
+    batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("inputs", "targets")}
+    batch["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)
+    for i, (inputs, targets) in enumerate(rows[b:b + batch_size]):
+      batch["inputs"][i, :len(inputs)] = inputs
+      batch["targets"][i, :len(targets)] = targets
+      batch["loss_mask"][i, :len(inputs)] = 1.0
+    batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                         (batch_size, seq_len)).copy()
+    yield batch
+
+
+def loss_sums(params, batch, *, graphdef, use_segments):
+  """(sum of masked token losses, number of counted tokens) of one batch, logits in fp32."""
+  model = nnx.merge(graphdef, params)
+  segment_ids = batch["segment_ids"] if use_segments else None
+  logits_BTV = model(batch["inputs"], batch["positions"], segment_ids)
+  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+  return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
+def evaluate_batches(params, cfg, batches, *, use_segments=False):
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=0))))
+  fn = jax.jit(functools.partial(loss_sums, graphdef=graphdef, use_segments=use_segments))
+  loss_sum, count, n = 0.0, 0.0, 0
+  for batch in batches:
+    s, c = fn(params, batch)
+    loss_sum, count, n = loss_sum + float(s), count + float(c), n + 1
+  if count == 0:
+    raise ValueError("nothing to score: the data has no document of two or more tokens")
+  loss = loss_sum / count
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count),
+          "batches": n}
+
+
+def evaluate_files(params, cfg, tokenizer, spec, *, seq_len, batch_size, text_field="text"):
+  docs, skipped = read_documents(spec, text_field)
+  bos = [tokenizer.bos_id] if cfg.data.get("add_bos", True) else []
+  eos = [tokenizer.eos_id] if cfg.data.get("add_eos", True) else []
+  token_docs = [bos + ids + eos for ids in tokenizer.encode_batch(docs)]
+  rows = document_rows(token_docs, seq_len)
+  result = evaluate_batches(params, cfg, row_batches(rows, batch_size, seq_len))
+  return {**result, "documents": len(docs), "skipped_documents": skipped, "rows": len(rows)}
+
+
+def evaluate_split(params, cfg, tokenizer, split, *, seq_len, batch_size, batches):
+  from tinyllama_jax.data import pipeline  # grain loads only for this mode
+  it = pipeline.make_iterator(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size,
+                              seed=cfg.seed, process_index=0, process_count=1,
+                              tokenizer=tokenizer, vocab_size=cfg.model.vocab_size)
+  try:
+    taken = [next(it) for _ in range(batches)]
+  finally:
+    it.close()
+  return evaluate_batches(params, cfg, taken, use_segments=cfg.data.packing != "concat")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Run directory (train's --workdir, or an import).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("data", None, "Text/.jsonl file(s) (comma list or glob), or split:eval.")
+  flags.DEFINE_string("text_field", "text", ".jsonl field holding the document.")
+  flags.DEFINE_integer("seq_len", 0, "Window length (0: the run's train.seq_len).")
+  flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+  flags.DEFINE_integer("batches", 16, "split:...: how many batches to score.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from tinyllama_jax import export
+  from tinyllama_jax.data import tokenizer as tokenizer_lib
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if not FLAGS.workdir or not FLAGS.data:
+    raise ValueError("--workdir and --data are required")
+  step = export.resolve_step(FLAGS.workdir, FLAGS.step)
+  cfg = export.run_config(FLAGS.workdir, step)
+  seq_len = min(FLAGS.seq_len or cfg.train.seq_len, cfg.model.max_seq_len)
+  tok_path = export.tokenizer_path(cfg, FLAGS.workdir)
+  tokenizer = tokenizer_lib.Tokenizer(tok_path) if tok_path else None
+  params = jax.device_put(export.load_params(FLAGS.workdir, step, cfg.model))
+  if FLAGS.data.startswith("split:"):
+    result = evaluate_split(params, cfg, tokenizer, FLAGS.data[len("split:"):],
+                            seq_len=seq_len, batch_size=FLAGS.batch_size, batches=FLAGS.batches)
+  else:
+    if tokenizer is None:
+      raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer: use --data=split:eval")
+    result = evaluate_files(params, cfg, tokenizer, FLAGS.data, seq_len=seq_len,
+                            batch_size=FLAGS.batch_size, text_field=FLAGS.text_field)
+  result.update(step=step, data=FLAGS.data, seq_len=seq_len)
+  print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+        f"{result['tokens']:,} tokens")
+  print(json.dumps(result))
+
+
+def run_cli():
+  define_flags()
+  config_lib.exit_on_error(lambda: app.run(main))
+
+
+if __name__ == "__main__":
+  run_cli()
