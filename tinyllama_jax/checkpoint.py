@@ -1,24 +1,48 @@
-"""orbax checkpoints of a run: train state, data-iterator position, config and versions.
+"""orbax checkpoints of a run: train state, data-iterator position, config, versions, checksums.
 
 Layout under `workdir/checkpoints/<step>/`: `state` (params, optimizer state, step, RNG, as
 sharded arrays: restoring onto another mesh only needs other target shardings), `data` (the
-iterator's JSON state: resuming costs O(1), no replay), `meta` (config, library versions).
-orbax writes each step into a temporary directory and renames it when complete, so a save cut
-short is never listed, never loaded.
+iterator's JSON state: resuming costs O(1), no replay), `meta` (config, library versions and a
+checksum of every state array and of the data state).
+
+What can go wrong on disk, and what happens:
+- A save cut short (kill -9, crash, full disk, a second signal): orbax writes into
+  `<step>.orbax-checkpoint-tmp` and renames it only once complete, so the step is never listed.
+  Such directories are counted and reported at start, then removed; never loaded.
+- A committed step damaged later (files deleted or truncated, bits flipped; orbax restores flipped
+  bits without complaint): the restore fails or its checksum disagrees. The run falls back to the
+  newest checkpoint that verifies, says so, and moves the damaged ones to `checkpoints.corrupt/`.
+  If none verifies it stops: it never starts from scratch over checkpoints it cannot read.
+- A save that fails (full disk): one clear error; the checkpoints already written are untouched.
 """
 
+import hashlib
 import importlib.metadata
+import json
+import os
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 # The fields that fix the parameter shapes: a checkpoint only continues a run that agrees on them.
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step not yet committed
+# A different major.minor of these may read or compute differently: worth a warning on resume.
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written, or none of the existing ones can be read."""
 
 
 def versions():
   out = {}
-  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
+  for pkg in VERSIONED:
     try:
       out[pkg] = importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -26,22 +50,140 @@ def versions():
   return out
 
 
+# ----------------------------------------------------------------------------- checksums
+
+
+def _leaf_checksum(x):
+  """Two wrapping uint32 sums of the leaf's bit patterns, the second position-weighted: exact
+  (no float rounding), independent of reduction order, so equal on every mesh; one flipped bit or
+  two swapped elements change it. Per-axis iotas instead of a flat index keep shardings intact."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8-byte: a trailing 2 axis
+  weight = jnp.ones(bits.shape, jnp.uint32)
+  for axis, mix in zip(range(bits.ndim), (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1)):
+    weight = weight + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(mix)
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * (weight | 1), dtype=jnp.uint32)])
+
+
+@jax.jit
+def _checksums(state):
+  leaves = jax.tree.leaves(state)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
+                              if jnp.issubdtype(x.dtype, jnp.floating)]))
+  return jnp.stack([_leaf_checksum(x) for x in leaves]), finite
+
+
+def checksums(state):
+  """([n_leaves][2] ints, all floats finite) of a state tree, computed where the arrays live."""
+  sums, finite = jax.device_get(_checksums(state))
+  return np.asarray(sums).tolist(), bool(finite)
+
+
+def _data_digest(data_state):
+  return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+
+
+def _slow_commit_path_class(seconds):
+  """Test only (train.inject_save_sleep_s): orbax's own temporary path, but every commit waits
+  first, so the fault suite can kill a process while a save is written and not yet committed."""
+
+  class SlowCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+
+    async def finalize(self, *args, **kwargs):
+      logging.info("inject_save_sleep_s: sleeping %.1f s before committing %s", seconds, self.get())
+      time.sleep(seconds)
+      return await super().finalize(*args, **kwargs)
+
+  return SlowCommit
+
+
+def incomplete_saves(directory):
+  return sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else ())
+                if TMP_SUFFIX in name)
+
+
+def _one_line(error, limit=300):
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Checkpointer:
 
-  def __init__(self, directory, *, keep, async_save=True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+  def __init__(self, directory, *, keep, async_save=True, inject_save_sleep_s=0.0):
+    self.directory = directory
+    self.incomplete = incomplete_saves(directory)
+    if self.incomplete:  # reported before orbax removes them (cleanup_tmp_directories)
+      logging.warning("found %d incomplete checkpoint save(s) in %s (cut short by a kill, crash or "
+                      "full disk): %s; never loaded, removing them", len(self.incomplete),
+                      directory, ", ".join(self.incomplete))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        temporary_path_class=(_slow_commit_path_class(inject_save_sleep_s)
+                              if inject_save_sleep_s else None))
     self.manager = ocp.CheckpointManager(directory, options=options)
+    self._saving = None  # the step an async save may still be writing
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
 
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state, data_state, cfg, force=False):
-    meta = {"step": int(step), "config": cfg.to_dict(), "versions": versions()}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+  def save(self, step, state, data_state, cfg):
+    """Refuses a state with NaN/inf (the last good checkpoint stays the latest); a failed write
+    becomes one CheckpointError naming the cause and the checkpoints still intact."""
+    self.wait()  # a failed async save surfaces here, under its own step
+    sums, finite = checksums(state)
+    if not finite:
+      raise CheckpointError(f"refusing to save step {step}: the train state holds NaN or inf; "
+                            f"{self._intact()}")
+    meta = {"step": int(step), "config": cfg.to_dict(), "versions": versions(),
+            "checksums": sums, "data_sha256": _data_digest(data_state)}
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # orbax reports a full disk as ValueError('RESOURCE_EXHAUSTED ...')
+      self._save_failed(step, e)
+    self._saving = step
+
+  def wait(self):
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._save_failed(self._saving, e)
+    self._saving = None
+
+  def close(self):
+    try:
+      self.manager.close()
+    except Exception as e:
+      self._save_failed(self._saving, e)
+
+  def _intact(self):
+    self.manager.reload()
+    steps = self.all_steps()
+    return (f"the complete checkpoints {steps} are intact and a rerun resumes from step {steps[-1]}"
+            if steps else "no complete checkpoint exists yet")
+
+  def _save_failed(self, step, error):
+    reason = _one_line(error)
+    hint = "see the cause above"
+    if "No space left" in reason or getattr(error, "errno", None) == 28:
+      reason, hint = "no space left on device", "free disk space or move --workdir to a bigger disk"
+    if step is not None and jax.process_index() == 0:  # give back the space the partial save took
+      shutil.rmtree(os.path.join(self.directory, f"{step}{TMP_SUFFIX}"), ignore_errors=True)
+    raise CheckpointError(f"could not write checkpoint {step} to {self.directory} ({reason}): "
+                          f"{hint}; {self._intact()}") from error
 
   def read_meta(self, step):
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -52,11 +194,68 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def _restore_verified(self, step, abstract_state, meta):
+    state, data = self.restore(step, abstract_state)
+    if meta.get("step") != step:
+      raise ValueError(f"its metadata says step {meta.get('step')}")
+    if "checksums" not in meta:
+      logging.warning("checkpoint %d has no checksums (written by an older version): not verified",
+                      step)
+      return state, data
+    sums, _ = checksums(state)
+    bad = [jax.tree_util.keystr(path) for (path, _), have, want
+           in zip(jax.tree_util.tree_leaves_with_path(state), sums, meta["checksums"])
+           if have != want]
+    if bad or len(sums) != len(meta["checksums"]):
+      raise ValueError(f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:5])}")
+    if _data_digest(data) != meta.get("data_sha256"):
+      raise ValueError("checksum mismatch in the data-iterator state")
+    return state, data
 
-  def close(self):
-    self.manager.close()
+  def restore_latest(self, abstract_state, check_meta):
+    """(step, state, data_state, meta) of the newest checkpoint that reads back and verifies, or
+    None when there is none at all. check_meta(meta) runs first: its errors (another
+    architecture) stop the run rather than skip the checkpoint."""
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        meta = self.read_meta(step)
+      except Exception as e:
+        damaged.append((step, f"unreadable metadata: {_one_line(e)}"))
+        continue
+      check_meta(meta)
+      try:
+        state, data = self._restore_verified(step, abstract_state, meta)
+      except Exception as e:
+        damaged.append((step, _one_line(e)))
+        continue
+      for bad_step, problem in damaged:
+        logging.error("checkpoint %d is corrupt or incomplete (%s): skipped", bad_step, problem)
+      if damaged:
+        self._quarantine([s for s, _ in damaged])
+        logging.warning("resuming from checkpoint %d, the newest that verifies (%d newer one(s) "
+                        "were damaged; the steps since are trained again)", step, len(damaged))
+      return step, state, data, meta
+    if damaged:
+      raise CheckpointError(
+          f"none of the {len(damaged)} checkpoints in {self.directory} can be read back ("
+          + "; ".join(f"{s}: {p}" for s, p in damaged[:3])
+          + "): restore them from a copy, or move the directory away to start from scratch")
+    return None
+
+  def _quarantine(self, steps):
+    """Moves damaged steps aside (kept for inspection) so the run can save those steps again."""
+    if jax.process_index() == 0:
+      aside = self.directory.rstrip("/") + ".corrupt"
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        logging.warning("moved damaged checkpoint %d to %s", step, target)
+    self.manager.reload()
+
+
+# ----------------------------------------------------------------------------- loading checks
 
 
 def check_architecture(saved_cfg, cfg_model, directory):
@@ -67,6 +266,44 @@ def check_architecture(saved_cfg, cfg_model, directory):
   if diffs:
     raise ValueError(f"the checkpoint in {directory} is a different architecture "
                      f"({'; '.join(diffs)}): use a new --workdir or the config it was trained with")
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(saved_cfg, cfg_dict):
+  saved, now = _flatten(saved_cfg), _flatten(cfg_dict)
+  return [f"{k}: {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+          for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def version_differences(saved_versions):
+  """Packages whose major.minor differs between the checkpoint and this run."""
+  now = versions()
+  minor = lambda v: ".".join(str(v).split(".")[:2]) if v else None
+  return [f"{pkg} {saved_versions.get(pkg)} -> {now.get(pkg)}" for pkg in VERSIONED
+          if minor(saved_versions.get(pkg)) != minor(now.get(pkg))]
+
+
+def check_resume(meta, cfg, directory):
+  """Another architecture is an error; other config or library differences are warnings."""
+  check_architecture(meta.get("config", {}), cfg.model, directory)
+  diffs = config_differences(meta.get("config", {}), cfg.to_dict())
+  if diffs:
+    logging.warning("resuming checkpoint %s with a different config (%d keys): %s",
+                    meta.get("step"), len(diffs), "; ".join(diffs))
+  changed = version_differences(meta.get("versions", {}))
+  if changed:
+    logging.warning("checkpoint %s was written with other library versions (%s): resuming, but "
+                    "results may not match the uninterrupted run bitwise", meta.get("step"),
+                    "; ".join(changed))
 
 
 def abstract_like(tree, shardings):

@@ -66,6 +66,16 @@ def train_config():
   c.async_checkpoint = True
   c.sample_tokens = 0  # >0: print a greedy sample of this many tokens at the end
   c.profile_steps = ""
+  # Faults (tinyllama_jax/faults.py). SIGTERM/SIGINT: finish the step, save, exit 0 within this.
+  c.grace_period_s = 60.0
+  # Non-finite loss or gradients: 'stop' (exit with an error) or 'skip' (drop that update, count
+  # it, stop once more than max_nan_skips were dropped). Either way the state stays finite.
+  c.nan_policy = "stop"
+  c.max_nan_skips = 20
+  # Test-only fault injection (the fault suite in tests/test_faults.py); never set in real runs.
+  c.inject_nan_steps = ""  # comma-separated steps (1-based) whose loss and gradients become NaN
+  c.inject_step_sleep_s = 0.0  # sleep after each step: a signal lands at a known step
+  c.inject_save_sleep_s = 0.0  # sleep before a save is committed: a kill lands inside the save
   return c
 
 

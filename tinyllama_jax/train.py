@@ -21,7 +21,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from tinyllama_jax import checkpoint, config as config_lib, distributed, kernels, metrics, optim, sharding
+from tinyllama_jax import (checkpoint, config as config_lib, distributed, faults, kernels, metrics,
+                           optim, sharding)
 from tinyllama_jax.model import Llama, flops_per_token, param_count
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
@@ -29,40 +30,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, tb/, config.json.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the step, print its memory plan, exit.")
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def check_config(cfg, n_devices, n_batch_devices, n_processes):
-  """Every inconsistency that would otherwise surface as a shape error deep in a trace."""
-  m, t = cfg.model, cfg.train
-  if t.seq_len > m.max_seq_len:
-    raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-  if m.n_heads % m.n_kv_heads:
-    raise ValueError(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads "
-                     f"({m.n_kv_heads})")
-  micro = t.micro_batch_per_device * n_batch_devices
-  if t.global_batch % micro:
-    raise ValueError(f"train.global_batch ({t.global_batch}) must be a multiple of "
-                     f"micro_batch_per_device x batch devices ({t.micro_batch_per_device} x "
-                     f"{n_batch_devices} = {micro})")
-  if micro % n_processes:
-    raise ValueError(f"the micro-batch ({micro}) must divide over {n_processes} processes")
-  if cfg.data.get("tokenizer_vocab_size", 0) > m.vocab_size and not cfg.data.get("tokenizer"):
-    raise ValueError(f"data.tokenizer_vocab_size ({cfg.data.tokenizer_vocab_size}) exceeds "
-                     f"model.vocab_size ({m.vocab_size})")
-  del n_devices
-
-
-def check_workdir(workdir):
-  path = os.path.abspath(workdir)
-  probe = path
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-    raise ValueError(f"workdir {workdir!r} is not writable ({probe} is not a writable "
-                     f"directory): pass another --workdir")
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -73,7 +40,7 @@ def make_init_fn(cfg, tx):
     model = Llama(cfg.model, rngs=nnx.Rngs(params=rng))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.fold_in(rng, 1)}
+            "rng": jax.random.fold_in(rng, 1), "nan_skips": jnp.zeros((), jnp.int32)}
   return init
 
 
@@ -114,12 +81,20 @@ def train_step(state, batch_AMT, *, graphdef, cfg, tx, schedule):
         accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch_AMT)
   # Gradients of the mean over all counted tokens of the whole step, as one big batch would give.
   count = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g: g / count, grads)
+  loss, grads = faults.inject_nan(loss_sum / count, jax.tree.map(lambda g: g / count, grads),
+                                  state["step"], faults.parse_steps(cfg.train.inject_nan_steps))
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-               "opt_state": opt_state, "rng": jax.random.fold_in(state["rng"], state["step"])}
-  return new_state, {"train/loss": loss_sum / count, "train/grad_norm": optax.global_norm(grads),
-                     "train/lr": schedule(state["step"]), "train/tokens": count}
+  # A non-finite step leaves params and optimizer as they were; it still consumes its batch.
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, opt_state = faults.keep_if_nonfinite(
+      ok, (optax.apply_updates(params, updates), opt_state), (params, state["opt_state"]))
+  nan_skips = state["nan_skips"] + (~ok).astype(jnp.int32)
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+               "rng": jax.random.fold_in(state["rng"], state["step"]), "nan_skips": nan_skips}
+  return new_state, {"train/loss": loss, "train/grad_norm": grad_norm,
+                     "train/lr": schedule(state["step"]), "train/tokens": count,
+                     "train/skipped": ~ok, "train/nan_skips": nan_skips}
 
 
 def eval_step(params, batch, *, graphdef, cfg):
@@ -136,8 +111,7 @@ class Run:
     self.cfg, self.workdir = cfg, workdir
     self.mesh = sharding.make_mesh(cfg.mesh)
     n_batch_devices = sharding.batch_devices(self.mesh)
-    check_config(cfg, jax.device_count(), n_batch_devices, jax.process_count())
-    check_workdir(workdir)
+    faults.check_config(cfg, n_batch_devices, jax.process_count())
     t = cfg.train
     self.micro_batch = t.micro_batch_per_device * n_batch_devices
     self.accum = t.global_batch // self.micro_batch
@@ -146,6 +120,7 @@ class Run:
 
     init = make_init_fn(cfg, self.tx)
     abstract = jax.eval_shape(init, jax.random.key(0))
+    faults.check_environment(workdir, abstract)
     self.state_shardings = sharding.tree_shardings(abstract, self.mesh)
     self.abstract_state = checkpoint.abstract_like(abstract, self.state_shardings)
     self.batch_sharding = sharding.accum_batch_sharding(self.mesh)
@@ -153,11 +128,16 @@ class Run:
     self._init = jax.jit(init, out_shardings=self.state_shardings)
 
     self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                        keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-    self.restore_step = self.ckpt.latest_step()
-    if self.restore_step is not None:  # refuse before anything is written into the workdir
-      checkpoint.check_architecture(self.ckpt.read_meta(self.restore_step)["config"], cfg.model,
-                                    workdir)
+                                        keep=t.keep_checkpoints, async_save=t.async_checkpoint,
+                                        inject_save_sleep_s=t.inject_save_sleep_s)
+    latest = self.ckpt.latest_step()
+    if latest is not None:  # refuse another architecture before anything is written
+      try:
+        saved_cfg = self.ckpt.read_meta(latest)["config"]
+      except Exception:  # pylint: disable=broad-except
+        saved_cfg = None  # damaged: initial_state() reports it and falls back
+      if saved_cfg is not None:
+        checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
 
   def batch_spec(self, leading):
     T = self.cfg.train.seq_len
@@ -184,10 +164,15 @@ class Run:
     return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.eval_sharding))
 
   def initial_state(self):
-    if self.restore_step is None:
-      return self._init(jax.random.key(self.cfg.seed)), None
-    logging.info("resuming from %s/checkpoints/%d", self.workdir, self.restore_step)
-    return self.ckpt.restore(self.restore_step, self.abstract_state)
+    """(state, data state or None, step of the checkpoint or None): the newest checkpoint that
+    verifies, else a fresh init; never a fresh init over checkpoints that all fail to read."""
+    found = self.ckpt.restore_latest(
+        self.abstract_state, lambda meta: checkpoint.check_resume(meta, self.cfg, self.workdir))
+    if found is None:
+      return self._init(jax.random.key(self.cfg.seed)), None, None
+    step, state, data_state, _ = found
+    logging.info("resuming from %s/checkpoints/%d", self.workdir, step)
+    return state, data_state, step
 
 
 def memory_report(compiled):
@@ -204,6 +189,13 @@ def memory_report(compiled):
 
 
 def make_data(cfg, workdir, split, batch_size):
+  try:
+    return _make_data(cfg, workdir, split, batch_size)
+  except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    raise faults.data_error(e) from e
+
+
+def _make_data(cfg, workdir, split, batch_size):
   from tinyllama_jax.data import pipeline  # grain loads only when a run needs data
   tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
   if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
@@ -243,7 +235,8 @@ def greedy_sample(params, graphdef, tokenizer, prompt, n_tokens, seq_len):
 
 
 def train(cfg, workdir, dry_run=False):
-  """Runs (or resumes) training; returns the last logged metrics."""
+  """Runs (or resumes) training; returns the last logged metrics. SIGTERM/SIGINT end it early
+  after a checkpoint (`preempted` in the result); faults.py says what else it survives."""
   run = Run(cfg, workdir)
   t = cfg.train
   n_params = param_count(cfg.model)
@@ -251,6 +244,8 @@ def train(cfg, workdir, dry_run=False):
                "sequences per step (accumulation x micro-batch)", f"{n_params:,}",
                f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
                run.accum, run.micro_batch)
+  if not dry_run:  # missing or unreadable data fails now, not after the compile
+    train_it, tokenizer = make_data(cfg, workdir, "train", t.global_batch)
   logging.info("compiling the train step (first compile takes a while)...")
   compiled = run.compile_step()
   memory = memory_report(compiled)
@@ -261,8 +256,7 @@ def train(cfg, workdir, dry_run=False):
     print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
     return {}
 
-  train_it, tokenizer = make_data(cfg, workdir, "train", t.global_batch)
-  state, data_state = run.initial_state()
+  state, data_state, saved_step = run.initial_state()
   if data_state:  # an imported model's checkpoint has none: the stream starts fresh
     train_it.set_state(data_state)
   if jax.process_index() == 0:
@@ -274,45 +268,59 @@ def train(cfg, workdir, dry_run=False):
       tokens_per_step=t.global_batch * t.seq_len, flops_per_token=flops_per_token(cfg.model, t.seq_len),
       n_devices=jax.device_count(), peak_flops=metrics.peak_flops_per_device(cfg.peak_flops),
       total_steps=t.steps)
+  nonfinite = faults.NonFiniteGuard(t.nan_policy, t.max_nan_skips)
 
   step = int(state["step"])
   last = {}
+  preempted = False
   throughput.start(step)
   try:
-    while step < t.steps:
-      local = next(train_it)
-      local = {k: v.reshape(run.accum, -1, *v.shape[1:]) for k, v in local.items()}
-      state, step_metrics = compiled(state, sharding.global_batch_array(local, run.batch_sharding))
-      step += 1
-      if step % t.log_every == 0 or step == t.steps:
-        last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not np.isfinite(last["train/loss"]):
-          raise FloatingPointError(f"loss is {last['train/loss']} at step {step}")
-        last.update(throughput.report(step))
-        metrics.console_line(step, t.steps, last)
-        writer.scalars(step, last)
-      if step % t.eval_every == 0 or step == t.steps:
-        logging.info("evaluating on %d held-out batches...", t.eval_batches)
-        last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, workdir, run.micro_batch,
-                                     run.eval_sharding)
-        logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
-        writer.scalars(step, {"eval/loss": last["eval/loss"]})
-        throughput.start(step)
-      if step % t.checkpoint_every == 0 or step == t.steps:
-        run.ckpt.save(step, state, train_it.get_state(), cfg)
-        throughput.start(step)
-    if t.sample_tokens and tokenizer is not None and jax.process_index() == 0:
+    with faults.Preemption(t.grace_period_s) as preemption:
+      while step < t.steps:
+        local = next(train_it)
+        local = {k: v.reshape(run.accum, -1, *v.shape[1:]) for k, v in local.items()}
+        state, step_metrics = compiled(state, sharding.global_batch_array(local, run.batch_sharding))
+        step += 1
+        nonfinite.record(step, step_metrics)
+        if t.inject_step_sleep_s:  # test only: lets the fault suite signal at a known step
+          time.sleep(t.inject_step_sleep_s)
+        preempted = preemption.requested()
+        if step % t.log_every == 0 or step == t.steps:
+          nonfinite.check(saved_step)
+          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          last.update(throughput.report(step))
+          metrics.console_line(step, t.steps, last)
+          writer.scalars(step, last)
+        if (step % t.eval_every == 0 or step == t.steps) and not preempted:
+          logging.info("evaluating on %d held-out batches...", t.eval_batches)
+          last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, workdir, run.micro_batch,
+                                       run.eval_sharding)
+          logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
+          writer.scalars(step, {"eval/loss": last["eval/loss"]})
+          throughput.start(step)
+        if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+          nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
+          run.ckpt.save(step, state, train_it.get_state(), cfg)
+          saved_step = step
+          throughput.start(step)
+        if preempted:
+          run.ckpt.wait()
+          logging.warning("preempted: checkpoint %d written %.1f s after the signal; exiting",
+                          step, preemption.seconds_since_signal())
+          break
+      run.ckpt.wait()
+    if t.sample_tokens and tokenizer is not None and jax.process_index() == 0 and not preempted:
       sample = greedy_sample(state["params"], run.graphdef, tokenizer, "def ", t.sample_tokens,
                              t.seq_len)
       logging.info("sample (greedy): %r", sample)
       writer.text(step, "sample", sample)
   finally:
-    run.ckpt.wait()
     run.ckpt.close()
     writer.close()
     train_it.close()
   last["step"] = step
   last["params"] = state["params"]
+  last["preempted"] = preempted
   return last
 
 
@@ -334,9 +342,19 @@ def main(argv):
   train(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
 
 
+def _exit_on_fault(fn):
+  """A fault the run stopped on (non-finite steps, a checkpoint it cannot write or read): one
+  line on stderr and exit 3, so a scheduler can tell it from bad input (2) and not requeue."""
+  try:
+    return fn()
+  except (faults.FaultError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
 def run_cli():
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
-  config_lib.exit_on_error(lambda: app.run(main))
+  config_lib.exit_on_error(lambda: _exit_on_fault(lambda: app.run(main)))
 
 
 if __name__ == "__main__":

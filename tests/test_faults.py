@@ -1,0 +1,393 @@
+"""The fault-injection suite: the real train command as a subprocess on a micro model, killed,
+signalled, fed NaN, its checkpoints and data damaged, its disk filled. Each test checks that the
+run stops cleanly or resumes, loses nothing beyond the last checkpoint interval, and that the
+resumed run equals the uninterrupted one bitwise (params, optimizer, RNG, step, data position).
+
+One reference run per module; every process shares a tokenizer and a compilation cache, so a
+process costs ~5-8 s (mostly imports). Checkpointer-level cases run in-process on a tiny state.
+"""
+
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import faults_helpers as fh
+from tinyllama_jax import checkpoint, config as config_lib, faults
+from tinyllama_jax.data import formats
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Environment of every train process: one compilation cache, one CPU device."""
+  cache = tmp_path_factory.mktemp("jax_cache")
+  out = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
+  out.pop("XLA_FLAGS", None)
+  return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  """Trained once; every run names it (data.tokenizer), so no run trains its own."""
+  from tinyllama_jax.data import pipeline
+  from tinyllama_jax.data.config import data_config
+  cfg = data_config()
+  cfg.tokenizer_vocab_size, cfg.tokenizer_train_bytes = 512, 300_000
+  return pipeline.load_tokenizer(cfg, str(tmp_path_factory.mktemp("tokenizer"))).path
+
+
+@pytest.fixture(scope="module")
+def launch(env, tokenizer):
+  def start(workdir, **overrides):
+    return fh.Train(workdir, env, **{"data.tokenizer": tokenizer, **overrides})
+
+  def run(workdir, **overrides):
+    t = start(workdir, **overrides)
+    t.rc = t.wait()
+    return t
+
+  start.run = run
+  return start
+
+
+@pytest.fixture(scope="module")
+def reference(launch, tmp_path_factory):
+  """The uninterrupted run every interrupted one must equal."""
+  workdir = tmp_path_factory.mktemp("reference")
+  t = launch.run(workdir)
+  assert t.rc == 0, t.log[-3000:]
+  assert fh.committed_steps(workdir)[-1] == fh.STEPS
+  return {"workdir": str(workdir), "final": fh.read_checkpoint(workdir)}
+
+
+def resume_and_compare(launch, workdir, reference, **overrides):
+  t = launch.run(workdir, **overrides)
+  assert t.rc == 0, t.log[-3000:]
+  fh.assert_same_checkpoint(fh.read_checkpoint(workdir), reference["final"])
+  return t
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill9_at_a_random_step_resumes_exactly(seed, launch, reference, tmp_path):
+  rng = random.Random(seed)
+  target = rng.randint(2, fh.STEPS - 2)
+  async_save = seed != 1  # one seed with synchronous saves, whose loss bound is one interval
+  t = launch(tmp_path, **{"train.inject_step_sleep_s": 0.1, "train.async_checkpoint": async_save})
+  killed_at = t.wait_for_step(target)
+  t.signal(signal.SIGKILL)
+  assert t.wait() == -signal.SIGKILL
+  before = fh.committed_steps(tmp_path)
+
+  resumed = resume_and_compare(launch, tmp_path, reference,
+                               **{"train.async_checkpoint": async_save})
+  start = fh.resumed_from(resumed.log)
+  assert start == (before[-1] if before else None), resumed.log[-3000:]
+  # Lost: the steps since the last committed save (the kill may land a step after the log
+  # line; an async save may still be in flight).
+  assert killed_at - (start or 0) <= fh.EVERY * (2 if async_save else 1) + 1, (killed_at, start)
+
+
+def test_kill9_inside_a_save_ignores_the_partial_checkpoint(launch, reference, tmp_path):
+  t = launch(tmp_path, **{"train.inject_save_sleep_s": 2.0, "train.async_checkpoint": False})
+  partial = tmp_path / "checkpoints" / f"{2 * fh.EVERY}{fh.TMP_SUFFIX}"
+  t.wait_for_path(partial)
+  time.sleep(0.3)  # inside the save: written, not committed
+  t.signal(signal.SIGKILL)
+  t.wait()
+  assert fh.committed_steps(tmp_path) == [fh.EVERY]
+  assert fh.incomplete(tmp_path) == [partial.name]
+
+  resumed = resume_and_compare(launch, tmp_path, reference, **{"train.async_checkpoint": False})
+  assert "found 1 incomplete checkpoint save(s)" in resumed.log
+  assert fh.resumed_from(resumed.log) == fh.EVERY
+  assert fh.incomplete(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_sigterm_saves_within_the_grace_period_and_exits_0(launch, reference, tmp_path):
+  t = launch(tmp_path, **{"train.inject_step_sleep_s": 0.1})
+  t.wait_for_step(6)
+  sent = time.monotonic()
+  t.signal(signal.SIGTERM)
+  rc = t.wait()
+  took = time.monotonic() - sent
+  assert rc == 0, t.log[-3000:]
+  assert took < 10, took  # the grace period is 60 s; the step and the save take well under 1 s
+  stopped = t.last_step
+  assert fh.STEPS > stopped >= 6
+  assert fh.committed_steps(tmp_path)[-1] == stopped  # nothing lost at all
+  assert f"preempted: checkpoint {stopped} written" in t.log
+
+  resumed = resume_and_compare(launch, tmp_path, reference)
+  assert fh.resumed_from(resumed.log) == stopped
+  # The resumed leg has another inject_step_sleep_s: a config difference is a warning, not an error.
+  assert "different config (1 keys): train.inject_step_sleep_s" in resumed.log
+
+
+def test_second_signal_exits_at_once_without_a_partial_checkpoint(launch, tmp_path):
+  t = launch(tmp_path, **{"train.inject_save_sleep_s": 30.0, "train.async_checkpoint": False,
+                          "train.checkpoint_every": 100})
+  t.wait_for_step(2)
+  t.signal(signal.SIGINT)  # preemption save starts, and sleeps before its commit
+  t.wait_for_path(tmp_path / "checkpoints" / f"{t.last_step}{fh.TMP_SUFFIX}")
+  sent = time.monotonic()
+  t.signal(signal.SIGINT)
+  rc = t.wait()
+  assert rc == 128 + signal.SIGINT, t.log[-3000:]
+  assert time.monotonic() - sent < 5
+  assert "second SIGINT: exiting now" in t.log
+  assert fh.committed_steps(tmp_path) == []  # the cut-short save is never listed as a step
+
+
+def test_grace_period_that_runs_out_exits_anyway(launch, tmp_path):
+  t = launch(tmp_path, **{"train.inject_save_sleep_s": 30.0, "train.async_checkpoint": False,
+                          "train.grace_period_s": 2.0, "train.checkpoint_every": 100})
+  t.wait_for_step(2)
+  sent = time.monotonic()
+  t.signal(signal.SIGTERM)
+  assert t.wait() == faults.EXIT_GRACE_EXPIRED, t.log[-3000:]
+  assert 2 <= time.monotonic() - sent < 10
+  assert "grace period of 2 s ran out" in t.log
+  assert fh.committed_steps(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- NaN
+
+
+def test_nan_with_policy_stop_exits_and_keeps_the_last_good_checkpoint(launch, tmp_path):
+  t = launch.run(tmp_path, **{"train.inject_nan_steps": "6"})
+  assert t.rc == 3, t.log[-3000:]
+  assert t.last_line().startswith("error: non-finite loss or gradients at step 6"), t.last_line()
+  assert "checkpoint 4 is the last good one" in t.last_line()
+  assert fh.committed_steps(tmp_path) == [4]  # step 8 was never saved
+
+
+def test_nan_with_policy_skip_drops_the_update_and_counts_it(launch, tmp_path):
+  t = launch.run(tmp_path, **{"train.inject_nan_steps": "6,7", "train.nan_policy": "skip",
+                              "train.max_nan_skips": 2, "train.checkpoint_every": 1,
+                              "train.keep_checkpoints": 20})
+  assert t.rc == 0, t.log[-3000:]
+  assert "step 6: non-finite loss (nan)" in t.log and "step 7: non-finite loss (nan)" in t.log
+  five, seven, last = (fh.read_checkpoint(tmp_path, s)["state"] for s in (5, 7, fh.STEPS))
+  for k in five:  # params and optimizer untouched by the two bad steps
+    if "params" in k or "opt_state" in k:
+      assert (five[k] == seven[k]).all(), k
+  assert int(seven["['step']"]) == 7 and int(seven["['nan_skips']"]) == 2
+  assert int(last["['nan_skips']"]) == 2
+  assert all(np.isfinite(v).all() for v in last.values() if v.dtype.kind == "f")
+
+
+def test_nan_beyond_the_skip_limit_stops(launch, tmp_path):
+  t = launch.run(tmp_path, **{"train.inject_nan_steps": "2,3,5", "train.nan_policy": "skip",
+                              "train.max_nan_skips": 2})
+  assert t.rc == 3, t.log[-3000:]
+  assert "error: 3 steps with non-finite loss or gradients, the last at step 5" in t.last_line()
+  assert fh.committed_steps(tmp_path) == [4]
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _biggest_file(path):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir):
+  f = _biggest_file(step_dir / "state")
+  os.truncate(f, os.path.getsize(f) // 2)
+
+
+def _flip_bits(step_dir):  # orbax restores this without complaint: only the checksum sees it
+  f = _biggest_file(step_dir / "state")
+  with open(f, "r+b") as fd:
+    fd.seek(os.path.getsize(f) // 2)
+    chunk = fd.read(8)
+    fd.seek(os.path.getsize(f) // 2)
+    fd.write(bytes(b ^ 0x10 for b in chunk))
+
+
+def _delete_state(step_dir):
+  shutil.rmtree(step_dir / "state")
+
+
+@pytest.fixture(scope="module")
+def twelve_steps(launch, tmp_path_factory):
+  """A run stopped at step 12 (checkpoints 4, 8, 12), to be damaged and resumed to 16."""
+  workdir = tmp_path_factory.mktemp("twelve")
+  t = launch.run(workdir, **{"train.steps": 12})
+  assert t.rc == 0 and fh.committed_steps(workdir) == [4, 8, 12], t.log[-3000:]
+  return workdir
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bits, _delete_state],
+                         ids=["truncated", "bit-flipped", "state-deleted"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, launch, reference,
+                                                              twelve_steps, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(twelve_steps, workdir)
+  damage(workdir / "checkpoints" / "12")
+  resumed = resume_and_compare(launch, workdir, reference)
+  assert "checkpoint 12 is corrupt or incomplete" in resumed.log
+  assert fh.resumed_from(resumed.log) == 8
+  assert len(os.listdir(workdir / "checkpoints.corrupt")) == 1  # kept aside for inspection
+
+
+# ----------------------------------------------------------------------------- data and disk
+
+
+@pytest.fixture()
+def shards(tmp_path):
+  """LITPKDS token shards (two to train on, one held out) and the overrides that use them."""
+  rng = np.random.default_rng(0)
+  for name in ("train0", "train1", "eval0"):
+    formats.write_litpkds(str(tmp_path / f"{name}.bin"),
+                          rng.integers(3, 512, 20_000).astype(np.uint16))
+  return {"data.source": "litpkds", "data.paths": str(tmp_path / "train*.bin"),
+          "data.eval_paths": str(tmp_path / "eval*.bin")}
+
+
+def test_truncated_data_shard_is_a_one_line_error(launch, shards, tmp_path):
+  os.truncate(tmp_path / "train1.bin", 1000)
+  t = launch.run(tmp_path / "w", **shards)
+  assert t.rc == 2 and t.last_line().startswith("error: "), t.log[-3000:]
+  assert "train1.bin is truncated or corrupt" in t.last_line()
+
+
+def test_missing_data_is_a_one_line_error(launch, shards, tmp_path):
+  t = launch.run(tmp_path / "w", **dict(shards, **{"data.paths": str(tmp_path / "gone/*.bin")}))
+  assert t.rc == 2 and t.last_line().startswith("error: the training data cannot be read"), \
+      t.log[-3000:]
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    ({"mesh.fsdp": 2}, "needs 2 devices"),
+    ({"train.global_batch": 6}, "train.global_batch (6) must be a multiple"),
+    ({"train.nan_policy": "ignore"}, "train.nan_policy='ignore'"),
+    ({"train.grace_period_s": 0}, "train.grace_period_s=0"),
+], ids=["mesh", "batch", "nan-policy", "grace"])
+def test_bad_config_is_a_one_line_error_before_anything_runs(flags, fragment, launch, tmp_path):
+  t = launch.run(tmp_path / "w", **flags)
+  assert t.rc == 2 and t.last_line().startswith("error: "), t.log[-3000:]
+  assert fragment in t.last_line()
+  assert "compiling" not in t.log
+
+
+@pytest.fixture()
+def small_disk(tmp_path, reference):
+  """A tmpfs that holds two checkpoints of the micro model but not three."""
+  size = int(2.6 * fh.dir_bytes(os.path.join(reference["workdir"], "checkpoints", str(fh.STEPS))))
+  mount = tmp_path / "disk"
+  reason = fh.try_mount_tmpfs(mount, size)
+  if reason:
+    pytest.skip(reason)
+  yield mount
+  fh.umount(mount)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_checkpoints(launch, reference, small_disk,
+                                                              tmp_path):
+  workdir = small_disk / "w"
+  t = launch.run(workdir, **{"train.keep_checkpoints": 10})
+  assert t.rc == 3, t.log[-3000:]
+  assert t.last_line().startswith("error: could not write checkpoint 12"), t.last_line()
+  assert "no space left on device" in t.last_line()
+  assert "the complete checkpoints [4, 8] are intact and a rerun resumes from step 8" in \
+      t.last_line()
+  assert fh.incomplete(workdir) == []  # the partial save was removed to give the space back
+
+  moved = tmp_path / "bigger"  # the user frees space: here, moves the workdir to a bigger disk
+  shutil.copytree(workdir, moved)
+  resumed = resume_and_compare(launch, moved, reference, **{"train.keep_checkpoints": 10})
+  assert fh.resumed_from(resumed.log) == 8
+
+
+def test_too_little_disk_for_one_checkpoint_is_refused_at_start(launch, tmp_path):
+  mount = tmp_path / "tiny_disk"
+  reason = fh.try_mount_tmpfs(mount, 1 << 20)
+  if reason:
+    pytest.skip(reason)
+  try:
+    t = launch.run(mount / "w")
+  finally:
+    fh.umount(mount)
+  assert t.rc == 2, t.log[-3000:]
+  assert "MiB free, a checkpoint needs about" in t.last_line()
+  assert "compiling" not in t.log
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def _tiny_state(value=1.0):
+  return {"step": jnp.int32(3), "params": {"w": jnp.full((64, 64), value, jnp.float32)},
+          "rng": jax.random.key(0)}
+
+
+def _abstract(state):
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def test_checksums_see_one_flipped_bit_and_swapped_elements():
+  w = jnp.arange(64.0).reshape(8, 8)
+  base, _ = checkpoint.checksums({"w": w})
+  flipped = jax.lax.bitcast_convert_type(w, jnp.uint32).at[3, 5].add(1)
+  assert checkpoint.checksums({"w": jax.lax.bitcast_convert_type(flipped, jnp.float32)})[0] != base
+  assert checkpoint.checksums({"w": w.T})[0] != base
+  assert checkpoint.checksums({"w": w.at[0, 0].set(jnp.nan)})[1] is False
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+  cfg = config_lib.base_config()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, _tiny_state(step), {"at": step}, cfg)
+  ckpt.close()
+  for step in (1, 2):
+    shutil.rmtree(tmp_path / str(step) / "state")
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  with pytest.raises(checkpoint.CheckpointError, match="none of the 2 checkpoints"):
+    ckpt.restore_latest(_abstract(_tiny_state()), lambda meta: None)
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # nothing moved, nothing deleted
+  ckpt.close()
+
+
+def test_a_state_with_nan_is_never_saved(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  ckpt.save(1, _tiny_state(), {}, config_lib.base_config())
+  with pytest.raises(checkpoint.CheckpointError, match="refusing to save step 2.*intact"):
+    ckpt.save(2, _tiny_state(float("nan")), {}, config_lib.base_config())
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
+
+
+def test_resume_warns_about_config_and_version_differences(caplog):
+  cfg = config_lib.base_config()
+  saved = cfg.to_dict()
+  saved["optim"]["lr"] = 1e-3
+  versions = dict(checkpoint.versions(), jax="0.1.0")
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_resume({"step": 7, "config": saved, "versions": versions}, cfg, "w")
+  text = caplog.text
+  assert f"optim.lr: 0.001 -> {cfg.optim.lr!r}" in text
+  assert "jax 0.1.0 -> " in text
+  saved["model"]["d_model"] = 1
+  with pytest.raises(ValueError, match="different architecture.*d_model"):
+    checkpoint.check_resume({"step": 7, "config": saved, "versions": versions}, cfg, "w")
