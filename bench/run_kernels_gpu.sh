@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 
-timeout "${TEST_TIMEOUT:-120}" $PY -m pytest -m gpu tests/kernels -q -rA -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-120}" $PY -m pytest -m gpu ${TESTS:-tests/kernels} -q -rA -p no:cacheprovider \
   2>&1 | tee "$OUT/kernels-gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 

@@ -46,8 +46,9 @@ def _time(fn, args, reps, inner):
   return statistics.median(per_call) * 1e3
 
 
-def _fwd_bwd(fn, cot):
-  return jax.jit(lambda *a: jax.vjp(fn, *a)[1](cot))
+def _fwd_bwd(fn):
+  # The cotangent is an argument: closed over, XLA would constant-fold transposes of it.
+  return jax.jit(lambda cot, *a: jax.vjp(fn, *a)[1](cot))
 
 
 class Bench:
@@ -67,9 +68,9 @@ class Bench:
       return row
     try:
       fwd = jax.jit(fn)
-      fb = _fwd_bwd(fn, cot)
+      fb = _fwd_bwd(fn)
       row["fwd_ms"] = _time(fwd, args, self.reps, self.inner)
-      row["fwd_bwd_ms"] = _time(fb, args, self.reps, self.inner)
+      row["fwd_bwd_ms"] = _time(fb, (cot,) + tuple(args), self.reps, self.inner)
       for key, work, ceil, unit in (("flops", flops, CEIL_FLOPS, "tflops"),
                                     ("bytes", bytes_, CEIL_BYTES, "gbs")):
         if work is None:
@@ -79,8 +80,8 @@ class Bench:
           row[f"{part}_{unit}"] = rate / (1e12 if unit == "tflops" else 1e9)
           row[f"{part}_pct_ceiling"] = 100 * rate / ceil
       if memory:
-        for part, f in (("fwd", fwd), ("fwd_bwd", fb)):
-          stats = f.lower(*args).compile().memory_analysis()
+        for part, f, a in (("fwd", fwd, args), ("fwd_bwd", fb, (cot,) + tuple(args))):
+          stats = f.lower(*a).compile().memory_analysis()
           row[f"{part}_temp_gib"] = stats.temp_size_in_bytes / 2**30
     except Exception as e:  # one failing backend must not hide the others' numbers
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

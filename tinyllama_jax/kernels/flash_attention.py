@@ -24,6 +24,8 @@ from jax.experimental import pallas as pl
 
 from tinyllama_jax.kernels import _pallas
 
+# An alignment hint only; jax 0.11 moved several pl.* helpers, so never fail for want of it.
+_multiple_of = getattr(pl, "multiple_of", lambda x, _: x)
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 
@@ -83,6 +85,16 @@ def _block_ranges(seg_BT, B, T_pad, bq, bk, causal):
   return kv_lo, kv_hi, q_lo, q_hi
 
 
+def _dot(a, b, trans_a=False, trans_b=False):
+  """a @ b (optionally transposed) accumulated in fp32; fp32 inputs without TF32.
+
+  lax.dot_general rather than pl.dot: jax 0.11 deprecates pl.dot (the GPU machine raises on it).
+  """
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
 def _mask(s, q_pos, k_pos, seg_q, seg_k, *, causal, T, T_pad):
   """Masks logits s[bq, bk]; padded keys (position >= T) only matter without causality."""
   keep = None
@@ -107,13 +119,13 @@ def _fwd_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, *rest, scale2, causal
   q = q_ref[...]
   D = q.shape[-1]
   q_pos = i * bq + jnp.arange(bq)
-  seg_q = seg_ref[pl.ds(pl.multiple_of(i * bq, bq), bq)] if has_seg else None
+  seg_q = seg_ref[pl.ds(_multiple_of(i * bq, bq), bq)] if has_seg else None
 
   def body(j, carry):
     acc, m, l = carry
-    ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+    ks = pl.ds(_multiple_of(j * bk, bk), bk)
     k = k_ref[ks, :]
-    s = pl.dot(q, k, trans_b=True, allow_tf32=False) * scale2
+    s = _dot(q, k, trans_b=True) * scale2
     seg_k = seg_ref[ks] if has_seg else None
     s = _mask(s, q_pos, j * bk + jnp.arange(bk), seg_q, seg_k, causal=causal, T=T, T_pad=T_pad)
     m_new = jnp.maximum(m, s.max(axis=-1))
@@ -121,7 +133,7 @@ def _fwd_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, *rest, scale2, causal
     p = jnp.exp2(s - m_new[:, None])
     l = l * alpha + p.sum(axis=-1)
     v = v_ref[ks, :]
-    acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v, allow_tf32=False)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_new, l
 
   init = (jnp.zeros((bq, D), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -141,19 +153,19 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
   lse = lse_ref[...]
   delta = delta_ref[...]
   q_pos = i * bq + jnp.arange(bq)
-  seg_q = seg_ref[pl.ds(pl.multiple_of(i * bq, bq), bq)] if has_seg else None
+  seg_q = seg_ref[pl.ds(_multiple_of(i * bq, bq), bq)] if has_seg else None
 
   def body(j, dq):
-    ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+    ks = pl.ds(_multiple_of(j * bk, bk), bk)
     k = k_ref[ks, :]
     v = v_ref[ks, :]
-    s = pl.dot(q, k, trans_b=True, allow_tf32=False) * scale2
+    s = _dot(q, k, trans_b=True) * scale2
     seg_k = seg_ref[ks] if has_seg else None
     s = _mask(s, q_pos, j * bk + jnp.arange(bk), seg_q, seg_k, causal=causal, T=T, T_pad=T_pad)
     p = jnp.exp2(s - lse[:, None])
-    dp = pl.dot(do, v, trans_b=True, allow_tf32=False)
+    dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    return dq + pl.dot(ds.astype(k.dtype), k, allow_tf32=False)
+    return dq + _dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(kv_lo_ref[...], kv_hi_ref[...], body,
                      jnp.zeros((bq, q.shape[-1]), jnp.float32))
@@ -170,7 +182,7 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
   v = v_ref[...]
   D = k.shape[-1]
   k_pos = j * bk + jnp.arange(bk)
-  seg_k = seg_ref[pl.ds(pl.multiple_of(j * bk, bk), bk)] if has_seg else None
+  seg_k = seg_ref[pl.ds(_multiple_of(j * bk, bk), bk)] if has_seg else None
   q_lo = q_lo_ref[...]
   n_i = q_hi_ref[...] - q_lo
 
@@ -178,19 +190,19 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     dk, dv = carry
     g = t // n_i
     i = q_lo + t % n_i
-    qs = pl.ds(pl.multiple_of(i * bq, bq), bq)
+    qs = pl.ds(_multiple_of(i * bq, bq), bq)
     q = q_ref[qs, g, :]
     do = do_ref[qs, g, :]
     lse = lse_ref[g, qs]
     delta = delta_ref[g, qs]
-    s = pl.dot(q, k, trans_b=True, allow_tf32=False) * scale2
+    s = _dot(q, k, trans_b=True) * scale2
     seg_q = seg_ref[qs] if has_seg else None
     s = _mask(s, i * bq + jnp.arange(bq), k_pos, seg_q, seg_k, causal=causal, T=T, T_pad=T_pad)
     p = jnp.exp2(s - lse[:, None])
-    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True, allow_tf32=False)
-    dp = pl.dot(do, v, trans_b=True, allow_tf32=False)
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True, allow_tf32=False)
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
     return dk, dv
 
   zeros = jnp.zeros((bk, D), jnp.float32)
