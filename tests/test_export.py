@@ -157,6 +157,7 @@ def test_export_bf16_single_file(imported, tmp_path):
     assert torch.equal(w.to(torch.bfloat16), reloaded.state_dict()[name]), name
 
 
+@pytest.mark.slow
 def test_trained_sharded_checkpoint_roundtrip(tmp_path):
   """Our own trained run, its state sharded over 8 devices -> export -> transformers logits equal
   ours -> import back -> identical parameters."""

@@ -84,50 +84,60 @@ def logits_of(params, h_BD):
                     preferred_element_type=jnp.float32)
 
 
-def sample(logits_BV, key, *, temperature, top_p):
-  """Greedy when temperature is 0; otherwise softmax(logits / T) cut to the top-p nucleus."""
-  if temperature == 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+def sample(logits_BV, key, temperature, top_p):
+  """softmax(logits / temperature) cut to the top-p nucleus (both may be traced scalars)."""
   logits_BV = logits_BV / temperature
-  if top_p < 1.0:
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    # Keep a token while the probability mass before it is below top_p (the first always stays).
-    n_keep_B = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p, axis=-1)
-    cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
-    logits_BV = jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  # Keep a token while the probability mass before it is below top_p (the first always stays).
+  n_keep_B = jnp.maximum(jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p, axis=-1), 1)
+  cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
+  logits_BV = jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
 class Decoder:
-  """Compiled prefill and step for one (batch, cache length) shape."""
+  """Compiled prefill and step for one (model, batch, cache length, greedy or not); sampling
+  settings are arguments, so changing them recompiles nothing."""
 
-  def __init__(self, cfg_model, *, batch, length, temperature=0.0, top_p=1.0, n_valid=None):
-    self.cfg_model, self.batch, self.length = cfg_model, batch, length
+  def __init__(self, cfg_model, *, batch, length, greedy):
     self.dtype = compute_dtype(cfg_model)
     fwd = functools.partial(forward, cfg_model=cfg_model, dtype=self.dtype)
-    sample_fn = functools.partial(sample, temperature=temperature, top_p=top_p)
 
-    def pick(logits_BV, key):
-      if n_valid is not None and n_valid < logits_BV.shape[-1]:
-        # Ids past the tokenizer's pieces have untrained embeddings and no text: never emit them.
-        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < n_valid, logits_BV, -jnp.inf)
-      return sample_fn(logits_BV, key)
+    def pick(logits_BV, knobs):
+      # Ids past the tokenizer's pieces have untrained embeddings and no text: never emit them.
+      valid_V = jnp.arange(logits_BV.shape[-1]) < knobs["n_valid"]
+      logits_BV = jnp.where(valid_V, logits_BV, -jnp.inf)
+      if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+      return sample(logits_BV, knobs["key"], knobs["temperature"], knobs["top_p"])
 
-    def prefill(params, tokens_BT, lengths_B, key):
+    def prefill(params, tokens_BT, lengths_B, knobs):
       B, T = tokens_BT.shape
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
       cache = init_cache(cfg_model, B, length, self.dtype)
       h_BTD, cache = fwd(params, tokens_BT, positions_BT, cache)
       h_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-      return pick(logits_of(params, h_BD), key), cache
+      return pick(logits_of(params, h_BD), knobs), cache
 
-    def step(params, cache, tokens_B, positions_B, key):
+    def step(params, cache, tokens_B, positions_B, knobs):
       h_B1D, cache = fwd(params, tokens_B[:, None], positions_B[:, None], cache)
-      return pick(logits_of(params, h_B1D[:, 0]), key), cache
+      return pick(logits_of(params, h_B1D[:, 0]), knobs), cache
 
     self.prefill = jax.jit(prefill)
     self.step = jax.jit(step, donate_argnums=1)
+
+
+_DECODERS = {}
+
+
+def decoder_for(cfg_model, batch, length, greedy):
+  key = (cfg_model.to_json(), batch, length, greedy)
+  if key not in _DECODERS:
+    if len(_DECODERS) >= 4:  # keep compiled code bounded: drop the oldest
+      _DECODERS.pop(next(iter(_DECODERS)))
+    _DECODERS[key] = Decoder(cfg_model, batch=batch, length=length, greedy=greedy)
+  return _DECODERS[key]
 
 
 def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, temperature=0.0,
@@ -154,13 +164,15 @@ def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, tempera
   tokens_BT = np.zeros((B, T), np.int32)
   for i, p in enumerate(prompts):
     tokens_BT[i, :len(p)] = p
-  decoder = Decoder(cfg_model, batch=B, length=length, temperature=temperature, top_p=top_p,
-                    n_valid=n_valid)
+  decoder = decoder_for(cfg_model, B, length, temperature == 0.0)
   key = jax.random.key(seed)
+  knobs = {"temperature": jnp.float32(temperature or 1.0), "top_p": jnp.float32(top_p),
+           "n_valid": jnp.int32(n_valid or cfg_model.vocab_size)}
   out = [[] for _ in range(B)]
   done = np.zeros(B, bool)
   positions_B = lengths.copy()
-  next_B, cache = decoder.prefill(params, tokens_BT, lengths, jax.random.fold_in(key, 0))
+  next_B, cache = decoder.prefill(params, tokens_BT, lengths,
+                                  {**knobs, "key": jax.random.fold_in(key, 0)})
   for n in range(max_new_tokens):
     next_np = np.asarray(next_B)
     for i in np.flatnonzero(~done):
@@ -170,7 +182,8 @@ def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, tempera
       done[i] = eos_id is not None and next_np[i] == eos_id
     if done.all() or n == max_new_tokens - 1:
       break
-    next_B, cache = decoder.step(params, cache, next_B, positions_B, jax.random.fold_in(key, n + 1))
+    next_B, cache = decoder.step(params, cache, next_B, positions_B,
+                                 {**knobs, "key": jax.random.fold_in(key, n + 1)})
     positions_B = positions_B + 1
   return out
 
