@@ -1,0 +1,90 @@
+"""evaluate: our loss on files equals transformers' loss on the same tokens; windows score every
+(input, target) pair exactly once; bad input fails cleanly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from test_export import REPO, STDLIB, imported, load_hf, tokenizer_file  # noqa: F401 (fixtures)
+from tinyllama_jax import evaluate, export
+from tinyllama_jax.data import tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope="module")
+def run(imported, tmp_path_factory):  # noqa: F811
+  _, _, workdir = imported
+  out = str(tmp_path_factory.mktemp("eval") / "hf")
+  export.export(workdir, out, dtype="fp32")
+  cfg = export.run_config(workdir, 0)
+  params = jax.device_put(export.load_params(workdir, 0, cfg.model))
+  tok = tokenizer_lib.Tokenizer(export.tokenizer_path(cfg, workdir))
+  return params, cfg, tok, workdir, load_hf(out)
+
+
+@pytest.fixture
+def data_files(tmp_path):
+  texts = [open(os.path.join(STDLIB, n), encoding="utf-8").read()[:1500]
+           for n in ("json/decoder.py", "json/encoder.py", "textwrap.py")]
+  jsonl = tmp_path / "docs.jsonl"
+  jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:2]) + "\n"
+                   + json.dumps({"text": ""}) + "\n")
+  txt = tmp_path / "one.txt"
+  txt.write_text(texts[2])
+  return str(jsonl), str(txt), texts
+
+
+def test_loss_equals_transformers(run, data_files):
+  params, cfg, tok, _, hf_model = run
+  jsonl, txt, texts = data_files
+  seq_len = 64
+  ours = evaluate.evaluate_files(params, cfg, tok, f"{jsonl},{txt}", seq_len=seq_len,
+                                 batch_size=4)
+  assert ours["documents"] == 3 and ours["skipped_documents"] == 1
+  # transformers on the same windows: each document BOS + text + EOS, cut as training cuts it.
+  total, count = 0.0, 0
+  for text in texts:
+    ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+    for s in range(0, len(ids) - 1, seq_len):
+      window = torch.tensor([ids[s:s + seq_len + 1]])
+      with torch.no_grad():
+        logits = hf_model(window[:, :-1]).logits[0].double()
+      total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+      count += window.shape[1] - 1
+  assert ours["tokens"] == count
+  assert abs(ours["loss"] - total / count) <= 1e-4, (ours["loss"], total / count)
+  assert np.isclose(ours["perplexity"], np.exp(ours["loss"]))
+
+
+def test_windows_score_every_pair_once():
+  ids = list(range(10))
+  rows = evaluate.document_rows([ids, [7], [3, 4]], seq_len=4)
+  pairs = [(i, t) for inputs, targets in rows for i, t in zip(inputs, targets)]
+  assert pairs == [(k, k + 1) for k in range(9)] + [(3, 4)]
+  batches = list(evaluate.row_batches(rows, batch_size=3, seq_len=4))
+  assert sum(float(b["loss_mask"].sum()) for b in batches) == len(pairs)
+
+
+def test_prepared_split(run):
+  params, cfg, tok, _, _ = run
+  result = evaluate.evaluate_split(params, cfg, tok, "eval", seq_len=32, batch_size=2, batches=1)
+  assert result["tokens"] == 64 and np.isfinite(result["loss"])
+
+
+def test_bad_data(run, tmp_path):
+  params, cfg, tok, workdir, _ = run
+  with pytest.raises(ValueError, match="not a file"):
+    evaluate.evaluate_files(params, cfg, tok, str(tmp_path / "nope.txt"), seq_len=32, batch_size=2)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2 .*--text_field"):
+    evaluate.evaluate_files(params, cfg, tok, str(bad), seq_len=32, batch_size=2)
+  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={workdir}",
+                         f"--data={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --data")
