@@ -398,11 +398,13 @@ def launch_local(runs, config_path, max_parallel=1, trainer=None, env=None, poll
         del active[pid]
         free.append(slot)
         done += 1
-        finished = rc == 0 and (latest_checkpoint_step(run.workdir) or 0) >= run.cfg.train.steps
+        step = latest_checkpoint_step(run.workdir) or 0
+        finished = rc == 0 and step >= run.cfg.train.steps
         _update_record(run, status="finished" if finished else "failed", returncode=rc)
-        print(f"[{done}/{done + len(active) + len(todo)}] {run.name}: "
-              f"{'finished' if finished else f'FAILED (exit {rc})'} in {time.time() - t0:.0f} s",
-              flush=True)
+        outcome = ("finished" if finished else f"FAILED (exit {rc})" if rc else
+                   f"FAILED (exit 0 at checkpoint {step} of {run.cfg.train.steps} steps)")
+        print(f"[{done}/{done + len(active) + len(todo)}] {run.name}: {outcome} in "
+              f"{time.time() - t0:.0f} s", flush=True)
         if not finished:
           failed.append(run.name)
           print(f"--- last lines of {log_path}:\n{_tail(log_path)}---", flush=True)

@@ -137,6 +137,7 @@ def run_row(run_dir):
       "step": max((s for s, _ in train), default=0),
       "steps": steps_total,
       "final_train_loss": train[-1][1] if train else None,
+      "final_eval_loss": evals[-1][1] if evals else None,
       "best_eval_loss": best[1],
       "best_eval_step": best[0],
       # the median: the first interval of a (re)started run carries its warm-up
@@ -170,11 +171,11 @@ def binding_keys(rows):
 def table(rows):
   """(header, rows of raw values): the CSV's content; the Markdown formats the same cells."""
   keys = binding_keys(rows)
-  header = ["run", *keys, "status", "step", "steps", "final_train_loss", "best_eval_loss",
-            "best_eval_step", "tokens_per_s"]
+  header = ["run", *keys, "status", "step", "steps", "final_train_loss", "final_eval_loss",
+            "best_eval_loss", "best_eval_step", "tokens_per_s"]
   body = [[r["run"], *[r["binding"].get(k, "") for k in keys], r["status"], r["step"],
-           r["steps"], r["final_train_loss"], r["best_eval_loss"], r["best_eval_step"],
-           r["tokens_per_s"]] for r in rows]
+           r["steps"], r["final_train_loss"], r["final_eval_loss"], r["best_eval_loss"],
+           r["best_eval_step"], r["tokens_per_s"]] for r in rows]
   return header, body
 
 
@@ -201,7 +202,8 @@ def _cell(value, column):
 
 def to_markdown(rows):
   header, body = table(rows)
-  names = {"final_train_loss": "final train loss", "best_eval_loss": "best eval loss",
+  names = {"final_train_loss": "final train loss", "final_eval_loss": "final eval loss",
+           "best_eval_loss": "best eval loss",
            "best_eval_step": "at step", "tokens_per_s": "tokens/s"}
   lines = ["| " + " | ".join(names.get(h, h) for h in header) + " |",
            "|" + "|".join("---:" if h not in ("run", "status") else "---" for h in header) + "|"]
