@@ -386,3 +386,24 @@ def test_two_tiny_runs_end_to_end(tmp_path):
   assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8]
   assert scalars["train/loss"][2:] == sorted(after_resume["train/loss"].items())  # newer file wins
   assert (workdir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_without_matplotlib_still_writes_the_table(tmp_path, capsys, monkeypatch):
+  for name, lr, evals in [("lr1e-03", 1e-3, [(10, 5.0), (20, 4.0)]), ("lr1e-02", 1e-2, [(10, 4.5)]),
+                          ("lr1e-04", 1e-4, [])]:
+    run_dir = tmp_path / name
+    _write_events(run_dir / "tb", {"train/loss": [(10, 6.0), (20, 5.5)], "eval/loss": evals,
+                                   "perf/tokens_per_s": [(10, 100.0), (20, 300.0)]}, 100)
+    sweep_summary.write_json_atomic(str(run_dir / sweep_summary.RUN_FILE), {
+        "binding": {"optim.lr": lr}, "config": {"train": {"steps": 20}}, "status": "failed"})
+  os.makedirs(tmp_path / "lr1e-03" / "checkpoints" / "20")
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+  rows = sweep_summary.summarize(str(tmp_path))
+  assert [r["run"] for r in rows] == ["lr1e-03", "lr1e-02", "lr1e-04"]  # no eval yet: last
+  assert [r["status"] for r in rows] == ["finished", "failed", "failed"]
+  assert rows[0]["tokens_per_s"] == 200.0 and rows[0]["best_eval_step"] == 20
+  out = capsys.readouterr().out
+  assert "no loss_curves.png: matplotlib is not installed" in out
+  assert not (tmp_path / "loss_curves.png").exists()
+  assert (tmp_path / "summary.md").read_text().splitlines()[4] == \
+      "| lr1e-04 | 1e-04 | failed | 20 | 20 | 5.5000 | - | - | - | 200 |"
