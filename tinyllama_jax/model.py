@@ -65,13 +65,16 @@ def resolve_attention(name, uses_segments):
 
 
 class Ops:
-  """The fused ops the block uses, each from the backend its config names."""
+  """The fused ops the block uses, each from the backend its config names. `rms_norm` picks the
+  backend of both norm forms (alone, and fused with the residual add); `rope` rotates q and k
+  in one pass."""
 
   def __init__(self, cfg_kernels, uses_segments):
     self.attention = kernels.get("attention",
                                  resolve_attention(cfg_kernels.attention, uses_segments))
     self.rms_norm = kernels.get("rms_norm", cfg_kernels.rms_norm)
-    self.rope = kernels.get("rope", cfg_kernels.rope)
+    self.add_rms_norm = kernels.get("add_rms_norm", cfg_kernels.rms_norm)
+    self.rope_qk = kernels.get("rope_qk", cfg_kernels.rope)
     self.swiglu = kernels.get("swiglu", cfg_kernels.swiglu)
 
 
@@ -82,13 +85,12 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   q_BTHK = checkpoint_name(jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"]), "query_proj")
   k_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"]), "key_proj")
   v_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"]), "value_proj")
-  q_BTHK = ops.rope(q_BTHK, positions_BT, cfg.rope_theta)
-  k_BTGK = ops.rope(k_BTGK, positions_BT, cfg.rope_theta)
+  q_BTHK, k_BTGK = ops.rope_qk(q_BTHK, k_BTGK, positions_BT, cfg.rope_theta)
   o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, causal=True),
                            "attn_out")
-  x_BTD = x_BTD + checkpoint_name(jnp.einsum("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
+  attn_BTD = checkpoint_name(jnp.einsum("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
 
-  h_BTD = ops.rms_norm(x_BTD, w["mlp_norm"], cfg.norm_eps)
+  x_BTD, h_BTD = ops.add_rms_norm(x_BTD, attn_BTD, w["mlp_norm"], cfg.norm_eps)
   gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, w["w_gate"]), "mlp_gate")
   up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, w["w_up"]), "mlp_up")
   return x_BTD + jnp.einsum("btf,fd->btd", ops.swiglu(gate_BTF, up_BTF), w["w_down"])
