@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tinyllama_jax import sweep, sweep_summary
+from tinyllama_jax import sweep, sweep_launch, sweep_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -187,13 +187,13 @@ def test_local_skips_finished_and_resumes_interrupted(tmp_path, capsys):
   sweep.prepare_workdirs(runs, TINY)
   open(os.path.join(runs[1].workdir, "crash_once"), "w").close()
   env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
-  launch = lambda: sweep.launch_local(runs, TINY, max_parallel=2, trainer=[sys.executable, str(trainer)],
-                                      env=env, poll_s=0.05)
+  launch = lambda: sweep_launch.launch_local(runs, TINY, max_parallel=2,
+                                             trainer=[sys.executable, str(trainer)], env=env, poll_s=0.05)
   assert launch() == ["seed1"]
   out = capsys.readouterr().out
   assert "seed1: FAILED (exit 3)" in out and "simulated crash" in out  # the log's tail is shown
-  assert [sweep.run_state(r)[0] for r in runs] == ["finished", "failed", "finished"]
-  assert sweep.run_state(runs[1])[1] == 10
+  assert [sweep_launch.run_state(r)[0] for r in runs] == ["finished", "failed", "finished"]
+  assert sweep_launch.run_state(runs[1])[1] == 10
   # two at a time, each on its own half of the GPUs
   assert {c["devices"] for r in runs for c in _calls(r)} == {"0,1", "2,3"}
 
@@ -211,21 +211,21 @@ def test_local_skips_finished_and_resumes_interrupted(tmp_path, capsys):
 def test_run_state_reads_checkpoint_steps(tmp_path):
   (run,) = _plan(tmp_path, [{"seed": 0}], fixed={"train.steps": 60})
   sweep.prepare_workdirs([run], TINY)
-  assert sweep.run_state(run) == ("new", None)
+  assert sweep_launch.run_state(run) == ("new", None)
   ckpt = os.path.join(run.workdir, "checkpoints")
   os.makedirs(os.path.join(ckpt, "20"))
   os.makedirs(os.path.join(ckpt, "60.orbax-checkpoint-tmp-1234"))  # a save cut short: not a step
-  assert sweep.run_state(run) == ("interrupted", 20)
+  assert sweep_launch.run_state(run) == ("interrupted", 20)
   os.makedirs(os.path.join(ckpt, "60"))
-  assert sweep.run_state(run) == ("finished", 60)
+  assert sweep_launch.run_state(run) == ("finished", 60)
 
 
 def test_device_slots():
-  assert sweep.device_slots(1, {"CUDA_VISIBLE_DEVICES": "0,1"}) == [{}]
-  assert sweep.device_slots(2, {"CUDA_VISIBLE_DEVICES": "3,4,5"}) == [
+  assert sweep_launch.device_slots(1, {"CUDA_VISIBLE_DEVICES": "0,1"}) == [{}]
+  assert sweep_launch.device_slots(2, {"CUDA_VISIBLE_DEVICES": "3,4,5"}) == [
       {"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "4"}]
   with pytest.raises(ValueError, match="more than the 2 visible GPUs"):
-    sweep.device_slots(4, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    sweep_launch.device_slots(4, {"CUDA_VISIBLE_DEVICES": "0,1"})
 
 
 def test_trained_run_refuses_a_changed_config(tmp_path):
@@ -248,7 +248,7 @@ def test_print_lists_the_unfinished_commands(tmp_path, capsys):
   runs = _plan(tmp_path, sweep.product({"optim.lr": [1e-3, 2e-3]}), fixed={"train.steps": 10})
   sweep.prepare_workdirs(runs, TINY)
   os.makedirs(os.path.join(runs[0].workdir, "checkpoints", "10"))
-  sweep.launch_print(runs, TINY)
+  sweep_launch.launch_print(runs, TINY)
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == "# skip lr1e-03: finished (10/10 steps)"
   (cmd,) = [shlex.split(l) for l in lines if not l.startswith("#")]
@@ -262,8 +262,8 @@ def test_slurm_script(tmp_path, capsys):
                fixed={"train.steps": 10, "data.paths": "/data/my corpus/*.txt"})
   sweep.prepare_workdirs(runs, TINY)
   os.makedirs(os.path.join(runs[0].workdir, "checkpoints", "10"))  # finished: left out
-  path = sweep.launch_slurm(runs, TINY, str(tmp_path / "sweep"), max_parallel=2,
-                            options=["--gres=gpu:8", "--time=48:00:00"])
+  path = sweep_launch.launch_slurm(runs, TINY, str(tmp_path / "sweep"), max_parallel=2,
+                                   options=["--gres=gpu:8", "--time=48:00:00"])
   text = open(path).read()
   assert text.startswith("#!/bin/bash\n") and os.access(path, os.X_OK)
   for line in ["#SBATCH --array=0-1%2", "#SBATCH --gres=gpu:8", "#SBATCH --time=48:00:00",
@@ -285,7 +285,7 @@ def test_slurm_script(tmp_path, capsys):
   assert bad.returncode == 2 and "no run for array task 7" in bad.stderr
   for run in runs:
     os.makedirs(os.path.join(run.workdir, "checkpoints", "10"), exist_ok=True)
-  assert sweep.launch_slurm(runs, TINY, str(tmp_path / "sweep")) is None
+  assert sweep_launch.launch_slurm(runs, TINY, str(tmp_path / "sweep")) is None
   assert "all 3 runs are finished" in capsys.readouterr().out
 
 
