@@ -4,8 +4,11 @@ Mesh axes: `data` (pure data parallel: replicas), `fsdp` (data parallel whose re
 split parameters, gradients and optimizer state), `tensor` (splits heads and the MLP width).
 Nothing outside this file names a mesh axis.
 
-Table 1 maps logical axes (model.py's docstring names them) to mesh axes. Table 2 gives each
-parameter its logical axes. A dimension that does not divide by its mesh axes is replicated.
+Table 1 maps logical axes (model.py's docstring names them; `act_*` are activations') to mesh
+axes. Table 2 gives each parameter its logical axes. A dimension that does not divide by its mesh
+axes is replicated. FSDP: parameters split on `embed`, so every device stores 1/fsdp of each
+matrix and XLA all-gathers a layer's weights just before use (and reduce-scatters its gradients);
+activations split on the batch, never on `embed`.
 """
 
 import re
@@ -27,6 +30,11 @@ LOGICAL_TO_MESH = {
     "layers": None,
     "head_dim": None,
     "norm": None,
+    "act_batch": ("data", "fsdp"),
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
 }
 
 PARAM_LOGICAL_AXES = (  # (regex on the '/'-joined parameter path, logical axes)
@@ -102,6 +110,28 @@ def tree_shardings(tree, mesh):
       return NamedSharding(mesh, P())
     return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh))
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_map_local(fn, in_logical, out_logical, mesh=None):
+  """fn run per device on its local blocks (a Pallas kernel sees [B/n, T, H/t, D], not a global
+  array it would otherwise be handed whole: XLA cannot partition a custom call, so it gathers).
+
+  in_logical / out_logical: one tuple of logical axes (or None for a replicated input) per
+  argument / output. mesh: the mesh, or None for the one `jax.set_mesh` made current; with no
+  mesh, or one device, fn runs as is."""
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return fn
+
+  def spec(axes):
+    names = [None if a is None else LOGICAL_TO_MESH[a] for a in (axes or ())]
+    return P(*[n if n is None or isinstance(n, str) else tuple(x for x in n if x in mesh.shape)
+               for n in names])
+
+  out_specs = (tuple(spec(a) for a in out_logical) if isinstance(out_logical, list)
+               else spec(out_logical))
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in in_logical),
+                       out_specs=out_specs, check_vma=False)
 
 
 def batch_sharding(mesh, ndim=2):
