@@ -121,6 +121,18 @@ def test_import_is_a_run_train_continues(imported):
   assert jax.tree.structure(state) == jax.tree.structure(run.abstract_state)
 
 
+def test_import_tied_embeddings(tmp_path, tokenizer_file):
+  """A tied checkpoint (no lm_head.weight on disk) imports as two equal, untied matrices."""
+  hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
+  model = make_hf_llama(hf_dir, tokenizer_file, tie_word_embeddings=True)
+  export.import_hf(hf_dir, workdir)
+  cfg = export.run_config(workdir, 0)
+  params = export.load_params(workdir, 0, cfg.model)
+  np.testing.assert_array_equal(params["lm_head"], params["embed"].T)
+  diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
+  assert diff <= 1e-4, diff
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -373,7 +373,7 @@ def write_tokenizer(directory, sp_model_path, *, add_bos, add_eos, max_len, log)
   tok_json, why_not = tokenizer_json(sp_model_path, add_bos=add_bos, add_eos=add_eos)
   config = {**special, "add_bos_token": add_bos, "add_eos_token": add_eos,
             "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-            "legacy": True, "pad_token": None,
+            "pad_token": None,
             # '<s>' typed in a text is text, as in training (sentencepiece never emits a control
             # piece from text); transformers would otherwise read it as BOS.
             "split_special_tokens": True}
