@@ -30,7 +30,8 @@ STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 def stdlib_texts(pattern="json/*.py"):
-  return [open(p, encoding="utf-8").read() for p in sorted(glob.glob(os.path.join(STDLIB, pattern)))]
+  paths = sorted(glob.glob(os.path.join(STDLIB, pattern)))
+  return [open(p, encoding="utf-8").read() for p in paths]
 
 
 def make_tokenizer(path, vocab_size=512):
@@ -140,7 +141,8 @@ def test_export_roundtrip_identical(imported, tmp_path):
   hf_dir, model, workdir = imported
   out = str(tmp_path / "out")
   report = export.export(workdir, out, dtype="fp32", max_shard_size="60KB")
-  assert len(report["files"]) > 2 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+  assert len(report["files"]) > 2
+  assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
   reloaded = load_hf(out)
   want, got = model.state_dict(), reloaded.state_dict()
   assert set(want) == set(got)
@@ -210,6 +212,25 @@ def test_exported_tokenizer_encodes_like_ours(imported, tokenizer_file, tmp_path
   for text in texts:
     assert theirs(text)["input_ids"] == [ours.bos_id] + ours.encode(text), text[:40]
     assert theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True) == text, text[:40]
+
+
+def test_tokenizer_without_exact_json_falls_back(tmp_path):
+  """A normalizing sentencepiece model has no exact tokenizer.json: transformers converts
+  tokenizer.model itself, and the export says so."""
+  import sentencepiece as spm
+  model = str(tmp_path / "nfkc.model")
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(stdlib_texts()), model_prefix=model[:-6],
+                                 vocab_size=500, model_type="bpe", byte_fallback=True,
+                                 normalization_rule_name="nmt_nfkc", minloglevel=2)
+  out = tmp_path / "out"
+  out.mkdir()
+  said = []
+  hf.write_tokenizer(str(out), model, add_bos=True, add_eos=False, max_len=64, log=said.append)
+  assert said and "tokenizer.json not written" in said[0]
+  assert not (out / "tokenizer.json").exists()
+  theirs = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+  ours = tokenizer_lib.Tokenizer(model)
+  assert theirs("def f(x): return x")["input_ids"] == [1] + ours.encode("def f(x): return x")
 
 
 # ----------------------------------------------------------------------------- bad input

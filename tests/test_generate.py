@@ -3,7 +3,6 @@ exported model, batched prompts of different lengths included; sampling and stre
 
 import functools
 import io
-import os
 import subprocess
 import sys
 

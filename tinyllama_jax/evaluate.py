@@ -1,4 +1,4 @@
-"""Loss and perplexity of a run on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
+"""Loss and perplexity on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
 
 --data is a .jsonl file (one document a line, in --text_field), any other text file (the whole
 file is one document), a comma-separated list or glob of those, or `split:eval` / `split:train`

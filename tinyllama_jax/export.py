@@ -197,7 +197,8 @@ def _write_json(path, obj):
 def read_hf(hf_dir):
   """(model fields, HF config dict, reader) for a HF Llama directory, or a one-line error."""
   if not os.path.isdir(hf_dir):
-    raise ValueError(f"--from_hf={hf_dir!r} is not a directory: give a Hugging Face model directory")
+    raise ValueError(f"--from_hf={hf_dir!r} is not a directory: give a Hugging Face model "
+                     "directory")
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(config_path):
     raise ValueError(f"{hf_dir} has no config.json: give a Hugging Face model directory")

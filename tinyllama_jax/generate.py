@@ -51,7 +51,7 @@ def cached_attention(q_BTHD, k_BSKD, v_BSKD, positions_BT):
 
 
 def forward(params, tokens_BT, positions_BT, cache, *, cfg_model, dtype):
-  """(final-normed hidden h_BTD, cache with these tokens' keys/values written at their positions)."""
+  """(final-normed h_BTD, the cache with these tokens' keys/values written at their positions)."""
   m = cfg_model
   B = tokens_BT.shape[0]
   rows_B1 = jnp.arange(B)[:, None]

@@ -333,9 +333,11 @@ def tokenizer_json(sp_model_path, *, add_bos, add_eos):
   unk = next(p.piece for p in proto.pieces if p.type == unknown)
   bos = proto.pieces[proto.trainer_spec.bos_id].piece
   eos = proto.pieces[proto.trainer_spec.eos_id].piece
-  single = ([{"SpecialToken": {"id": bos, "type_id": 0}}] if add_bos else []) + \
-      [{"Sequence": {"id": "A", "type_id": 0}}] + \
-      ([{"SpecialToken": {"id": eos, "type_id": 0}}] if add_eos else [])
+
+  def template(sequence, type_id):
+    return ([{"SpecialToken": {"id": bos, "type_id": type_id}}] if add_bos else []) + \
+        [{"Sequence": {"id": sequence, "type_id": type_id}}] + \
+        ([{"SpecialToken": {"id": eos, "type_id": type_id}}] if add_eos else [])
   post_specials = {t: {"id": t, "ids": [vocab[t]], "tokens": [t]}
                    for t, on in ((bos, add_bos), (eos, add_eos)) if on}
   prefix = [{"type": "Prepend", "prepend": "▁"}] if spec.add_dummy_prefix else []
@@ -351,8 +353,9 @@ def tokenizer_json(sp_model_path, *, add_bos, add_eos):
       "normalizer": {"type": "Sequence", "normalizers": prefix + [
           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
       "pre_tokenizer": None,
-      "post_processor": {"type": "TemplateProcessing", "single": single, "pair": single + [
-          {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": post_specials},
+      "post_processor": {"type": "TemplateProcessing", "single": template("A", 0),
+                         "pair": template("A", 0) + template("B", 1),
+                         "special_tokens": post_specials},
       "decoder": {"type": "Sequence", "decoders": decoders},
       "model": {"type": "BPE", "dropout": None, "unk_token": unk,
                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
@@ -362,14 +365,14 @@ def tokenizer_json(sp_model_path, *, add_bos, add_eos):
 
 
 def write_tokenizer(directory, sp_model_path, *, add_bos, add_eos, max_len, log):
-  """tokenizer.model, tokenizer.json (when exact), tokenizer_config.json, special_tokens_map.json."""
+  """tokenizer.model, tokenizer.json (when exact), tokenizer_config.json and
+  special_tokens_map.json; returns (bos_id, eos_id)."""
   import shutil
   shutil.copyfile(sp_model_path, os.path.join(directory, "tokenizer.model"))
   proto = _sp_proto(sp_model_path)
-  piece = lambda i: proto.pieces[i].piece if i >= 0 else None  # noqa: E731
   t = proto.trainer_spec
-  special = {"bos_token": piece(t.bos_id), "eos_token": piece(t.eos_id),
-             "unk_token": piece(t.unk_id)}
+  special = {name: proto.pieces[i].piece for name, i in
+             (("bos_token", t.bos_id), ("eos_token", t.eos_id), ("unk_token", t.unk_id)) if i >= 0}
   tok_json, why_not = tokenizer_json(sp_model_path, add_bos=add_bos, add_eos=add_eos)
   config = {**special, "add_bos_token": add_bos, "add_eos_token": add_eos,
             "model_max_length": max_len, "clean_up_tokenization_spaces": False,
