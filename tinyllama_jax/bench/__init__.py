@@ -1,0 +1,86 @@
+"""Benchmarks: `python -m tinyllama_jax.bench` times whole training steps (ours and the PyTorch
+peer's) on synthetic data; see __main__.py. Modules:
+
+  step.py        one JAX variant: build the real train step, warm up, time it (a worker process)
+  peer_torch.py  transformers' LlamaForCausalLM with torch.compile (a worker process)
+  __main__.py    the matrix: a worker per variant, the table, the JSON
+
+Importing this package imports neither jax nor torch.
+"""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import subprocess
+
+RESULT_PREFIX = "BENCH_RESULT "  # a worker's one line of JSON on stdout
+
+PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "libtpu", "flax", "optax",
+            "orbax-checkpoint", "torch", "transformers", "numpy")
+
+
+def versions():
+  out = {}
+  for pkg in PACKAGES:
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def commit():
+  """The checkout's commit (+ '-dirty'), else $BENCH_COMMIT (a copy without .git), else None."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          timeout=10)
+    if head.returncode == 0:
+      dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+      return head.stdout.strip() + ("-dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return os.environ.get("BENCH_COMMIT")
+
+
+def now_utc():
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def emit(result):
+  """A worker's result: one line the parent finds among whatever else the worker printed."""
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def parse_result(stdout):
+  for line in reversed(stdout.splitlines()):
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  return None
+
+
+def flops_per_token(m, seq_len):
+  """The reference's model FLOPs per token, 6N + 12*L*d*T, N without the input embedding, from
+  plain numbers so the torch worker needs no jax (model.flops_per_token is the same formula)."""
+  D, L, H, K, Dh, F, V = (m["d_model"], m["n_layers"], m["n_heads"], m["n_kv_heads"],
+                          m["head_dim"], m["ffn_dim"], m["vocab_size"])
+  n = L * (2 * D + D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + D + D * V
+  return 6 * n + 12 * L * D * seq_len
+
+
+def timing_summary(window_times_s, steps_per_window, tokens_per_step, n_devices, flops_token,
+                   peak_flops):
+  """Throughput from timed windows of steps (one device sync per window, none inside)."""
+  total_s = sum(window_times_s)
+  steps = steps_per_window * len(window_times_s)
+  step_times = sorted(t / steps_per_window for t in window_times_s)
+  tokens_per_s = steps * tokens_per_step / total_s
+  out = {"steps_timed": steps, "step_time_s": total_s / steps,
+         "step_time_median_s": step_times[len(step_times) // 2],
+         "step_time_min_s": step_times[0], "step_time_max_s": step_times[-1],
+         "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / n_devices,
+         "flops_per_token": flops_token}
+  out["mfu"] = (tokens_per_s / n_devices * flops_token / peak_flops) if peak_flops else None
+  return out

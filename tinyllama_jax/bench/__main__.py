@@ -1,0 +1,233 @@
+"""Whole-step benchmark: our train step (one or more variants) and the PyTorch peer, side by side.
+
+    python -m tinyllama_jax.bench --config=configs/1b.py                       # base + both peers
+    python -m tinyllama_jax.bench --config=configs/1b.py --config.mesh.data=2 --peer=
+    python -m tinyllama_jax.bench --config=configs/1b.py \
+        --variants='base;scan:model.scan_layers=True;pallas:model.kernels.attention=pallas'
+    python -m tinyllama_jax.bench --smoke                                       # CPU, < 1 min
+
+Each variant runs in its own worker process (bench/step.py, bench/peer_torch.py): a fresh
+process gives each its own peak-memory counter and compile, and keeps torch and jax from holding
+each other's GPU memory. This process imports neither. It prints a table and writes JSON (--out):
+per variant tokens/s per device, MFU, step time, compile time, launch-to-first-step, peak memory
+(measured, and XLA's estimate), and our ratio to the faster peer; with config, mesh, versions,
+commit and date. A failed or skipped variant is a row that says why, never a silent gap.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tinyllama_jax import bench, config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PEAK_FLOPS_BY_NAME = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12))
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m tinyllama_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default=None, help="config file (default configs/1b.py; "
+                 "--smoke: configs/tiny.py); --config.a.b=v overrides apply to every variant")
+  p.add_argument("--variants", default="base",
+                 help="';'-separated NAME[:key=value,key=value] (keys under the config)")
+  p.add_argument("--peer", default="autocast,bf16",
+                 help="PyTorch peer variants to run: autocast, bf16 ('' = none)")
+  p.add_argument("--peer_compile", action=argparse.BooleanOptionalAction, default=True,
+                 help="torch.compile the peer (off on CPU: inductor's CPU compile is slow)")
+  p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--window", type=int, default=5, help="steps between device syncs when timing")
+  p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+  p.add_argument("--out", default=None, help="JSON path (default bench/results/step.json)")
+  p.add_argument("--cache_dir", default="", help="JAX persistent compilation cache for workers")
+  p.add_argument("--deadline_s", type=float, default=0,
+                 help="skip variants that would start after this many seconds (0: never)")
+  p.add_argument("--worker_timeout_s", type=float, default=600)
+  p.add_argument("--profile_dir", default="", help="trace 3 steps of the first variant here")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny config, few steps, base + scan + eager peer: checks the whole path")
+  args, rest = p.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    p.error(f"unknown arguments {bad}: config overrides look like --config.train.seq_len=1024")
+  args.overrides = rest
+  if args.smoke:
+    args.config = args.config or "configs/tiny.py"
+    args.steps, args.warmup, args.window = 4, 1, 2
+    if args.variants == "base":
+      args.variants = "base;scan:model.scan_layers=True"
+    args.peer_compile = False
+    args.peer = "autocast" if args.peer == "autocast,bf16" else args.peer
+  args.config = args.config or "configs/1b.py"
+  args.out = args.out or os.path.join("bench", "results", "smoke.json" if args.smoke else "step.json")
+  return args
+
+
+def parse_variants(spec):
+  """'base;scan:model.scan_layers=True,train.micro_batch_per_device=4' -> [(name, [overrides])]."""
+  out = []
+  for item in [s.strip() for s in spec.split(";") if s.strip()]:
+    name, _, kvs = item.partition(":")
+    overrides = [f"--config.{kv.strip()}" for kv in kvs.split(",") if kv.strip()]
+    for o in overrides:
+      if "=" not in o:
+        raise ValueError(f"variant {name!r}: override {o[9:]!r} needs key=value")
+    out.append((name.strip(), overrides))
+  if len({n for n, _ in out}) != len(out):
+    raise ValueError(f"--variants has a repeated name: {spec!r}")
+  return out
+
+
+def apply_overrides(cfg, overrides):
+  """--config.a.b=v strings applied to a ConfigDict, each value cast to the field's type."""
+  for o in overrides:
+    key, _, value = o[len("--config."):].partition("=")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(config_lib.unknown_key_message(key, cfg))
+    old = node[leaf]
+    if isinstance(old, bool):
+      node[leaf] = value.lower() in ("1", "true", "yes")
+    else:
+      node[leaf] = type(old)(value) if old is not None else value
+  return cfg
+
+
+def run_worker(cmd, timeout, env=None):
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+  except subprocess.TimeoutExpired as e:
+    return {"error": f"timed out after {timeout:.0f} s"}, (e.stderr or b"")[-3000:], timeout
+  result = bench.parse_result(proc.stdout)
+  if result is None:
+    result = {"error": f"worker exited {proc.returncode} without a result: "
+                       f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
+  return result, proc.stderr[-3000:], time.perf_counter() - t0
+
+
+def peak_flops_for(device_kind):
+  for name, flops in PEAK_FLOPS_BY_NAME:
+    if name in (device_kind or ""):
+      return flops
+  return 0.0
+
+
+def fmt(v, spec, scale=1.0):
+  return "-" if v is None else format(v * scale, spec)
+
+
+def table(results, ratios):
+  head = (f"{'variant':<22}{'tok/s/dev':>11}{'MFU':>7}{'step ms':>9}{'compile s':>10}"
+          f"{'1st step s':>11}{'peak GiB':>9}{'XLA GiB':>8}{'vs peer':>8}")
+  lines = [head, "-" * len(head)]
+  for r in results:
+    if "error" in r or "skipped" in r:
+      lines.append(f"{r['name']:<22}  {r.get('skipped') or r['error']}"[:160])
+      continue
+    xla = (r.get("xla_memory") or {}).get("peak_estimate_bytes")
+    lines.append(
+        f"{r['name']:<22}{fmt(r.get('tokens_per_s_per_device'), ',.0f'):>11}"
+        f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r.get('step_time_s'), '.1f', 1e3):>9}"
+        f"{fmt(r.get('compile_s'), '.1f'):>10}{fmt(r.get('launch_to_first_step_s'), '.1f'):>11}"
+        f"{fmt(r.get('peak_memory_gib'), '.1f'):>9}{fmt(xla, '.1f', 2**-30):>8}"
+        f"{fmt(ratios.get(r['name']), '.2f'):>8}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  cfg = apply_overrides(config_lib.load_config_file(os.path.join(REPO, args.config)
+                                                    if not os.path.isabs(args.config)
+                                                    else args.config), args.overrides)
+  variants = parse_variants(args.variants)
+  for name, overrides in variants:  # a typo fails now, not minutes into the matrix
+    apply_overrides(cfg.copy_and_resolve_references(), overrides)
+  peers = [p.strip() for p in args.peer.split(",") if p.strip()]
+  for p in peers:
+    if p not in ("autocast", "bf16"):
+      raise ValueError(f"--peer: unknown variant {p!r}; choose from autocast, bf16")
+
+  jobs = []  # (name, kind, command): ours first, the peers right after the base variant
+  for i, (name, overrides) in enumerate(variants):
+    cmd = [sys.executable, "-m", "tinyllama_jax.bench.step", f"--config={args.config}",
+           *args.overrides, *overrides, f"--name={name}", f"--steps={args.steps}",
+           f"--warmup={args.warmup}", f"--window={args.window}", f"--accum={args.accum}"]
+    if args.cache_dir:
+      cmd.append(f"--cache_dir={args.cache_dir}")
+    if args.profile_dir and i == 0:
+      cmd.append(f"--profile_dir={args.profile_dir}")
+    jobs.append((name, "jax", cmd))
+  m = cfg.model.to_dict()
+  peer_jobs = [(f"torch_{p}", "torch", [
+      sys.executable, "-m", "tinyllama_jax.bench.peer_torch", f"--model_json={json.dumps(m)}",
+      f"--batch={cfg.train.micro_batch_per_device}", f"--seq_len={cfg.train.seq_len}",
+      f"--variant={p}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+      f"--window={args.window}", "--compile" if args.peer_compile else "--no-compile"])
+      for p in peers]
+  jobs[1:1] = peer_jobs
+
+  results, longest = [], 0.0
+  for name, kind, cmd in jobs:
+    elapsed = time.perf_counter() - t_start
+    if args.deadline_s and elapsed + max(longest, 30.0) > args.deadline_s:
+      results.append({"name": name, "kind": kind,
+                      "skipped": f"skipped: {elapsed:.0f} s gone of the {args.deadline_s:.0f} s "
+                                 f"deadline (the longest worker took {longest:.0f} s)"})
+      print(f"[bench] {results[-1]['skipped']}", flush=True)
+      continue
+    print(f"[bench] {name} ...", flush=True)
+    result, stderr, took = run_worker(cmd, args.worker_timeout_s)
+    longest = max(longest, took)
+    result.setdefault("name", name)
+    result.setdefault("kind", kind)
+    result["worker_s"] = took
+    if kind == "jax":
+      result["overrides"] = [c[len("--config."):] for c in cmd if c.startswith("--config.")]
+    if "error" in result:
+      result["stderr_tail"] = stderr
+      print(f"[bench] {name} failed: {result['error'][:300]}\n{stderr[-1500:]}", flush=True)
+    if kind == "torch" and result.get("tokens_per_s") and not result.get("mfu"):
+      peak = peak_flops_for(result.get("device_kind"))
+      result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak if peak else None
+    results.append(result)
+
+  peer_best = max((r for r in results if r["kind"] == "torch" and r.get("tokens_per_s")),
+                  key=lambda r: r["tokens_per_s"], default=None)
+  ratios = {}
+  if peer_best:
+    for r in results:
+      if r.get("tokens_per_s_per_device"):
+        ratios[r["name"]] = r["tokens_per_s_per_device"] / peer_best["tokens_per_s_per_device"]
+  report = {"date": bench.now_utc(), "commit": bench.commit(), "versions": bench.versions(),
+            "config": args.config, "overrides": args.overrides, "variants": args.variants,
+            "settings": {"steps": args.steps, "warmup": args.warmup, "window": args.window,
+                         "accum": args.accum, "seq_len": cfg.train.seq_len,
+                         "micro_batch_per_device": cfg.train.micro_batch_per_device},
+            "peer_best": peer_best["name"] if peer_best else None,
+            "ratio_to_best_peer": ratios, "results": results,
+            "wall_s": time.perf_counter() - t_start}
+  print(table(results, ratios))
+  if peer_best:
+    print(f"ratio = our tokens/s per device / {peer_best['name']}'s "
+          f"({peer_best['tokens_per_s']:,.0f} tokens/s, the faster peer)")
+  out = args.out if os.path.isabs(args.out) else os.path.join(os.getcwd(), args.out)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(out + ".tmp", out)
+  print(f"wrote {out}")
+  ok = [r for r in results if "error" not in r and "skipped" not in r]
+  return 0 if ok and len(ok) + sum("skipped" in r for r in results) == len(results) else 1
+
+
+if __name__ == "__main__":
+  config_lib.exit_on_error(lambda: sys.exit(main(sys.argv[1:])))

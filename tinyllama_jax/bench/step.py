@@ -1,0 +1,160 @@
+"""One JAX variant of the whole training step, timed: a worker of `python -m tinyllama_jax.bench`.
+
+    python -m tinyllama_jax.bench.step --config=configs/1b.py [--config.a.b=v ...] --steps=30
+
+The step is train.py's own `train_step` (the function training runs), compiled the way train.py
+compiles it: ahead of time, explicit in/out shardings, the state donated. The batch is synthetic
+(uniform tokens, one document a row) and sits on the devices before timing starts, so the numbers
+are the step's alone; the data pipeline has its own benchmark. Prints one BENCH_RESULT line.
+"""
+
+import functools
+import os
+import sys
+import time
+
+_T_START = time.perf_counter()  # before jax: the launch-to-first-step clock starts here
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from tinyllama_jax import bench, config as config_lib, distributed, metrics, optim, sharding
+from tinyllama_jax import train as train_lib
+
+_NAME = flags.DEFINE_string("name", "base", "The variant's name in the table.")
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles nothing: "
+                               "compilation is ahead of time and timed apart).")
+_WINDOW = flags.DEFINE_integer("window", 5, "Steps between device syncs while timing.")
+_ACCUM = flags.DEFINE_integer("accum", 1, "Micro-batches accumulated per optimizer step.")
+_CACHE = flags.DEFINE_string("cache_dir", "", "Persistent compilation cache ('' = none).")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile (fill the cache) and exit.")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 steps here.")
+
+
+def prepare(cfg, accum):
+  """The variant's config with the global batch implied by the mesh: micro x batch devices x accum."""
+  cfg = cfg.copy_and_resolve_references()
+  mesh = sharding.make_mesh(cfg.mesh)
+  with cfg.unlocked():
+    cfg.train.global_batch = cfg.train.micro_batch_per_device * sharding.batch_devices(mesh) * accum
+  if cfg.train.seq_len > cfg.model.max_seq_len:
+    raise ValueError(f"train.seq_len ({cfg.train.seq_len}) exceeds model.max_seq_len "
+                     f"({cfg.model.max_seq_len})")
+  return cfg, mesh
+
+
+def synthetic_batch(cfg, accum, micro_batch, batch_sharding):
+  """This process's [A, M/P, T] slice of a uniform-token batch, as one global array."""
+  T, V = cfg.train.seq_len, cfg.model.vocab_size
+  rows = micro_batch // jax.process_count()
+  rng = np.random.default_rng(jax.process_index())
+  tokens = rng.integers(0, V, (accum, rows, T + 1), dtype=np.int32)
+  ones = np.ones((accum, rows, T), np.int32)
+  local = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "segment_ids": ones,
+           "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ones.shape).copy(),
+           "loss_mask": ones.astype(np.float32)}
+  return sharding.global_batch_array(local, batch_sharding)
+
+
+def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, profile_dir=""):
+  cfg, mesh = prepare(cfg, accum)
+  micro = cfg.train.micro_batch_per_device * sharding.batch_devices(mesh)
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  graphdef = train_lib.model_graphdef(cfg)
+  init = train_lib.make_init_fn(cfg, tx)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state_shardings = sharding.tree_shardings(abstract, mesh)
+  batch_sharding = sharding.accum_batch_sharding(mesh)
+  out = {"name": name, "kind": "jax", "mesh": dict(mesh.shape), "n_devices": mesh.size,
+         "n_processes": jax.process_count(), "device_kind": jax.devices()[0].device_kind,
+         "seq_len": cfg.train.seq_len, "micro_batch_per_device": cfg.train.micro_batch_per_device,
+         "accum": accum, "tokens_per_step": cfg.train.global_batch * cfg.train.seq_len,
+         "model": cfg.model.to_dict(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+  step_fn = functools.partial(train_lib.train_step, graphdef=graphdef, cfg=cfg, tx=tx,
+                              schedule=schedule)
+  jitted = jax.jit(step_fn, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None))
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract, state_shardings)
+  T = cfg.train.seq_len
+  batch_spec = {k: jax.ShapeDtypeStruct((accum, micro, T), jnp.float32 if k == "loss_mask"
+                                        else jnp.int32, sharding=batch_sharding)
+                for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  t0 = time.perf_counter()
+  lowered = jitted.lower(abstract_state, batch_spec)
+  out["lower_s"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  out["compile_s"] = time.perf_counter() - t0
+  out["xla_memory"] = train_lib.memory_report(compiled)
+  init_jit = jax.jit(init, out_shardings=state_shardings)
+  if compile_only:
+    init_jit.lower(jax.random.key(0)).compile()
+    return out
+
+  t0 = time.perf_counter()
+  state = init_jit(jax.random.key(cfg.seed))
+  jax.block_until_ready(state)
+  out["init_s"] = time.perf_counter() - t0
+  batch = synthetic_batch(cfg, accum, micro, batch_sharding)
+
+  losses = []
+  for i in range(max(warmup, 1)):
+    state, m = compiled(state, batch)
+    losses.append(float(m["train/loss"]))  # a sync: every warm-up step completes alone
+    if i == 0:
+      out["launch_to_first_step_s"] = time.perf_counter() - _T_START
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
+    for _ in range(3):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    jax.profiler.stop_trace()
+
+  windows = []
+  for _ in range(max(steps // window, 1)):
+    t0 = time.perf_counter()
+    for _ in range(window):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    windows.append(time.perf_counter() - t0)
+  losses.append(float(m["train/loss"]))
+  if not np.all(np.isfinite(losses)):
+    raise FloatingPointError(f"variant {name}: loss went non-finite: {losses}")
+  out["loss_first"], out["loss_last"] = losses[0], losses[-1]
+  out.update(bench.timing_summary(
+      windows, window, out["tokens_per_step"], mesh.size,
+      bench.flops_per_token(cfg.model.to_dict(), T), metrics.peak_flops_per_device(cfg.peak_flops)))
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize()
+  if _CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  try:
+    # --config is train.py's flag (importing train defines it): the same files and overrides.
+    result = run_variant(flags.FLAGS.config, name=_NAME.value, steps=_STEPS.value,
+                         warmup=_WARMUP.value, window=_WINDOW.value, accum=_ACCUM.value,
+                         compile_only=_COMPILE_ONLY.value, profile_dir=_PROFILE.value)
+  except Exception as e:  # the matrix goes on; the table shows why this variant has no numbers
+    logging.exception("variant %s failed", _NAME.value)
+    result = {"name": _NAME.value, "kind": "jax", "error": f"{type(e).__name__}: {e}"[:2000]}
+  if jax.process_index() == 0:
+    bench.emit(result)
+  return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+  config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
+  app.run(main)
