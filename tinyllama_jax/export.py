@@ -162,9 +162,9 @@ def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB"):
                       cfg.data.source)
     _write_json(os.path.join(tmp, "config.json"),
                 hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
+    # No max_length: transformers warns when it meets max_new_tokens, the usual argument.
     _write_json(os.path.join(tmp, "generation_config.json"),
-                {"bos_token_id": bos_id, "eos_token_id": eos_id,
-                 "max_length": cfg.model.max_seq_len})
+                {"bos_token_id": bos_id, "eos_token_id": eos_id})
     plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
     writer = hf.ShardWriter(tmp, plan, np_dtype)
     try:
