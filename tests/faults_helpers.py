@@ -78,6 +78,15 @@ class Train:
       assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
       time.sleep(0.02)
 
+  def wait_for_incomplete_save(self, timeout=120):
+    """Blocks until a save has started and is not committed; returns its directory name."""
+    deadline = time.monotonic() + timeout
+    while not incomplete(self.workdir):
+      assert self.proc.poll() is None, f"the run ended before a save began:\n{self.log[-3000:]}"
+      assert time.monotonic() < deadline, f"no save began within {timeout} s"
+      time.sleep(0.02)
+    return incomplete(self.workdir)[0]
+
   def signal(self, signum):
     self.proc.send_signal(signum)
 

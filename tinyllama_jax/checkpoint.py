@@ -16,6 +16,7 @@ What can go wrong on disk, and what happens:
 - A save that fails (full disk): one clear error; the checkpoints already written are untouched.
 """
 
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -97,8 +98,10 @@ def _slow_commit_path_class(seconds):
   class SlowCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
 
     async def finalize(self, *args, **kwargs):
-      logging.info("inject_save_sleep_s: sleeping %.1f s before committing %s", seconds, self.get())
-      time.sleep(seconds)
+      if TMP_SUFFIX not in self.get().parent.name:  # the step's commit, not one of its items'
+        logging.info("inject_save_sleep_s: sleeping %.1f s before committing %s", seconds,
+                     self.get())
+        time.sleep(seconds)
       return await super().finalize(*args, **kwargs)
 
   return SlowCommit
@@ -112,6 +115,16 @@ def incomplete_saves(directory):
 def _one_line(error, limit=300):
   text = " ".join(str(error).split()) or type(error).__name__
   return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _no_space(error):
+  """Whether a save failed for a full disk: orbax reports it as ValueError('RESOURCE_EXHAUSTED:
+  ... No space left on device'), plain file writes as OSError(ENOSPC), possibly chained."""
+  while error is not None:
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 class Checkpointer:
@@ -176,9 +189,8 @@ class Checkpointer:
             if steps else "no complete checkpoint exists yet")
 
   def _save_failed(self, step, error):
-    reason = _one_line(error)
-    hint = "see the cause above"
-    if "No space left" in reason or getattr(error, "errno", None) == 28:
+    reason, hint = _one_line(error), "see the cause above"
+    if _no_space(error):
       reason, hint = "no space left on device", "free disk space or move --workdir to a bigger disk"
     if step is not None and jax.process_index() == 0:  # give back the space the partial save took
       shutil.rmtree(os.path.join(self.directory, f"{step}{TMP_SUFFIX}"), ignore_errors=True)
