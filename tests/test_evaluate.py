@@ -76,6 +76,26 @@ def test_prepared_split(run):
   assert result["tokens"] == 64 and np.isfinite(result["loss"])
 
 
+def test_prepared_data(run, tmp_path):
+  """--data=prepared:DIR scores the eval split of data written by tinyllama_jax.data.prepare."""
+  from tinyllama_jax.data import prepare
+  params, cfg, tok, _, _ = run
+  docs = tmp_path / "docs.jsonl"
+  texts = [open(os.path.join(STDLIB, "json", n), encoding="utf-8").read()
+           for n in ("decoder.py", "encoder.py", "scanner.py", "tool.py")]
+  docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  prepare.prepare([str(docs)], tok, str(tmp_path / "prepared"), eval_fraction=0.5, progress=False)
+  data_cfg, split = evaluate.data_config_for(cfg, f"prepared:{tmp_path / 'prepared'}")
+  assert split is None and data_cfg.data.source == "prepared" and cfg.data.source == "stdlib"
+  result = evaluate.evaluate_split(params, data_cfg, tok, "eval", seq_len=32, batch_size=2,
+                                   batches=2)
+  assert result["tokens"] == 128 and np.isfinite(result["loss"])
+  assert evaluate.data_config_for(cfg, "some/file.jsonl") is None
+  missing, _ = evaluate.data_config_for(cfg, f"prepared:{tmp_path / 'nope'}")
+  with pytest.raises(ValueError, match="no prepared manifest"):
+    evaluate.evaluate_split(params, missing, tok, "eval", seq_len=32, batch_size=2, batches=1)
+
+
 def test_bad_data(run, tmp_path):
   params, cfg, tok, workdir, _ = run
   with pytest.raises(ValueError, match="not a file"):

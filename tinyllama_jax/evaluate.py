@@ -1,8 +1,9 @@
 """Loss and perplexity on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
 
 --data is a .jsonl file (one document a line, in --text_field), any other text file (the whole
-file is one document), a comma-separated list or glob of those, or `split:eval` / `split:train`
-for the run's own data pipeline (--batches batches of it).
+file is one document), a comma-separated list or glob of those; or, through the data pipeline
+(--batches batches, packed as the run packs): `split:eval` / `split:train` of the run's own data,
+`prepared:DIR` (the --split of data written by tinyllama_jax.data.prepare) or `litpkds:GLOB`.
 
 Files are scored document by document, as training tokenized them (BOS/EOS per the run's
 data.add_bos / add_eos): a document longer than --seq_len is cut into windows that overlap by one
@@ -118,11 +119,30 @@ def evaluate_files(params, cfg, tokenizer, spec, *, seq_len, batch_size, text_fi
   return {**result, "documents": len(docs), "skipped_documents": skipped, "rows": len(rows)}
 
 
+PIPELINE_SOURCES = ("prepared", "litpkds")
+
+
+def data_config_for(cfg, spec):
+  """(run config whose data section reads `spec`, split) for the pipeline forms of --data, or
+  None for files."""
+  kind, _, rest = spec.partition(":")
+  if kind == "split":
+    return cfg, rest
+  if kind in PIPELINE_SOURCES:
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.source, cfg.data.paths, cfg.data.mixture = kind, rest, ""
+    return cfg, None
+  return None
+
+
 def evaluate_split(params, cfg, tokenizer, split, *, seq_len, batch_size, batches):
   from tinyllama_jax.data import pipeline  # grain loads only for this mode
-  it = pipeline.make_iterator(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size,
-                              seed=cfg.seed, process_index=0, process_count=1,
-                              tokenizer=tokenizer, vocab_size=cfg.model.vocab_size)
+  try:
+    it = pipeline.make_iterator(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size,
+                                seed=cfg.seed, process_index=0, process_count=1,
+                                tokenizer=tokenizer, vocab_size=cfg.model.vocab_size)
+  except FileNotFoundError as e:  # the pipeline's message names the path and the fix
+    raise ValueError(str(e)) from None
   try:
     taken = [next(it) for _ in range(batches)]
   finally:
@@ -142,7 +162,8 @@ def define_flags():
   flags.DEFINE_string("text_field", "text", ".jsonl field holding the document.")
   flags.DEFINE_integer("seq_len", 0, "Window length (0: the run's train.seq_len).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
-  flags.DEFINE_integer("batches", 16, "split:...: how many batches to score.")
+  flags.DEFINE_integer("batches", 16, "Pipeline forms of --data: how many batches to score.")
+  flags.DEFINE_enum("split", "eval", ["eval", "train"], "prepared:/litpkds: which split to score.")
 
 
 def main(argv):
@@ -160,9 +181,11 @@ def main(argv):
   tok_path = export.tokenizer_path(cfg, FLAGS.workdir)
   tokenizer = tokenizer_lib.Tokenizer(tok_path) if tok_path else None
   params = jax.device_put(export.load_params(FLAGS.workdir, step, cfg.model))
-  if FLAGS.data.startswith("split:"):
-    result = evaluate_split(params, cfg, tokenizer, FLAGS.data[len("split:"):],
-                            seq_len=seq_len, batch_size=FLAGS.batch_size, batches=FLAGS.batches)
+  pipeline_form = data_config_for(cfg, FLAGS.data)
+  if pipeline_form is not None:
+    data_cfg, split = pipeline_form
+    result = evaluate_split(params, data_cfg, tokenizer, split or FLAGS.split, seq_len=seq_len,
+                            batch_size=FLAGS.batch_size, batches=FLAGS.batches)
   else:
     if tokenizer is None:
       raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer: use --data=split:eval")
