@@ -22,12 +22,12 @@ def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "tinyllama_jax.bench", "--smoke", f"--out={out}",
-       "--variants=base;unrolled_remat:model.remat=full", *MICRO],
+       "--variants=base;remat_accum:model.remat=full,accum=2", *MICRO],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads(out.read_text())
   by_name = {r["name"]: r for r in report["results"]}
-  assert list(by_name) == ["base", "torch_autocast", "unrolled_remat"]
+  assert list(by_name) == ["base", "torch_autocast", "remat_accum"]
   for r in by_name.values():
     assert r["tokens_per_s_per_device"] > 0 and r["step_time_s"] > 0, r
     assert r["loss_last"] < r["loss_first"] + 0.5
@@ -35,17 +35,20 @@ def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
   assert base["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
   assert base["tokens_per_step"] == 2 * 64 and base["model"]["d_model"] == 64
   assert base["xla_memory"]["temp_size_in_bytes"] > 0
-  assert by_name["unrolled_remat"]["model"]["remat"] == "full"
+  assert by_name["remat_accum"]["model"]["remat"] == "full"
+  assert by_name["remat_accum"]["accum"] == 2
+  assert by_name["remat_accum"]["tokens_per_step"] == 2 * 2 * 64
   assert report["peer_best"] == "torch_autocast"
   assert report["ratio_to_best_peer"]["base"] == pytest.approx(
       base["tokens_per_s_per_device"] / by_name["torch_autocast"]["tokens_per_s_per_device"])
   assert report["versions"]["jax"] and report["date"]
-  assert "tok/s/dev" in proc.stdout and "unrolled_remat" in proc.stdout
+  assert "tok/s/dev" in proc.stdout and "remat_accum" in proc.stdout
 
 
 def test_variants_parse_and_typos_fail_before_any_worker():
-  assert bench_main.parse_variants("base; s:model.scan_layers=True,train.seq_len=8") == [
-      ("base", []), ("s", ["--config.model.scan_layers=True", "--config.train.seq_len=8"])]
+  assert bench_main.parse_variants("base; s:model.scan_layers=True,accum=2,train.seq_len=8") == [
+      ("base", []),
+      ("s", ["--config.model.scan_layers=True", "--accum=2", "--config.train.seq_len=8"])]
   with pytest.raises(ValueError, match="repeated"):
     bench_main.parse_variants("a;a")
   with pytest.raises(ValueError, match="key=value"):

@@ -33,7 +33,8 @@ def parse_args(argv):
   p.add_argument("--config", default=None, help="config file (default configs/1b.py; "
                  "--smoke: configs/tiny.py); --config.a.b=v overrides apply to every variant")
   p.add_argument("--variants", default="base",
-                 help="';'-separated NAME[:key=value,key=value] (keys under the config)")
+                 help="';'-separated NAME[:key=value,key=value] (keys under the config, and "
+                 "accum=N for that variant's accumulation)")
   p.add_argument("--peer", default="autocast,bf16",
                  help="PyTorch peer variants to run: autocast, bf16 ('' = none)")
   p.add_argument("--peer_compile", action=argparse.BooleanOptionalAction, default=True,
@@ -68,14 +69,16 @@ def parse_args(argv):
 
 
 def parse_variants(spec):
-  """'base;scan:model.scan_layers=True,train.micro_batch_per_device=4' -> [(name, [overrides])]."""
+  """'base;scan:model.scan_layers=True,accum=2' -> [(name, ['--config.model.scan_layers=True',
+  '--accum=2'])]: config keys become overrides, `accum` the worker's own flag."""
   out = []
   for item in [s.strip() for s in spec.split(";") if s.strip()]:
     name, _, kvs = item.partition(":")
-    overrides = [f"--config.{kv.strip()}" for kv in kvs.split(",") if kv.strip()]
-    for o in overrides:
-      if "=" not in o:
-        raise ValueError(f"variant {name!r}: override {o[9:]!r} needs key=value")
+    overrides = []
+    for kv in [kv.strip() for kv in kvs.split(",") if kv.strip()]:
+      if "=" not in kv:
+        raise ValueError(f"variant {name!r}: override {kv!r} needs key=value")
+      overrides.append(f"--{kv}" if kv.startswith("accum=") else f"--config.{kv}")
     out.append((name.strip(), overrides))
   if len({n for n, _ in out}) != len(out):
     raise ValueError(f"--variants has a repeated name: {spec!r}")
@@ -150,7 +153,8 @@ def main(argv):
                                                     else args.config), args.overrides)
   variants = parse_variants(args.variants)
   for name, overrides in variants:  # a typo fails now, not minutes into the matrix
-    apply_overrides(cfg.copy_and_resolve_references(), overrides)
+    apply_overrides(cfg.copy_and_resolve_references(),
+                    [o for o in overrides if o.startswith("--config.")])
   peers = [p.strip() for p in args.peer.split(",") if p.strip()]
   for p in peers:
     if p not in ("autocast", "bf16"):
@@ -159,8 +163,8 @@ def main(argv):
   jobs = []  # (name, kind, command): ours first, the peers right after the base variant
   for i, (name, overrides) in enumerate(variants):
     cmd = [sys.executable, "-m", "tinyllama_jax.bench.step", f"--config={args.config}",
-           *args.overrides, *overrides, f"--name={name}", f"--steps={args.steps}",
-           f"--warmup={args.warmup}", f"--window={args.window}", f"--accum={args.accum}"]
+           *args.overrides, f"--name={name}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+           f"--window={args.window}", f"--accum={args.accum}", *overrides]  # the variant's win
     if args.cache_dir:
       cmd.append(f"--cache_dir={args.cache_dir}")
     if args.profile_dir and i == 0:
