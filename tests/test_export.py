@@ -7,6 +7,7 @@ The helpers at the top are shared with test_generate.py and test_evaluate.py."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -55,7 +56,6 @@ def make_hf_llama(directory, tokenizer_path=None, **overrides):
         p.uniform_(0.5, 1.5)
   model.save_pretrained(directory)
   if tokenizer_path:
-    import shutil
     shutil.copyfile(tokenizer_path, os.path.join(directory, "tokenizer.model"))
   return model
 
@@ -280,6 +280,19 @@ def _no_tokenizer(tmp_path):
   d = str(tmp_path / "no_tok")
   make_hf_llama(d)
   return d
+
+
+def test_damaged_checkpoint_is_one_line(imported, tmp_path):
+  _, _, workdir = imported
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(workdir, damaged)
+  state = os.path.join(damaged, "checkpoints", "0", "state")
+  for name in os.listdir(state):  # the array data goes missing
+    if name.startswith("ocdbt") or name == "d":
+      shutil.rmtree(os.path.join(state, name), ignore_errors=True)
+  with pytest.raises(ValueError, match="checkpoint 0 in .* cannot be read"):
+    export.export(damaged, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out") and leftovers(tmp_path) == []
 
 
 def test_failure_midway_leaves_nothing(imported, tmp_path, monkeypatch):

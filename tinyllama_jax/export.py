@@ -16,6 +16,7 @@ of --config, so `python -m tinyllama_jax.train --config=WORKDIR/config.py --work
 Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,10 +60,22 @@ def resolve_step(workdir, step=None):
 def run_config(workdir, step):
   """The config the checkpoint was saved with (its `meta` item)."""
   import orbax.checkpoint as ocp
-  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-      os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "meta")),
-      args=ocp.args.JsonRestore())
-  return ml_collections.ConfigDict(meta["config"])
+  with _readable(workdir, step):
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "meta")),
+        args=ocp.args.JsonRestore())
+    return ml_collections.ConfigDict(meta["config"])
+
+
+@contextlib.contextmanager
+def _readable(workdir, step):
+  """A checkpoint orbax cannot read becomes one line naming it (not an orbax traceback)."""
+  try:
+    yield
+  except Exception as e:  # orbax/tensorstore raise many types (ValueError too) for damaged files
+    reason = " ".join(str(e).split())[:200]
+    raise ValueError(f"checkpoint {step} in {workdir} cannot be read ({type(e).__name__}: "
+                     f"{reason}): pass another --step") from None
 
 
 def tokenizer_path(cfg, workdir):
@@ -87,8 +100,9 @@ def iter_params(workdir, step, cfg_model):
   for path, shape in hf.param_paths(cfg_model):
     item = {"params": _nest(path, 0)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))["params"]
+    with _readable(workdir, step):
+      out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))["params"]
     for key in path:
       out = out[key]
     x = np.asarray(out, np.float32)
@@ -174,6 +188,7 @@ def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB"):
           writer.write(name, w)
     finally:
       writer.close()
+    writer.check_complete()
     if len(plan) > 1:
       hf.write_index(tmp, plan, np_dtype)
     commit_output_dir(tmp, out)

@@ -232,6 +232,8 @@ class ShardWriter:
   def close(self):
     for f in self.files:
       f.close()
+
+  def check_complete(self):
     missing = set(self.where) - self.written
     if missing:
       raise ValueError(f"tensors never written: {sorted(missing)[:3]}...")
