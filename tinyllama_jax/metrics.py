@@ -36,8 +36,8 @@ def peak_flops_per_device(override=0.0):
 
 
 def peak_memory_bytes():
-  """Peak bytes in use on device 0 where the backend reports it (GPU, TPU), else None."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """Peak bytes in use on this process's first device where the backend reports it (GPU, TPU), else None."""
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
 
