@@ -5,13 +5,17 @@
         --remat=none,full,save_dots
 
 Per remat policy: parameters, gradients and optimizer state per device (exact, from the
-shardings), activations and the peak. The peak comes from XLA's memory analysis of the real train
-step compiled for `--devices` fake CPU devices (arguments + outputs + temporaries - donated
-aliases), with two substitutions that make a CPU compile stand for an accelerator's: compute in
-bf16 (CPU's 'auto' is fp32), and attention as a stand-in with flash attention's memory profile
-(it saves q, k, v, o and the row statistics, never a T x T matrix), since cuDNN and Pallas do not
-compile on CPU and XLA's reference attention would materialise [B, H, T, T]. `--no-xla` (or a
-failed compile) falls back to the analytic model below, which is labelled as such.
+shardings), activations and the peak. Where the peak comes from (--source):
+  xla       XLA's memory analysis of the real train step compiled for the devices at hand:
+            arguments + outputs + temporaries - donated aliases. On a GPU/TPU with --devices
+            present this is the number to trust (it matched the measured H200 peak to 0.1%).
+            On CPU it compiles for fake devices with two substitutions (bf16 compute; attention
+            as a stand-in with flash attention's memory profile, as cuDNN/Pallas do not compile
+            there), but XLA:CPU keeps fp32 copies and fuses less: 80 GiB for 1b at 8 x 2048
+            where the H200 measured 38.3. On CPU it is an upper bound, not a plan.
+  analytic  bytes per token per layer by remat policy (below), calibrated on the H200's measured
+            peaks (bench/NOTES.md "Step"); within a few % at remat none.
+  auto      (default) xla on an accelerator with enough devices, else analytic.
 """
 
 import dataclasses
@@ -35,8 +39,8 @@ _MEMORY = flags.DEFINE_float("device_memory_gib", 80.0, "Memory per device, GiB 
                              "RTX 4090: 24, H200: 141).")
 _REMAT = flags.DEFINE_string("remat", "", "Comma-separated remat policies to plan ('' = the "
                              "config's; 'all' = every policy in model.REMAT_POLICIES).")
-_XLA = flags.DEFINE_bool("xla", True, "Compile the step for fake CPU devices and read XLA's "
-                         "memory analysis (else the analytic model only).")
+_SOURCE = flags.DEFINE_enum("source", "auto", ["auto", "xla", "analytic"],
+                            "Where the peak comes from (see the module docstring).")
 _JSON = flags.DEFINE_string("json", "", "Also write the plan here.")
 
 GIB = 2**30
@@ -105,12 +109,14 @@ def _register_stand_in():
 
 
 def activation_elements_per_token_layer(m, remat):
-  """bf16 elements one layer keeps per token for the backward, by policy (model.block's tags)."""
+  """bf16 elements one layer keeps per token for the backward, by policy (model.block's tags).
+  'none' was fitted to the H200 (1b, 8 x 2048: 38.3 GiB measured, 16 x 2048: 62.1): XLA keeps
+  the residual stream twice (x, x + attn), q, k, v, o, flash's fp32 row statistics, gate, up
+  and silu(gate) * up, and recomputes the norms in the backward (25,664 elements at 1b)."""
   D, H, K, Dh, F = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim
   q, kv, attn, proj, mlp = H * Dh, 2 * K * Dh, H * Dh, D, 2 * F
   return {
-      # x, normed x, q, k, v, o (+ fp32 stats), x + attn, its norm, gate, up, silu(gate) * up
-      "none": 4 * D + q + kv + attn + 2 * H + mlp + F,
+      "none": 2 * D + q + kv + attn + 2 * H + mlp + F,
       "full": D,  # the layer's input only; the rest is recomputed layer by layer
       "save_dots": D + q + kv + proj + mlp + D,
       "save_attn": D + attn,
@@ -140,7 +146,10 @@ def analytic_activations_gib(cfg, micro_per_device, remat):
   per_layer = activation_elements_per_token_layer(m, remat) * 2 * tokens
   full_layer = activation_elements_per_token_layer(m, "none") * 2 * tokens
   recompute = 0 if remat == "none" else full_layer  # one layer rebuilt at a time in the backward
-  logits = tokens * m.vocab_size * 4 * (2 if cfg.model.kernels.cross_entropy == "xla" else 0.25)
+  # fp32 logits and their gradient; the chunked kernel holds one 4096-token chunk's at a time
+  # (bench/NOTES.md kernels: 4.03 GiB vs 0.87 GiB of temporaries at 16k tokens).
+  ce_tokens = tokens if cfg.model.kernels.cross_entropy == "xla" else min(tokens, 4096)
+  logits = 2 * ce_tokens * m.vocab_size * 4
   return (m.n_layers * per_layer + recompute + logits + 2 * tokens * m.d_model * 4) / GIB
 
 
@@ -156,8 +165,13 @@ def state_bytes(tree):
 # ----------------------------------------------------------------------------- the planner
 
 
-def plan_one(cfg, mesh, remat, use_xla):
-  cfg = planning_config(cfg, remat)
+def plan_one(cfg, mesh, remat, use_xla, stand_ins=True):
+  if stand_ins:
+    cfg = planning_config(cfg, remat)
+  else:
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.model.remat = remat
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
   init = train_lib.make_init_fn(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
@@ -186,7 +200,7 @@ def plan_one(cfg, mesh, remat, use_xla):
                    time.perf_counter() - t0)
       if report:
         temp = report["temp_size_in_bytes"]
-        return Plan(remat, "xla", activations_gib=max(temp - params_b, 0) / GIB,
+        return Plan(remat, f"xla-{mesh.devices.flat[0].platform}", activations_gib=max(temp - params_b, 0) / GIB,
                     peak_gib=report["peak_estimate_bytes"] / GIB, xla=report, **fixed)
     except Exception as e:  # noqa: BLE001  the analytic model still answers
       logging.warning("remat=%s: XLA compile failed (%s); analytic model only", remat,
@@ -199,14 +213,20 @@ def plan_one(cfg, mesh, remat, use_xla):
   return Plan(remat, "analytic", activations_gib=act, peak_gib=peak, **fixed)
 
 
-def plan(cfg, n_devices, remats, use_xla=True):
-  devices = jax.devices("cpu")
+def plan(cfg, n_devices, remats, source="auto"):
+  """(mesh, [Plan per remat policy]). The mesh is over the accelerators when there are enough of
+  them, else over CPU devices (shardings, and so the state's bytes, are the same either way)."""
+  accel = [d for d in jax.devices() if d.platform != "cpu"]
+  on_accel = len(accel) >= n_devices
+  devices = accel if on_accel else jax.devices("cpu")
   if len(devices) < n_devices:
     raise ValueError(f"--devices={n_devices} needs that many CPU devices, {len(devices)} exist: "
                      "run plan as its own process (it sets jax_num_cpu_devices at start-up)")
   mesh = sharding.make_mesh(cfg.mesh, devices=devices[:n_devices])
-  _register_stand_in()
-  return mesh, [plan_one(cfg, mesh, r, use_xla) for r in remats]
+  use_xla = source == "xla" or (source == "auto" and on_accel)
+  if not on_accel:
+    _register_stand_in()
+  return mesh, [plan_one(cfg, mesh, r, use_xla, stand_ins=not on_accel) for r in remats]
 
 
 def format_table(cfg, mesh, plans, memory_gib):
@@ -239,7 +259,7 @@ def main(argv):
     if r not in model_lib.REMAT_POLICIES:
       raise ValueError(f"--remat: unknown policy {r!r}; choose from "
                        f"{', '.join(sorted(model_lib.REMAT_POLICIES))} or all")
-  mesh, plans = plan(cfg, _DEVICES.value, remats, _XLA.value)
+  mesh, plans = plan(cfg, _DEVICES.value, remats, _SOURCE.value)
   print(format_table(cfg, mesh, plans, _MEMORY.value))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
