@@ -197,6 +197,15 @@ class Checkpointer:
     raise CheckpointError(f"could not write checkpoint {step} to {self.directory} ({reason}): "
                           f"{hint}; {self._intact()}") from error
 
+  def latest_config(self):
+    """The newest checkpoint's config, or None (no checkpoint, or its metadata is damaged:
+    restore_latest reports that and falls back)."""
+    step = self.latest_step()
+    try:
+      return None if step is None else self.read_meta(step)["config"]
+    except Exception:  # pylint: disable=broad-except
+      return None
+
   def read_meta(self, step):
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -264,6 +273,9 @@ class Checkpointer:
         target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(os.path.join(self.directory, str(step)), target)
         logging.warning("moved damaged checkpoint %d to %s", step, target)
+    if jax.process_count() > 1:  # every process must list the steps without the moved ones
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tinyllama_jax.checkpoint.quarantine")
     self.manager.reload()
 
 

@@ -3,7 +3,9 @@
 config -> checks -> mesh -> data -> state (fresh or restored) -> jitted step -> metrics and
 checkpoints. The step is a pure function (state, batch) -> (state, metrics), compiled once ahead
 of time with explicit shardings and the state donated; all I/O stays in the loop around it.
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's latest complete checkpoint, bitwise. SIGTERM
+or SIGINT saves and exits 0; kill -9, NaN, damaged checkpoints and full disks are handled as
+docs/reliability.md says (the machinery lives in faults.py and checkpoint.py).
 """
 
 import functools
@@ -130,14 +132,9 @@ class Run:
     self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                         keep=t.keep_checkpoints, async_save=t.async_checkpoint,
                                         inject_save_sleep_s=t.inject_save_sleep_s)
-    latest = self.ckpt.latest_step()
-    if latest is not None:  # refuse another architecture before anything is written
-      try:
-        saved_cfg = self.ckpt.read_meta(latest)["config"]
-      except Exception:  # pylint: disable=broad-except
-        saved_cfg = None  # damaged: initial_state() reports it and falls back
-      if saved_cfg is not None:
-        checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
+    saved_cfg = self.ckpt.latest_config()
+    if saved_cfg is not None:  # refuse another architecture before anything is written
+      checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
 
   def batch_spec(self, leading):
     T = self.cfg.train.seq_len
