@@ -1,7 +1,7 @@
 """Multi-process startup: jax.distributed from flags or the environment, before any JAX work.
 
 Who says how many processes there are, first match wins:
-  1. flags: --coordinator=host:port --num_processes=N --process_id=i (any launcher, localhost tests);
+  1. flags: --coordinator=host:port --num_processes=N --process_id=i (any launcher, tests);
   2. JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in the environment;
   3. SLURM (srun): SLURM_PROCID, SLURM_NTASKS, the first host of SLURM_STEP_NODELIST (port from
      the job id, or --coordinator_port); several tasks on one node each take one local GPU;
@@ -21,7 +21,7 @@ _MODE = flags.DEFINE_enum("distributed", "auto", ["auto", "jax", "off"],
                           "auto: flags, then JAX_* env, SLURM, TPU VM; jax: jax's own cluster "
                           "detection; off: a single process.")
 _COORDINATOR = flags.DEFINE_string("coordinator", None,
-                                   "host:port of process 0 (multi-process runs without a scheduler).")
+                                   "host:port of process 0 (runs without a scheduler).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _PORT = flags.DEFINE_integer("coordinator_port", 0,
@@ -29,7 +29,7 @@ _PORT = flags.DEFINE_integer("coordinator_port", 0,
 
 
 def expand_nodelist(nodelist):
-  """SLURM's compressed host list -> host names: 'gpu[01-03,7],cpu5' -> gpu01 gpu02 gpu03 gpu7 cpu5."""
+  """SLURM's compressed host list -> names: 'gpu[01-03,7],cpu5' -> gpu01 gpu02 gpu03 gpu7 cpu5."""
   hosts = []
   for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
     if plain:

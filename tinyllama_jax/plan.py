@@ -200,7 +200,8 @@ def plan_one(cfg, mesh, remat, use_xla, stand_ins=True):
                    time.perf_counter() - t0)
       if report:
         temp = report["temp_size_in_bytes"]
-        return Plan(remat, f"xla-{mesh.devices.flat[0].platform}", activations_gib=max(temp - params_b, 0) / GIB,
+        return Plan(remat, f"xla-{mesh.devices.flat[0].platform}",
+                    activations_gib=max(temp - params_b, 0) / GIB,
                     peak_gib=report["peak_estimate_bytes"] / GIB, xla=report, **fixed)
     except Exception as e:  # noqa: BLE001  the analytic model still answers
       logging.warning("remat=%s: XLA compile failed (%s); analytic model only", remat,

@@ -54,7 +54,8 @@ def make_mesh(cfg_mesh, devices=None):
   devices = jax.devices() if devices is None else devices
   sizes = [cfg_mesh[a] for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one axis may be -1 (the rest), got {dict(zip(MESH_AXES, sizes))}")
+    raise ValueError(f"mesh: at most one axis may be -1 (the rest), got "
+                     f"{dict(zip(MESH_AXES, sizes))}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:

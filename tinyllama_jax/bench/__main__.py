@@ -52,10 +52,12 @@ def parse_args(argv):
   p.add_argument("--smoke", action="store_true",
                  help="tiny config, few steps, base + scan + eager peer: checks the whole path")
   args, rest = p.parse_known_args(argv)
-  bad = [a for a in rest if not a.startswith("--config.")]
+  dist = ("--distributed", "--coordinator", "--num_processes", "--process_id")
+  bad = [a for a in rest if not a.startswith(("--config.",) + dist)]
   if bad:
     p.error(f"unknown arguments {bad}: config overrides look like --config.train.seq_len=1024")
-  args.overrides = rest
+  args.overrides = [a for a in rest if a.startswith("--config.")]
+  args.distributed = [a for a in rest if a.startswith(dist)]  # for the JAX workers
   if args.smoke:
     args.config = args.config or "configs/tiny.py"
     args.steps, args.warmup, args.window = 4, 1, 2
@@ -64,7 +66,8 @@ def parse_args(argv):
     args.peer_compile = False
     args.peer = "autocast" if args.peer == "autocast,bf16" else args.peer
   args.config = args.config or "configs/1b.py"
-  args.out = args.out or os.path.join("bench", "results", "smoke.json" if args.smoke else "step.json")
+  args.out = args.out or os.path.join("bench", "results",
+                                      "smoke.json" if args.smoke else "step.json")
   return args
 
 
@@ -163,8 +166,9 @@ def main(argv):
   jobs = []  # (name, kind, command): ours first, the peers right after the base variant
   for i, (name, overrides) in enumerate(variants):
     cmd = [sys.executable, "-m", "tinyllama_jax.bench.step", f"--config={args.config}",
-           *args.overrides, f"--name={name}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-           f"--window={args.window}", f"--accum={args.accum}", *overrides]  # the variant's win
+           *args.overrides, *args.distributed, f"--name={name}", f"--steps={args.steps}",
+           f"--warmup={args.warmup}", f"--window={args.window}", f"--accum={args.accum}",
+           *overrides]  # last: the variant's own settings win
     if args.cache_dir:
       cmd.append(f"--cache_dir={args.cache_dir}")
     if args.profile_dir and i == 0:

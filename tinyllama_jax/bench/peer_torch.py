@@ -110,7 +110,8 @@ def main():
   except Exception as e:  # noqa: BLE001  the matrix goes on without this peer
     import traceback
     traceback.print_exc()
-    result = {"name": f"torch_{a.variant}", "kind": "torch", "error": f"{type(e).__name__}: {e}"[:2000]}
+    result = {"name": f"torch_{a.variant}", "kind": "torch",
+              "error": f"{type(e).__name__}: {e}"[:2000]}
   bench.emit(result)
   return 0 if "error" not in result else 1
 

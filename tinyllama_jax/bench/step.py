@@ -35,7 +35,7 @@ _PROFILE = flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 s
 
 
 def prepare(cfg, accum):
-  """The variant's config with the global batch implied by the mesh: micro x batch devices x accum."""
+  """The variant's config, its global batch implied by the mesh: micro x batch devices x accum."""
   cfg = cfg.copy_and_resolve_references()
   mesh = sharding.make_mesh(cfg.mesh)
   with cfg.unlocked():
