@@ -27,5 +27,5 @@ scan:model.scan_layers=True"}
 timeout 570 python3 -m tinyllama_jax.bench --config=configs/1b.py \
   --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
   --variants="$VARIANTS" --peer=autocast,bf16 --steps=20 --warmup=3 --window=5 \
-  --deadline_s=${DEADLINE_S:-440} --worker_timeout_s=240 \
+  --deadline_s=${DEADLINE_S:-400} --worker_timeout_s=240 \
   --out="$OUT/step_1xh200.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/step_1xh200.log"
