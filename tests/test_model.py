@@ -119,3 +119,28 @@ def test_sequence_longer_than_model_maximum_is_refused():
   m = Llama(small_model_config(max_seq_len=8), rngs=nnx.Rngs(params=0))
   with pytest.raises(ValueError, match="max_seq_len"):
     m(jnp.zeros((1, 9), jnp.int32))
+
+
+def test_pallas_backends_run_per_device_on_a_sharded_batch():
+  """All-Pallas model on a 4-device mesh (interpret mode on CPU) equals the all-XLA model: the
+  kernels run under shard_map on local blocks instead of on a gathered batch."""
+  from tinyllama_jax import sharding
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices=jax.devices()[:4])
+  x = jax.random.randint(jax.random.key(5), (4, 16), 0, 97)
+  seg = jnp.array([[1] * 5 + [2] * 11] * 4)
+  pos = jnp.array([list(range(5)) + list(range(11))] * 4)
+  outs = {}
+  for backend in ("xla", "pallas"):
+    cfg = small_model_config(n_layers=1, head_dim=16)
+    for op in ("attention", "rms_norm", "rope", "swiglu"):
+      cfg.kernels[op] = backend
+    m = Llama(cfg, rngs=nnx.Rngs(params=0))
+    gd, params = nnx.split(m, nnx.Param)
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+      fn = jax.jit(lambda p, x, pos, seg: nnx.merge(gd, p)(x, pos, seg),
+                   in_shardings=(None, batch_sh, batch_sh, batch_sh))
+      outs[backend] = fn(params, x, pos, seg)
+      if backend == "pallas":
+        assert "shard_map" in str(jax.make_jaxpr(fn)(params, x, pos, seg))
+  np.testing.assert_allclose(outs["pallas"], outs["xla"], rtol=1e-4, atol=1e-4)

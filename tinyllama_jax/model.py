@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tinyllama_jax import kernels
+from tinyllama_jax import kernels, sharding
 
 # Remat policies by name. The tags are the checkpoint_name()s in `block`; a policy saves the
 # tagged activations it names and recomputes everything else in the backward pass.
@@ -64,18 +64,54 @@ def resolve_attention(name, uses_segments):
   return "xla"
 
 
+# Activation layouts, for running a Pallas kernel per device (sharding.py maps the names).
+_BTHD = ("act_batch", "act_seq", "act_heads", None)
+_BTKD = ("act_batch", "act_seq", "act_kv_heads", None)
+_BT = ("act_batch", "act_seq")
+_BTX = ("act_batch", "act_seq", None)
+
+
+def _per_device(op, backend, fn):
+  """XLA cannot partition a Pallas custom call: on a sharded batch it would gather the whole
+  batch onto every device. So Pallas backends run under shard_map on each device's local block
+  (the identity when no mesh is set, or it has one device)."""
+  if backend != "pallas":
+    return fn
+  local = sharding.shard_map_local
+  if op == "attention":
+    def attention(q, k, v, segment_ids, *, causal):
+      if segment_ids is None:
+        return local(lambda q, k, v: fn(q, k, v, None, causal=causal), [_BTHD, _BTKD, _BTKD],
+                     _BTHD)(q, k, v)
+      return local(lambda q, k, v, s: fn(q, k, v, s, causal=causal), [_BTHD, _BTKD, _BTKD, _BT],
+                   _BTHD)(q, k, v, segment_ids)
+    return attention
+  if op == "rms_norm":
+    return lambda x, w, eps: local(lambda x, w: fn(x, w, eps), [_BTX, None], _BTX)(x, w)
+  if op == "add_rms_norm":
+    return lambda x, d, w, eps: local(lambda x, d, w: fn(x, d, w, eps), [_BTX, _BTX, None],
+                                      [_BTX, _BTX])(x, d, w)
+  if op == "rope_qk":
+    return lambda q, k, pos, theta: local(lambda q, k, p: fn(q, k, p, theta), [_BTHD, _BTKD, _BT],
+                                          [_BTHD, _BTKD])(q, k, pos)
+  if op == "swiglu":
+    return local(fn, [_BTX, _BTX], _BTX)
+  raise ValueError(f"no per-device layout for op {op!r}")
+
+
 class Ops:
   """The fused ops the block uses, each from the backend its config names. `rms_norm` picks the
   backend of both norm forms (alone, and fused with the residual add); `rope` rotates q and k
   in one pass."""
 
   def __init__(self, cfg_kernels, uses_segments):
-    self.attention = kernels.get("attention",
-                                 resolve_attention(cfg_kernels.attention, uses_segments))
-    self.rms_norm = kernels.get("rms_norm", cfg_kernels.rms_norm)
-    self.add_rms_norm = kernels.get("add_rms_norm", cfg_kernels.rms_norm)
-    self.rope_qk = kernels.get("rope_qk", cfg_kernels.rope)
-    self.swiglu = kernels.get("swiglu", cfg_kernels.swiglu)
+    def get(op, backend):
+      return _per_device(op, backend, kernels.get(op, backend))
+    self.attention = get("attention", resolve_attention(cfg_kernels.attention, uses_segments))
+    self.rms_norm = get("rms_norm", cfg_kernels.rms_norm)
+    self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
+    self.rope_qk = get("rope_qk", cfg_kernels.rope)
+    self.swiglu = get("swiglu", cfg_kernels.swiglu)
 
 
 def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
@@ -166,8 +202,7 @@ class Llama(nnx.Module):
       for i in range(cfg.n_layers):
         x_BTD = layer_fn({k: v[i] for k, v in stacked.items()}, x_BTD, positions_BT,
                          segment_ids_BT)
-    return kernels.get("rms_norm", cfg.kernels.rms_norm)(
-        x_BTD, self.final_norm[...].astype(dtype), cfg.norm_eps)
+    return ops.rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.norm_eps)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     """Logits in fp32, [B, T, V]. Training uses `hidden` + the fused cross-entropy instead."""
