@@ -62,3 +62,8 @@ def get(op, backend):
                      f"(--config.model.kernels.{op}=...)")
   module, name = _TABLE[op][backend].split(":")
   return getattr(importlib.import_module(module), name)
+
+
+def register(op, backend, target):
+  """Adds (or replaces) a backend: `target` is "module:function" with the op's signature."""
+  _TABLE.setdefault(op, {})[backend] = target
