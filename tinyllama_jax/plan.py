@@ -98,11 +98,11 @@ def planning_config(cfg, remat):
 
 
 def _register_stand_in():
-  # The backend table's own format; registered only in this process, only for planning. Run as
-  # `python -m`, this module is __main__: alias it so the table's import finds it, not a second
-  # copy that would define the flags again.
+  # Registered only in this process, only for planning. Run as `python -m`, this module is
+  # __main__: alias it so the table's import finds it, not a second copy that would define the
+  # flags again.
   sys.modules.setdefault("tinyllama_jax.plan", sys.modules[__name__])
-  kernels._TABLE["attention"].setdefault("plan_flash", "tinyllama_jax.plan:attention_stand_in")
+  kernels.register("attention", "plan_flash", "tinyllama_jax.plan:attention_stand_in")
 
 
 # ----------------------------------------------------------------------------- analytic model
