@@ -86,6 +86,8 @@ def check_free_disk(directory, need_bytes):
 
 def check_environment(workdir, abstract_state):
   """The workdir takes files, and one more checkpoint, before anything is compiled."""
+  if "://" in workdir:  # object storage (gs://...): no local permissions or free space to check
+    return
   check_workdir(workdir)
   check_free_disk(os.path.join(workdir, "checkpoints"), state_bytes(abstract_state))
 
