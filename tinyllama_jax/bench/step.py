@@ -85,7 +85,8 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
                                         else jnp.int32, sharding=batch_sharding)
                 for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
   t0 = time.perf_counter()
-  lowered = jitted.lower(abstract_state, batch_spec)
+  with jax.set_mesh(mesh):  # Pallas backends find it and run per device (model._per_device)
+    lowered = jitted.lower(abstract_state, batch_spec)
   out["lower_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled = lowered.compile()
