@@ -65,9 +65,11 @@ def _leaf_checksum(x):
   unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
   bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8-byte: a trailing 2 axis
   weight = jnp.ones(bits.shape, jnp.uint32)
-  for axis, mix in zip(range(bits.ndim), (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1)):
-    weight = weight + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(mix)
-  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * (weight | 1), dtype=jnp.uint32)])
+  for axis in range(bits.ndim):  # a distinct odd multiplier per axis (golden-ratio hashing)
+    mix = jnp.uint32((0x9E3779B1 * (2 * axis + 1)) % 2**32)
+    weight = weight + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * mix
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                    jnp.sum(bits * (weight | 1), dtype=jnp.uint32)])
 
 
 @jax.jit

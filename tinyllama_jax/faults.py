@@ -81,7 +81,8 @@ def check_free_disk(directory, need_bytes):
   need = int(need_bytes * 1.1) + 2**20
   if free < need:
     raise ValueError(f"{directory} has {free / 2**20:.1f} MiB free, a checkpoint needs about "
-                     f"{need / 2**20:.1f} MiB: free disk space or pass a --workdir on a bigger disk")
+                     f"{need / 2**20:.1f} MiB: free disk space or pass a --workdir on a bigger "
+                     "disk")
 
 
 def check_environment(workdir, abstract_state):

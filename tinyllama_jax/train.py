@@ -276,7 +276,8 @@ def train(cfg, workdir, dry_run=False):
       while step < t.steps:
         local = next(train_it)
         local = {k: v.reshape(run.accum, -1, *v.shape[1:]) for k, v in local.items()}
-        state, step_metrics = compiled(state, sharding.global_batch_array(local, run.batch_sharding))
+        batch = sharding.global_batch_array(local, run.batch_sharding)
+        state, step_metrics = compiled(state, batch)
         step += 1
         nonfinite.record(step, step_metrics)
         if t.inject_step_sleep_s:  # test only: lets the fault suite signal at a known step
