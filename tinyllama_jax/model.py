@@ -192,7 +192,10 @@ class Llama(nnx.Module):
       raise ValueError(f"unknown model.remat {cfg.remat!r}; choose one of "
                        f"{sorted(REMAT_POLICIES)}")
     if cfg.remat != "none":
-      layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      # Outside a scan, XLA's CSE would merge the recomputation back into the forward pass and
+      # quietly undo the remat; inside one it cannot, and the barrier only costs speed.
+      layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat],
+                                prevent_cse=not cfg.scan_layers)
     stacked = {name: getattr(self.layers, name)[...] for name in LAYER_PARAMS}
     if cfg.scan_layers:
       def scan_body(x, p):
