@@ -74,8 +74,9 @@ _BTX = ("act_batch", "act_seq", None)
 def _per_device(op, backend, fn):
   """XLA cannot partition a Pallas custom call: on a sharded batch it would gather the whole
   batch onto every device. So Pallas backends run under shard_map on each device's local block
-  (the identity when no mesh is set, or it has one device)."""
-  if backend != "pallas":
+  (the identity when no mesh is set, or it has one device). cuDNN too: its partitioning rule
+  refused q, k and v whose propagated shardings differed under FSDP on two H200s."""
+  if backend not in ("pallas", "cudnn"):
     return fn
   local = sharding.shard_map_local
   if op == "attention":
