@@ -73,17 +73,20 @@ def _leaf_checksum(x):
 
 
 @jax.jit
-def _checksums(state):
-  leaves = jax.tree.leaves(state)
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
-                              if jnp.issubdtype(x.dtype, jnp.floating)]))
-  return jnp.stack([_leaf_checksum(x) for x in leaves]), finite
+def _leaf_checksum_and_finite(x):
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.bool_(True)
+  return _leaf_checksum(x), finite
 
 
 def checksums(state):
-  """([n_leaves][2] ints, all floats finite) of a state tree, computed where the arrays live."""
-  sums, finite = jax.device_get(_checksums(state))
-  return np.asarray(sums).tolist(), bool(finite)
+  """([n_leaves][2] ints, all floats finite) of a state tree, computed where the arrays live.
+  One leaf at a time: a single jit over the 1.1B state asked XLA:CPU for 29.7 GB of temporaries."""
+  sums, finite = [], True
+  for x in jax.tree.leaves(state):
+    leaf_sum, leaf_finite = jax.device_get(_leaf_checksum_and_finite(x))
+    sums.append(np.asarray(leaf_sum).tolist())
+    finite = finite and bool(leaf_finite)
+  return sums, finite
 
 
 def _data_digest(data_state):

@@ -28,10 +28,14 @@ from tinyllama_jax import (checkpoint, config as config_lib, distributed, faults
 from tinyllama_jax.model import Llama, flops_per_token, param_count
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, tb/, config.json.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the step, print its memory plan, exit.")
+
+
+def _define_flags():
+  """Defined when the command runs, not on import: other commands import this module's step."""
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, tb/, config.json.")
+  flags.DEFINE_bool("dry_run", False, "Compile the step, print its memory plan, exit.")
 
 
 # ----------------------------------------------------------------------------- state and step
@@ -235,6 +239,11 @@ def train(cfg, workdir, dry_run=False):
   """Runs (or resumes) training; returns the last logged metrics. SIGTERM/SIGINT end it early
   after a checkpoint (`preempted` in the result); faults.py says what else it survives."""
   run = Run(cfg, workdir)
+  with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
+    return _train(run, cfg, workdir, dry_run)
+
+
+def _train(run, cfg, workdir, dry_run):
   t = cfg.train
   n_params = param_count(cfg.model)
   logging.info("model: %s parameters (%s without the input embedding); mesh %s; %d x %d "
@@ -332,12 +341,13 @@ class _OwnInfoOnly(std_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  FLAGS = flags.FLAGS
+  if not FLAGS.workdir:
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   distributed.initialize()
-  train(_CONFIG.value, _WORKDIR.value, dry_run=_DRY_RUN.value)
+  train(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
 
 
 def _exit_on_fault(fn):
@@ -351,6 +361,7 @@ def _exit_on_fault(fn):
 
 
 def run_cli():
+  _define_flags()
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
   config_lib.exit_on_error(lambda: _exit_on_fault(lambda: app.run(main)))
 
