@@ -72,12 +72,7 @@ OVERRIDES = {
 
 def make_config():
   cfg = config_lib.load_config_file(os.path.join(REPO, "configs/tiny.py"))
-  for key, value in OVERRIDES.items():
-    *parents, leaf = key.split(".")
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(OVERRIDES)
   return cfg
 
 

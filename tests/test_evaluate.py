@@ -6,25 +6,17 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import torch
 
-from test_export import REPO, STDLIB, imported, load_hf, tokenizer_file  # noqa: F401 (fixtures)
-from tinyllama_jax import evaluate, export
-from tinyllama_jax.data import tokenizer as tokenizer_lib
+from test_export import REPO, exported, STDLIB, imported, tokenizer_file  # noqa: F401 (fixtures)
+from tinyllama_jax import evaluate
 
 
 @pytest.fixture(scope="module")
-def run(imported, tmp_path_factory):  # noqa: F811
-  _, _, workdir = imported
-  out = str(tmp_path_factory.mktemp("eval") / "hf")
-  export.export(workdir, out, dtype="fp32")
-  cfg = export.run_config(workdir, 0)
-  params = jax.device_put(export.load_params(workdir, 0, cfg.model))
-  tok = tokenizer_lib.Tokenizer(export.tokenizer_path(cfg, workdir))
-  return params, cfg, tok, workdir, load_hf(out)
+def run(exported):  # noqa: F811
+  return exported
 
 
 @pytest.fixture

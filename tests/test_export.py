@@ -96,6 +96,18 @@ TOKENS = np.random.default_rng(0).integers(0, 512, (2, 17))
 # ----------------------------------------------------------------------------- import
 
 
+@pytest.fixture(scope="module")
+def exported(imported, tmp_path_factory):
+  """(params, cfg, tokenizer, workdir, HF model loaded from our fp32 export) of the import."""
+  _, _, workdir = imported
+  out = str(tmp_path_factory.mktemp("exported") / "hf")
+  export.export(workdir, out, dtype="fp32")
+  cfg = export.run_config(workdir, 0)
+  params = jax.device_put(export.load_params(workdir, 0, cfg.model))
+  tok = tokenizer_lib.Tokenizer(export.tokenizer_path(cfg, workdir))
+  return params, cfg, tok, workdir, load_hf(out)
+
+
 def test_import_logits_equal_hf(imported):
   _, model, workdir = imported
   cfg = export.run_config(workdir, export.resolve_step(workdir))

@@ -12,21 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from test_export import REPO, imported, load_hf, our_logits, tokenizer_file  # noqa: F401 (fixtures)
-from tinyllama_jax import export, generate
-from tinyllama_jax.data import tokenizer as tokenizer_lib
+from test_export import REPO, exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
+from tinyllama_jax import generate
 
 
 @pytest.fixture(scope="module")
-def model(imported, tmp_path_factory):  # noqa: F811
-  """(params, cfg, tokenizer, workdir, HF model loaded from our export)."""
-  _, _, workdir = imported
-  out = str(tmp_path_factory.mktemp("gen") / "hf")
-  export.export(workdir, out, dtype="fp32")
-  cfg = export.run_config(workdir, 0)
-  params = jax.device_put(export.load_params(workdir, 0, cfg.model))
-  tok = tokenizer_lib.Tokenizer(export.tokenizer_path(cfg, workdir))
-  return params, cfg, tok, workdir, load_hf(out)
+def model(exported):  # noqa: F811
+  return exported
 
 
 def prompts(tok):

@@ -28,12 +28,7 @@ def micro_config(**overrides):
   t.steps, t.log_every, t.eval_every, t.checkpoint_every, t.eval_batches = 30, 5, 30, 30, 2
   t.sample_tokens, t.async_checkpoint = 0, False
   cfg.optim.warmup_steps, cfg.optim.lr = 5, 3e-3
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 
