@@ -1,6 +1,7 @@
 """Mesh from config, FSDP placement of the whole train state, batch sharding, local kernels, and
 checkpoints that restore onto another mesh (8 fake CPU devices, see conftest.py)."""
 
+import functools
 import os
 
 import jax
@@ -146,3 +147,150 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, n_devices):
   assert len(wq.sharding.device_set) == n_devices
   assert wq.addressable_shards[0].data.shape[1] == 64 // n_devices
   assert isinstance(wq.sharding, NamedSharding)
+
+
+# --- FSDP's collectives in the compiled step (bench/NOTES.md, "FSDP on 2 devices") -------------
+# Left to propagation, the embed-split weights made every layer run tensor-parallel over the whole
+# global batch: [B, T, *] activations all-reduced and all-gathered, q/k/v all-to-all'd, and the
+# chunked cross-entropy all-reduced each chunk's logits. These tests read the optimized HLO.
+
+_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def hlo_collectives(hlo_text):
+  """[(op, [(dtype, dims), ...], op_name)] for every collective of more than one device."""
+  import re
+  found = []
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(_COLLECTIVES) + r")(?:-start)?\(",
+                 line)
+    if not m:
+      continue
+    groups = re.search(r"replica_groups=(\S+)", line)
+    if groups and re.fullmatch(r"\{(\{\d+\},?)+\},?", groups.group(1)):
+      continue  # groups of one device (a psum over a size-1 mesh axis): a no-op
+    shapes = [(d, tuple(int(x) for x in dims.split(",") if x))
+              for d, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1))]
+    name = re.search(r'op_name="([^"]*)"', line)
+    found.append((m.group(2), shapes, name.group(1) if name else ""))
+  return found
+
+
+def compiled_step_hlo(n_devices, attention, T=48, micro=4):
+  """train.py's step for a 2-layer model on an FSDP mesh of n_devices, lowered under the mesh."""
+  cfg = small_config()
+  m = cfg.model
+  m.vocab_size, m.max_seq_len, m.kernels.attention = 256, T, attention
+  cfg.train.seq_len, cfg.train.micro_batch_per_device = T, micro
+  cfg.train.global_batch = micro * n_devices
+  mesh = sharding.make_mesh(mesh_cfg(), devices=jax.devices()[:n_devices])
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  init = train_lib.make_init_fn(cfg, tx)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state_sh = sharding.tree_shardings(abstract, mesh)
+  batch_sh = sharding.accum_batch_sharding(mesh)
+  step = jax.jit(functools.partial(train_lib.train_step, graphdef=train_lib.model_graphdef(cfg),
+                                   cfg=cfg, tx=tx, schedule=schedule),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+  batch = {k: jax.ShapeDtypeStruct((1, micro * n_devices, T), jnp.float32 if k == "loss_mask"
+                                   else jnp.int32, sharding=batch_sh)
+           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  with jax.set_mesh(mesh):
+    lowered = step.lower(checkpoint.abstract_like(abstract, state_sh), batch)
+  return lowered.compile().as_text(), cfg.model, T
+
+
+@pytest.mark.parametrize("n_devices, attention", [(2, "xla"), (2, "cudnn"), (4, "cudnn")])
+def test_fsdp_step_gathers_weights_not_activations(monkeypatch, n_devices, attention):
+  """Expected FSDP structure: each layer's weight matrices all-gathered whole, their gradients
+  reduced; activations stay batch-split (no collective carries a [.., T, ..] float array); the
+  only all-to-alls are the embedding lookup's (row gather on the D-split table, and its
+  scatter-add). 'cudnn' is a stand-in (the jnp reference run through the per-device wrapper
+  cuDNN gets), since cuDNN itself needs a GPU."""
+  from tinyllama_jax import kernels
+  if attention == "cudnn":
+    monkeypatch.setitem(kernels._TABLE["attention"], "cudnn",
+                        "tinyllama_jax.kernels.attention:attention_xla")
+  hlo, m, T = compiled_step_hlo(n_devices, attention)
+  found = hlo_collectives(hlo)
+  floats = ("f32", "bf16", "f16")
+  # T = 48 divides no weight dimension: a float dimension that is a multiple of it is a token
+  # axis ([B, T, ..] activations, or [B * T, ..] rows such as the cross-entropy's logits).
+  activation_like = [(op, s, name) for op, shapes, name in found for d, s in shapes
+                     if d in floats and any(n % T == 0 for n in s) and op != "all-to-all"]
+  assert not activation_like, activation_like
+  # Layers are unrolled and nothing is accumulated: the only loops are the cross-entropy's chunk
+  # scans, which must run on local rows (a weight gathered or a partial sum reduced per chunk
+  # was the propagated plan).
+  in_loops = [(op, shapes, name) for op, shapes, name in found if "/while/" in name]
+  assert not in_loops, in_loops
+  all_to_all = [(s, name) for op, s, name in found if op == "all-to-all"]
+  assert all("_take" in name for _, name in all_to_all) and len(all_to_all) <= 2, all_to_all
+  gathered = {s for op, shapes, _ in found if op == "all-gather" for _, s in shapes}
+  D, H, K, Dh, F = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim
+  for w in [(D, H, Dh), (D, K, Dh), (H, Dh, D), (D, F), (F, D)]:
+    assert w in gathered, (w, sorted(gathered))
+  reduced = {s for op, shapes, _ in found if op in ("all-reduce", "reduce-scatter")
+             for _, s in shapes}
+  assert (D, F) in reduced or (D // n_devices, F) in reduced, sorted(reduced)
+
+
+def test_fsdp_hidden_states_stay_batch_split():
+  """The model alone (no cross-entropy after it to pin the batch split): forward and backward of
+  its hidden states move weights, never activations. Unpinned, the embedding lookup on the
+  D-split table handed out D-split activations and every layer followed."""
+  from flax import nnx
+  from tinyllama_jax.model import Llama
+  cfg, T = small_config(), 48
+  cfg.model.max_seq_len = T
+  mesh = sharding.make_mesh(mesh_cfg(), devices=jax.devices()[:2])
+  abstract = nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  shardings = sharding.tree_shardings(params, mesh)
+
+  def loss(p, tokens):
+    return jnp.sum(nnx.merge(graphdef, p).hidden(tokens) ** 2)
+
+  tokens = jax.ShapeDtypeStruct((8, T), jnp.int32, sharding=sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss), in_shardings=(shardings, sharding.batch_sharding(mesh))).lower(
+        checkpoint.abstract_like(params, shardings), tokens).compile().as_text()
+  moved = [(op, s, name) for op, shapes, name in hlo_collectives(hlo) for d, s in shapes
+           if d in ("f32", "bf16", "f16") and any(n % T == 0 for n in s) and op != "all-to-all"]
+  assert not moved, moved
+
+
+def test_chunked_cross_entropy_per_device_equals_global():
+  """The chunked cross-entropy runs per device under a mesh: same loss, dx and dw (summed over
+  devices) as on one device, with chunks smaller than a device's rows and a ragged last one."""
+  from tinyllama_jax.kernels import cross_entropy as ce
+  kx, kw, kt, kg = jax.random.split(jax.random.key(3), 4)
+  N, D, V = 48, 16, 40
+  x = jax.random.normal(kx, (N, D))
+  w = jax.random.normal(kw, (D, V)) * 0.2
+  t = jax.random.randint(kt, (N,), 0, V)
+  g = jax.random.uniform(kg, (N,))
+
+  def loss_and_grads(x, w):
+    f = lambda x, w: jnp.sum(ce.cross_entropy_chunked(x, w, t, chunk=5) * g)
+    return jax.value_and_grad(f, (0, 1))(x, w)
+
+  want = jax.jit(loss_and_grads)(x, w)
+  mesh = sharding.make_mesh(mesh_cfg(), devices=jax.devices()[:4])
+  rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+  with jax.set_mesh(mesh):
+    fn = jax.jit(loss_and_grads, in_shardings=(rows, NamedSharding(mesh, P("fsdp", None))))
+    assert "shard_map" in str(jax.make_jaxpr(fn)(x, w))
+    got = fn(x, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_constrain_is_the_identity_without_a_mesh():
+  x = jnp.ones((4, 3))
+  assert sharding.constrain(x, ("act_batch", None)) is x
+  mesh = sharding.make_mesh(mesh_cfg(), devices=jax.devices()[:2])
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: sharding.constrain(x * 2, ("act_batch", None)))(x)
+  assert y.sharding.spec[0] == "fsdp"

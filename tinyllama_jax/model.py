@@ -75,7 +75,11 @@ def _per_device(op, backend, fn):
   """XLA cannot partition a Pallas custom call: on a sharded batch it would gather the whole
   batch onto every device. So Pallas backends run under shard_map on each device's local block
   (the identity when no mesh is set, or it has one device). cuDNN too: its partitioning rule
-  refused q, k and v whose propagated shardings differed under FSDP on two H200s."""
+  refused q, k and v whose propagated shardings differed under FSDP on two H200s. That was a
+  symptom: the activations were split on D, not on the batch (bench/NOTES.md, "FSDP on 2
+  devices"); `block` now pins q, k, v to the batch split, so the shard_map boundary moves
+  nothing (same collectives as the jnp reference without it) and only keeps cuDNN's
+  partitioner out of the way."""
   if backend not in ("pallas", "cudnn"):
     return fn
   local = sharding.shard_map_local
@@ -118,11 +122,15 @@ class Ops:
 def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   """One pre-norm Llama layer: x + attn(norm(x)), then x + mlp(norm(x))."""
   w = {k: v.astype(dtype) for k, v in p.items()}
+  x_BTD = sharding.constrain(x_BTD, _BTX)  # batch-split, whatever the weights' FSDP split
   h_BTD = ops.rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
   q_BTHK = checkpoint_name(jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"]), "query_proj")
   k_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"]), "key_proj")
   v_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"]), "value_proj")
   q_BTHK, k_BTGK = ops.rope_qk(q_BTHK, k_BTGK, positions_BT, cfg.rope_theta)
+  # One sharding for q, k and v (cuDNN's partitioner refuses them otherwise).
+  q_BTHK = sharding.constrain(q_BTHK, _BTHD)
+  k_BTGK, v_BTGK = sharding.constrain(k_BTGK, _BTKD), sharding.constrain(v_BTGK, _BTKD)
   o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, causal=True),
                            "attn_out")
   attn_BTD = checkpoint_name(jnp.einsum("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
@@ -186,7 +194,7 @@ class Llama(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     ops = Ops(cfg.kernels, uses_segments=segment_ids_BT is not None)
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype)
+    x_BTD = sharding.constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), _BTX)
 
     layer_fn = functools.partial(block, cfg=cfg, ops=ops, dtype=dtype)
     if cfg.remat not in REMAT_POLICIES:

@@ -113,6 +113,39 @@ def tree_shardings(tree, mesh):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def _current_mesh(mesh=None):
+  """The mesh to shard over, or None where sharding is moot (no mesh set, or one device)."""
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  return None if mesh is None or mesh.empty or mesh.size == 1 else mesh
+
+
+def shards(logical_axis, mesh=None):
+  """How many devices split one logical axis in the current mesh (1 with none)."""
+  mesh = _current_mesh(mesh)
+  names = LOGICAL_TO_MESH[logical_axis] if mesh is not None else None
+  if names is None:
+    return 1
+  names = (names,) if isinstance(names, str) else names
+  return int(np.prod([mesh.shape[n] for n in names if n in mesh.shape]))
+
+
+def constrain(x, logical_axes, mesh=None):
+  """x pinned to the sharding its logical axes name (an activation: act_batch, act_seq, ...).
+
+  Why: left to propagation, FSDP's embed-sharded weights win. The embedding lookup on the
+  [V, D] table split on D hands out x_BTD split on D (not on the batch), and every layer then
+  ran as tensor parallelism over the whole global batch: norms and matmuls all-reduced
+  [B, T, *] activations, attention all-gathered q/k/v (bench/NOTES.md, "FSDP on 2 devices").
+  Pinning the activations to the batch makes XLA gather the weights instead. The constraint
+  also binds the cotangent in the backward pass. The identity with no mesh or one device."""
+  mesh = _current_mesh(mesh)
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(logical_axes, x.shape, mesh))
+      if isinstance(mesh, jax.sharding.Mesh) else logical_to_spec(logical_axes, x.shape, mesh))
+
+
 def shard_map_local(fn, in_logical, out_logical, mesh=None):
   """fn run per device on its local blocks (a Pallas kernel sees [B/n, T, H/t, D], not a global
   array it would otherwise be handed whole: XLA cannot partition a custom call, so it gathers).
@@ -120,8 +153,8 @@ def shard_map_local(fn, in_logical, out_logical, mesh=None):
   in_logical / out_logical: one tuple of logical axes (or None for a replicated input) per
   argument / output. mesh: the mesh, or None for the one `jax.set_mesh` made current; with no
   mesh, or one device, fn runs as is."""
-  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or mesh.size == 1:
+  mesh = _current_mesh(mesh)
+  if mesh is None:
     return fn
 
   def spec(axes):

@@ -3,8 +3,12 @@
 The reference materialises the [N, V] fp32 logits; a chunked kernel must not.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from tinyllama_jax import sharding
 
 
 def cross_entropy_ref(x_ND, w_DV, targets_N):
@@ -70,11 +74,25 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def cross_entropy_chunked(x_ND, w_DV, targets_N, *, chunk=2048):
-  """Drop-in for `cross_entropy_ref`; peak extra memory ~ chunk x V fp32 instead of N x V."""
+  """Drop-in for `cross_entropy_ref`; peak extra memory ~ chunk x V fp32 instead of N x V.
+
+  Under a mesh whose batch devices divide N (and no tensor axis splitting the vocabulary), it
+  runs per device on the local rows, w whole on each device and its gradient summed once: left
+  to XLA, the scan over chunks of a batch-sharded token axis was partitioned on w's FSDP axis,
+  D, which all-reduced every chunk's [C, V] logits (bench/NOTES.md, "FSDP on 2 devices").
+  With no mesh or one device it is the plain function."""
   N, D = x_ND.shape
   if w_DV.shape[0] != D or targets_N.shape != (N,):
     raise ValueError(f"cross_entropy: x {x_ND.shape}, w {w_DV.shape}, targets {targets_N.shape} "
                      f"must be [N, D], [D, V], [N]")
+  fn = functools.partial(_cross_entropy_chunked, chunk=chunk)
+  if N % sharding.shards("act_batch") == 0 and sharding.shards("vocab") == 1:
+    fn = sharding.shard_map_local(fn, [("act_batch", None), None, ("act_batch",)], ("act_batch",))
+  return fn(x_ND, w_DV, targets_N)
+
+
+def _cross_entropy_chunked(x_ND, w_DV, targets_N, *, chunk):
+  N, D = x_ND.shape
   C = min(chunk, N)
   n = -(-N // C)
   pad = n * C - N  # padded rows get a zero cotangent, so they add nothing to dw
