@@ -33,6 +33,8 @@ from absl import app, flags, logging
 from tinyllama_jax import config as config_lib, kernels, model as model_lib, optim, sharding
 from tinyllama_jax import train as train_lib
 
+train_lib.define_flags()  # --config (with its overrides), --workdir, --dry_run, as train takes them
+
 _DEVICES = flags.DEFINE_integer("devices", 1, "Devices in the mesh (the config's -1 axis takes "
                                 "what the others leave).")
 _MEMORY = flags.DEFINE_float("device_memory_gib", 80.0, "Memory per device, GiB (A100-40G: 40, "

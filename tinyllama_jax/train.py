@@ -30,8 +30,9 @@ from tinyllama_jax.model import Llama, flops_per_token, param_count
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
 
 
-def _define_flags():
-  """Defined when the command runs, not on import: other commands import this module's step."""
+def define_flags():
+  """--config, --workdir, --dry_run: defined by the commands that take them (train, plan, the
+  bench worker), not on import, so export or sweep can import the step without these flags."""
   config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, tb/, config.json.")
@@ -361,7 +362,7 @@ def _exit_on_fault(fn):
 
 
 def run_cli():
-  _define_flags()
+  define_flags()
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
   config_lib.exit_on_error(lambda: _exit_on_fault(lambda: app.run(main)))
 

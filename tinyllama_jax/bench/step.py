@@ -23,6 +23,8 @@ from absl import app, flags, logging
 from tinyllama_jax import bench, config as config_lib, distributed, metrics, optim, sharding
 from tinyllama_jax import train as train_lib
 
+train_lib.define_flags()  # --config (with its overrides), --workdir, --dry_run, as train takes them
+
 _NAME = flags.DEFINE_string("name", "base", "The variant's name in the table.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles nothing: "
