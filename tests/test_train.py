@@ -104,3 +104,17 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
   with pytest.raises(ValueError, match="different architecture.*d_model"):
     train_lib.train(micro_config(**{"model.d_model": 96, "train.steps": 4}), str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_relative_workdir_trains_and_checkpoints(tmp_path):
+  """The README's quick start passes --workdir=runs/tiny: a path relative to the current dir."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [sys.executable, "-m", "tinyllama_jax.train", f"--config={REPO}/configs/tiny.py",
+       "--workdir=runs/rel", "--config.train.steps=2", "--config.train.checkpoint_every=2",
+       "--config.train.eval_batches=1", "--config.train.sample_tokens=0",
+       "--config.data.tokenizer_vocab_size=512", "--config.model.vocab_size=512",
+       "--config.data.tokenizer_train_bytes=300000"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()

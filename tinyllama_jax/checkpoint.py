@@ -135,7 +135,8 @@ def _no_space(error):
 class Checkpointer:
 
   def __init__(self, directory, *, keep, async_save=True, inject_save_sleep_s=0.0):
-    self.directory = directory
+    # orbax's tensorstore writer refuses relative paths (`--workdir=runs/tiny` must work).
+    self.directory = directory = directory if "://" in directory else os.path.abspath(directory)
     self.incomplete = incomplete_saves(directory)
     if self.incomplete:  # reported before orbax removes them (cleanup_tmp_directories)
       logging.warning("found %d incomplete checkpoint save(s) in %s (cut short by a kill, crash or "
