@@ -307,6 +307,44 @@ def test_damaged_checkpoint_is_one_line(imported, tmp_path):
   assert not os.path.exists(tmp_path / "out") and leftovers(tmp_path) == []
 
 
+def _flip_one_bit(workdir, name):
+  """Rewrites checkpoint 0's state with one bit of params/layers/<name> flipped and its metadata
+  (the checksums) as saved: what orbax reads back, without complaint, from a flipped bit on disk."""
+  import orbax.checkpoint as ocp
+  state_dir = os.path.abspath(os.path.join(workdir, "checkpoints", "0", "state"))
+  checkpointer = ocp.PyTreeCheckpointer()
+  state = checkpointer.restore(state_dir)
+  w = np.array(state["params"]["layers"][name])
+  w.reshape(-1).view(np.uint32)[7] ^= 1 << 3
+  state["params"]["layers"][name] = w
+  shutil.rmtree(state_dir)
+  checkpointer.save(state_dir, state)
+
+
+def test_bit_flip_fails_export_cleanly(imported, tmp_path):
+  """Export checks each parameter against the checksum training stored with it: a flipped bit is
+  one line naming the parameter and the step (CLI: exit 2), and nothing is written."""
+  _, _, workdir = imported
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(workdir, damaged)
+  _flip_one_bit(damaged, "w_up")
+  out = str(tmp_path / "out")
+  with pytest.raises(ValueError, match=r"checkpoint 0 in .*: parameter layers/w_up does not match "
+                     "the checksum"):
+    export.export(damaged, out)
+  with pytest.raises(ValueError, match="layers/w_up does not match"):  # generate, evaluate
+    export.load_params(damaged, 0, export.run_config(damaged, 0).model)
+  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.export", f"--workdir={damaged}",
+                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "layers/w_up" in errors[0] and "checkpoint 0" in errors[0], errors
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(out) and leftovers(tmp_path) == []
+  # The intact run still exports, verified.
+  assert export.export(workdir, out, dtype="fp32")["step"] == 0
+
+
 def test_failure_midway_leaves_nothing(imported, tmp_path, monkeypatch):
   _, _, workdir = imported
 

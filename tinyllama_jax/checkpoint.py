@@ -89,8 +89,51 @@ def checksums(state):
   return sums, finite
 
 
+def leaf_checksum(x):
+  """The checksum `checksums` stores for one array, as [int, int]: for checking a single leaf
+  read back on its own (export), with the dtype it was saved in."""
+  return np.asarray(jax.device_get(_leaf_checksum_and_finite(x)[0])).tolist()
+
+
+def stored_checksums_by_path(meta, abstract_state):
+  """{jax.tree_util.keystr(path): [int, int]} of a checkpoint's meta, each leaf of the train
+  state's tree (e.g. jax.eval_shape of the trainer's init) paired with the checksum `save` stored
+  for it (the order of jax.tree.leaves); None when the checkpoint has none (an older version)."""
+  if "checksums" not in meta:
+    return None
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract_state)]
+  if len(paths) != len(meta["checksums"]):
+    raise ValueError(f"its metadata holds {len(meta['checksums'])} checksums, the train state "
+                     f"has {len(paths)} arrays: written by another version of the code")
+  return dict(zip(paths, meta["checksums"]))
+
+
 def _data_digest(data_state):
   return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+
+
+def _all_data_states(data_state):
+  """Every process's data-iterator state, as the one JSON item orbax writes (from process 0
+  only): each process reads its own slice of the data, so a checkpoint must hold all of them.
+  One process keeps the plain state (the single-process format, unchanged)."""
+  if jax.process_count() == 1:
+    return data_state
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(data_state, sort_keys=True).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(raw.size))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)  # [processes, longest]
+  return {"processes": [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]}
+
+
+def _own_data_state(data):
+  """This process's part of what _all_data_states saved. Another process count gets process 0's:
+  the data pipeline's fingerprint check then names the difference."""
+  per = data.get("processes") if isinstance(data, dict) else None
+  if per is None:
+    return data
+  return per[jax.process_index()] if len(per) == jax.process_count() else per[0]
 
 
 # ----------------------------------------------------------------------------- the checkpointer
@@ -160,6 +203,7 @@ class Checkpointer:
     """Refuses a state with NaN/inf (the last good checkpoint stays the latest); a failed write
     becomes one CheckpointError naming the cause and the checkpoints still intact."""
     self.wait()  # a failed async save surfaces here, under its own step
+    data_state = _all_data_states(data_state)
     sums, finite = checksums(state)
     if not finite:
       raise CheckpointError(f"refusing to save step {step}: the train state holds NaN or inf; "
@@ -216,7 +260,8 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step, abstract_state):
-    """abstract_state: a tree of jax.ShapeDtypeStruct with the target shardings."""
+    """abstract_state: a tree of jax.ShapeDtypeStruct with the target shardings. The data state
+    as saved: of a multi-process run, {'processes': [one per process]}."""
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
@@ -262,7 +307,7 @@ class Checkpointer:
         self._quarantine([s for s, _ in damaged])
         logging.warning("resuming from checkpoint %d, the newest that verifies (%d newer one(s) "
                         "were damaged; the steps since are trained again)", step, len(damaged))
-      return step, state, data, meta
+      return step, state, _own_data_state(data), meta
     if damaged:
       raise CheckpointError(
           f"none of the {len(damaged)} checkpoints in {self.directory} can be read back ("

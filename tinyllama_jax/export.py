@@ -57,14 +57,18 @@ def resolve_step(workdir, step=None):
   return step
 
 
-def run_config(workdir, step):
-  """The config the checkpoint was saved with (its `meta` item)."""
+def read_meta(workdir, step):
+  """The checkpoint's `meta` item: config, versions, checksums."""
   import orbax.checkpoint as ocp
   with _readable(workdir, step):
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
         os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "meta")),
         args=ocp.args.JsonRestore())
-    return ml_collections.ConfigDict(meta["config"])
+
+
+def run_config(workdir, step):
+  """The config the checkpoint was saved with (its `meta` item)."""
+  return ml_collections.ConfigDict(read_meta(workdir, step)["config"])
 
 
 @contextlib.contextmanager
@@ -92,11 +96,35 @@ def tokenizer_path(cfg, workdir):
   return path
 
 
-def iter_params(workdir, step, cfg_model):
-  """Yields (path, fp32 numpy array) for each parameter, one restored at a time on the host."""
+def param_checksums(workdir, step):
+  """{param path: the checksum the trainer stored for it} (checkpoint.py's own pairing of the
+  state's leaves with meta["checksums"]), or None for a checkpoint saved without checksums."""
+  from tinyllama_jax import checkpoint, optim, train
+  meta = read_meta(workdir, step)
+  cfg = ml_collections.ConfigDict(meta["config"])
+  tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  abstract = jax.eval_shape(train.make_init_fn(cfg, tx), jax.random.key(0))
+  try:
+    by_path = checkpoint.stored_checksums_by_path(meta, abstract)
+  except ValueError as e:
+    raise ValueError(f"checkpoint {step} in {workdir} cannot be verified ({e})") from None
+  if by_path is None:
+    logging.warning("checkpoint %d in %s has no checksums (written by an older version): its "
+                    "parameters are not verified", step, workdir)
+    return None
+  keystr = lambda path: jax.tree_util.keystr(tuple(map(jax.tree_util.DictKey, path)))
+  return {path: by_path[keystr(("params",) + path)] for path, _ in hf.param_paths(cfg.model)}
+
+
+def iter_params(workdir, step, cfg_model, *, verify=True):
+  """Yields (path, fp32 numpy array) for each parameter, one restored at a time on the host;
+  with `verify`, each is checked (in the dtype it was saved in) against its stored checksum: orbax
+  restores flipped bits without complaint."""
   import orbax.checkpoint as ocp
+  from tinyllama_jax import checkpoint
   state_dir = os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "state"))
   checkpointer = ocp.PyTreeCheckpointer()
+  sums = param_checksums(workdir, step) if verify else None
   for path, shape in hf.param_paths(cfg_model):
     item = {"params": _nest(path, 0)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -105,6 +133,10 @@ def iter_params(workdir, step, cfg_model):
           item=item, restore_args=restore_args, partial_restore=True))["params"]
     for key in path:
       out = out[key]
+    if sums is not None and checkpoint.leaf_checksum(out) != sums[path]:
+      raise ValueError(f"checkpoint {step} in {workdir}: parameter {'/'.join(path)} does not match "
+                       "the checksum saved with it (its data changed on disk after it was written): "
+                       "restore the checkpoint from a copy, or pass another --step")
     x = np.asarray(out, np.float32)
     if x.shape != tuple(shape):
       raise ValueError(f"checkpoint parameter {'/'.join(path)} has shape {x.shape}, the config "

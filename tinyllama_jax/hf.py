@@ -80,15 +80,17 @@ def from_hf(path, shape, get):
     x = get(TOP_NAMES[path[0]])
     return x.T if path[0] == "lm_head" else x
   name = path[1]
-  per_layer = []
+  out = None  # filled layer by layer: one copy of the parameter, not a list plus its stack
   for i in range(shape[0]):
     w = get(layer_name(i, name))
     if name in ("wq", "wk", "wv", "wo"):
       w = w.T.reshape(shape[1:])
     elif name not in ("attn_norm", "mlp_norm"):
       w = w.T
-    per_layer.append(w)
-  return np.stack(per_layer)
+    if out is None:
+      out = np.empty((shape[0],) + w.shape, w.dtype)
+    out[i] = w
+  return out
 
 
 def hf_shapes(cfg_model):
@@ -248,7 +250,9 @@ def write_index(directory, plan, dtype):
 
 
 class SafetensorsReader:
-  """Memory-maps a HF directory's safetensors files; `get(name)` reads one tensor as fp32."""
+  """Reads a HF directory's safetensors files; `get(name)` reads one tensor as fp32. Each read is
+  a plain file read into a fresh buffer, not a memory map: the pages of a map stay in the
+  process's RSS while it is open, the whole file's worth by the end of an import."""
 
   def __init__(self, directory):
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -279,7 +283,6 @@ class SafetensorsReader:
         if info["dtype"] not in _DTYPES:
           raise ValueError(f"{path}: tensor {tensor} has dtype {info['dtype']}, not a float type")
         self.tensors[tensor] = (path, 8 + n, info)
-    self._maps = {}
 
   def names(self):
     return list(self.tensors)
@@ -288,11 +291,16 @@ class SafetensorsReader:
     if name not in self.tensors:
       raise ValueError(f"the checkpoint has no tensor {name!r}: not a complete Llama checkpoint")
     path, start, info = self.tensors[name]
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
     begin, end = info["data_offsets"]
-    raw = self._maps[path][start + begin:start + end]
-    return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"]).astype(np.float32)
+    raw = np.empty(end - begin, np.uint8)
+    with open(path, "rb") as f:
+      f.seek(start + begin)
+      got = f.readinto(raw)
+    if got != end - begin:
+      raise ValueError(f"{path} is truncated: tensor {name} needs bytes {start + begin}.."
+                       f"{start + end}, the file ends before: the download is incomplete")
+    x = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return x.astype(np.float32, copy=False)  # fp32 on disk: no second copy
 
 
 # ----------------------------------------------------------------------------- tokenizer
