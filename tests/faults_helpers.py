@@ -35,10 +35,11 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ \|")
 class Train:
   """One `python -m tinyllama_jax.train` process; its log (stderr) is read as it comes."""
 
-  def __init__(self, workdir, env, **overrides):
+  def __init__(self, workdir, env, args=(), **overrides):
+    """args: more command-line flags (--coordinator, --process_id, ...)."""
     flags = {**MICRO, **overrides}
     args = [sys.executable, "-m", "tinyllama_jax.train", "--config=configs/tiny.py",
-            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in flags.items()]
+            f"--workdir={workdir}", *args] + [f"--config.{k}={v}" for k, v in flags.items()]
     self.workdir = str(workdir)
     self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
@@ -126,11 +127,13 @@ def resumed_from(log):
 
 
 def read_checkpoint(workdir, step=STEPS):
-  """{'state': {path: numpy array}, 'data': the iterator state, 'meta': ...} of one step."""
+  """{'state': {path: numpy array}, 'data': the iterator state, 'meta': ...} of one step. A
+  checkpoint of devices this process lacks (another process's) is read onto its first device."""
   options = ocp.CheckpointManagerOptions(read_only=True)
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options) as manager:
     out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(),
+        state=ocp.args.StandardRestore(fallback_sharding=here), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
 
   def host(x):
