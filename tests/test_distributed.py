@@ -159,3 +159,28 @@ def test_two_processes_train_fsdp_like_one(tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
   assert restored["params"]["lm_head"].sharding.spec[0] == "fsdp"
+
+
+@pytest.mark.slow
+def test_a_process_that_fails_exits_at_once(tmp_path):
+  """Bad input on one process of two: it prints its one line and exits 2 at once, instead of
+  waiting at jax.distributed's shutdown for a peer blocked in a collective (~70 s)."""
+  port = free_port()
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  bad = ["--config.data.source=text", f"--config.data.paths={tmp_path}/missing/*.txt"]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tinyllama_jax.train", "--config=configs/tiny.py",
+       f"--workdir={tmp_path}/run", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}", *args, *(bad if i == 1 else [])], cwd=REPO, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    _, err = procs[1].communicate(timeout=45)
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  assert procs[1].returncode == 2, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith("error: "), err[-2000:]
+  assert "process 1 of 2" in err, err[-2000:]  # it failed after joining the run

@@ -364,7 +364,16 @@ def _exit_on_fault(fn):
 def run_cli():
   define_flags()
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
-  config_lib.exit_on_error(lambda: _exit_on_fault(lambda: app.run(main)))
+  try:
+    config_lib.exit_on_error(lambda: _exit_on_fault(lambda: app.run(main)))
+  except SystemExit as e:
+    if e.code and jax.distributed.is_initialized():
+      # A normal exit waits at jax.distributed's shutdown for peers that are blocked in a
+      # collective with this process, until the coordinator declares it dead (~70 s).
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(e.code if isinstance(e.code, int) else 1)
+    raise
 
 
 if __name__ == "__main__":
