@@ -18,6 +18,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 16, 4  # every run ends at step 16; checkpoints every 4 steps
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
+def process_env(cache_dir, **extra):
+  """Environment of a train subprocess: CPU only, one compilation cache shared by the module."""
+  out = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PLATFORMS="cpu",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+  out.pop("XLA_FLAGS", None)
+  return out
+
+
+def micro_tokenizer(directory):
+  """A 512-piece tokenizer trained once; every run names it (data.tokenizer). Returns its path."""
+  from tinyllama_jax.data import pipeline
+  from tinyllama_jax.data.config import data_config
+  cfg = data_config()
+  cfg.tokenizer_vocab_size, cfg.tokenizer_train_bytes = 512, 300_000
+  return pipeline.load_tokenizer(cfg, str(directory)).path
+
+
 # tests/test_train.py's micro_config as flags: compiles in seconds, a step takes ~20 ms on CPU.
 # decay_steps is fixed so that runs of other lengths share one learning-rate schedule.
 MICRO = {

@@ -29,22 +29,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """Environment of every train process: one compilation cache, one CPU device."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  out = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
-  out.pop("XLA_FLAGS", None)
-  return out
+  return fh.process_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   """Trained once; every run names it (data.tokenizer), so no run trains its own."""
-  from tinyllama_jax.data import pipeline
-  from tinyllama_jax.data.config import data_config
-  cfg = data_config()
-  cfg.tokenizer_vocab_size, cfg.tokenizer_train_bytes = 512, 300_000
-  return pipeline.load_tokenizer(cfg, str(tmp_path_factory.mktemp("tokenizer"))).path
+  return fh.micro_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

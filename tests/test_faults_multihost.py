@@ -7,7 +7,6 @@ Each process has 2 CPU devices; one FSDP mesh of 4 spans both (gloo collectives 
 as in test_distributed. Three 2-process launches: the reference, the preempted run, its rerun.
 """
 
-import os
 import signal
 import time
 
@@ -30,21 +29,12 @@ TWO_PROCESS = {"mesh.fsdp": 4, "train.micro_batch_per_device": 1, "train.checkpo
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """Two CPU devices per process, one compilation cache for every process of the module."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  out = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
-             JAX_NUM_CPU_DEVICES="2", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
-  out.pop("XLA_FLAGS", None)
-  return out
+  return fh.process_env(tmp_path_factory.mktemp("jax_cache"), JAX_NUM_CPU_DEVICES="2")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  from tinyllama_jax.data import pipeline
-  from tinyllama_jax.data.config import data_config
-  cfg = data_config()
-  cfg.tokenizer_vocab_size, cfg.tokenizer_train_bytes = 512, 300_000
-  return pipeline.load_tokenizer(cfg, str(tmp_path_factory.mktemp("tokenizer"))).path
+  return fh.micro_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def start(workdir, env, tokenizer):
