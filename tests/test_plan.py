@@ -8,7 +8,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from tinyllama_jax import config as config_lib, model as model_lib, plan as plan_lib

@@ -27,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 
 from tinyllama_jax import config as config_lib, kernels, model as model_lib, optim, sharding
