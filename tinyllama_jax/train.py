@@ -190,28 +190,34 @@ def memory_report(compiled):
   return report
 
 
-def make_data(cfg, workdir, split, batch_size):
+def _data_errors_as_one_line(fn):
   try:
-    return _make_data(cfg, workdir, split, batch_size)
+    return fn()
   except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
     raise faults.data_error(e) from e
 
 
-def _make_data(cfg, workdir, split, batch_size):
+def load_tokenizer(cfg, workdir):
+  """The run's tokenizer (None for synthetic data), trained and cached on first use."""
   from tinyllama_jax.data import pipeline  # grain loads only when a run needs data
-  tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
+  tokenizer = _data_errors_as_one_line(lambda: pipeline.load_tokenizer(cfg.data, workdir))
   if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than "
                      f"model.vocab_size={cfg.model.vocab_size}: raise the model's vocab_size")
-  it = pipeline.make_iterator(
+  return tokenizer
+
+
+def make_iterator(cfg, split, batch_size, tokenizer):
+  """This process's share of `batch_size` sequences a batch, from `split`."""
+  from tinyllama_jax.data import pipeline
+  return _data_errors_as_one_line(lambda: pipeline.make_iterator(
       cfg.data, split=split, seq_len=cfg.train.seq_len, batch_size=batch_size // jax.process_count(),
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer=tokenizer, vocab_size=cfg.model.vocab_size)
-  return it, tokenizer
+      tokenizer=tokenizer, vocab_size=cfg.model.vocab_size))
 
 
-def evaluate(eval_fn, params, cfg, workdir, batch_size, sharding_):
-  it, _ = make_data(cfg, workdir, "eval", batch_size)
+def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_):
+  it = make_iterator(cfg, "eval", batch_size, tokenizer)
   loss_sum, count = 0.0, 0.0
   try:
     for _ in range(cfg.train.eval_batches):
@@ -252,7 +258,8 @@ def _train(run, cfg, workdir, dry_run):
                f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
                run.accum, run.micro_batch)
   if not dry_run:  # missing or unreadable data fails now, not after the compile
-    train_it, tokenizer = make_data(cfg, workdir, "train", t.global_batch)
+    tokenizer = load_tokenizer(cfg, workdir)
+    train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
   logging.info("compiling the train step (first compile takes a while)...")
   compiled = run.compile_step()
   memory = memory_report(compiled)
@@ -301,7 +308,7 @@ def _train(run, cfg, workdir, dry_run):
           writer.scalars(step, last)
         if (step % t.eval_every == 0 or step == t.steps) and not preempted:
           logging.info("evaluating on %d held-out batches...", t.eval_batches)
-          last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, workdir, run.micro_batch,
+          last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer, run.micro_batch,
                                        run.eval_sharding)
           logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
           writer.scalars(step, {"eval/loss": last["eval/loss"]})
