@@ -380,8 +380,8 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-# A private flag set: importing this module defines no global flag, and the import path can load
-# train.py (which defines --workdir and --config on the global set) without a clash.
+# A private flag set: importing this module (tests, other commands) defines no global flag, and
+# parsing it ourselves turns a flag typo into the one-line error every command gives.
 FLAGS = flags.FlagValues()
 _FLAG_SPECS = (
     ("workdir", flags.DEFINE_string, None, "Run directory to export from (or import into)."),
