@@ -1,5 +1,7 @@
 """RoPE (q and k in one pass) and SwiGLU Pallas kernels against the references."""
 
+import functools
+
 import pytest
 
 import jax
@@ -9,7 +11,7 @@ from kernels_util import assert_close, normal
 from tinyllama_jax.kernels import rope, swiglu
 
 
-def _check_rope_qk(B, T, H, K, D, dtype, seed):
+def _check_rope_qk(B, T, H, K, D, dtype, seed, config=None):
   kq, kk, kp, kg, kh = jax.random.split(jax.random.key(seed), 5)
   q = normal(kq, (B, T, H, D), dtype)
   k = normal(kk, (B, T, K, D), dtype)
@@ -24,14 +26,15 @@ def _check_rope_qk(B, T, H, K, D, dtype, seed):
       return jnp.sum(a.astype(jnp.float32) * gq) + jnp.sum(b.astype(jnp.float32) * gk), (a, b)
     return f
 
-  (_, outs), grads = jax.jit(jax.value_and_grad(loss(rope.rope_qk_pallas), (0, 1),
-                                                has_aux=True))(q, k)
+  pallas = functools.partial(rope.rope_qk_pallas, config=config)
+  (_, outs), grads = jax.jit(jax.value_and_grad(loss(pallas), (0, 1), has_aux=True))(q, k)
   (_, outs_ref), grads_ref = jax.value_and_grad(loss(rope.rope_qk_ref), (0, 1), has_aux=True)(
       q.astype(jnp.float32), k.astype(jnp.float32))
   for name, a, b in zip(["q", "k", "dq", "dk"], outs + grads, outs_ref + grads_ref):
     assert a.dtype == dtype
     assert_close(a, b, dtype, name)
-  single = jax.jit(rope.rope_pallas, static_argnums=2)(k, pos, 10000.0)
+  single = jax.jit(functools.partial(rope.rope_pallas, config=config), static_argnums=2)(
+      k, pos, 10000.0)
   assert_close(single, outs_ref[1], dtype, "rope_pallas(k)")
 
 
@@ -39,6 +42,25 @@ def _check_rope_qk(B, T, H, K, D, dtype, seed):
     (2, 7, 4, 1, 64, jnp.float32), (1, 9, 8, 2, 128, jnp.bfloat16), (1, 6, 12, 3, 32, jnp.float32)])
 def test_rope_qk(B, T, H, K, D, dtype):
   _check_rope_qk(B, T, H, K, D, dtype, seed=T * D)
+
+
+# Token blocks that do not divide B*T (2 x 7), one token per program, a block larger than all the
+# tokens, and the element-budget rule picking the block; 3 and 5 heads are padded to 4 and 8.
+@pytest.mark.parametrize("B,T,H,K,D,dtype,config", [
+    (2, 7, 3, 1, 64, jnp.bfloat16, rope.RopeConfig(block_tokens=4)),
+    (1, 5, 4, 2, 32, jnp.float32, rope.RopeConfig(block_tokens=1, num_warps=2)),
+    (1, 3, 2, 2, 16, jnp.float32, rope.RopeConfig(block_tokens=64, num_warps=1)),
+    (3, 5, 5, 1, 16, jnp.bfloat16, rope.RopeConfig(block_elems=512, num_warps=4)),
+])
+def test_rope_qk_configs(B, T, H, K, D, dtype, config):
+  _check_rope_qk(B, T, H, K, D, dtype, seed=B * T + H, config=config)
+
+
+def test_rope_bad_config_is_refused():
+  with pytest.raises(ValueError, match="power of two"):
+    rope.RopeConfig(block_tokens=6)
+  with pytest.raises(TypeError, match="RopeConfig"):
+    rope.rope_pallas(jnp.zeros((1, 2, 1, 8)), jnp.zeros((1, 2), jnp.int32), 1e4, config=4)
 
 
 def test_rope_refuses_odd_head_dim():
@@ -71,5 +93,7 @@ def test_swiglu(shape, dtype):
 def test_rope_swiglu_gpu(on_gpu):
   _check_rope_qk(2, 2048, 32, 4, 64, jnp.bfloat16, seed=0)
   _check_rope_qk(1, 100, 12, 1, 64, jnp.float32, seed=1)
+  _check_rope_qk(1, 1000, 32, 4, 64, jnp.bfloat16, seed=4,
+                 config=rope.RopeConfig(block_tokens=16, num_warps=4))
   _check_swiglu((2, 2048, 5632), jnp.bfloat16, seed=2)
   _check_swiglu((3, 77, 2048), jnp.float32, seed=3)

@@ -1,5 +1,6 @@
 """Rotary position embedding in the rotate-half layout (HF LlamaRotaryEmbedding's), all dims."""
 
+import dataclasses
 import functools
 
 import jax
@@ -22,9 +23,29 @@ def rope_qk_ref(q_BTHD, k_BTKD, positions_BT, theta):
   return rope_ref(q_BTHD, positions_BT, theta), rope_ref(k_BTKD, positions_BT, theta)
 
 
-# --- 'pallas': one pass rotates q and k of a row block with shared cos/sin --------------------
-# The backward is the same kernel rotating by -angle. Rows are B*T; the head axis is padded to a
-# power of two (Triton tiles) only when it is not one already.
+# --- 'pallas': one pass rotates q and k of a token block with shared cos/sin --------------------
+# One program takes `block_tokens` tokens with all their q and k heads: cos/sin are computed once
+# per token (in fp32, from the positions) and reused by every head. The backward is the same
+# kernel rotating by -angle. Rows are B*T (a free reshape, no copy); the head axis is padded to a
+# power of two (Triton tiles) only when it is not one already, and B*T to the token block.
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """Tunables of the Pallas RoPE kernel (powers of two). block_tokens None: the most tokens whose
+  q + k heads fit `block_elems` elements (4 tokens at 32 + 4 heads of 64)."""
+  block_tokens: int | None = None
+  num_warps: int = 8
+  block_elems: int = 16384
+
+  def __post_init__(self):
+    for k in ("block_tokens", "num_warps", "block_elems"):
+      v = getattr(self, k)
+      if v is not None and (v < 1 or v & (v - 1)):
+        raise ValueError(f"RopeConfig.{k} must be a power of two, got {v}")
+
+
+DEFAULT_CONFIG = RopeConfig()
 
 
 def _inv_freq(D, theta):
@@ -44,15 +65,27 @@ def _rope_kernel(pos_ref, f_ref, *refs, n, sign):
     o_ref[:, :, D2:] = (x2 * cos + x1 * sin).astype(o_ref.dtype)
 
 
-def _rope_call(xs, positions_BT, theta, sign):
+def _pow2_at_least(n):
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_tokens(cfg, R, per_token):
+  if cfg.block_tokens is not None:
+    rows = cfg.block_tokens
+  else:
+    rows = max(1, cfg.block_elems // per_token)
+    rows = 1 << (rows.bit_length() - 1)
+  return min(rows, _pow2_at_least(R))  # a tiny R is not padded to a big block
+
+
+def _rope_call(xs, positions_BT, theta, sign, cfg):
   from jax.experimental import pallas as pl
   from tinyllama_jax.kernels import _pallas
   B, T, _, D = xs[0].shape
   R = B * T
   heads = [x.shape[2] for x in xs]
-  H_pad = [1 << (h - 1).bit_length() for h in heads]
-  rows = max(1, min(64, 8192 // (sum(H_pad) * D)))
-  rows = 1 << (rows.bit_length() - 1)
+  H_pad = [_pow2_at_least(h) for h in heads]
+  rows = _block_tokens(cfg, R, sum(H_pad) * D)
   R_pad = -(-R // rows) * rows
   ins = [jnp.pad(x.reshape(R, h, D), [(0, R_pad - R), (0, hp - h), (0, 0)])
          for x, h, hp in zip(xs, heads, H_pad)]
@@ -63,22 +96,22 @@ def _rope_call(xs, positions_BT, theta, sign):
       in_specs=[pl.BlockSpec((rows,), lambda i: (i,)),
                 pl.BlockSpec((D // 2,), lambda i: (0,))] + specs,
       out_specs=specs, out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins],
-      name=f"rope{len(xs)}", interpret=_pallas.interpret_default(),
+      name=f"rope{len(xs)}", num_warps=cfg.num_warps, interpret=_pallas.interpret_default(),
   )(pos, _inv_freq(D, theta), *ins)
   return tuple(o[:R, :h].reshape(B, T, h, D) for o, h in zip(outs, heads))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _rope_many(xs, positions_BT, theta):
-  return _rope_call(xs, positions_BT, theta, 1.0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rope_many(xs, positions_BT, theta, cfg):
+  return _rope_call(xs, positions_BT, theta, 1.0, cfg)
 
 
-def _rope_many_fwd(xs, positions_BT, theta):
-  return _rope_call(xs, positions_BT, theta, 1.0), positions_BT
+def _rope_many_fwd(xs, positions_BT, theta, cfg):
+  return _rope_call(xs, positions_BT, theta, 1.0, cfg), positions_BT
 
 
-def _rope_many_bwd(theta, positions_BT, dys):
-  return _rope_call(dys, positions_BT, theta, -1.0), None
+def _rope_many_bwd(theta, cfg, positions_BT, dys):
+  return _rope_call(dys, positions_BT, theta, -1.0, cfg), None
 
 
 _rope_many.defvjp(_rope_many_fwd, _rope_many_bwd)
@@ -95,13 +128,19 @@ def _check(xs, positions_BT):
                        f"{D}; use --config.model.kernels.rope=xla")
 
 
-def rope_pallas(x_BTHD, positions_BT, theta):
-  """Drop-in for `rope_ref`."""
+def _config(config):
+  if config is not None and not isinstance(config, RopeConfig):
+    raise TypeError(f"rope: config must be a RopeConfig, got {type(config).__name__}")
+  return config or DEFAULT_CONFIG
+
+
+def rope_pallas(x_BTHD, positions_BT, theta, *, config=None):
+  """Drop-in for `rope_ref`; `config` (a RopeConfig) tunes the kernel."""
   _check([x_BTHD], positions_BT)
-  return _rope_many((x_BTHD,), positions_BT, float(theta))[0]
+  return _rope_many((x_BTHD,), positions_BT, float(theta), _config(config))[0]
 
 
-def rope_qk_pallas(q_BTHD, k_BTKD, positions_BT, theta):
-  """Drop-in for `rope_qk_ref`: q and k in one kernel, cos/sin computed once per row."""
+def rope_qk_pallas(q_BTHD, k_BTKD, positions_BT, theta, *, config=None):
+  """Drop-in for `rope_qk_ref`: q and k in one kernel, cos/sin computed once per token."""
   _check([q_BTHD, k_BTKD], positions_BT)
-  return _rope_many((q_BTHD, k_BTKD), positions_BT, float(theta))
+  return _rope_many((q_BTHD, k_BTKD), positions_BT, float(theta), _config(config))
