@@ -22,7 +22,9 @@ def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "tinyllama_jax.bench", "--smoke", f"--out={out}",
-       "--variants=base;remat_accum:model.remat=full,accum=2", *MICRO],
+       "--variants=base;remat_accum:model.remat=full,accum=2,"
+       "xla_flags=--xla_cpu_enable_fast_math=false", f"--profile_dir={tmp_path / 'prof'}",
+       "--profile_variants=remat_accum", *MICRO],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -37,6 +39,13 @@ def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
   assert base["xla_memory"]["temp_size_in_bytes"] > 0
   assert by_name["remat_accum"]["model"]["remat"] == "full"
   assert by_name["remat_accum"]["accum"] == 2
+  assert by_name["remat_accum"]["xla_flags"].endswith("--xla_cpu_enable_fast_math=false")
+  # The profiled variant carries its summary (on CPU: XLA's host-side op events).
+  prof = by_name["remat_accum"]["profile"]
+  assert prof["steps"] == 3 and prof["busy_ms_per_step"] > 0 and prof["top_kernels"], prof
+  assert abs(sum(b["share"] for b in prof["buckets"].values()) - 1) < 1e-6
+  assert (tmp_path / "prof" / "remat_accum" / "summary.txt").exists()
+  assert "profile" not in base
   assert by_name["remat_accum"]["tokens_per_step"] == 2 * 2 * 64
   assert report["peer_best"] == "torch_autocast"
   assert report["ratio_to_best_peer"]["base"] == pytest.approx(
@@ -49,6 +58,8 @@ def test_variants_parse_and_typos_fail_before_any_worker():
   assert bench_main.parse_variants("base; s:model.scan_layers=True,accum=2,train.seq_len=8") == [
       ("base", []),
       ("s", ["--config.model.scan_layers=True", "--accum=2", "--config.train.seq_len=8"])]
+  assert bench_main.parse_variants("x:xla_flags=--xla_a=1 --xla_b=2") == [
+      ("x", ["--xla_flags=--xla_a=1 --xla_b=2"])]
   with pytest.raises(ValueError, match="repeated"):
     bench_main.parse_variants("a;a")
   with pytest.raises(ValueError, match="key=value"):

@@ -144,3 +144,36 @@ def test_pallas_backends_run_per_device_on_a_sharded_batch():
       if backend == "pallas":
         assert "shard_map" in str(jax.make_jaxpr(fn)(params, x, pos, seg))
   np.testing.assert_allclose(outs["pallas"], outs["xla"], rtol=1e-4, atol=1e-4)
+
+
+def _loss_and_grads(cfg, x):
+  gd, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(params=0)), nnx.Param)
+  f = lambda p: (nnx.merge(gd, p)(x) ** 2).mean()
+  return f, params, jax.value_and_grad(f)(params)
+
+
+@pytest.mark.parametrize("fuse,recompute", [(True, False), (True, True), (False, True)])
+def test_fused_projections_and_mlp_recompute_change_no_number(fuse, recompute):
+  x = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
+  _, _, (l_ref, g_ref) = _loss_and_grads(
+      small_model_config(fuse_projections=False, recompute_mlp_act=False), x)
+  _, _, (l, g) = _loss_and_grads(
+      small_model_config(fuse_projections=fuse, recompute_mlp_act=recompute), x)
+  np.testing.assert_allclose(l, l_ref, rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    rel = np.linalg.norm(np.asarray(a - b)) / np.linalg.norm(np.asarray(b))
+    assert rel < 1e-5, (path, rel)  # fp32; the fused GEMMs only reassociate sums
+
+
+def test_mlp_recompute_keeps_gate_and_up_not_their_product():
+  from jax._src.ad_checkpoint import saved_residuals  # no public name in jax 0.10
+  x = jax.random.randint(jax.random.key(3), (2, 16), 0, 97)
+  sizes = {}
+  for recompute in (False, True):
+    f, params, _ = _loss_and_grads(small_model_config(recompute_mlp_act=recompute), x)
+    # [B, T, F] residuals per layer: gate+up (fused, 2F wide) plus, without recompute, the product.
+    sizes[recompute] = sum(int(np.prod(a.shape)) for a, _ in saved_residuals(f, params)
+                           if a.shape[-1:] in ((48,), (96,)) and len(a.shape) == 3)
+  assert sizes[True] == 3 * (2 * 16 * 96)  # n_layers x the fused gate_up
+  assert sizes[False] >= 3 * (2 * 16 * (96 + 48))  # also the product (and, at jax's level,
+  # elementwise intermediates that XLA's fusions recompute anyway)

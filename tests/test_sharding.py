@@ -228,11 +228,15 @@ def test_fsdp_step_gathers_weights_not_activations(monkeypatch, n_devices, atten
   assert all("_take" in name for _, name in all_to_all) and len(all_to_all) <= 2, all_to_all
   gathered = {s for op, shapes, _ in found if op == "all-gather" for _, s in shapes}
   D, H, K, Dh, F = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim
-  for w in [(D, H, Dh), (D, K, Dh), (H, Dh, D), (D, F), (F, D)]:
+  # Fused projections concatenate the local shards first: one gather for q/k/v, one for gate/up.
+  weights = ([(D, H + 2 * K, Dh), (H, Dh, D), (D, 2 * F), (F, D)] if m.fuse_projections else
+             [(D, H, Dh), (D, K, Dh), (H, Dh, D), (D, F), (F, D)])
+  for w in weights:
     assert w in gathered, (w, sorted(gathered))
   reduced = {s for op, shapes, _ in found if op in ("all-reduce", "reduce-scatter")
              for _, s in shapes}
-  assert (D, F) in reduced or (D // n_devices, F) in reduced, sorted(reduced)
+  DF = weights[-2]
+  assert DF in reduced or (D // n_devices, DF[1]) in reduced, sorted(reduced)
 
 
 def test_fsdp_hidden_states_stay_batch_split():

@@ -119,14 +119,35 @@ class Ops:
     self.swiglu = get("swiglu", cfg_kernels.swiglu)
 
 
+def _swiglu_down(w_down_FD, *gate_up, swiglu):
+  """down(swiglu(gate, up)); gate and up as one fused [.., 2F] array or as two."""
+  if len(gate_up) == 1:
+    F = w_down_FD.shape[0]
+    gate_up = gate_up[0][..., :F], gate_up[0][..., F:]
+  gate_BTF, up_BTF = checkpoint_name(gate_up[0], "mlp_gate"), checkpoint_name(gate_up[1], "mlp_up")
+  return jnp.einsum("btf,fd->btd", swiglu(gate_BTF, up_BTF), w_down_FD)
+
+
 def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   """One pre-norm Llama layer: x + attn(norm(x)), then x + mlp(norm(x))."""
   w = {k: v.astype(dtype) for k, v in p.items()}
+  H, K = cfg.n_heads, cfg.n_kv_heads
+  # Concatenating tensor-split weights would interleave shards: fuse only without a tensor split.
+  fuse = cfg.fuse_projections and sharding.shards("heads") == 1 and sharding.shards("mlp") == 1
   x_BTD = sharding.constrain(x_BTD, _BTX)  # batch-split, whatever the weights' FSDP split
   h_BTD = ops.rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
-  q_BTHK = checkpoint_name(jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"]), "query_proj")
-  k_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"]), "key_proj")
-  v_BTGK = checkpoint_name(jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"]), "value_proj")
+  if fuse:
+    w_qkv = jnp.concatenate([w["wq"], w["wk"], w["wv"]], axis=1)  # [D, H + 2K, Dh]
+    qkv_BTNK = jnp.einsum("btd,dnk->btnk", h_BTD, w_qkv)
+    q_BTHK, k_BTGK, v_BTGK = (qkv_BTNK[:, :, :H], qkv_BTNK[:, :, H:H + K],
+                              qkv_BTNK[:, :, H + K:])
+  else:
+    q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"])
+    k_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"])
+    v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"])
+  q_BTHK = checkpoint_name(q_BTHK, "query_proj")
+  k_BTGK = checkpoint_name(k_BTGK, "key_proj")
+  v_BTGK = checkpoint_name(v_BTGK, "value_proj")
   q_BTHK, k_BTGK = ops.rope_qk(q_BTHK, k_BTGK, positions_BT, cfg.rope_theta)
   # One sharding for q, k and v (cuDNN's partitioner refuses them otherwise).
   q_BTHK = sharding.constrain(q_BTHK, _BTHD)
@@ -136,9 +157,16 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   attn_BTD = checkpoint_name(jnp.einsum("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
 
   x_BTD, h_BTD = ops.add_rms_norm(x_BTD, attn_BTD, w["mlp_norm"], cfg.norm_eps)
-  gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, w["w_gate"]), "mlp_gate")
-  up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, w["w_up"]), "mlp_up")
-  return x_BTD + jnp.einsum("btf,fd->btd", ops.swiglu(gate_BTF, up_BTF), w["w_down"])
+  if fuse:
+    gate_up = (jnp.einsum("btd,df->btf", h_BTD, jnp.concatenate([w["w_gate"], w["w_up"]], 1)),)
+  else:
+    gate_up = (jnp.einsum("btd,df->btf", h_BTD, w["w_gate"]),
+               jnp.einsum("btd,df->btf", h_BTD, w["w_up"]))
+  mlp_down = functools.partial(_swiglu_down, swiglu=ops.swiglu)
+  if cfg.recompute_mlp_act:
+    # Residuals: gate, up and the weight; the product is rebuilt in the backward for dW_down.
+    mlp_down = jax.checkpoint(mlp_down, policy=jax.checkpoint_policies.nothing_saveable)
+  return x_BTD + mlp_down(w["w_down"], *gate_up)
 
 
 def _normal(rngs, shape, std):

@@ -48,7 +48,10 @@ def parse_args(argv):
   p.add_argument("--deadline_s", type=float, default=0,
                  help="skip variants that would start after this many seconds (0: never)")
   p.add_argument("--worker_timeout_s", type=float, default=600)
-  p.add_argument("--profile_dir", default="", help="trace 3 steps of the first variant here")
+  p.add_argument("--profile_dir", default="",
+                 help="trace 3 steps of the profiled variants (DIR/NAME) and summarise them")
+  p.add_argument("--profile_variants", default="",
+                 help="comma-separated variant names to profile ('' = the first)")
   p.add_argument("--smoke", action="store_true",
                  help="tiny config, few steps, base + scan + eager peer: checks the whole path")
   args, rest = p.parse_known_args(argv)
@@ -73,7 +76,8 @@ def parse_args(argv):
 
 def parse_variants(spec):
   """'base;scan:model.scan_layers=True,accum=2' -> [(name, ['--config.model.scan_layers=True',
-  '--accum=2'])]: config keys become overrides, `accum` the worker's own flag."""
+  '--accum=2'])]: config keys become overrides, `accum` the worker's own flag, and
+  `xla_flags=--xla_a=1 --xla_b=2` the worker's XLA_FLAGS (added to any already set)."""
   out = []
   for item in [s.strip() for s in spec.split(";") if s.strip()]:
     name, _, kvs = item.partition(":")
@@ -81,7 +85,8 @@ def parse_variants(spec):
     for kv in [kv.strip() for kv in kvs.split(",") if kv.strip()]:
       if "=" not in kv:
         raise ValueError(f"variant {name!r}: override {kv!r} needs key=value")
-      overrides.append(f"--{kv}" if kv.startswith("accum=") else f"--config.{kv}")
+      worker_flag = kv.startswith(("accum=", "xla_flags="))
+      overrides.append(f"--{kv}" if worker_flag else f"--config.{kv}")
     out.append((name.strip(), overrides))
   if len({n for n, _ in out}) != len(out):
     raise ValueError(f"--variants has a repeated name: {spec!r}")
@@ -163,28 +168,37 @@ def main(argv):
     if p not in ("autocast", "bf16"):
       raise ValueError(f"--peer: unknown variant {p!r}; choose from autocast, bf16")
 
-  jobs = []  # (name, kind, command): ours first, the peers right after the base variant
-  for i, (name, overrides) in enumerate(variants):
+  profiled = {v.strip() for v in args.profile_variants.split(",") if v.strip()} or {variants[0][0]}
+  unknown = profiled - {n for n, _ in variants}
+  if args.profile_dir and unknown:
+    raise ValueError(f"--profile_variants names no variant: {sorted(unknown)}")
+  jobs = []  # (name, kind, command, env): ours first, the peers right after the base variant
+  for name, overrides in variants:
+    env = None
+    for o in [o for o in overrides if o.startswith("--xla_flags=")]:
+      env = dict(os.environ)
+      env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), o.split("=", 1)[1]) if f)
+      overrides = [x for x in overrides if x != o]
     cmd = [sys.executable, "-m", "tinyllama_jax.bench.step", f"--config={args.config}",
            *args.overrides, *args.distributed, f"--name={name}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--window={args.window}", f"--accum={args.accum}",
            *overrides]  # last: the variant's own settings win
     if args.cache_dir:
       cmd.append(f"--cache_dir={args.cache_dir}")
-    if args.profile_dir and i == 0:
-      cmd.append(f"--profile_dir={args.profile_dir}")
-    jobs.append((name, "jax", cmd))
+    if args.profile_dir and name in profiled:
+      cmd.append(f"--profile_dir={os.path.join(os.path.abspath(args.profile_dir), name)}")
+    jobs.append((name, "jax", cmd, env))
   m = cfg.model.to_dict()
   peer_jobs = [(f"torch_{p}", "torch", [
       sys.executable, "-m", "tinyllama_jax.bench.peer_torch", f"--model_json={json.dumps(m)}",
       f"--batch={cfg.train.micro_batch_per_device}", f"--seq_len={cfg.train.seq_len}",
       f"--variant={p}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-      f"--window={args.window}", "--compile" if args.peer_compile else "--no-compile"])
+      f"--window={args.window}", "--compile" if args.peer_compile else "--no-compile"], None)
       for p in peers]
   jobs[1:1] = peer_jobs
 
   results, longest = [], 0.0
-  for name, kind, cmd in jobs:
+  for name, kind, cmd, env in jobs:
     elapsed = time.perf_counter() - t_start
     if args.deadline_s and elapsed + max(longest, 30.0) > args.deadline_s:
       results.append({"name": name, "kind": kind,
@@ -193,13 +207,15 @@ def main(argv):
       print(f"[bench] {results[-1]['skipped']}", flush=True)
       continue
     print(f"[bench] {name} ...", flush=True)
-    result, stderr, took = run_worker(cmd, args.worker_timeout_s)
+    result, stderr, took = run_worker(cmd, args.worker_timeout_s, env)
     longest = max(longest, took)
     result.setdefault("name", name)
     result.setdefault("kind", kind)
     result["worker_s"] = took
     if kind == "jax":
       result["overrides"] = [c[len("--config."):] for c in cmd if c.startswith("--config.")]
+      if env:
+        result["xla_flags"] = env["XLA_FLAGS"]
     if "error" in result:
       result["stderr_tail"] = stderr
       print(f"[bench] {name} failed: {result['error'][:300]}\n{stderr[-1500:]}", flush=True)

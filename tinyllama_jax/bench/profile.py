@@ -1,0 +1,147 @@
+"""Where a step's device time goes: a summary of a jax.profiler trace, by kind of kernel.
+
+    python -m tinyllama_jax.bench.profile TRACE_DIR [--steps=3] [--json=out.json]
+
+Reads the newest `*.xplane.pb` under TRACE_DIR with `jax.profiler.ProfileData` (no TensorBoard
+or xprof needed), takes the GPU kernels off the device planes' stream lines, and buckets them by
+kernel name and HLO op: matmul (cuBLAS/cuDNN GEMMs, Triton GEMM fusions), attention (cuDNN
+fused attention, our Pallas flash kernels), collectives (NCCL), copies, reductions, elementwise
+fusions, other. Per step: busy time per bucket, its share, and device idle (wall time not covered
+by any kernel). The top kernels by total time come with it: the table that says what to fuse next.
+`python -m tinyllama_jax.bench --profile_dir=DIR` traces and summarises the first variant.
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+
+# First match wins: attention before matmul (cuDNN attention kernels also say "sm90"/"gemm"-ish).
+BUCKETS = (
+    ("attention", ("fmha", "flash", "cudnn_fused_attention", "fprop_attention", "dot_product_att",
+                   "sdpa", "attention")),
+    ("collective", ("nccl", "all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                    "collective")),
+    ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "wgmma", "_dot", "dot.", "matmul")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("reduction", ("reduce", "input_", "softmax", "norm")),
+    ("elementwise", ("loop_", "fusion", "convert", "elementwise")),
+)
+_SKIP_LINES = ("XLA Ops", "XLA Modules", "Steps", "Launch Stats", "Source", "TensorFlow")
+
+
+def classify(kernel, hlo_op=""):
+  text = f"{kernel} {hlo_op}".lower()
+  for bucket, keys in BUCKETS:
+    if any(k in text for k in keys):
+      return bucket
+  return "other"
+
+
+def find_xplane(trace_dir):
+  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no *.xplane.pb under {trace_dir!r}: trace with "
+                            "jax.profiler.start_trace(dir) first")
+  return max(files, key=os.path.getmtime)
+
+
+def device_kernels(xplane_path):
+  """{plane name: [(kernel name, hlo op, start ns, end ns)]} for each device plane; on a CPU
+  backend (no device planes) the host plane's XLA op events stand in, so the tool runs in tests."""
+  from jax.profiler import ProfileData
+  data = ProfileData.from_file(xplane_path)
+  out, host = {}, {}
+  for plane in data.planes:
+    on_device = plane.name.startswith("/device:") and "CUSTOM" not in plane.name
+    if not on_device and plane.name != "/host:CPU":
+      continue
+    kernels = []
+    for line in plane.lines:
+      if any(line.name.startswith(s) for s in _SKIP_LINES):
+        continue
+      for ev in line.events:
+        stats = dict(ev.stats)
+        if on_device or "hlo_op" in stats:
+          kernels.append((ev.name, str(stats.get("hlo_op", "")), ev.start_ns, ev.end_ns))
+    if kernels:
+      (out if on_device else host)[plane.name] = kernels
+  return out or host
+
+
+def _union_ns(intervals):
+  total, end = 0, None
+  for s, e in sorted(intervals):
+    if end is None or s > end:
+      total += e - s
+      end = e
+    elif e > end:
+      total += e - end
+      end = e
+  return total
+
+
+def summarize(trace_dir, steps, top=15):
+  """Per-step buckets and top kernels of the first device plane (one process = its devices)."""
+  planes = device_kernels(find_xplane(trace_dir))
+  if not planes:
+    raise ValueError(f"the trace under {trace_dir!r} has no device kernels (a CPU run?)")
+  name = sorted(planes)[0]
+  kernels = planes[name]
+  by_bucket, by_kernel = collections.Counter(), collections.Counter()
+  calls = collections.Counter()
+  for kname, hlo, s, e in kernels:
+    b = classify(kname, hlo)
+    by_bucket[b] += e - s
+    key = (b, hlo or kname[:80])
+    by_kernel[key] += e - s
+    calls[key] += 1
+  busy = _union_ns([(s, e) for _, _, s, e in kernels])
+  span = max(e for *_, e in kernels) - min(s for _, _, s, _ in kernels)
+  summed = sum(by_bucket.values())
+  ms = lambda ns: ns / 1e6 / steps
+  return {
+      "device_plane": name, "steps": steps, "kernels": len(kernels),
+      "span_ms_per_step": ms(span), "busy_ms_per_step": ms(busy),
+      "idle_ms_per_step": ms(span - busy),
+      # Buckets sum kernel time; streams overlap (e.g. NCCL beside compute), so shares are of the
+      # summed kernel time, not of the wall span.
+      "buckets": {b: {"ms_per_step": ms(t), "share": t / summed}
+                  for b, t in by_bucket.most_common()},
+      "top_kernels": [{"bucket": b, "op": k, "ms_per_step": ms(t), "calls_per_step": calls[(b, k)]
+                       / steps} for (b, k), t in by_kernel.most_common(top)],
+  }
+
+
+def table(summary):
+  s = summary
+  lines = [f"device {s['device_plane']}: {s['span_ms_per_step']:.1f} ms a step traced, "
+           f"{s['busy_ms_per_step']:.1f} busy, {s['idle_ms_per_step']:.1f} idle "
+           f"({s['kernels']} kernels over {s['steps']} steps)",
+           f"{'bucket':<14}{'ms/step':>9}{'share':>8}"]
+  for b, v in s["buckets"].items():
+    lines.append(f"{b:<14}{v['ms_per_step']:>9.2f}{v['share']:>8.1%}")
+  lines.append(f"{'top kernels':<64}{'bucket':>12}{'ms/step':>9}{'calls':>7}")
+  for k in s["top_kernels"]:
+    lines.append(f"{k['op'][:63]:<64}{k['bucket']:>12}{k['ms_per_step']:>9.2f}"
+                 f"{k['calls_per_step']:>7.0f}")
+  return "\n".join(lines)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("trace_dir")
+  p.add_argument("--steps", type=int, default=3, help="steps the trace holds")
+  p.add_argument("--json", default="", help="also write the summary here")
+  args = p.parse_args()
+  s = summarize(args.trace_dir, args.steps)
+  print(table(s))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(s, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
