@@ -16,6 +16,7 @@ import collections
 import glob
 import json
 import os
+import re
 
 # First match wins: attention before matmul (cuDNN attention kernels also say "sm90"/"gemm"-ish).
 BUCKETS = (
@@ -37,6 +38,14 @@ def classify(kernel, hlo_op=""):
     if any(k in text for k in keys):
       return bucket
   return "other"
+
+
+def op_family(kernel, hlo_op):
+  """A name that groups the same kind of kernel across layers: XLA numbers every fusion
+  ('loop_multiply_fusion_12'). The kernel's own name, not the HLO op's: under command buffers
+  (CUDA graphs) the op is only the buffer's name."""
+  name = kernel or hlo_op
+  return re.sub(r"([._]\d+)+$", "", name)[:90]
 
 
 def find_xplane(trace_dir):
@@ -94,7 +103,7 @@ def summarize(trace_dir, steps, top=15):
   for kname, hlo, s, e in kernels:
     b = classify(kname, hlo)
     by_bucket[b] += e - s
-    key = (b, hlo or kname[:80])
+    key = (b, op_family(kname, hlo))
     by_kernel[key] += e - s
     calls[key] += 1
   busy = _union_ns([(s, e) for _, _, s, e in kernels])
