@@ -9,7 +9,19 @@ import jax.numpy as jnp
 from kernels_util import assert_close, normal, packed_segments
 from tinyllama_jax.kernels import attention, flash_attention as fa
 
-SMALL = fa.FlashConfig(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+SMALL = fa.FlashConfig(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=16,
+                       block_k_dkv=16)
+
+
+def _segments(rng, B, T, segmented):
+  """None, packed documents (True), documents spanning several 16-blocks ("long": a length-1
+  one between, trailing padding), or ids in no order ("random": repeats, runs of 1)."""
+  if segmented == "long":
+    rows = [[1] * 50 + [2] + [3] * 30, [1] * 20 + [2] * 60]
+    return jnp.asarray([(r + [0] * T)[:T] for r in rows * B][:B], jnp.int32)
+  if segmented == "random":
+    return jnp.asarray(rng.integers(0, 3, (B, T)), jnp.int32)
+  return packed_segments(rng, B, T, with_padding=True) if segmented else None
 
 
 def _check_against_reference(B, T, H, K, D, dtype, segmented, causal, config, seed):
@@ -19,7 +31,7 @@ def _check_against_reference(B, T, H, K, D, dtype, segmented, causal, config, se
   k = normal(kk, (B, T, K, D), dtype)
   v = normal(kv, (B, T, K, D), dtype)
   do = normal(kd, (B, T, H, D), jnp.float32)
-  seg = packed_segments(rng, B, T, with_padding=True) if segmented else None
+  seg = _segments(rng, B, T, segmented)
 
   def loss(fn, q, k, v):
     o = fn(q, k, v)
@@ -58,9 +70,25 @@ def test_matches_reference_interpret(B, T, H, K, D, dtype, segmented, causal):
   _check_against_reference(B, T, H, K, D, dtype, segmented, causal, SMALL, seed=T + H)
 
 
-def test_unequal_tiles_and_table_entry():
+# Every kernel with its own tiles (dQ holds more queries than it streams keys, dK/dV the other
+# way round, as the defaults do), in both launch orders; and ids in no order, where the unmasked
+# run is only the first of several.
+@pytest.mark.parametrize("heavy_first,segmented,T", [(True, "long", 90), (False, "random", 45)])
+def test_unequal_tiles_per_kernel(heavy_first, segmented, T):
+  cfg = fa.FlashConfig(block_q=32, block_k=16, block_q_dq=32, block_k_dq=16, block_q_dkv=16,
+                       block_k_dkv=32, heavy_first=heavy_first)
+  _check_against_reference(2, T, 4, 1, 64, jnp.bfloat16, segmented, True, cfg, seed=5)
+
+
+def test_long_documents_small_tiles_fp32():
+  """fp32 (tight tolerance) with every unmasked/masked loop populated, GQA 2."""
+  _check_against_reference(2, 90, 4, 2, 64, jnp.float32, "long", True, SMALL, seed=7)
+
+
+def test_legacy_bwd_tiles_and_table_entry():
   cfg = fa.FlashConfig(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
-  _check_against_reference(1, 45, 4, 1, 64, jnp.float32, True, True, cfg, seed=3)
+  assert cfg.tiles() == (32, 16, 16, 32, 16, 32)
+  _check_against_reference(1, 45, 2, 1, 64, jnp.float32, True, True, cfg, seed=3)
   from tinyllama_jax import kernels
   q = jnp.ones((1, 5, 2, 16))
   assert kernels.get("attention", "pallas")(q, q, q).shape == q.shape
@@ -77,6 +105,44 @@ def test_block_ranges_skip_other_documents():
   np.testing.assert_array_equal(q_hi[0], [2, 2, 4, 4])
   kv_lo, kv_hi, _, _ = fa._block_ranges(None, 1, 64, 16, 16, causal=False)
   np.testing.assert_array_equal(kv_hi[0] - kv_lo[0], [4, 4, 4, 4])
+
+
+def _keep(seg, T, T_pad, causal):
+  """The elementwise mask for real query rows, [B, T, T_pad] (numpy)."""
+  q = np.arange(T)[:, None]
+  k = np.arange(T_pad)[None, :]
+  keep = (q >= k) if causal else np.broadcast_to(k < T, (T, T_pad))
+  keep = np.broadcast_to(keep, (seg.shape[0], T, T_pad))
+  return keep & (seg[:, :T, None] == seg[:, None, :])
+
+
+@pytest.mark.parametrize("segmented", [False, True, "random", "long"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_ranges_against_elementwise_mask(segmented, causal):
+  """[lo, hi) holds every unmasked pair; [full_lo, full_hi) holds no masked pair; and without ids
+  or with packed ones the unmasked run is every full block (the split loses nothing)."""
+  B, T, T_pad = 3, 90, 96
+  seg = _segments(np.random.default_rng(1), B, T, segmented)
+  seg = (jnp.ones((B, T), jnp.int32) if seg is None else seg)
+  seg_pad = np.asarray(jnp.pad(seg, [(0, 0), (0, T_pad - T)], mode="edge"))
+  keep = _keep(seg_pad, T, T_pad, causal)
+  for bq, bk in ((16, 32), (32, 16), (16, 16)):
+    arg = None if segmented is False else jnp.asarray(seg_pad)
+    per_q = [np.asarray(a) for a in fa._split_ranges(arg, B, T, T_pad, bq, bk, causal, 2)]
+    per_k = [np.asarray(a) for a in fa._split_ranges(arg, B, T, T_pad, bq, bk, causal, 1)]
+    i_Q = np.arange(T)[None, :, None] // bq  # block of each (query, key) pair, [1, T, T_pad]
+    j_K = np.arange(T_pad)[None, None, :] // bk
+    b_B = np.arange(B)[:, None, None]
+    for (lo, flo, fhi, hi), own, other in ((per_q, i_Q, j_K), (per_k, j_K, i_Q)):
+      lo, flo, fhi, hi = (a[b_B, own] for a in (lo, flo, fhi, hi))
+      assert (lo <= flo).all() and (flo <= fhi).all() and (fhi <= hi).all()
+      assert ((lo <= other) & (other < hi))[keep].all(), "an unmasked pair outside [lo, hi)"
+      assert not ((flo <= other) & (other < fhi))[~keep].any(), (
+          f"a masked pair in an unmasked block ({bq}x{bk})")
+    if segmented != "random" and causal:  # every block that needs no mask runs without one
+      _, full = fa._live_full(arg, B, T, T_pad, bq, bk, causal)
+      np.testing.assert_array_equal(per_q[2] - per_q[1], np.asarray(full).sum(2))
+      np.testing.assert_array_equal(per_k[2] - per_k[1], np.asarray(full).sum(1))
 
 
 def test_refuses_what_it_cannot_do():
