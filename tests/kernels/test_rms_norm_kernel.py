@@ -1,6 +1,7 @@
 """RMSNorm and the fused residual add + RMSNorm (Pallas) against the references."""
 
 import functools
+from unittest import mock
 
 import pytest
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_util import assert_close, normal
+from tinyllama_jax.kernels import _pallas
 from tinyllama_jax.kernels import rms_norm as rn
 
 SHAPES = [((3, 5, 64), jnp.float32), ((2, 7, 48), jnp.bfloat16), ((13, 128), jnp.bfloat16),
@@ -58,11 +60,12 @@ def test_add_rms_norm(shape, dtype, config=None):
     assert_close(a, b, dtype, name)
 
 
-# Row blocks that do not divide the rows, a backward loop of several steps, single-row programs
-# (no loop), and a block larger than all the rows; D = 45 and 40 are padded to 64.
+# Row blocks that do not divide the rows, forward and backward loops of several steps, single-row
+# programs (no loop), and a block larger than all the rows; D = 45 and 40 are padded to 64.
 CONFIGS = [
-    ((13, 64), jnp.bfloat16, rn.RowConfig(block_rows=8, bwd_block_rows=2, bwd_steps=4)),
-    ((3, 5, 45), jnp.float32, rn.RowConfig(block_rows=4, num_warps=2, bwd_block_rows=4,
+    ((13, 64), jnp.bfloat16, rn.RowConfig(block_rows=4, steps=2, num_stages=3, bwd_block_rows=2,
+                                          bwd_steps=4)),
+    ((3, 5, 45), jnp.float32, rn.RowConfig(block_rows=2, steps=4, num_warps=2, bwd_block_rows=4,
                                            bwd_steps=2, bwd_num_warps=2)),
     ((7, 40), jnp.float32, rn.RowConfig(block_rows=1, num_warps=1, bwd_block_rows=1, bwd_steps=1,
                                         bwd_num_stages=1)),
@@ -74,6 +77,21 @@ CONFIGS = [
 def test_configs(shape, dtype, config):
   test_rms_norm(shape, dtype, config)
   test_add_rms_norm(shape, dtype, config)
+
+
+@pytest.mark.parametrize("config", [rn.RowConfig(block_rows=4, steps=8, bwd_num_stages=3),
+                                    rn.RowConfig(block_rows=16, num_warps=16, bwd_block_rows=8,
+                                                 bwd_steps=1, bwd_num_warps=4)])
+def test_configs_lower_to_triton(config):
+  # The Triton lowering (for CUDA, here on CPU) of the loops and blocks the GPU sweep times.
+  S = jax.ShapeDtypeStruct
+  x, w = S((16384, 2048), jnp.bfloat16), S((2048,), jnp.float32)
+  loss = lambda x, d, w: sum(o.astype(jnp.float32).sum()
+                             for o in rn.add_rms_norm_pallas(x, d, w, 1e-5, config=config))
+  with mock.patch.object(_pallas, "interpret_default", lambda: False):
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 2
 
 
 def test_bad_config_is_refused():
@@ -101,6 +119,7 @@ def test_rms_norm_configs_gpu(on_gpu):
   # The sweep's extremes through Triton: big blocks with few warps, a ragged row count.
   for config in (rn.RowConfig(block_rows=16, num_warps=4, bwd_block_rows=8, bwd_steps=16,
                               bwd_num_warps=16, bwd_num_stages=3),
+                 rn.RowConfig(block_rows=4, steps=8, num_warps=8),
                  rn.RowConfig(block_rows=1, num_warps=4, bwd_block_rows=1, bwd_steps=1)):
     test_rms_norm((1000, 2048), jnp.bfloat16, config)
     test_add_rms_norm((1000, 2048), jnp.bfloat16, config)

@@ -1,6 +1,7 @@
 """RoPE (q and k in one pass) and SwiGLU Pallas kernels against the references."""
 
 import functools
+from unittest import mock
 
 import pytest
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_util import assert_close, normal
-from tinyllama_jax.kernels import rope, swiglu
+from tinyllama_jax.kernels import _pallas, rope, swiglu
 
 
 def _check_rope_qk(B, T, H, K, D, dtype, seed, config=None):
@@ -54,6 +55,20 @@ def test_rope_qk(B, T, H, K, D, dtype):
 ])
 def test_rope_qk_configs(B, T, H, K, D, dtype, config):
   _check_rope_qk(B, T, H, K, D, dtype, seed=B * T + H, config=config)
+
+
+@pytest.mark.parametrize("config", [rope.RopeConfig(block_tokens=16, num_warps=16),
+                                    rope.RopeConfig(block_tokens=1, num_warps=4)])
+def test_rope_configs_lower_to_triton(config):
+  # The Triton lowering (for CUDA, here on CPU) of the blocks the GPU sweep times.
+  S = jax.ShapeDtypeStruct
+  args = (S((8, 2048, 32, 64), jnp.bfloat16), S((8, 2048, 4, 64), jnp.bfloat16),
+          S((8, 2048), jnp.int32))
+  loss = lambda q, k, p: sum(o.astype(jnp.float32).sum()
+                             for o in rope.rope_qk_pallas(q, k, p, 1e4, config=config))
+  with mock.patch.object(_pallas, "interpret_default", lambda: False):
+    text = jax.jit(jax.grad(loss, (0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 2
 
 
 def test_rope_bad_config_is_refused():

@@ -33,13 +33,17 @@ RC, PC = rn.RowConfig, rope.RopeConfig
 # The kernels as they were before the tunables (8-row programs, 4 warps, one backward block per
 # program; RoPE 2 tokens a program at 32 + 4 heads of 64): the baseline of "what changed".
 OLD_ROW = RC(block_rows=8, num_warps=4, bwd_block_rows=8, bwd_steps=1, bwd_num_warps=4)
+assert OLD_ROW.steps == 1
 OLD_ROPE = PC(block_tokens=2, num_warps=4)
 
 # (label, config). Forward: rows x warps around ~16-64 fp32 elements a thread at d 2048.
-ROW_FWD = [("r1w4", RC(block_rows=1, num_warps=4)), ("r2w4", RC(block_rows=2, num_warps=4)),
+ROW_FWD = [("r1w8", RC(block_rows=1, num_warps=8)), ("r2w4", RC(block_rows=2, num_warps=4)),
            ("r2w8", RC(block_rows=2, num_warps=8)), ("r4w4", RC(block_rows=4, num_warps=4)),
            ("r4w16", RC(block_rows=4, num_warps=16)), ("r8w8", RC(block_rows=8, num_warps=8)),
-           ("r8w16", RC(block_rows=8, num_warps=16)), ("r16w16", RC(block_rows=16, num_warps=16))]
+           ("r8w16", RC(block_rows=8, num_warps=16)),
+           # Looping programs: w loaded once per 32 rows, a grid of 512 programs.
+           ("r4s8w8", RC(block_rows=4, steps=8, num_warps=8)),
+           ("r2s16w8", RC(block_rows=2, steps=16, num_warps=8))]
 # Backward: rows per step x steps x warps (x stages).
 ROW_BWD = [("b2s16w4", RC(bwd_block_rows=2, bwd_steps=16, bwd_num_warps=4)),
            ("b2s16w8", RC(bwd_block_rows=2, bwd_steps=16, bwd_num_warps=8)),

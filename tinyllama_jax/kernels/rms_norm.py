@@ -19,7 +19,7 @@ def add_rms_norm_ref(x, delta, w_D, eps):
   return h, rms_norm_ref(h, w_D, eps)
 
 
-# --- 'pallas': one program normalises `block_rows` rows; the backward fuses dx and partial dw ---
+# --- 'pallas': a program normalises steps x block_rows rows; the backward fuses dx, partial dw ---
 # Rows are flattened to [N, D]; N is padded to the row block and D to a power of two (Triton
 # tiles) only when they do not fit already, so TinyLlama's [16384, 2048] runs unpadded.
 # The backward program loops over `bwd_steps` blocks of `bwd_block_rows` rows, summing its dw in
@@ -32,15 +32,17 @@ def add_rms_norm_ref(x, delta, w_D, eps):
 class RowConfig:
   """Tunables of the Pallas norm kernels (all powers of two). Elements per thread, rows x D /
   (32 x warps), is what matters: too many spill registers, too few leave bytes in flight short."""
-  block_rows: int = 4        # forward: rows per program (4 x 2048 bf16 = 16 KiB in, x2 with delta)
+  block_rows: int = 4        # forward: rows per loop step (4 x 2048 bf16 = 16 KiB in, x2 with delta)
+  steps: int = 1             # forward: loop steps per program (w loaded once for all of them)
   num_warps: int = 8
+  num_stages: int = 2
   bwd_block_rows: int = 4    # backward: rows per loop step
   bwd_steps: int = 8         # backward: loop steps per program (dw summed over them in registers)
   bwd_num_warps: int = 8
   bwd_num_stages: int = 2    # Triton may prefetch the next step's rows
 
   def __post_init__(self):
-    for k in ("block_rows", "num_warps", "bwd_block_rows", "bwd_steps", "bwd_num_warps"):
+    for k in ("block_rows", "steps", "num_warps", "bwd_block_rows", "bwd_steps", "bwd_num_warps"):
       v = getattr(self, k)
       if v < 1 or v & (v - 1):
         raise ValueError(f"RowConfig.{k} must be a power of two, got {v}")
@@ -56,31 +58,46 @@ def _pallas_mod():
   return pl, _pallas
 
 
-def _fwd_kernel(*refs, eps, D, has_delta):
+def _row_loop(step, init, rows, steps):
+  """Runs step(row slice, carry) over `steps` blocks of `rows` rows of the program's block."""
+  pl, _ = _pallas_mod()
+  multiple_of = getattr(pl, "multiple_of", lambda x, _: x)
+  if steps == 1:
+    return step(pl.ds(0, rows), init)
+  return jax.lax.fori_loop(
+      0, steps, lambda j, c: step(pl.ds(multiple_of(j * rows, rows), rows), c), init)
+
+
+def _fwd_kernel(*refs, eps, D, has_delta, rows, steps):
   if has_delta:
     x_ref, d_ref, w_ref, h_ref, y_ref, rstd_ref = refs
-    h = (x_ref[...].astype(jnp.float32) + d_ref[...].astype(jnp.float32)).astype(h_ref.dtype)
-    h_ref[...] = h
-    h = h.astype(jnp.float32)  # normalise the rounded h, as the reference does
   else:
     x_ref, w_ref, y_ref, rstd_ref = refs
-    h = x_ref[...].astype(jnp.float32)
-  rstd = jax.lax.rsqrt(jnp.sum(h * h, axis=1) / D + eps)
-  y_ref[...] = (h * rstd[:, None] * w_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
-  rstd_ref[...] = rstd
+  w = w_ref[...].astype(jnp.float32)[None, :]  # once per program, reused by all its rows
+
+  def step(r, carry):
+    if has_delta:
+      h = (x_ref[r, :].astype(jnp.float32) + d_ref[r, :].astype(jnp.float32)).astype(h_ref.dtype)
+      h_ref[r, :] = h
+      h = h.astype(jnp.float32)  # normalise the rounded h, as the reference does
+    else:
+      h = x_ref[r, :].astype(jnp.float32)
+    rstd = jax.lax.rsqrt(jnp.sum(h * h, axis=1) / D + eps)
+    y_ref[r, :] = (h * rstd[:, None] * w).astype(y_ref.dtype)
+    rstd_ref[r] = rstd
+    return carry
+
+  _row_loop(step, 0, rows, steps)
 
 
 def _bwd_kernel(*refs, D, has_dh, rows, steps):
-  pl, _ = _pallas_mod()
   if has_dh:
     h_ref, w_ref, rstd_ref, dy_ref, dh_ref, dx_ref, dw_ref = refs
   else:
     h_ref, w_ref, rstd_ref, dy_ref, dx_ref, dw_ref = refs
   w = w_ref[...].astype(jnp.float32)[None, :]
-  multiple_of = getattr(pl, "multiple_of", lambda x, _: x)
 
-  def step(j, dw):
-    r = pl.ds(multiple_of(j * rows, rows), rows)
+  def step(r, dw):
     rstd = rstd_ref[r][:, None]
     hhat = h_ref[r, :].astype(jnp.float32) * rstd
     dy = dy_ref[r, :].astype(jnp.float32)
@@ -92,8 +109,7 @@ def _bwd_kernel(*refs, D, has_dh, rows, steps):
     dx_ref[r, :] = dx.astype(dx_ref.dtype)
     return dw + jnp.sum(dy * hhat, axis=0)
 
-  dw0 = jnp.zeros(w_ref.shape, jnp.float32)
-  dw_ref[...] = step(0, dw0) if steps == 1 else jax.lax.fori_loop(0, steps, step, dw0)
+  dw_ref[...] = _row_loop(step, jnp.zeros(w_ref.shape, jnp.float32), rows, steps)
 
 
 def _pow2_at_least(n):
@@ -110,24 +126,32 @@ def _geometry(x):
   return x.size // D, D, max(16, _pow2_at_least(D))
 
 
+def _program_rows(N, rows, steps):
+  """(rows a step, steps, rows a program, N padded): a tiny N is not padded to a big block."""
+  R = min(rows, _pow2_at_least(N))
+  steps = min(steps, _pow2_at_least(-(-N // R)))
+  P = R * steps
+  return R, steps, P, -(-N // P) * P
+
+
 def _norm_forward(x, delta, w_D, eps, cfg):
   pl, _pallas = _pallas_mod()
   N, D, D_pad = _geometry(x)
-  R = min(cfg.block_rows, _pow2_at_least(N))  # a tiny N is not padded to a big block
-  N_pad = -(-N // R) * R
+  R, steps, P, N_pad = _program_rows(N, cfg.block_rows, cfg.steps)
   has_delta = delta is not None
   h_dtype = jnp.result_type(x, delta) if has_delta else x.dtype
-  row = pl.BlockSpec((R, D_pad), lambda i: (i, 0))
+  row = pl.BlockSpec((P, D_pad), lambda i: (i, 0))
   vec = pl.BlockSpec((D_pad,), lambda i: (0,))
-  stat = pl.BlockSpec((R,), lambda i: (i,))
+  stat = pl.BlockSpec((P,), lambda i: (i,))
   ins = [_rows(x, N_pad, D_pad)] + ([_rows(delta, N_pad, D_pad)] if has_delta else [])
   rows_out = [jax.ShapeDtypeStruct((N_pad, D_pad), h_dtype)] * (2 if has_delta else 1)
   outs = _pallas.call(
-      functools.partial(_fwd_kernel, eps=eps, D=D, has_delta=has_delta),
-      grid=(N_pad // R,), in_specs=[row] * len(ins) + [vec],
+      functools.partial(_fwd_kernel, eps=eps, D=D, has_delta=has_delta, rows=R, steps=steps),
+      grid=(N_pad // P,), in_specs=[row] * len(ins) + [vec],
       out_specs=[row] * len(rows_out) + [stat],
       out_shape=rows_out + [jax.ShapeDtypeStruct((N_pad,), jnp.float32)],
       name="add_rms_norm_fwd" if has_delta else "rms_norm_fwd", num_warps=cfg.num_warps,
+      num_stages=cfg.num_stages,
       interpret=_pallas.interpret_default())(*ins, jnp.pad(w_D, [(0, D_pad - D)]))
   unrow = lambda a: a[:N, :D].reshape(x.shape[:-1] + (D,))
   h = unrow(outs[0]) if has_delta else x
@@ -137,10 +161,7 @@ def _norm_forward(x, delta, w_D, eps, cfg):
 def _norm_backward(h, w_D, rstd_N, dy, dh, cfg):
   pl, _pallas = _pallas_mod()
   N, D, D_pad = _geometry(h)
-  R = min(cfg.bwd_block_rows, _pow2_at_least(N))
-  steps = min(cfg.bwd_steps, _pow2_at_least(-(-N // R)))
-  P = R * steps  # rows per program
-  N_pad = -(-N // P) * P
+  R, steps, P, N_pad = _program_rows(N, cfg.bwd_block_rows, cfg.bwd_steps)
   row = pl.BlockSpec((P, D_pad), lambda i: (i, 0))
   vec = pl.BlockSpec((D_pad,), lambda i: (0,))
   stat = pl.BlockSpec((P,), lambda i: (i,))
