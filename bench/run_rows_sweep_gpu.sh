@@ -26,7 +26,7 @@ if [ "$QUICK" -eq 1 ]; then
   timeout 60 $PY -m pytest -m gpu $TESTS -q --collect-only -p no:cacheprovider 2>&1 \
     | tee "$OUT/rows-gpu-tests.txt"
 else
-  timeout "${TEST_TIMEOUT:-40}" $PY -m pytest -m gpu $TESTS -q -rA -p no:cacheprovider 2>&1 \
+  timeout "${TEST_TIMEOUT:-40}" $PY -m pytest -m gpu $TESTS -v -rA -p no:cacheprovider 2>&1 \
     | tee "$OUT/rows-gpu-tests.txt"
 fi
 tests_rc=${PIPESTATUS[0]}

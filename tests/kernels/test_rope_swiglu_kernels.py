@@ -46,19 +46,22 @@ def test_rope_qk(B, T, H, K, D, dtype):
 
 
 # Token blocks that do not divide B*T (2 x 7), one token per program, a block larger than all the
-# tokens, and the element-budget rule picking the block; 3 and 5 heads are padded to 4 and 8.
+# tokens, and the element-budget rule picking the block (with the halves split in registers); 3
+# and 5 heads are padded to 4 and 8.
 @pytest.mark.parametrize("B,T,H,K,D,dtype,config", [
     (2, 7, 3, 1, 64, jnp.bfloat16, rope.RopeConfig(block_tokens=4)),
     (1, 5, 4, 2, 32, jnp.float32, rope.RopeConfig(block_tokens=1, num_warps=2)),
     (1, 3, 2, 2, 16, jnp.float32, rope.RopeConfig(block_tokens=64, num_warps=1)),
-    (3, 5, 5, 1, 16, jnp.bfloat16, rope.RopeConfig(block_elems=512, num_warps=4)),
+    (3, 5, 5, 1, 16, jnp.bfloat16, rope.RopeConfig(block_elems=512, num_warps=4,
+                                                   split_in_registers=True)),
 ])
 def test_rope_qk_configs(B, T, H, K, D, dtype, config):
   _check_rope_qk(B, T, H, K, D, dtype, seed=B * T + H, config=config)
 
 
 @pytest.mark.parametrize("config", [rope.RopeConfig(block_tokens=16, num_warps=16),
-                                    rope.RopeConfig(block_tokens=1, num_warps=4)])
+                                    rope.RopeConfig(block_tokens=1, num_warps=4,
+                                                    split_in_registers=True)])
 def test_rope_configs_lower_to_triton(config):
   # The Triton lowering (for CUDA, here on CPU) of the blocks the GPU sweep times.
   S = jax.ShapeDtypeStruct
@@ -110,5 +113,7 @@ def test_rope_swiglu_gpu(on_gpu):
   _check_rope_qk(1, 100, 12, 1, 64, jnp.float32, seed=1)
   _check_rope_qk(1, 1000, 32, 4, 64, jnp.bfloat16, seed=4,
                  config=rope.RopeConfig(block_tokens=16, num_warps=4))
+  _check_rope_qk(1, 1000, 32, 4, 64, jnp.bfloat16, seed=5,
+                 config=rope.RopeConfig(block_tokens=4, split_in_registers=True))
   _check_swiglu((2, 2048, 5632), jnp.bfloat16, seed=2)
   _check_swiglu((3, 77, 2048), jnp.float32, seed=3)

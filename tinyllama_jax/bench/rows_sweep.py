@@ -48,14 +48,15 @@ ROW_FWD = [("r1w8", RC(block_rows=1, num_warps=8)), ("r2w4", RC(block_rows=2, nu
 ROW_BWD = [("b2s16w4", RC(bwd_block_rows=2, bwd_steps=16, bwd_num_warps=4)),
            ("b2s16w8", RC(bwd_block_rows=2, bwd_steps=16, bwd_num_warps=8)),
            ("b4s8w16", RC(bwd_block_rows=4, bwd_steps=8, bwd_num_warps=16)),
-           ("b4s4w8", RC(bwd_block_rows=4, bwd_steps=4, bwd_num_warps=8)),
-           ("b4s16w8", RC(bwd_block_rows=4, bwd_steps=16, bwd_num_warps=8)),
            ("b4s8w8st1", RC(bwd_num_stages=1)), ("b4s8w8st3", RC(bwd_num_stages=3)),
            ("b8s8w16", RC(bwd_block_rows=8, bwd_steps=8, bwd_num_warps=16))]
 ROPE = [("t1w4", PC(block_tokens=1, num_warps=4)), ("t2w8", PC(block_tokens=2, num_warps=8)),
         ("t4w4", PC(block_tokens=4, num_warps=4)), ("t8w8", PC(block_tokens=8, num_warps=8)),
         ("t8w16", PC(block_tokens=8, num_warps=16)), ("t16w16", PC(block_tokens=16, num_warps=16)),
-        ("t16w8", PC(block_tokens=16, num_warps=8))]
+        ("t16w8", PC(block_tokens=16, num_warps=8)),
+        # Whole head vectors loaded contiguously, halves split in registers.
+        ("t4w8sp", PC(block_tokens=4, num_warps=8, split_in_registers=True)),
+        ("t8w8sp", PC(block_tokens=8, num_warps=8, split_in_registers=True))]
 
 
 class Sweep:
@@ -153,7 +154,8 @@ def _rope_op(B, T, H, K, Dh):
 def run_all(sweep, s, quick):
   norms = _norm_ops(s["N"], s["Dm"])
   rope_op = _rope_op(s["B"], s["T"], s["H"], s["K"], s["Dh"])
-  pick = (lambda cfgs: cfgs[::3]) if quick else (lambda cfgs: cfgs)
+  # --quick: every third config and the last, enough to run each kind of kernel once.
+  pick = (lambda cfgs: list(dict.fromkeys(cfgs[::3] + cfgs[-1:]))) if quick else list
   # 1. XLA, the defaults and the old kernels of every op: the rows a short run must not lose.
   for op, args, cot, bf, bfb, pallas, ref in norms + (rope_op,):
     sweep.run(op, "xla", "-", ref, args, cot, bf, bfb)

@@ -37,9 +37,12 @@ class RopeConfig:
   block_tokens: int | None = None
   num_warps: int = 8
   block_elems: int = 16384
+  # True: load each head vector whole (contiguous) and split its halves in registers; False: load
+  # the two halves as two strided loads. Which is faster on the GPU is the sweep's to say.
+  split_in_registers: bool = False
 
   def __post_init__(self):
-    for k in ("block_tokens", "num_warps", "block_elems"):
+    for k in ("block_tokens", "num_warps", "block_elems"):  # split_in_registers: a bool
       v = getattr(self, k)
       if v is not None and (v < 1 or v & (v - 1)):
         raise ValueError(f"RopeConfig.{k} must be a power of two, got {v}")
@@ -53,14 +56,17 @@ def _inv_freq(D, theta):
   return 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
 
 
-def _rope_kernel(pos_ref, f_ref, *refs, n, sign):
+def _rope_kernel(pos_ref, f_ref, *refs, n, sign, split):
   D2 = f_ref.shape[0]
   angle = pos_ref[...].astype(jnp.float32)[:, None] * f_ref[...][None, :]
   cos = jnp.cos(angle)[:, None, :]
   sin = sign * jnp.sin(angle)[:, None, :]
   for x_ref, o_ref in zip(refs[:n], refs[n:]):
-    x1 = x_ref[:, :, :D2].astype(jnp.float32)
-    x2 = x_ref[:, :, D2:].astype(jnp.float32)
+    if split:
+      x1, x2 = jnp.split(x_ref[...].astype(jnp.float32), 2, axis=-1)
+    else:
+      x1 = x_ref[:, :, :D2].astype(jnp.float32)
+      x2 = x_ref[:, :, D2:].astype(jnp.float32)
     o_ref[:, :, :D2] = (x1 * cos - x2 * sin).astype(o_ref.dtype)
     o_ref[:, :, D2:] = (x2 * cos + x1 * sin).astype(o_ref.dtype)
 
@@ -92,7 +98,8 @@ def _rope_call(xs, positions_BT, theta, sign, cfg):
   pos = jnp.pad(positions_BT.reshape(R).astype(jnp.int32), [(0, R_pad - R)])
   specs = [pl.BlockSpec((rows, hp, D), lambda i: (i, 0, 0)) for hp in H_pad]
   outs = _pallas.call(
-      functools.partial(_rope_kernel, n=len(xs), sign=sign), grid=(R_pad // rows,),
+      functools.partial(_rope_kernel, n=len(xs), sign=sign, split=cfg.split_in_registers),
+      grid=(R_pad // rows,),
       in_specs=[pl.BlockSpec((rows,), lambda i: (i,)),
                 pl.BlockSpec((D // 2,), lambda i: (0,))] + specs,
       out_specs=specs, out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ins],
