@@ -45,6 +45,7 @@ def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
   assert prof["steps"] == 3 and prof["busy_ms_per_step"] > 0 and prof["top_kernels"], prof
   assert abs(sum(b["share"] for b in prof["buckets"].values()) - 1) < 1e-6
   assert (tmp_path / "prof" / "remat_accum" / "summary.txt").exists()
+  assert (tmp_path / "prof" / "remat_accum" / "step.hlo.txt.gz").exists()
   assert "profile" not in base
   assert by_name["remat_accum"]["tokens_per_step"] == 2 * 2 * 64
   assert report["peer_best"] == "torch_autocast"

@@ -31,7 +31,10 @@ def versions():
 
 
 def commit():
-  """The checkout's commit (+ '-dirty'), else $BENCH_COMMIT (a copy without .git), else None."""
+  """$BENCH_COMMIT if set (the device machine's copy of the tree carries a stale .git, or none),
+  else the checkout's commit (+ '-dirty'), else None."""
+  if os.environ.get("BENCH_COMMIT"):
+    return os.environ["BENCH_COMMIT"]
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -42,7 +45,7 @@ def commit():
       return head.stdout.strip() + ("-dirty" if dirty else "")
   except (OSError, subprocess.SubprocessError):
     pass
-  return os.environ.get("BENCH_COMMIT")
+  return None
 
 
 def now_utc():

@@ -33,7 +33,8 @@ _WINDOW = flags.DEFINE_integer("window", 5, "Steps between device syncs while ti
 _ACCUM = flags.DEFINE_integer("accum", 1, "Micro-batches accumulated per optimizer step.")
 _CACHE = flags.DEFINE_string("cache_dir", "", "Persistent compilation cache ('' = none).")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile (fill the cache) and exit.")
-_PROFILE = flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 steps here.")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 steps, its summary "
+                               "and the step's optimized HLO here.")
 
 
 def prepare(cfg, accum):
@@ -94,6 +95,11 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
   compiled = lowered.compile()
   out["compile_s"] = time.perf_counter() - t0
   out["xla_memory"] = train_lib.memory_report(compiled)
+  if profile_dir:  # the optimized HLO beside the trace: kernel names in the profile map to it
+    import gzip
+    os.makedirs(profile_dir, exist_ok=True)
+    with gzip.open(os.path.join(profile_dir, "step.hlo.txt.gz"), "wt") as f:
+      f.write(compiled.as_text())
   init_jit = jax.jit(init, out_shardings=state_shardings)
   if compile_only:
     init_jit.lower(jax.random.key(0)).compile()
