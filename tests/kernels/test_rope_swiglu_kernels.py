@@ -70,7 +70,8 @@ def test_rope_configs_lower_to_triton(config):
   loss = lambda q, k, p: sum(o.astype(jnp.float32).sum()
                              for o in rope.rope_qk_pallas(q, k, p, 1e4, config=config))
   with mock.patch.object(_pallas, "interpret_default", lambda: False):
-    text = jax.jit(jax.grad(loss, (0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(jax.grad(loss, (0, 1))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
   assert text.count("xla.gpu.triton") == 2
 
 

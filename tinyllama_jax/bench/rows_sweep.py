@@ -7,7 +7,8 @@ Times and bytes as bench/kernels.py (its `_time` and `_fwd_bwd`; the same byte c
 percentages are of the copy ceiling measured in this run (1 GiB fp32 `x + 1`, read + write). The
 forward sweeps vary the forward kernel; the fwd+bwd sweeps vary the backward kernel with the
 forward at its default; the order (XLA, defaults and old kernels of every op first, then the
-forward sweeps, then the backward sweeps) keeps the most wanted rows in a short run. `bwd_ms_est` = fwd+bwd - the same run's forward of that config: the
+forward sweeps, then the backward sweeps) keeps the most wanted rows in a short run.
+`bwd_ms_est` = fwd+bwd - the forward of that config (the default's, in the backward sweeps): the
 backward's share. Each config is its own try/except (a failure is a row with `error`); past
 `--budget` seconds no new config starts, so the table and JSON always come out.
 --quick: tiny shapes (on CPU: Pallas interpreted) to check the script, not to time anything.
@@ -105,7 +106,8 @@ def _fmt(r):
   tail = (f"  SKIPPED {r['skipped']}" if "skipped" in r else "") + (
       f"  ERROR {r['error']}" if "error" in r else "")
   return (f"{r['op']:<13} {r['impl']:<7} {r['config']:<10} "
-          f"fwd {f('fwd_ms'):>7} ms {f('fwd_gbs', '{:.0f}'):>5} GB/s {f('fwd_pct_ceiling', '{:.0f}'):>3}%"
+          f"fwd {f('fwd_ms'):>7} ms {f('fwd_gbs', '{:.0f}'):>5} GB/s "
+          f"{f('fwd_pct_ceiling', '{:.0f}'):>3}%"
           f" | fwd+bwd {f('fwd_bwd_ms'):>7} ms {f('fwd_bwd_gbs', '{:.0f}'):>5} GB/s "
           f"{f('fwd_bwd_pct_ceiling', '{:.0f}'):>3}% | bwd~ {f('bwd_ms_est'):>7} ms{tail}")
 
@@ -191,7 +193,7 @@ def best_rows(rows):
       if not cands:
         continue
       b = min(cands, key=lambda r: r[key])
-      out.append(dict(op=op, part=part, best=b["config"], ms=b[key],
+      out.append(dict(op=op, part=part, best=b["config"], config_repr=b["config_repr"], ms=b[key],
                       pct_ceiling=b.get(f"{part}_pct_ceiling"),
                       xla_ms=xla[key] if xla else None,
                       xla_pct_ceiling=xla.get(f"{part}_pct_ceiling") if xla else None))
@@ -237,8 +239,9 @@ def main(argv=None):
   for b in sweep.meta["best"]:
     pct = lambda v: "-" if v is None else f"{v:.0f}%"
     xla = "-" if b["xla_ms"] is None else f"{b['xla_ms']:.4f}"
-    print(f"  {b['op']:<13} {b['part']:<8} {b['best']:<10} {b['ms']:.4f} ms {pct(b['pct_ceiling']):>4}"
-          f"   xla {xla} ms {pct(b['xla_pct_ceiling']):>4}")
+    print(f"  {b['op']:<13} {b['part']:<8} {b['best']:<10} {b['ms']:.4f} ms "
+          f"{pct(b['pct_ceiling']):>4}"
+          f"   xla {xla} ms {pct(b['xla_pct_ceiling']):>4}   {b['config_repr']}")
   errors = [r for r in sweep.rows if "error" in r]
   skipped = [r for r in sweep.rows if "skipped" in r]
   print(f"wrote {args.out}: {len(sweep.rows)} rows, {len(errors)} errors, {len(skipped)} skipped")

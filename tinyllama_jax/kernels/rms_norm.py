@@ -20,7 +20,7 @@ def add_rms_norm_ref(x, delta, w_D, eps):
 
 
 # --- 'pallas': a program normalises steps x block_rows rows; the backward fuses dx, partial dw ---
-# Rows are flattened to [N, D]; N is padded to the row block and D to a power of two (Triton
+# Rows are flattened to [N, D]; N is padded to a program's rows and D to a power of two (Triton
 # tiles) only when they do not fit already, so TinyLlama's [16384, 2048] runs unpadded.
 # The backward program loops over `bwd_steps` blocks of `bwd_block_rows` rows, summing its dw in
 # registers, so the fp32 dw partials XLA reduces afterwards are [N / (rows x steps), D], not
@@ -31,8 +31,9 @@ def add_rms_norm_ref(x, delta, w_D, eps):
 @dataclasses.dataclass(frozen=True)
 class RowConfig:
   """Tunables of the Pallas norm kernels (all powers of two). Elements per thread, rows x D /
-  (32 x warps), is what matters: too many spill registers, too few leave bytes in flight short."""
-  block_rows: int = 4        # forward: rows per loop step (4 x 2048 bf16 = 16 KiB in, x2 with delta)
+  (32 x warps), is what matters: too many spill registers, too few leave bytes in flight short.
+  The defaults are reasoned, not yet timed: bench/run_rows_sweep_gpu.sh times them on the H200."""
+  block_rows: int = 4        # forward: rows a loop step (4 x 2048 bf16: 16 KiB in, x2 with delta)
   steps: int = 1             # forward: loop steps per program (w loaded once for all of them)
   num_warps: int = 8
   num_stages: int = 2

@@ -33,7 +33,8 @@ def rope_qk_ref(q_BTHD, k_BTKD, positions_BT, theta):
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
   """Tunables of the Pallas RoPE kernel (powers of two). block_tokens None: the most tokens whose
-  q + k heads fit `block_elems` elements (4 tokens at 32 + 4 heads of 64)."""
+  q + k heads fit `block_elems` elements (4 tokens at 32 + 4 heads of 64). The defaults are
+  reasoned, not yet timed: bench/run_rows_sweep_gpu.sh times them on the H200."""
   block_tokens: int | None = None
   num_warps: int = 8
   block_elems: int = 16384
