@@ -26,7 +26,7 @@ if [ "$QUICK" -eq 1 ]; then
   timeout 60 $PY -m pytest -m gpu $TESTS -q --collect-only -p no:cacheprovider 2>&1 \
     | tee "$OUT/rows-gpu-tests.txt"
 else
-  timeout "${TEST_TIMEOUT:-40}" $PY -m pytest -m gpu $TESTS -v -rA -p no:cacheprovider 2>&1 \
+  timeout "${TEST_TIMEOUT:-45}" $PY -m pytest -m gpu $TESTS -v -rA -p no:cacheprovider 2>&1 \
     | tee "$OUT/rows-gpu-tests.txt"
 fi
 tests_rc=${PIPESTATUS[0]}
@@ -34,10 +34,10 @@ tests_rc=${PIPESTATUS[0]}
 if [ "$QUICK" -eq 1 ]; then
   SWEEP_ARGS="--quick --budget 120"
 else
-  SWEEP_ARGS="--budget ${SWEEP_BUDGET:-75}"
+  SWEEP_ARGS="--budget ${SWEEP_BUDGET:-72}"
 fi
 # The budget stops new configs; the timeout is the hard cap behind it (compiles run ~1 s each).
-timeout "${SWEEP_TIMEOUT:-95}" $PY -m tinyllama_jax.bench.rows_sweep --out "$OUT/rows_sweep.json" \
+timeout "${SWEEP_TIMEOUT:-92}" $PY -m tinyllama_jax.bench.rows_sweep --out "$OUT/rows_sweep.json" \
   $SWEEP_ARGS 2>&1 | tee "$OUT/rows-sweep.txt"
 sweep_rc=${PIPESTATUS[0]}
 
