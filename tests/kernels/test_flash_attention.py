@@ -185,3 +185,19 @@ GPU_CASES = [
 def test_matches_reference_gpu(on_gpu, B, T, H, K, D, dtype, segmented, causal):
   _check_against_reference(B, T, H, K, D, dtype, segmented, causal,
                            fa.default_config(T), seed=T + H)
+
+
+# Alternatives the GPU sweep times (bench/run_attention_sweep_gpu.sh), with poisoned outputs:
+# tiles/launch parameters the interpret tests cannot vouch for on Triton.
+GPU_CONFIGS = {
+    "old-tiles": fa.FlashConfig(block_q_bwd=64, block_k_bwd=64, heavy_first=False),
+    "dq128x64-dkv64x128": fa.FlashConfig(block_k_dq=64, block_q_dkv=64),
+    "dkv-8warps-3stages": fa.FlashConfig(num_warps_dkv=8, num_stages_dq=3, num_stages_dkv=3),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+def test_configs_gpu(on_gpu, name):
+  _check_against_reference(2, 1000, 16, 2, 64, jnp.bfloat16, True, True, GPU_CONFIGS[name],
+                           seed=11)
