@@ -118,3 +118,13 @@ def test_relative_workdir_trains_and_checkpoints(tmp_path):
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert (tmp_path / "runs" / "rel" / "checkpoints" / "2").is_dir()
+
+
+def test_xla_flags_are_appended_unless_the_environment_names_them():
+  from tinyllama_jax.train import apply_xla_flags
+  env = {}
+  assert apply_xla_flags("--xla_a= --xla_b=1", env) == "--xla_a= --xla_b=1"
+  env = {"XLA_FLAGS": "--xla_b=2 --xla_c"}
+  assert apply_xla_flags("--xla_a= --xla_b=1", env) == "--xla_b=2 --xla_c --xla_a="
+  env = {"XLA_FLAGS": "--xla_a=x"}
+  assert apply_xla_flags("", env) == "--xla_a=x"

@@ -346,6 +346,17 @@ class _OwnInfoOnly(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "tinyllama_jax" in record.pathname
 
 
+def apply_xla_flags(extra, environ=os.environ):
+  """XLA_FLAGS += `extra` (train.xla_flags), skipping any flag the environment already names.
+  XLA reads the variable once, when the backend starts: call this before any device work."""
+  current = environ.get("XLA_FLAGS", "")
+  named = {f.split("=", 1)[0] for f in current.split()}
+  add = [f for f in extra.split() if f.split("=", 1)[0] not in named]
+  if add:
+    environ["XLA_FLAGS"] = " ".join([current, *add]).strip()
+  return environ.get("XLA_FLAGS", "")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -354,6 +365,7 @@ def main(argv):
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  apply_xla_flags(FLAGS.config.train.xla_flags)
   distributed.initialize()
   train(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
 

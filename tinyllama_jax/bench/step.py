@@ -155,6 +155,7 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train_lib.apply_xla_flags(flags.FLAGS.config.train.xla_flags)  # as train.py starts
   distributed.initialize()
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _CACHE.value)
