@@ -99,13 +99,14 @@ def summarize(trace_dir, steps, top=15):
   name = sorted(planes)[0]
   kernels = planes[name]
   by_bucket, by_kernel = collections.Counter(), collections.Counter()
-  calls = collections.Counter()
+  calls, by_op = collections.Counter(), collections.Counter()
   for kname, hlo, s, e in kernels:
     b = classify(kname, hlo)
     by_bucket[b] += e - s
     key = (b, op_family(kname, hlo))
     by_kernel[key] += e - s
     calls[key] += 1
+    by_op[hlo or kname] += e - s
   busy = _union_ns([(s, e) for _, _, s, e in kernels])
   span = max(e for *_, e in kernels) - min(s for _, _, s, _ in kernels)
   summed = sum(by_bucket.values())
@@ -120,6 +121,8 @@ def summarize(trace_dir, steps, top=15):
                   for b, t in by_bucket.most_common()},
       "top_kernels": [{"bucket": b, "op": k, "ms_per_step": ms(t), "calls_per_step": calls[(b, k)]
                        / steps} for (b, k), t in by_kernel.most_common(top)],
+      # Single HLO ops (join with the saved step.hlo.txt.gz for their bytes and shapes).
+      "top_ops": [{"op": k, "ms_per_step": ms(t)} for k, t in by_op.most_common(8 * top)],
   }
 
 
