@@ -88,6 +88,9 @@ def test_long_documents_small_tiles_fp32():
 def test_legacy_bwd_tiles_and_table_entry():
   cfg = fa.FlashConfig(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
   assert cfg.tiles() == (32, 16, 16, 32, 16, 32)
+  assert fa.default_config(2048, dtype=jnp.float32, head_dim=128).tiles()[2:] == (64,) * 4
+  assert fa.default_config(2048, dtype=jnp.bfloat16, head_dim=128) == fa.FlashConfig()
+  assert fa.default_config(40).tiles() == (64, 64, 64, 32, 32, 64)
   _check_against_reference(1, 45, 2, 1, 64, jnp.float32, True, True, cfg, seed=3)
   from tinyllama_jax import kernels
   q = jnp.ones((1, 5, 2, 16))
@@ -184,7 +187,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("B,T,H,K,D,dtype,segmented,causal", GPU_CASES)
 def test_matches_reference_gpu(on_gpu, B, T, H, K, D, dtype, segmented, causal):
   _check_against_reference(B, T, H, K, D, dtype, segmented, causal,
-                           fa.default_config(T), seed=T + H)
+                           fa.default_config(T, dtype=dtype, head_dim=D), seed=T + H)
 
 
 # Alternatives the GPU sweep times (bench/run_attention_sweep_gpu.sh), with poisoned outputs:

@@ -17,6 +17,10 @@ How it differs from jax's own `ops.gpu.attention.mha`:
 - Heavy programs first: with causality the work per program grows with the query block (forward,
   dQ) or shrinks with the key block (dK/dV); the grid puts the block index on the slowest launch
   axis, ordered heaviest first, so the last wave holds the lightest programs.
+- Backward: a dQ kernel (query tile held, key tiles streamed; it also writes delta = rowsum(o * do),
+  which it reads anyway) and a dK/dV kernel (key tile held, query tiles streamed, in the transposed
+  orientation s^T = k q^T so no register tile is transposed); each has its own tiles and launch
+  parameters in FlashConfig. The scale rides on the exp2's FMA (s * scale2 - m), never a pass.
 - Any length: T is padded up to a multiple of the blocks (padded keys are masked).
 """
 
@@ -319,10 +323,9 @@ def _dkv_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, l
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _range_args(seg, B, T, T_pad, bq, bk, causal, axis, unpack):
-  """The four [B, n] range arrays and their scalar BlockSpecs."""
-  spec = pl.BlockSpec((None, None), lambda *g: (unpack(*g)[1], unpack(*g)[0]))
-  return list(_split_ranges(seg, B, T, T_pad, bq, bk, causal, axis)), [spec] * 4
+def _specs(unpack):
+  """spec(block_shape, index): a BlockSpec whose index map gets (block, batch, head)."""
+  return lambda shape, index: pl.BlockSpec(shape, lambda *g: index(*unpack(*g)))
 
 
 def _forward(q, k, v, seg, cfg, T, causal):
@@ -330,23 +333,21 @@ def _forward(q, k, v, seg, cfg, T, causal):
   G = H // k.shape[2]
   bq, bk = cfg.tiles()[:2]
   grid, unpack = _grid(T_pad // bq, B, H, cfg.heavy_first, reverse=causal)
-  ranges, range_specs = _range_args(seg, B, T, T_pad, bq, bk, causal, 2, unpack)
-  q_blk = pl.BlockSpec((None, bq, None, D), lambda *g: (unpack(*g)[1], unpack(*g)[0],
-                                                         unpack(*g)[2], 0))
-  kv_all = pl.BlockSpec((None, T_pad, None, D), lambda *g: (unpack(*g)[1], 0,
-                                                             unpack(*g)[2] // G, 0))
-  in_specs = range_specs + [q_blk, kv_all, kv_all]
+  spec = _specs(unpack)
+  ranges = list(_split_ranges(seg, B, T, T_pad, bq, bk, causal, 2))
+  q_blk = spec((None, bq, None, D), lambda i, b, h: (b, i, h, 0))
+  kv_all = spec((None, T_pad, None, D), lambda i, b, h: (b, 0, h // G, 0))
+  in_specs = [spec((None, None), lambda i, b, h: (b, i))] * 4 + [q_blk, kv_all, kv_all]
   args = ranges + [q, k, v]
   if seg is not None:
-    in_specs.append(pl.BlockSpec((None, T_pad), lambda *g: (unpack(*g)[1], 0)))
+    in_specs.append(spec((None, T_pad), lambda i, b, h: (b, 0)))
     args.append(seg)
   kernel = functools.partial(_fwd_kernel, scale2=D ** -0.5 * _LOG2E, causal=causal, bq=bq, bk=bk,
                              T=T, T_pad=T_pad, has_seg=seg is not None, unpack=unpack)
   warps, stages = cfg.launch("fwd", D)
   o, lse = _pallas.call(
       kernel, grid=grid, in_specs=in_specs,
-      out_specs=[q_blk, pl.BlockSpec((None, None, bq), lambda *g: (unpack(*g)[1], unpack(*g)[2],
-                                                                   unpack(*g)[0]))],
+      out_specs=[q_blk, spec((None, None, bq), lambda i, b, h: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, T_pad), jnp.float32)],
       name="flash_fwd", num_warps=warps, num_stages=stages,
@@ -365,37 +366,39 @@ def _backward(q, k, v, seg, o, lse, do, cfg, T, causal):
                 has_seg=seg is not None)
   seg_args = [] if seg is None else [seg]
 
+  # dQ (and delta): grid over (query block, batch, query head).
   grid, unpack = _grid(T_pad // bq, B, H, cfg.heavy_first, reverse=causal)
-  ranges, range_specs = _range_args(seg, B, T, T_pad, bq, bk, causal, 2, unpack)
-  ids = lambda *g: unpack(*g)
-  q_blk = pl.BlockSpec((None, bq, None, D), lambda *g: (ids(*g)[1], ids(*g)[0], ids(*g)[2], 0))
-  kv_all = pl.BlockSpec((None, T_pad, None, D), lambda *g: (ids(*g)[1], 0, ids(*g)[2] // G, 0))
-  row_blk = pl.BlockSpec((None, None, bq), lambda *g: (ids(*g)[1], ids(*g)[2], ids(*g)[0]))
-  seg_specs = [pl.BlockSpec((None, T_pad), lambda *g: (ids(*g)[1], 0))] * len(seg_args)
+  spec = _specs(unpack)
+  ranges = list(_split_ranges(seg, B, T, T_pad, bq, bk, causal, 2))
+  range_spec = spec((None, None), lambda i, b, h: (b, i))
+  q_blk = spec((None, bq, None, D), lambda i, b, h: (b, i, h, 0))
+  kv_all = spec((None, T_pad, None, D), lambda i, b, h: (b, 0, h // G, 0))
+  row_blk = spec((None, None, bq), lambda i, b, h: (b, h, i))
+  seg_specs = [spec((None, T_pad), lambda i, b, h: (b, 0))] * len(seg_args)
   warps, stages = cfg.launch("dq", D)
   dq, delta_BHT = _pallas.call(
       functools.partial(_dq_kernel, bq=bq, bk=bk, unpack=unpack, **common), grid=grid,
-      in_specs=range_specs + [q_blk, kv_all, kv_all, q_blk, q_blk, row_blk] + seg_specs,
+      in_specs=[range_spec] * 4 + [q_blk, kv_all, kv_all, q_blk, q_blk, row_blk] + seg_specs,
       out_specs=[q_blk, row_blk],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, T_pad), jnp.float32)],
       name="flash_dq", num_warps=warps, num_stages=stages, interpret=interpret,
   )(*ranges, q, k, v, o, do, lse, *seg_args)
 
-  # Grid over (kv block, batch, kv head); q/do/lse/delta blocks cover the G query heads.
+  # dK/dV: grid over (kv block, batch, kv head); q/do/lse/delta blocks cover the G query heads.
   # No reversal: with causality the first key blocks are the heavy ones.
-  grid, unpack2 = _grid(T_pad // bk2, B, K, cfg.heavy_first, reverse=False)
-  ids2 = lambda *g: unpack2(*g)
-  ranges, range_specs = _range_args(seg, B, T, T_pad, bq2, bk2, causal, 1, unpack2)
-  q_grp = pl.BlockSpec((None, T_pad, G, D), lambda *g: (ids2(*g)[1], 0, ids2(*g)[2], 0))
-  kv_blk = pl.BlockSpec((None, bk2, None, D), lambda *g: (ids2(*g)[1], ids2(*g)[0], ids2(*g)[2],
-                                                          0))
-  row_grp = pl.BlockSpec((None, G, T_pad), lambda *g: (ids2(*g)[1], ids2(*g)[2], 0))
-  seg_specs = [pl.BlockSpec((None, T_pad), lambda *g: (ids2(*g)[1], 0))] * len(seg_args)
+  grid, unpack = _grid(T_pad // bk2, B, K, cfg.heavy_first, reverse=False)
+  spec = _specs(unpack)
+  ranges = list(_split_ranges(seg, B, T, T_pad, bq2, bk2, causal, 1))
+  range_spec = spec((None, None), lambda j, b, h: (b, j))
+  q_grp = spec((None, T_pad, G, D), lambda j, b, h: (b, 0, h, 0))
+  kv_blk = spec((None, bk2, None, D), lambda j, b, h: (b, j, h, 0))
+  row_grp = spec((None, G, T_pad), lambda j, b, h: (b, h, 0))
+  seg_specs = [spec((None, T_pad), lambda j, b, h: (b, 0))] * len(seg_args)
   warps, stages = cfg.launch("dkv", D)
   dk, dv = _pallas.call(
-      functools.partial(_dkv_kernel, G=G, bq=bq2, bk=bk2, unpack=unpack2, **common), grid=grid,
-      in_specs=range_specs + [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp] + seg_specs,
+      functools.partial(_dkv_kernel, G=G, bq=bq2, bk=bk2, unpack=unpack, **common), grid=grid,
+      in_specs=[range_spec] * 4 + [q_grp, kv_blk, kv_blk, q_grp, row_grp, row_grp] + seg_specs,
       out_specs=[kv_blk, kv_blk],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name="flash_dkv", num_warps=warps, num_stages=stages, interpret=interpret,
@@ -444,10 +447,17 @@ _TILE_FIELDS = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
                 "block_q_bwd", "block_k_bwd")
 
 
-def default_config(T, config=None):
-  """Tiles for length T: `config` (default FlashConfig()), shrunk (to >= 16) for short sequences."""
+def default_config(T, config=None, *, dtype=None, head_dim=None):
+  """Tiles for length T: `config` (default FlashConfig()), shrunk (to >= 16) for short sequences.
+
+  With rows wider than 256 bytes (fp32 at head dim 128) both backward kernels fall back to 64x64
+  tiles, the ones measured to compile there: the 128-wide held tiles may not fit shared memory.
+  """
   cap = max(16, 1 << max(T - 1, 1).bit_length())
   c = config or FlashConfig()
+  if dtype is not None and head_dim is not None and jnp.dtype(dtype).itemsize * head_dim > 256:
+    c = dataclasses.replace(c, block_q_bwd=min(c.block_q_bwd or 64, 64),
+                            block_k_bwd=min(c.block_k_bwd or 64, 64))
   return dataclasses.replace(c, **{f: min(getattr(c, f), cap) for f in _TILE_FIELDS
                                    if getattr(c, f) is not None})
 
@@ -455,4 +465,5 @@ def default_config(T, config=None):
 def attention_pallas(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal=True):
   """The backend table's entry: flash attention with tiles chosen for the length."""
   return flash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, causal=causal,
-                         config=default_config(q_BTHD.shape[1]))
+                         config=default_config(q_BTHD.shape[1], dtype=q_BTHD.dtype,
+                                               head_dim=q_BTHD.shape[3]))
