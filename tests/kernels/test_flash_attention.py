@@ -1,5 +1,7 @@
 """Flash attention (Pallas) against the jnp reference: forward and gradients, GQA, segments."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -157,11 +159,12 @@ def test_refuses_what_it_cannot_do():
     fa.attention_pallas(q, q[:, :, :3], q[:, :, :3])
 
 
-@pytest.mark.parametrize("segmented", [False, True])
-@pytest.mark.parametrize("D", [64, 128])
-def test_lowers_to_triton_at_tinyllama_shape(D, segmented):
+@pytest.mark.parametrize("D,segmented,name", [(64, False, ""), (64, True, ""), (128, False, ""),
+                                              (128, True, ""), (64, True, "old-tiles"),
+                                              (64, True, "dkv-8warps-3stages")])
+def test_lowers_to_triton_at_tinyllama_shape(D, segmented, name):
   """The Triton lowering (not the GPU compiler) runs on CPU: catches unsupported ops early."""
-  cfg = fa.FlashConfig(interpret=False)
+  cfg = dataclasses.replace(GPU_CONFIGS.get(name, fa.FlashConfig()), interpret=False)
   q = jax.ShapeDtypeStruct((8, 2048, 32, D), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((8, 2048, 4, D), jnp.bfloat16)
   seg = jax.ShapeDtypeStruct((8, 2048), jnp.int32)

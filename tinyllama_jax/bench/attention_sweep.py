@@ -1,16 +1,16 @@
-"""Flash attention tile / launch sweep against cuDNN at TinyLlama's shape; prints a table, writes JSON.
+"""Flash attention tile / launch sweep against cuDNN at TinyLlama's shape: a table and a JSON.
 
   python -m tinyllama_jax.bench.attention_sweep [--out DIR/attention_sweep.json] [--quick]
       [--only name,name] [--deadline_s 150]
 
-Shape: B=8, T=2048, 32 query / 4 kv heads, d 64, bf16, causal; each config without and with
-packed-document segment ids (bench/kernels.py's generator, same seed). The two best configs
-(fwd+bwd without ids, among the correct ones) then run at d 128 with 16 / 2 heads, then the
-old tiles there. Each row's
+Shape: B=8, T=2048, 32 query / 4 kv heads, d 64, bf16, causal: every config without segment
+ids, then the two best (fwd+bwd, among the correct ones) and the default with packed-document
+ids (bench/kernels.py's generator, same seed); then d 128 with 16 / 2 heads: the two best and
+the old tiles, without and with ids. Each row's
 output and gradients are checked against XLA's attention in fp32 (relative L2, bf16 bound 2e-2),
 taken from the timed fwd+bwd call's own outputs. Timing: bench/kernels.py's `_time` / `_fwd_bwd`.
-Configs start in priority order; a row that would start after its deadline is a 'skipped' row
-(d64 rows: --deadline_s less --d128_reserve_s, so the d128 rows always get their time).
+Configs start in priority order; a row that would start after its phase's deadline is a
+'skipped' row (d64 phases end --d128_reserve_s before --deadline_s, so d128 always gets time).
 --quick: tiny shapes (on CPU: Pallas interpreted), checks the script, times nothing useful.
 """
 
@@ -120,21 +120,40 @@ class Sweep:
     self.save()
     return row
 
-  def attention(self, B, T, H, K, D, configs, rng_seed=0):
+  def attention(self, B, T, H, K, D, configs, docs_configs, deadlines, rng_seed=0):
+    """cuDNN, then `configs` without ids, then `docs_configs` (None: the best two without ids and
+    the default) with packed documents. deadlines: (plain rows, docs rows) in seconds."""
     qkv, do = self.inputs(B, T, H, K, D)
     seg = kb._documents(np.random.default_rng(rng_seed), B, T, mean_len=T / 4)
     shape = f"B{B} T{T} H{H}/{K} d{D}"
+    self.deadline_s = deadlines[0]
     if self.on_gpu:
       cudnn = kernels.get("attention", "cudnn")
       self.run(shape, False, "cudnn", lambda q, k, v: cudnn(q, k, v, None, causal=True), qkv, do)
-    for name, cfg in configs:
+
+    def run(name, cfg, s):
       cfg = fa.default_config(T, cfg)  # no-op at T 2048; shrinks the tiles in --quick
-      for docs, s in ((False, None), (True, seg)):
-        self.run(shape, docs, name,
-                 lambda q, k, v, cfg=cfg, s=s: fa.flash_attention(q, k, v, s, causal=True,
-                                                                  config=cfg),
-                 qkv, do, ref_key=(shape, docs), seg=s, extra=dict(config=repr(cfg)))
+      self.run(shape, s is not None, name,
+               lambda q, k, v: fa.flash_attention(q, k, v, s, causal=True, config=cfg),
+               qkv, do, ref_key=(shape, s is not None), seg=s, extra=dict(config=repr(cfg)))
+
+    for name, cfg in configs:
+      run(name, cfg, None)
+    top = self.best(shape)
+    if docs_configs is None:
+      docs_configs = [c for c in configs if c[0] in top or c[0] == "default"]
+    self.deadline_s = deadlines[1]
+    for name, cfg in docs_configs:
+      run(name, cfg, seg)
     self.refs.clear()  # free the fp32 references before the next shape
+    return top
+
+  def best(self, shape, n=2):
+    """The n fastest correct configs (fwd+bwd without ids) at shape."""
+    ranked = sorted((r for r in self.rows if r["shape"] == shape and r["impl"] != "cudnn"
+                     and not r["docs"] and "fwd_bwd_ms" in r and "error" not in r),
+                    key=lambda r: r["fwd_bwd_ms"])
+    return [r["impl"] for r in ranked[:n]]
 
 
 def _fmt(r):
@@ -209,19 +228,17 @@ def main(argv=None):
     configs = configs[:3]
   else:
     B, T, H, K, D = 8, 2048, 32, 4, 64
-  sweep.deadline_s = args.deadline_s - args.d128_reserve_s
-  sweep.attention(B, T, H, K, D, configs)
-  sweep.deadline_s = args.deadline_s
-
-  ranked = sorted((r for r in sweep.rows if r["impl"] != "cudnn" and not r["docs"]
-                   and "fwd_bwd_ms" in r and "error" not in r), key=lambda r: r["fwd_bwd_ms"])
-  top = [r["impl"] for r in ranked[:2]]
+  # d64: every config without ids; with ids the best two and the default; then d128 (16 query
+  # heads, 2 kv heads: the same FLOPs) for the best two and the old tiles (bench/NOTES.md's row),
+  # both ways. Each phase has its own deadline so the later ones always get their time.
+  dl = args.deadline_s
+  top = sweep.attention(B, T, H, K, D, configs, None,
+                        (dl - args.d128_reserve_s - 30, dl - args.d128_reserve_s))
   sweep.meta["best_d64"] = top
-  # Head dim 128 at the same FLOPs: 16 query heads, 2 kv heads; the best two, then the old tiles
-  # (bench/NOTES.md's d128 row) if time is left.
-  d128 = top + [n for n in ("old-tiles",) if n not in top and (not only or n in only)]
-  sweep.attention(B, T, H // 2, max(1, K // 2), 2 * D,
-                  sorted((c for c in CONFIGS if c[0] in d128), key=lambda c: d128.index(c[0])))
+  d128 = top or ["default"]
+  d128 += [n for n in ("old-tiles",) if n not in d128 and (not only or n in only)]
+  d128_configs = sorted((c for c in CONFIGS if c[0] in d128), key=lambda c: d128.index(c[0]))
+  sweep.attention(B, T, H // 2, max(1, K // 2), 2 * D, d128_configs, d128_configs, (dl, dl))
   sweep.save()
   print(table(sweep.rows))
   errors = [r for r in sweep.rows if "error" in r]
