@@ -145,8 +145,39 @@ class Sweep:
     self.deadline_s = deadlines[1]
     for name, cfg in docs_configs:
       run(name, cfg, seg)
+    if configs and configs[0][0] == "default":
+      self.backward_split(shape, fa.default_config(T, configs[0][1]), qkv, do)
     self.refs.clear()  # free the fp32 references before the next shape
     return top
+
+  def backward_split(self, shape, cfg, qkv, do):
+    """The backward alone, and its dQ kernel alone (XLA drops the unused dK/dV call): where the
+    backward's time goes. Needs T to be a multiple of the tiles (no padding)."""
+    row = dict(shape=shape, docs=False, impl="default:bwd-split", config=repr(cfg))
+    elapsed = time.perf_counter() - self.t0
+    if elapsed > self.deadline_s:
+      row["skipped"] = f"deadline ({elapsed:.0f} s > {self.deadline_s:.0f} s)"
+    else:
+      try:
+        q, k, v = qkv
+        T = q.shape[1]
+        assert T % max(cfg.tiles()) == 0, "T must be a multiple of the tiles"
+        o, lse = jax.jit(lambda q, k, v: fa._forward(q, k, v, None, cfg, T, True))(q, k, v)
+        args = (q, k, v, o, lse, do)
+        bwd = lambda *a: fa._backward(*a[:3], None, *a[3:], cfg, T, True)
+        row["bwd_ms"] = kb._time(jax.jit(bwd), args, self.reps, self.inner)
+        row["dq_kernel_ms"] = kb._time(jax.jit(lambda *a: bwd(*a)[0]), args, self.reps,
+                                       self.inner)
+        row["dkv_kernel_ms"] = row["bwd_ms"] - row["dq_kernel_ms"]
+      except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        traceback.print_exc()
+    self.rows.append(row)
+    nan = float("nan")
+    print(f"{shape:<20} backward alone {row.get('bwd_ms', nan):.3f} ms: dQ kernel "
+          f"{row.get('dq_kernel_ms', nan):.3f}, dK/dV kernel {row.get('dkv_kernel_ms', nan):.3f}"
+          f"  {row.get('error', row.get('skipped', ''))}", flush=True)
+    self.save()
 
   def best(self, shape, n=2):
     """The n fastest correct configs (fwd+bwd without ids) at shape."""
@@ -174,6 +205,13 @@ def table(rows):
     base = next((r for r in rows if r["shape"] == shape and r["impl"] == "cudnn"
                  and "fwd_bwd_ms" in r), None)
     for impl in dict.fromkeys(r["impl"] for r in rows if r["shape"] == shape):
+      if impl.endswith("bwd-split"):
+        r = next(r for r in rows if r["shape"] == shape and r["impl"] == impl)
+        lines.append(f"{shape:<20} {impl:<20} backward alone "
+                     + (f"{r['bwd_ms']:.3f}: dQ {r['dq_kernel_ms']:.3f} + dK/dV "
+                        f"{r['dkv_kernel_ms']:.3f}" if "bwd_ms" in r
+                        else r.get("error", r.get("skipped", ""))[:80]))
+        continue
       plain = next((r for r in rows if r["shape"] == shape and r["impl"] == impl
                     and not r["docs"]), {})
       docs = next((r for r in rows if r["shape"] == shape and r["impl"] == impl and r["docs"]), {})
