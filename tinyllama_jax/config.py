@@ -75,8 +75,9 @@ def train_config():
   c.sample_tokens = 0  # >0: print a greedy sample of this many tokens at the end
   c.profile_steps = ""
   # Appended to XLA_FLAGS before the backend starts; a flag the environment already sets wins.
-  # Without command buffers (CUDA graphs) the 1b step ran 1.1% faster on one H200 (bench/NOTES.md).
-  c.xla_flags = "--xla_gpu_enable_command_buffer="
+  # None pays measurably at 1b on one H200 (command buffers off, cuBLASLt, no Triton GEMMs: all
+  # within the +-1% run-to-run noise; bench/NOTES.md), so none is set by default.
+  c.xla_flags = ""
   # Faults (tinyllama_jax/faults.py). SIGTERM/SIGINT: finish the step, save, exit 0 within this.
   c.grace_period_s = 60.0
   # Non-finite loss or gradients: 'stop' (exit with an error) or 'skip' (drop that update, count

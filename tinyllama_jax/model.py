@@ -119,31 +119,11 @@ class Ops:
     self.swiglu = get("swiglu", cfg_kernels.swiglu)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def split(x, sizes, axis):
-  """Consecutive pieces of x along axis. Autodiff would transpose each slice into a zero-padded
-  full-width array and add them up; this backward concatenates the pieces' gradients instead,
-  so the fusions that produce them write straight into the fused GEMM's gradient."""
-  starts = [sum(sizes[:i]) for i in range(len(sizes))]
-  return tuple(jax.lax.slice_in_dim(x, s, s + n, axis=axis) for s, n in zip(starts, sizes))
-
-
-def _split_fwd(x, sizes, axis):
-  return split(x, sizes, axis), None
-
-
-def _split_bwd(sizes, axis, _, cts):
-  return (jnp.concatenate(cts, axis=axis),)
-
-
-split.defvjp(_split_fwd, _split_bwd)
-
-
 def _swiglu_down(w_down_FD, *gate_up, swiglu):
   """down(swiglu(gate, up)); gate and up as one fused [.., 2F] array or as two."""
   if len(gate_up) == 1:
     F = w_down_FD.shape[0]
-    gate_up = split(gate_up[0], (F, F), gate_up[0].ndim - 1)
+    gate_up = gate_up[0][..., :F], gate_up[0][..., F:]
   gate_BTF, up_BTF = checkpoint_name(gate_up[0], "mlp_gate"), checkpoint_name(gate_up[1], "mlp_up")
   return jnp.einsum("btf,fd->btd", swiglu(gate_BTF, up_BTF), w_down_FD)
 
@@ -159,7 +139,8 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   if fuse:
     w_qkv = jnp.concatenate([w["wq"], w["wk"], w["wv"]], axis=1)  # [D, H + 2K, Dh]
     qkv_BTNK = jnp.einsum("btd,dnk->btnk", h_BTD, w_qkv)
-    q_BTHK, k_BTGK, v_BTGK = split(qkv_BTNK, (H, K, K), 2)
+    q_BTHK, k_BTGK, v_BTGK = (qkv_BTNK[:, :, :H], qkv_BTNK[:, :, H:H + K],
+                              qkv_BTNK[:, :, H + K:])
   else:
     q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"])
     k_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"])
