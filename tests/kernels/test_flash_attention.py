@@ -91,7 +91,10 @@ def test_legacy_bwd_tiles_and_table_entry():
   cfg = fa.FlashConfig(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
   assert cfg.tiles() == (32, 16, 16, 32, 16, 32)
   assert fa.default_config(2048, dtype=jnp.float32, head_dim=128).tiles()[2:] == (64,) * 4
-  assert fa.default_config(2048, dtype=jnp.bfloat16, head_dim=128) == fa.FlashConfig()
+  # The measured best per head dim (the H200 sweep), else the class defaults.
+  assert fa.default_config(2048, dtype=jnp.bfloat16, head_dim=128) == fa._MEASURED_BEST[128]
+  assert fa.default_config(2048, dtype=jnp.bfloat16, head_dim=64).tiles()[2:] == (64,) * 4
+  assert fa.default_config(2048, dtype=jnp.bfloat16, head_dim=32) == fa.FlashConfig()
   assert fa.default_config(40).tiles() == (64, 64, 64, 32, 32, 64)
   _check_against_reference(1, 45, 2, 1, 64, jnp.float32, True, True, cfg, seed=3)
   from tinyllama_jax import kernels

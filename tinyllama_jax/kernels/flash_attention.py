@@ -447,14 +447,23 @@ _TILE_FIELDS = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
                 "block_q_bwd", "block_k_bwd")
 
 
+# Backward tiles by head dim, from the H200 sweep (bench/NOTES.md, bench/results/attention-sweep-*):
+# d64: 64x64 in both backward kernels, 1.80 ms fwd+bwd (0.97 with packed documents) against the
+# 128x32 tiles' 1.91 (1.30); d128: the 128x32 tiles with 3 pipeline stages, 1.75 (1.23) against
+# 64x64's 2.80 (1.49).
+_MEASURED_BEST = {64: FlashConfig(block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64),
+                  128: FlashConfig(num_stages_dq=3, num_stages_dkv=3)}
+
+
 def default_config(T, config=None, *, dtype=None, head_dim=None):
-  """Tiles for length T: `config` (default FlashConfig()), shrunk (to >= 16) for short sequences.
+  """Tiles for length T: `config` (default: the measured best for the head dim, else
+  FlashConfig()), shrunk (to >= 16) for short sequences.
 
   With rows wider than 256 bytes (fp32 at head dim 128) both backward kernels fall back to 64x64
   tiles, the ones measured to compile there: the 128-wide held tiles may not fit shared memory.
   """
   cap = max(16, 1 << max(T - 1, 1).bit_length())
-  c = config or FlashConfig()
+  c = config or _MEASURED_BEST.get(head_dim, FlashConfig())
   if dtype is not None and head_dim is not None and jnp.dtype(dtype).itemsize * head_dim > 256:
     c = dataclasses.replace(c, block_q_bwd=min(c.block_q_bwd or 64, 64),
                             block_k_bwd=min(c.block_k_bwd or 64, 64))
