@@ -5,7 +5,8 @@
 # root on the device machine with .whl carried; the copy there has no .git, so pass the commit:
 #   run(kind="nvidia-h200-x4", carry=[".whl"],
 #       command="BENCH_COMMIT=<hash> bash bench/run_scale_gpu.sh")
-# The same script serves 8 GPUs (issue 8): GPUS="1 2 4 8".
+# The same script serves 8 GPUs (issue 8), on kind nvidia-h200-x8: GPUS="1 4 8" (8: all-FSDP and
+# data 2 x fsdp 4; the scaling table then gives each row's share of one GPU and its 22B-token time).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 TF_CPP_MIN_LOG_LEVEL=2
@@ -19,6 +20,7 @@ for n in ${GPUS:-1 2 4}; do
   case $n in
     1) variants=${VARIANTS_1:-"base;mlp_recompute:model.recompute_mlp_act=True"}; peer=${PEER:-autocast,bf16} ;;
     4) variants=${VARIANTS_4:-"base;data2_fsdp2:mesh.data=2,mesh.fsdp=2;lhs:xla_flags=--xla_gpu_enable_latency_hiding_scheduler=true"}; peer= ;;
+    8) variants=${VARIANTS_8:-"base;data2_fsdp4:mesh.data=2,mesh.fsdp=4"}; peer= ;;
     *) variants=${VARIANTS_N:-"base"}; peer= ;;
   esac
   CUDA_VISIBLE_DEVICES=$devs timeout ${STEP_TIMEOUT:-330} python3 -m tinyllama_jax.bench $COMMON \

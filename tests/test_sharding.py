@@ -176,14 +176,14 @@ def hlo_collectives(hlo_text):
   return found
 
 
-def compiled_step_hlo(n_devices, attention, T=48, micro=4):
-  """train.py's step for a 2-layer model on an FSDP mesh of n_devices, lowered under the mesh."""
+def compiled_step_hlo(n_devices, attention, T=48, micro=4, data=1):
+  """train.py's step for a 2-layer model on a (data x) FSDP mesh of n_devices, lowered under it."""
   cfg = small_config()
   m = cfg.model
   m.vocab_size, m.max_seq_len, m.kernels.attention = 256, T, attention
   cfg.train.seq_len, cfg.train.micro_batch_per_device = T, micro
   cfg.train.global_batch = micro * n_devices
-  mesh = sharding.make_mesh(mesh_cfg(), devices=jax.devices()[:n_devices])
+  mesh = sharding.make_mesh(mesh_cfg(data=data), devices=jax.devices()[:n_devices])
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
   init = train_lib.make_init_fn(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
@@ -200,8 +200,10 @@ def compiled_step_hlo(n_devices, attention, T=48, micro=4):
   return lowered.compile().as_text(), cfg.model, T
 
 
-@pytest.mark.parametrize("n_devices, attention", [(2, "xla"), (2, "cudnn"), (4, "cudnn")])
-def test_fsdp_step_gathers_weights_not_activations(monkeypatch, n_devices, attention):
+@pytest.mark.parametrize("n_devices, attention, data", [
+    (2, "xla", 1), (2, "cudnn", 1), (4, "cudnn", 1),
+    (8, "cudnn", 1), (8, "cudnn", 2)])  # issue 8's meshes: all-FSDP and data 2 x fsdp 4
+def test_fsdp_step_gathers_weights_not_activations(monkeypatch, n_devices, attention, data):
   """Expected FSDP structure: each layer's weight matrices all-gathered whole, their gradients
   reduced; activations stay batch-split (no collective carries a [.., T, ..] float array); the
   only all-to-alls are the embedding lookup's (row gather on the D-split table, and its
@@ -211,7 +213,7 @@ def test_fsdp_step_gathers_weights_not_activations(monkeypatch, n_devices, atten
   if attention == "cudnn":
     monkeypatch.setitem(kernels._TABLE["attention"], "cudnn",
                         "tinyllama_jax.kernels.attention:attention_xla")
-  hlo, m, T = compiled_step_hlo(n_devices, attention)
+  hlo, m, T = compiled_step_hlo(n_devices, attention, data=data)
   found = hlo_collectives(hlo)
   floats = ("f32", "bf16", "f16")
   # T = 48 divides no weight dimension: a float dimension that is a multiple of it is a token
@@ -236,7 +238,7 @@ def test_fsdp_step_gathers_weights_not_activations(monkeypatch, n_devices, atten
   reduced = {s for op, shapes, _ in found if op in ("all-reduce", "reduce-scatter")
              for _, s in shapes}
   DF = weights[-2]
-  assert DF in reduced or (D // n_devices, DF[1]) in reduced, sorted(reduced)
+  assert DF in reduced or (D // (n_devices // data), DF[1]) in reduced, sorted(reduced)
 
 
 def test_fsdp_hidden_states_stay_batch_split():
@@ -298,3 +300,35 @@ def test_constrain_is_the_identity_without_a_mesh():
   with jax.set_mesh(mesh):
     y = jax.jit(lambda x: sharding.constrain(x * 2, ("act_batch", None)))(x)
   assert y.sharding.spec[0] == "fsdp"
+
+
+@pytest.mark.parametrize("data", [1, 2])
+def test_eight_device_step_equals_one_device_step(data):
+  """Issue 8's meshes on 8 CPU devices (all-FSDP, data 2 x fsdp 4): one train step from the same
+  state on the same global batch gives the loss, gradient norm and parameters of one device."""
+  cfg = small_config()
+  T, B = 32, 8
+  cfg.train.seq_len, cfg.train.micro_batch_per_device, cfg.train.global_batch = T, 1, B
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.model.vocab_size, (1, B, T + 1), dtype=np.int32)
+  ones = np.ones((1, B, T), np.int32)
+  host_batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "segment_ids": ones,
+                "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ones.shape).copy(),
+                "loss_mask": ones.astype(np.float32)}
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  results = []
+  for mesh in (sharding.make_mesh(mesh_cfg(), devices=jax.devices()[:1]),
+               sharding.make_mesh(mesh_cfg(data=data))):
+    state, shardings = init_state(cfg, mesh)
+    batch_sh = sharding.accum_batch_sharding(mesh)
+    step = jax.jit(functools.partial(train_lib.train_step, graphdef=train_lib.model_graphdef(cfg),
+                                     cfg=cfg, tx=tx, schedule=schedule),
+                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
+    with jax.set_mesh(mesh):
+      new_state, metrics = step(state, jax.device_put(host_batch, batch_sh))
+    results.append((metrics, jax.device_get(new_state["params"])))
+  (m1, p1), (m8, p8) = results
+  np.testing.assert_allclose(m8["train/loss"], m1["train/loss"], rtol=1e-5)
+  np.testing.assert_allclose(m8["train/grad_norm"], m1["train/grad_norm"], rtol=1e-4)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p8), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(path))
