@@ -78,6 +78,14 @@ def test_unknown_config_key_names_the_closest(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_unknown_flag_names_the_closest(tmp_path):
+  proc = run_cli("--config=configs/tiny.py", f"--workdr={tmp_path}/w")
+  assert_one_line_error(proc, "--workdr", "--workdir")
+  assert not (tmp_path / "w").exists()
+  from tinyllama_jax import config as config_lib  # absl's own and negated booleans pass
+  config_lib.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])
+
+
 def test_sequence_longer_than_model_is_refused(tmp_path):
   proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.train.seq_len=4096")
   assert_one_line_error(proc, "train.seq_len", "max_seq_len")

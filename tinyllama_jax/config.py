@@ -141,9 +141,30 @@ def load_config_file(path):
   return module.get_config()
 
 
+def check_flags(argv):
+  """An unknown `--flag` in argv fails with one line naming the closest defined flags (absl's
+  own message is two lines and exit 1). Call after the program defines its flags, before
+  app.run. `--config=` / `--config.` arguments are check_override_keys' to check."""
+  from absl import app, flags
+  app.define_help_flags()  # --help, --helpshort, ... are defined by app.run otherwise
+  known = set(flags.FLAGS)
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if not arg.startswith("--") or arg.startswith(("--config=", "--config.")):
+      continue
+    name = arg[2:].split("=", 1)[0]
+    if name in known or (name.startswith("no") and name[2:] in known):
+      continue
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+    raise ValueError(f"unknown flag --{name}{hint} (--helpshort lists the flags)")
+
+
 def check_override_keys(argv, flag="config"):
   """Validates `--config.a.b=...` overrides in argv before absl parses them, so a typo
-  fails with the closest valid keys instead of a traceback."""
+  fails with the closest valid keys instead of a traceback; then every other flag's name."""
+  check_flags(argv)
   path = None
   keys = []
   for arg in argv[1:]:

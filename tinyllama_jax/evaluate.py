@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,7 @@ def main(argv):
 
 def run_cli():
   define_flags()
+  config_lib.exit_on_error(lambda: config_lib.check_flags(sys.argv))
   config_lib.exit_on_error(lambda: app.run(main))
 
 

@@ -268,6 +268,7 @@ def main(argv):
 
 def run_cli():
   define_flags()
+  config_lib.exit_on_error(lambda: config_lib.check_flags(sys.argv))
   config_lib.exit_on_error(lambda: app.run(main))
 
 

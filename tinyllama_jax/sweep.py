@@ -326,6 +326,7 @@ def run_cli(argv=None):
   # `--config.a.b=v` goes to every run (absl would refuse it here); the rest are the sweep's flags.
   cli_overrides = [a for a in argv[1:] if a.startswith("--config.")]
   argv = [a for a in argv if a not in cli_overrides]
+  config_lib.exit_on_error(lambda: config_lib.check_flags(argv))
 
   def main(args):
     if args[1:] == ["summarize"]:

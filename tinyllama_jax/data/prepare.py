@@ -237,4 +237,6 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
+  from tinyllama_jax import config as config_lib
+  config_lib.exit_on_error(lambda: config_lib.check_flags(sys.argv))
   app.run(main)
