@@ -244,10 +244,7 @@ def main(argv):
     print(f"ratio = our tokens/s per device / {peer_best['name']}'s "
           f"({peer_best['tokens_per_s']:,.0f} tokens/s, the faster peer)")
   out = args.out if os.path.isabs(args.out) else os.path.join(os.getcwd(), args.out)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out + ".tmp", "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(out + ".tmp", out)
+  bench.write_json(out, report)
   print(f"wrote {out}")
   ok = [r for r in results if "error" not in r and "skipped" not in r]
   return 0 if ok and len(ok) + sum("skipped" in r for r in results) == len(results) else 1

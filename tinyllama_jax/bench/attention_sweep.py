@@ -17,7 +17,6 @@ Configs start in priority order; a row that would start after its phase's deadli
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 
 from tinyllama_jax import kernels
 from tinyllama_jax.bench import kernels as kb
+from tinyllama_jax import bench
 from tinyllama_jax.kernels import flash_attention as fa
 
 TOL_BF16 = 2e-2
@@ -68,11 +68,7 @@ class Sweep:
     self.rows, self.meta, self.refs = [], {}, {}
 
   def save(self):
-    os.makedirs(os.path.dirname(self.out_path) or ".", exist_ok=True)
-    tmp = self.out_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(dict(meta=self.meta, results=self.rows), f, indent=1)
-    os.replace(tmp, self.out_path)
+    bench.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
 
   def inputs(self, B, T, H, K, D):
     ks = jax.random.split(jax.random.key(0), 4)  # as bench/kernels.py's bench_attention

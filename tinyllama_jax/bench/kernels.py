@@ -11,7 +11,6 @@ as measured on that machine); the run measures both again and records them besid
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax import kernels
+from tinyllama_jax import bench
 from tinyllama_jax.kernels import flash_attention as fa
 
 CEIL_FLOPS = 750e12
@@ -122,11 +122,7 @@ class Bench:
         r[f"fwd_bwd_speedup_vs_{base}"] = b["fwd_bwd_ms"] / r["fwd_bwd_ms"]
 
   def save(self):
-    os.makedirs(os.path.dirname(self.out_path) or ".", exist_ok=True)
-    tmp = self.out_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(dict(meta=self.meta, results=self.rows), f, indent=1)
-    os.replace(tmp, self.out_path)  # never a half-written file
+    bench.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
 
 
 def _documents(rng, B, T, mean_len):

@@ -16,8 +16,6 @@ backward's share. Each config is its own try/except (a failure is a row with `er
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import sys
 import time
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax.bench.kernels import _fwd_bwd, _git_commit, _time
+from tinyllama_jax import bench
 from tinyllama_jax.kernels import rms_norm as rn
 from tinyllama_jax.kernels import rope
 
@@ -93,11 +92,7 @@ class Sweep:
     return row
 
   def save(self):
-    os.makedirs(os.path.dirname(self.out_path) or ".", exist_ok=True)
-    tmp = self.out_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(dict(meta=self.meta, results=self.rows), f, indent=1)
-    os.replace(tmp, self.out_path)  # never a half-written file
+    bench.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
 
 
 def _fmt(r):
