@@ -79,3 +79,24 @@ def test_overrides_take_the_fields_type():
                                    "--config.optim.lr=1e-3", "--config.model.remat=full"])
   assert cfg.model.scan_layers is True and cfg.train.seq_len == 32 and cfg.optim.lr == 1e-3
   assert cfg.model.remat == "full"
+
+
+def test_scaling_table_shares_and_wall_clock(tmp_path):
+  from tinyllama_jax.bench import scaling
+
+  def report(n, tps, name="base"):
+    return {"results": [{"kind": "jax", "name": name, "n_devices": n, "mesh": {"fsdp": n},
+                         "tokens_per_s_per_device": tps, "mfu": 0.5, "peak_memory_gib": 30.0}]}
+  rows = scaling.rows([report(4, 90.0), report(1, 100.0), report(1, 50.0, "slow")], "base")
+  assert [(r["name"], r["n_devices"]) for r in rows] == [("base", 1), ("slow", 1), ("base", 4)]
+  assert [r["efficiency"] for r in rows] == [1.0, 0.5, 0.9]
+  assert rows[2]["tokens_per_s"] == 360.0
+  assert "1.0 h" in scaling.table(rows[2:], tokens=360.0 * 3600)
+  with pytest.raises(ValueError, match="baseline"):
+    scaling.rows([report(1, 100.0)], "other")
+  bad = tmp_path / "bad.json"
+  bad.write_text("{")
+  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.bench.scaling", str(bad)], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ")
+  assert str(bad) in proc.stderr

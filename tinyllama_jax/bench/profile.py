@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 # First match wins: attention before matmul (cuDNN attention kernels also say "sm90"/"gemm"-ish).
 BUCKETS = (
@@ -148,7 +149,11 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="steps the trace holds")
   p.add_argument("--json", default="", help="also write the summary here")
   args = p.parse_args()
-  s = summarize(args.trace_dir, args.steps)
+  try:
+    s = summarize(args.trace_dir, args.steps)
+  except (OSError, ValueError) as e:  # no trace there, or one without device kernels: one line
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(table(s))
   if args.json:
     with open(args.json, "w") as f:

@@ -11,6 +11,7 @@ on 8 A100s, is the yardstick the README quotes).
 
 import argparse
 import json
+import sys
 
 
 def rows(reports, baseline):
@@ -54,10 +55,17 @@ def main():
   p.add_argument("--json", default="")
   args = p.parse_args()
   reports = []
-  for f in args.files:
-    with open(f) as fh:
-      reports.append(json.load(fh))
-  r = rows(reports, args.baseline)
+  try:
+    for f in args.files:
+      try:
+        with open(f) as fh:
+          reports.append(json.load(fh))
+      except ValueError as e:
+        raise ValueError(f"{f} is not a benchmark's JSON ({e})") from e
+    r = rows(reports, args.baseline)
+  except (OSError, ValueError) as e:  # a missing file, bad JSON, no such baseline: one line
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(table(r, args.tokens))
   if args.json:
     with open(args.json, "w") as fh:
