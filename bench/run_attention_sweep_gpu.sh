@@ -8,7 +8,7 @@
 #   without packed-document ids, then the best two (and the old tiles) at d128 16/2 heads; every
 #   row checked against XLA fp32. JSON: $OUT/attention_sweep.json; the table is printed last
 #   (also when the sweep is killed at its cap). SWEEP_ARGS passes options (e.g. --only a,b).
-# Run from the repo root (the copy there has no .git: GIT_COMMIT=... names the commit).
+# Run from the repo root (the copy there has no .git: BENCH_COMMIT=... names the commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}

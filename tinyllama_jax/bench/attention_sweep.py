@@ -15,7 +15,6 @@ Configs start in priority order; a row that would start after its phase's deadli
 """
 
 import argparse
-import datetime
 import json
 import platform
 import sys
@@ -251,8 +250,8 @@ def main(argv=None):
   sweep = Sweep(args, on_gpu)
   dev = jax.devices()[0]
   sweep.meta = dict(device=dev.device_kind, jax=jax.__version__, python=platform.python_version(),
-                    git_commit=kb._git_commit(), quick=args.quick, reps=sweep.reps,
-                    inner=sweep.inner, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                    git_commit=bench.commit(), quick=args.quick, reps=sweep.reps,
+                    inner=sweep.inner, date=bench.now_utc(),
                     default_config=repr(fa.FlashConfig()), tolerance_bf16=TOL_BF16,
                     timing="median over reps of (loop of inner calls, one block) / inner")
   only = set(args.only.split(",")) - {""}

@@ -11,10 +11,8 @@ as measured on that machine); the run measures both again and records them besid
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -25,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax import kernels
-from tinyllama_jax import bench
+from tinyllama_jax import bench as bench_lib  # `bench` below is the Bench in hand
 from tinyllama_jax.kernels import flash_attention as fa
 
 CEIL_FLOPS = 750e12
@@ -122,7 +120,7 @@ class Bench:
         r[f"fwd_bwd_speedup_vs_{base}"] = b["fwd_bwd_ms"] / r["fwd_bwd_ms"]
 
   def save(self):
-    bench.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
+    bench_lib.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
 
 
 def _documents(rng, B, T, mean_len):
@@ -241,16 +239,6 @@ def measure_ceilings(bench):
   bench.meta["measured_copy_tbs"] = 2 * big.size * 4 / (_time(copy, (big,), 5, 10) * 1e-3) / 1e12
 
 
-def _git_commit():
-  if os.environ.get("GIT_COMMIT"):
-    return os.environ["GIT_COMMIT"]
-  try:
-    return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                   stderr=subprocess.DEVNULL).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   today = datetime.date.today().isoformat()
@@ -267,8 +255,8 @@ def main(argv=None):
                 out_path=args.out)
   dev = jax.devices()[0]
   bench.meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                    python=platform.python_version(), git_commit=_git_commit(),
-                    date=datetime.datetime.now().isoformat(timespec="seconds"),
+                    python=platform.python_version(), git_commit=bench_lib.commit(),
+                    date=bench_lib.now_utc(),
                     ceilings=dict(bf16_matmul_tflops=CEIL_FLOPS / 1e12,
                                   copy_tbs=CEIL_BYTES / 1e12),
                     timing="median over reps of (loop of inner calls, one block) / inner",

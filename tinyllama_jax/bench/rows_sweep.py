@@ -15,7 +15,6 @@ backward's share. Each config is its own try/except (a failure is a row with `er
 """
 
 import argparse
-import datetime
 import platform
 import sys
 import time
@@ -24,7 +23,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from tinyllama_jax.bench.kernels import _fwd_bwd, _git_commit, _time
+from tinyllama_jax.bench.kernels import _fwd_bwd, _time
 from tinyllama_jax import bench
 from tinyllama_jax.kernels import rms_norm as rn
 from tinyllama_jax.kernels import rope
@@ -210,8 +209,8 @@ def main(argv=None):
                 budget_s=args.budget, out_path=args.out)
   dev = jax.devices()[0]
   sweep.meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                    python=platform.python_version(), git_commit=_git_commit(),
-                    date=datetime.datetime.now().isoformat(timespec="seconds"),
+                    python=platform.python_version(), git_commit=bench.commit(),
+                    date=bench.now_utc(),
                     timing="median over reps of (loop of inner calls, one block) / inner",
                     reps=sweep.reps, inner=sweep.inner, quick=args.quick,
                     row_default=repr(rn.DEFAULT_CONFIG), rope_default=repr(rope.DEFAULT_CONFIG))
