@@ -252,7 +252,7 @@ def test_print_lists_the_unfinished_commands(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == "# skip lr1e-03: finished (10/10 steps)"
   (cmd,) = [shlex.split(l) for l in lines if not l.startswith("#")]
-  assert cmd[:3] == ["python", "-m", "tinyllama_jax.train"]
+  assert cmd[:3] == [sys.executable, "-m", "tinyllama_jax.train"]
   assert f"--workdir={runs[1].workdir}" in cmd and "--config.optim.lr=0.002" in cmd
   assert "--config.train.steps=10" in cmd
 

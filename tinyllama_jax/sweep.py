@@ -304,7 +304,7 @@ def sweep_main(flags_, cli_overrides):
       print(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}; fix and rerun the "
             "same command to retry them (finished runs are skipped)", file=sys.stderr)
       sys.exit(1)
-    print(f"all {len(runs)} runs finished: python -m tinyllama_jax.sweep summarize "
+    print(f"all {len(runs)} runs finished: {sys.executable} -m tinyllama_jax.sweep summarize "
           f"--workdir={flags_.workdir}")
 
 

@@ -168,11 +168,12 @@ def _unfinished(runs):
 
 
 def launch_print(runs, config_path):
-  """The train command of every unfinished run, one a line, to run from the repository root."""
+  """The train command of every unfinished run, one a line, to run from the repository root. The
+  interpreter is this one (a venv's path), so the lines run as printed without activating it."""
   todo = _unfinished(runs)
   print(f"# {len(todo)} of {len(runs)} runs to go; run these from {REPO_ROOT}")
   for run in todo:
-    print(shlex.join(train_command(run, config_path, "python")))
+    print(shlex.join(train_command(run, config_path, sys.executable)))
 
 
 def slurm_script(runs, config_path, workdir, max_parallel=0, options=(), job_name="sweep"):
