@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from tinyllama_jax import sweep, sweep_launch, sweep_summary
+from tinyllama_jax import metrics, sweep, sweep_launch, sweep_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -292,29 +292,26 @@ def test_slurm_script(tmp_path, capsys):
 # ----------------------------------------------------------------------------- summary
 
 
-def _write_events(tb_dir, points, file_time):
-  """points: {tag: [(step, value)]}, written by tensorboardX into one events file."""
-  from tensorboardX import SummaryWriter
-  writer = SummaryWriter(str(tb_dir), filename_suffix=f".{file_time}")
-  for tag, series in points.items():
-    for step, value in series:
-      writer.add_scalar(tag, value, step)
+def _write_metrics(run_dir, points, start_step=0):
+  """points: {tag: [(step, value)]}, written as a run's metrics.Writer writes them."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  writer = metrics.Writer(str(run_dir), start_step=start_step)
+  for step in sorted({s for series in points.values() for s, _ in series}):
+    writer.scalars(step, {tag: v for tag, series in points.items() for s, v in series if s == step})
   writer.close()
-  (path,) = [p for p in tb_dir.iterdir() if p.name.endswith(f".{file_time}")]
-  os.rename(path, tb_dir / f"events.out.tfevents.{file_time}.host")
 
 
-def test_event_files_merge_across_a_resume(tmp_path):
-  tb = tmp_path / "tb"
-  _write_events(tb, {"train/loss": [(10, 5.0), (20, 4.0), (30, 3.9)], "eval/loss": [(20, 4.5)]}, 100)
-  # resumed from the checkpoint at 20: the new file repeats step 30 onwards
-  _write_events(tb, {"train/loss": [(30, 3.5), (40, 3.0)], "eval/loss": [(40, 3.2)]}, 200)
-  scalars, bad = sweep_summary.read_scalars(str(tb))
+def test_metrics_merge_across_a_resume(tmp_path):
+  _write_metrics(tmp_path, {"train/loss": [(10, 5.0), (20, 4.0), (30, 3.9)], "eval/loss": [(20, 4.5)]})
+  # resumed from the checkpoint at 20: step 30 onwards is recomputed
+  _write_metrics(tmp_path, {"train/loss": [(30, 3.5), (40, 3.0)], "eval/loss": [(40, 3.2)]}, 20)
+  scalars, bad = metrics.read_metrics(str(tmp_path))
   assert scalars["train/loss"] == [(10, 5.0), (20, 4.0), (30, 3.5), (40, 3.0)]
-  assert scalars["eval/loss"] == [(20, 4.5), (40, pytest.approx(3.2))] and bad == 0
-  with open(tb / "events.out.tfevents.200.host", "ab") as f:
-    f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00partial")  # a write cut short
-  scalars, bad = sweep_summary.read_scalars(str(tb))
+  assert scalars["eval/loss"] == [(20, 4.5), (40, 3.2)] and bad == 0
+  assert os.listdir(tmp_path / "tb")  # the tensorboard events beside it
+  with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+    f.write('{"step": 50, "train/lo')  # a write cut short by kill -9
+  scalars, bad = metrics.read_metrics(str(tmp_path))
   assert bad == 1 and scalars["train/loss"][-1] == (40, 3.0)
 
 
@@ -379,12 +376,14 @@ def test_two_tiny_runs_end_to_end(tmp_path):
   md = (workdir / "summary.md").read_text()
   assert md.splitlines()[0].startswith("| run | optim.lr | status | step | steps | final train loss")
   assert "| lr3e-03 | 3e-03 | finished | 8 | 8 |" in md and md in out.stdout
-  scalars, _ = sweep_summary.read_scalars(str(resumed / "tb"))
-  files = [sweep_summary.read_event_file(str(p)) for p in (resumed / "tb").iterdir()]
-  after_resume = max(files, key=lambda f: f[2])[0]
-  assert sorted(after_resume["train/loss"]) == [6, 8]
+  scalars, bad = metrics.read_metrics(str(resumed))
+  records = [json.loads(l) for l in (resumed / metrics.METRICS_FILE).read_text().splitlines()]
+  starts = [i for i, r in enumerate(records) if "start_step" in r]
+  assert [records[i]["start_step"] for i in starts] == [0, 4] and bad == 0
+  resumed_losses = [(r["step"], r["train/loss"]) for r in records[starts[1]:] if "train/loss" in r]
+  assert [s for s, _ in resumed_losses] == [6, 8]
   assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6, 8]
-  assert scalars["train/loss"][2:] == sorted(after_resume["train/loss"].items())  # newer file wins
+  assert scalars["train/loss"][2:] == resumed_losses  # the resumed run's values win
   assert (workdir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -392,8 +391,8 @@ def test_summary_without_matplotlib_still_writes_the_table(tmp_path, capsys, mon
   for name, lr, evals in [("lr1e-03", 1e-3, [(10, 5.0), (20, 4.0)]), ("lr1e-02", 1e-2, [(10, 4.5)]),
                           ("lr1e-04", 1e-4, [])]:
     run_dir = tmp_path / name
-    _write_events(run_dir / "tb", {"train/loss": [(10, 6.0), (20, 5.5)], "eval/loss": evals,
-                                   "perf/tokens_per_s": [(10, 100.0), (20, 300.0)]}, 100)
+    _write_metrics(run_dir, {"train/loss": [(10, 6.0), (20, 5.5)], "eval/loss": evals,
+                             "perf/tokens_per_s": [(10, 100.0), (20, 300.0)]})
     sweep_summary.write_json_atomic(str(run_dir / sweep_summary.RUN_FILE), {
         "binding": {"optim.lr": lr}, "config": {"train": {"steps": 20}}, "status": "failed"})
   os.makedirs(tmp_path / "lr1e-03" / "checkpoints" / "20")

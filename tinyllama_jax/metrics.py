@@ -1,10 +1,13 @@
-"""Throughput, MFU, tensorboard events and the console line."""
+"""Throughput, MFU, the metrics a run writes (tensorboard events, metrics.jsonl), the console line."""
 
+import json
 import os
 import time
 
 import jax
 from absl import logging
+
+METRICS_FILE = "metrics.jsonl"  # beside tb/ in every workdir: one JSON object of scalars a line
 
 # Dense bf16 peak FLOP/s per device, by jax's device_kind (datasheet numbers; MFU's denominator).
 PEAK_FLOPS = {
@@ -42,20 +45,32 @@ def peak_memory_bytes():
 
 
 class Writer:
-  """tensorboardX on process 0 only; other processes write nothing."""
+  """A run's metrics, on process 0 only: tensorboardX events under WORKDIR/tb, and the same
+  scalars as one JSON object a line in WORKDIR/metrics.jsonl, which any tool reads without
+  tensorboard. Each start appends a {"start_step": N} line first: a run resumed from checkpoint
+  N recomputes the steps after N, so readers (read_metrics) drop the earlier values past N."""
 
-  def __init__(self, logdir):
-    self._tb = None
+  def __init__(self, workdir, start_step=0):
+    self._tb = self._jsonl = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
-      os.makedirs(logdir, exist_ok=True)
-      self._tb = SummaryWriter(logdir, flush_secs=10)
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+      self._write_line({"start_step": int(start_step), "time": time.time()})
+
+  def _write_line(self, record):
+    # one line, flushed: a kill -9 loses at most the line being written (readers skip it)
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
 
   def scalars(self, step, values):
-    if self._tb is not None:
-      for name, value in values.items():
-        if value is not None:
-          self._tb.add_scalar(name, float(value), step)
+    if self._tb is None:
+      return
+    values = {name: float(v) for name, v in values.items() if v is not None}
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
+    self._write_line({"step": int(step), "time": time.time(), **values})
 
   def text(self, step, name, value):
     if self._tb is not None:
@@ -64,6 +79,35 @@ class Writer:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._jsonl.close()
+
+
+def read_metrics(workdir):
+  """({name: [(step, value)]}, unreadable lines) from WORKDIR/metrics.jsonl ({} if absent). At
+  each {"start_step": N} line, the values logged past step N so far are dropped (recomputed)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  series, bad = {}, 0
+  if not os.path.exists(path):
+    return {}, 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        record.pop("time", None)
+        if "start_step" in record:
+          start = int(record["start_step"])
+          for points in series.values():
+            for s in [s for s in points if s > start]:
+              del points[s]
+          continue
+        step = int(record.pop("step"))
+        values = {name: float(v) for name, v in record.items()}
+      except (ValueError, KeyError, TypeError, AttributeError):  # cut short by a kill, or not ours
+        bad += 1
+        continue
+      for name, value in values.items():
+        series.setdefault(name, {})[step] = value
+  return {name: sorted(points.items()) for name, points in series.items() if points}, bad
 
 
 class Throughput:

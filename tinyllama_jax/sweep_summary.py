@@ -1,20 +1,17 @@
-"""A sweep's results: run directories, their tensorboard events, a table (CSV, Markdown), a plot.
+"""A sweep's results: run directories, their metrics.jsonl, a table (CSV, Markdown), a plot.
 
 `python -m tinyllama_jax.sweep summarize --workdir=runs/tiny_lr` writes summary.csv, summary.md
-and loss_curves.png into the sweep directory, rows sorted by best eval loss. The events are read
-directly (TFRecord framing + tensorboardX's Event proto), so no tensorflow or tensorboard needed.
+and loss_curves.png into the sweep directory, rows sorted by best eval loss.
 """
 
 import csv
-import glob
 import io
 import json
 import math
 import os
 import statistics
-import struct
 
-from tensorboardX.proto import event_pb2
+from tinyllama_jax import metrics
 
 HIGHLIGHT = 3  # the best runs drawn in colour; the rest in grey
 RUN_FILE = "sweep_run.json"  # in each run's workdir: bindings, resolved config, launch status
@@ -60,66 +57,13 @@ def write_json_atomic(path, obj):
   os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------- events
-
-
-def read_event_file(path):
-  """({tag: {step: value}}, records that could not be read, wall time of the first record) of one
-  events file; a run killed mid-write leaves a cut-off last record."""
-  scalars, bad, wall_time = {}, 0, None
-  with open(path, "rb") as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):
-    if pos + 12 > len(data):
-      bad += 1
-      break
-    (length,) = struct.unpack("<Q", data[pos:pos + 8])
-    start, end = pos + 12, pos + 12 + length  # header: length (8) + its crc (4); then data + crc
-    if end + 4 > len(data):
-      bad += 1
-      break
-    pos = end + 4
-    event = event_pb2.Event()
-    try:
-      event.ParseFromString(data[start:end])
-    except Exception:  # protobuf's DecodeError: one unreadable record, the rest stay usable
-      bad += 1
-      continue
-    wall_time = event.wall_time if wall_time is None else wall_time
-    for value in event.summary.value:
-      if value.WhichOneof("value") == "simple_value":
-        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-  return scalars, bad, wall_time
-
-
-def read_scalars(tb_dir):
-  """{tag: [(step, value)]} over all of a run's event files. A resumed run writes a new file that
-  repeats the steps after its checkpoint: from each file's first step on, the newer file wins."""
-  merged, bad, files = {}, 0, []
-  for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")):
-    scalars, file_bad, wall_time = read_event_file(path)
-    bad += file_bad
-    files.append((wall_time or 0.0, path, scalars))
-  for _, _, scalars in sorted(files):
-    steps = [s for points in scalars.values() for s in points]
-    if not steps:
-      continue
-    first = min(steps)
-    for tag in merged:
-      merged[tag] = {s: v for s, v in merged[tag].items() if s < first}
-    for tag, points in scalars.items():
-      merged.setdefault(tag, {}).update(points)
-  return {tag: sorted(points.items()) for tag, points in merged.items()}, bad
-
-
 def run_row(run_dir):
-  """The summary of one run directory, or None when it is not a run (no events, no record)."""
+  """The summary of one run directory, or None when it is not a run (no metrics, no record)."""
   record = read_run_file(run_dir)
-  tb_dir = os.path.join(run_dir, "tb")
-  if not record and not os.path.isdir(tb_dir):
+  has_metrics = os.path.exists(os.path.join(run_dir, metrics.METRICS_FILE))
+  if not record and not has_metrics and not os.path.isdir(os.path.join(run_dir, "tb")):
     return None
-  scalars, bad = read_scalars(tb_dir)
+  scalars, bad = metrics.read_metrics(run_dir)
   steps_total = record.get("config", {}).get("train", {}).get("steps")
   if steps_total is None and os.path.exists(os.path.join(run_dir, "config.json")):
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -143,6 +87,8 @@ def run_row(run_dir):
       # the median: the first interval of a (re)started run carries its warm-up
       "tokens_per_s": statistics.median(speed) if speed else None,
       "unreadable_records": bad,
+      # tb/ alone: trained before runs wrote metrics.jsonl; its losses are not read
+      "no_metrics": not has_metrics and ckpt is not None,
       "curves": {"train/loss": train, "eval/loss": evals},
   }
 
@@ -153,7 +99,8 @@ def collect(workdir):
   rows = [r for d in sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, d))
           for r in [run_row(os.path.join(workdir, d))] if r is not None]
   if not rows:
-    raise ValueError(f"{workdir!r} holds no runs (no subdirectory with {RUN_FILE} or tb/): "
+    raise ValueError(f"{workdir!r} holds no runs (no subdirectory with {RUN_FILE}, "
+                     f"{metrics.METRICS_FILE} or tb/): "
                      "pass the --workdir of the sweep")
   # Best eval loss first; runs with no eval yet at the end, in name order.
   rows.sort(key=lambda r: (r["best_eval_loss"] is None or math.isnan(r["best_eval_loss"]),
@@ -261,7 +208,11 @@ def summarize(workdir, plot_curves=True):
   print(markdown, end="")
   bad = {r["run"]: r["unreadable_records"] for r in rows if r["unreadable_records"]}
   if bad:
-    print(f"left out unreadable event records (cut-off writes): {bad}")
+    print(f"left out unreadable {metrics.METRICS_FILE} lines (cut-off writes): {bad}")
+  old = [r["run"] for r in rows if r["no_metrics"]]
+  if old:
+    print(f"{len(old)} runs have checkpoints but no {metrics.METRICS_FILE} (trained before runs "
+          f"wrote it), so their losses are blank: {', '.join(old)}")
   written = [os.path.join(workdir, n) for n in ("summary.csv", "summary.md")]
   if plot_curves:
     png = os.path.join(workdir, "loss_curves.png")

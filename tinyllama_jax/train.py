@@ -277,7 +277,6 @@ def _train(run, cfg, workdir, dry_run):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
   eval_fn = run.compile_eval()
-  writer = metrics.Writer(os.path.join(workdir, "tb"))
   throughput = metrics.Throughput(
       tokens_per_step=t.global_batch * t.seq_len, flops_per_token=flops_per_token(cfg.model, t.seq_len),
       n_devices=jax.device_count(), peak_flops=metrics.peak_flops_per_device(cfg.peak_flops),
@@ -285,6 +284,7 @@ def _train(run, cfg, workdir, dry_run):
   nonfinite = faults.NonFiniteGuard(t.nan_policy, t.max_nan_skips)
 
   step = int(state["step"])
+  writer = metrics.Writer(workdir, start_step=step)
   last = {}
   preempted = False
   throughput.start(step)
