@@ -6,7 +6,7 @@ from flax import nnx
 
 from tinyllama_jax import config as config_lib
 from tinyllama_jax.kernels import attention as attn
-from tinyllama_jax.model import Llama, param_count
+from tinyllama_jax.model import Llama, graphdef, init_cache, param_count
 
 
 def small_model_config(**overrides):
@@ -55,6 +55,32 @@ def test_scan_and_unrolled_agree(remat):
     grads.append(jax.grad(f)(params)["layers"]["wq"][...])
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("scan,fuse", [(False, True), (True, False)])
+def test_forward_with_a_cache_equals_the_full_forward(scan, fuse):
+  """Prefill (rows of different lengths) then one token a step through the model's own forward
+  with a KV cache give the full causal pass's hidden states, row by row."""
+  cfg = small_model_config(scan_layers=scan, fuse_projections=fuse)
+  m = Llama(cfg, rngs=nnx.Rngs(params=0))
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 12), 0, 97))
+  full = np.asarray(m.hidden(tokens))
+  params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  forward = jax.jit(lambda p, t, pos, c: nnx.merge(graphdef(cfg), p).forward(t, pos, cache=c))
+  lengths = np.array([5, 3])  # row 1's prompt is shorter: it decodes from position 3
+  prompt = np.where(np.arange(5)[None] < lengths[:, None], tokens[:, :5], 0)
+  h, cache = forward(params, prompt, np.broadcast_to(np.arange(5), (2, 5)),
+                     init_cache(cfg, 2, 16, jnp.float32))
+  got = {0: list(np.asarray(h[0, :5])), 1: list(np.asarray(h[1, :3]))}
+  pos = lengths.copy()
+  for _ in range(12 - 5):
+    h, cache = forward(params, tokens[np.arange(2), pos][:, None], pos[:, None], cache)
+    for row in range(2):
+      got[row].append(np.asarray(h[row, 0]))
+    pos = pos + 1
+  np.testing.assert_allclose(np.stack(got[0]), full[0, :12], atol=1e-5)
+  np.testing.assert_allclose(np.stack(got[1]), full[1, :10], atol=1e-5)
+  assert not np.allclose(full[0, 4], full[1, 4])  # the rows really differ
 
 
 def test_causal_future_tokens_do_not_leak():

@@ -17,6 +17,11 @@ Parameters are fp32 and always stored stacked over layers, whatever the executio
 One layout means one checkpoint format: `scan_layers` only changes how the block runs (a
 `lax.scan` over the stack, or a Python loop over static slices, which XLA schedules better),
 never what is saved. The block itself is a pure function of one layer's parameters.
+
+One forward serves training and decoding: `Llama.forward` takes an optional KV cache
+(`init_cache`). Without one it is the causal pass over whole rows that training runs; with one,
+the tokens' keys and values are written into the cache at their positions and attention reads the
+cache, which is prefill (a prompt) and decode (one token a row) alike.
 """
 
 import functools
@@ -117,6 +122,7 @@ class Ops:
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)
     self.swiglu = get("swiglu", cfg_kernels.swiglu)
+    self.attention_cache = kernels.get("attention_cache", "xla")
 
 
 def _swiglu_down(w_down_FD, *gate_up, swiglu):
@@ -128,8 +134,26 @@ def _swiglu_down(w_down_FD, *gate_up, swiglu):
   return jnp.einsum("btf,fd->btd", swiglu(gate_BTF, up_BTF), w_down_FD)
 
 
-def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
-  """One pre-norm Llama layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+def init_cache(cfg, batch, length, dtype):
+  """An empty KV cache for `length` positions: keys and values of every layer, [L, B, S, K, Dh]."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops):
+  """(o_BTHK, the layer's cache or None): causal attention over the rows, or over the cache
+  after writing these tokens' keys and values at their positions."""
+  if cache is None:
+    return ops.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, causal=True), None
+  rows_B1 = jnp.arange(q_BTHK.shape[0])[:, None]
+  cache = {"k": cache["k"].at[rows_B1, positions_BT].set(k_BTGK.astype(cache["k"].dtype)),
+           "v": cache["v"].at[rows_B1, positions_BT].set(v_BTGK.astype(cache["v"].dtype))}
+  return ops.attention_cache(q_BTHK, cache["k"], cache["v"], positions_BT), cache
+
+
+def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype):
+  """One pre-norm Llama layer: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this
+  layer's updated KV cache, or None without one)."""
   w = {k: v.astype(dtype) for k, v in p.items()}
   H, K = cfg.n_heads, cfg.n_kv_heads
   # Concatenating tensor-split weights would interleave shards: fuse only without a tensor split.
@@ -152,8 +176,8 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   # One sharding for q, k and v (cuDNN's partitioner refuses them otherwise).
   q_BTHK = sharding.constrain(q_BTHK, _BTHD)
   k_BTGK, v_BTGK = sharding.constrain(k_BTGK, _BTKD), sharding.constrain(v_BTGK, _BTKD)
-  o_BTHK = checkpoint_name(ops.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, causal=True),
-                           "attn_out")
+  o_BTHK, cache = _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops)
+  o_BTHK = checkpoint_name(o_BTHK, "attn_out")
   attn_BTD = checkpoint_name(jnp.einsum("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
 
   x_BTD, h_BTD = ops.add_rms_norm(x_BTD, attn_BTD, w["mlp_norm"], cfg.norm_eps)
@@ -166,7 +190,7 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   if cfg.recompute_mlp_act:
     # Residuals: gate, up and the weight; the product is rebuilt in the backward for dW_down.
     mlp_down = jax.checkpoint(mlp_down, policy=jax.checkpoint_policies.nothing_saveable)
-  return x_BTD + mlp_down(w["w_down"], *gate_up)
+  return x_BTD + mlp_down(w["w_down"], *gate_up), cache
 
 
 def _normal(rngs, shape, std):
@@ -214,6 +238,12 @@ class Llama(nnx.Module):
 
   def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     """The final-normed hidden states h_BTD in the compute dtype (the lm_head's input)."""
+    return self.forward(tokens_BT, positions_BT, segment_ids_BT)[0]
+
+  def forward(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+    """(h_BTD, cache): the final-normed hidden states in the compute dtype, and the KV cache
+    (init_cache) with these tokens' keys and values written at their positions (None without a
+    cache). positions_BT default to 0..T-1; with a cache each row gives its own."""
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     B, T = tokens_BT.shape
@@ -228,27 +258,37 @@ class Llama(nnx.Module):
     if cfg.remat not in REMAT_POLICIES:
       raise ValueError(f"unknown model.remat {cfg.remat!r}; choose one of "
                        f"{sorted(REMAT_POLICIES)}")
-    if cfg.remat != "none":
+    if cfg.remat != "none" and cache is None:
       # Outside a scan, XLA's CSE would merge the recomputation back into the forward pass and
       # quietly undo the remat; inside one it cannot, and the barrier only costs speed.
       layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat],
                                 prevent_cse=not cfg.scan_layers)
     stacked = {name: getattr(self.layers, name)[...] for name in LAYER_PARAMS}
     if cfg.scan_layers:
-      def scan_body(x, p):
-        return layer_fn(p, x, positions_BT, segment_ids_BT), None
-      x_BTD, _ = jax.lax.scan(scan_body, x_BTD, stacked)
+      def scan_body(x, inputs):
+        p, layer_cache = inputs
+        return layer_fn(p, x, positions_BT, segment_ids_BT, layer_cache)
+      x_BTD, cache = jax.lax.scan(scan_body, x_BTD, (stacked, cache))
     else:
       for i in range(cfg.n_layers):
-        x_BTD = layer_fn({k: v[i] for k, v in stacked.items()}, x_BTD, positions_BT,
-                         segment_ids_BT)
-    return ops.rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.norm_eps)
+        layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
+        x_BTD, layer_cache = layer_fn({k: v[i] for k, v in stacked.items()}, x_BTD, positions_BT,
+                                      segment_ids_BT, layer_cache)
+        if cache is not None:  # an in-place update of the (donated) stacked cache
+          cache = {k: cache[k].at[i].set(layer_cache[k]) for k in cache}
+    return ops.rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.norm_eps), cache
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     """Logits in fp32, [B, T, V]. Training uses `hidden` + the fused cross-entropy instead."""
     h_BTD = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
     return jnp.einsum("btd,dv->btv", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
                       preferred_element_type=jnp.float32)
+
+
+def graphdef(cfg):
+  """The model's structure without arrays: nnx.merge(graphdef(cfg), params) is the model over a
+  params tree (a checkpoint's, or the train state's)."""
+  return nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0))))
 
 
 def param_count(cfg, with_embedding=True):

@@ -6,6 +6,7 @@ Pallas (and its Triton/Mosaic lowering) loads only when a config asks for it.
 
   op             signature                                              reference
   attention      (q_BTHD, k_BTKD, v_BTKD, segment_ids_BT|None, *, causal) -> o_BTHD
+  attention_cache (q_BTHD, k_BSKD, v_BSKD, positions_BT) -> o_BTHD (decoding over a KV cache)
   rms_norm       (x_...D, w_D, eps) -> y_...D (x's dtype, fp32 inside)
   add_rms_norm   (x_...D, delta_...D, w_D, eps) -> (h = x + delta, rms_norm(h, w_D, eps))
   rope           (x_BTHD, positions_BT, theta) -> x_BTHD (rotate-half layout, HF's)
@@ -21,6 +22,9 @@ _TABLE = {
         "xla": "tinyllama_jax.kernels.attention:attention_xla",
         "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
         "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
+    },
+    "attention_cache": {
+        "xla": "tinyllama_jax.kernels.attention:attention_cache_xla",
     },
     "rms_norm": {
         "xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref",

@@ -2,7 +2,8 @@
 
 Shapes: q_BTHD (H query heads), k_BTKD / v_BTKD (K kv heads, H % K == 0), segment_ids_BT
 (int, documents packed in a row get distinct ids; 0 marks padding) or None for one document a row.
-Output o_BTHD in q's dtype. Softmax runs in fp32.
+Output o_BTHD in q's dtype. Softmax runs in fp32. `attention_cache_xla` is the decoding form:
+queries at their own positions against a KV cache of S slots (slot s holds position s's key).
 """
 
 import jax
@@ -44,3 +45,19 @@ def attention_cudnn(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal=True)
         "set --config.model.kernels.attention=pallas or xla, or data.packing=concat")
   return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=causal,
                                       implementation="cudnn")
+
+
+def attention_cache_xla(q_BTHD, k_BSKD, v_BSKD, positions_BT):
+  """A query at position p attends to cache slots 0..p: each row of a batch at its own position,
+  so prompts of different lengths decode together exactly as each would alone."""
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+  logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
+                            preferred_element_type=jnp.float32) * (D ** -0.5)
+  mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKD.dtype)
+  o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD,
+                       preferred_element_type=jnp.float32)
+  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
