@@ -214,7 +214,8 @@ class Progress:
     now = time.time()
     if now - self._last >= self._interval or self._inputs == self._num_inputs:
       self._last = now
-      self._stream.write(("\r" if self._tty else "") + self.line(now) + ("" if self._tty else "\n"))
+      # On a terminal: back to the line's start, then clear what a longer last line left.
+      self._stream.write(f"\r{self.line(now)}\x1b[K" if self._tty else self.line(now) + "\n")
       self._stream.flush()
 
   def line(self, now: float) -> str:
@@ -286,8 +287,11 @@ def prepare(inputs: list[str], tokenizer: tokenizer_lib.Tokenizer, out_dir: str,
   if skipped:
     logging.warning("left out documents that are empty, not UTF-8 or not a string: %s (counted in "
                     "%s's totals)", skipped, formats.MANIFEST)
-  if not eval_fraction:
-    logging.warning("--eval_fraction=0: no eval split (train with eval data from elsewhere)")
+  if not totals["eval_documents"]:  # allowed (data only ever scored whole), but a trap for training
+    logging.warning("%s has no eval split (--eval_fraction=%s held out no document): a training "
+                    "run on it stops at its first eval; prepare with a larger --eval_fraction "
+                    "unless it is only evaluated whole (evaluate --split=train)", out_dir,
+                    eval_fraction)
   logging.info("prepared %d inputs (%d already done) into %s: %s", len(records),
                sum(r["skipped"] for r in records), out_dir, totals)
   return manifest
