@@ -2,7 +2,6 @@
 and what it leaves for others: a self-contained, readable output folder."""
 
 import errno
-import io
 import json
 import os
 import shutil
@@ -148,12 +147,11 @@ def test_prepare_needs_no_tqdm_and_shows_progress(tok, tmp_path, monkeypatch, ca
   paths = [_jsonl(tmp_path / f"{i}.jsonl", _texts(250 + i, 1)) for i in range(2)]
   prepare_lib.prepare(paths, tok, str(tmp_path / "out"), progress=True)
   assert "2/2 inputs" in capsys.readouterr().err
-  log = io.StringIO()
-  bar = prepare_lib.Progress(3_000_000, 3, stream=log, log_seconds=3600)
+  bar = prepare_lib.Progress(3_000_000, 3)
   for _ in range(3):
     bar.update({"input_bytes": 1_000_000, "skipped": False, "stats": {"documents": 10}})
   bar.close()
-  lines = log.getvalue().splitlines()  # not a terminal: the first and the last line only
+  lines = capsys.readouterr().err.splitlines()  # not a terminal: the first and the last line only
   assert len(lines) == 2 and lines[-1].startswith("prepare: 3.0/3.0 MB, 3/3 inputs")
   assert "MB/s" in lines[-1] and "docs/s" in lines[-1] and lines[-1].endswith("ETA 0:00:00")
 

@@ -6,7 +6,6 @@ tokens actually in the file, never padding), so TinyLlama's loader reads them an
 """
 
 import dataclasses
-import io
 import json
 import os
 import struct

@@ -195,13 +195,13 @@ def _start_pool(num_workers, initargs):
 
 class Progress:
   """A status line on stderr after each finished input: MB done, MB/s, documents/s and ETA.
-  Rewritten in place on a terminal; in a log, one line at most every `log_seconds`."""
+  Rewritten in place on a terminal; in a log, the first, the last and one every 30 s."""
 
-  def __init__(self, total_bytes: int, num_inputs: int, stream=None, log_seconds=30.0):
+  def __init__(self, total_bytes: int, num_inputs: int):
     self._total, self._num_inputs = total_bytes, num_inputs
-    self._stream = stream or sys.stderr
+    self._stream = sys.stderr
     self._tty = self._stream.isatty()
-    self._interval = 0.2 if self._tty else log_seconds
+    self._interval = 0.2 if self._tty else 30.0
     self._start, self._last = time.time(), float("-inf")  # the first input shows at once
     self._done_bytes = self._new_bytes = self._new_docs = self._inputs = 0
 
