@@ -95,6 +95,9 @@ def test_small_shards_hold_the_same_stream_and_rerun_skips_done_inputs(inputs, t
   small = _prepare(inputs, tok, tmp_path / "small", shard_tokens=1000)
   assert len(small["shards"]) > len(big["shards"])
   assert all(s["tokens"] <= 1000 for s in small["shards"])
+  for totals in (big["totals"], small["totals"]):  # a document cut by a shard boundary counts once
+    assert totals["documents"] == totals["train_documents"] + totals["eval_documents"]
+  assert small["totals"]["documents"] == big["totals"]["documents"]
   for split in sources.SPLITS:
     a = corpus.TokenStore(corpus.prepared_shards(str(tmp_path / "big"), split))
     b = corpus.TokenStore(corpus.prepared_shards(str(tmp_path / "small"), split))
@@ -233,10 +236,14 @@ def test_cli_prepares_and_fails_clearly(inputs, tok, tmp_path):
                       capture_output=True, text=True, timeout=120)
   assert ok.returncode == 0, ok.stderr
   assert json.loads(ok.stdout)["documents"] == 5
-  bad = subprocess.run(cmd + [f"--input={tmp_path}/none/*.jsonl", f"--out={tmp_path}/bad"],
+  # Bad input exits 2 (as every command does) with one line naming prepare's own flag.
+  bad = subprocess.run(cmd + [f"--tokenizer={tmp_path}/none.model", f"--input={inputs}/b/*.txt",
+                              f"--out={tmp_path}/bad"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert bad.returncode == 1 and "matches no files" in bad.stderr
-  assert not os.path.exists(tmp_path / "bad" / formats.MANIFEST)
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+  assert "none.model' not found: set --tokenizer to" in bad.stderr
+  assert "data.tokenizer" not in bad.stderr and "train one" not in bad.stderr
+  assert not os.path.exists(tmp_path / "bad")
 
 
 def test_optional_formats_name_their_missing_package(tmp_path, monkeypatch):

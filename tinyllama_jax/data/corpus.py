@@ -32,6 +32,19 @@ def load_manifest(path: str) -> tuple[dict, str]:
   return manifest, os.path.dirname(os.path.abspath(path))
 
 
+def manifest_tokenizer_path(manifest: dict, data_dir: str) -> str:
+  """The tokenizer file a prepared dataset was made with: its own copy, DATA/tokenizer.model (the
+  manifest records it relative to DATA, so the folder can move). Manifests written before prepare
+  kept a copy record an absolute path, which is used as it is."""
+  path = os.path.join(data_dir, manifest["tokenizer"]["path"])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"the tokenizer of the prepared data {data_dir} is missing ({path}): re-run prepare into "
+        f"it with the tokenizer it was made with (sha256 {manifest['tokenizer']['sha256'][:12]}), "
+        "or pass that .model file as --config.data.tokenizer")
+  return path
+
+
 def check_tokenizer(manifest: dict, where: str, tokenizer):
   want = manifest["tokenizer"]["sha256"]
   if tokenizer is not None and tokenizer.sha256 != want:

@@ -6,7 +6,6 @@ tokens actually in the file, never padding), so TinyLlama's loader reads them an
 """
 
 import dataclasses
-import io
 import json
 import os
 import struct
@@ -24,6 +23,10 @@ _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
 MANIFEST = "manifest.json"  # written by `python -m tinyllama_jax.data.prepare`
 MANIFEST_FORMAT = "tinyllama_jax.prepared/1"
+_ZSTD_READ_BYTES = 1 << 20
+# Read once at import: os.umask can only be read by setting it, which races with other threads.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -31,12 +34,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def atomic_write(path: str, write_fn, mode="wb"):
-  """Writes through a temp file in the same folder and renames: never a half-written `path`."""
+  """Writes through a temp file in the same folder and renames: never a half-written `path`.
+
+  The file gets the mode a plain open() would give (0o666 less the umask), not mkstemp's 0o600:
+  prepared data and tokenizers are meant to be read by other users.
+  """
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
   try:
     with os.fdopen(fd, mode) as f:
       write_fn(f)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -87,6 +95,7 @@ class ReadStats:
   text_bytes: int = 0
   skipped_empty: int = 0
   skipped_not_utf8: int = 0
+  skipped_not_string: int = 0  # a text field holding a number, null, a list, ...
 
   def add(self, other: "ReadStats"):
     for f in dataclasses.fields(self):
@@ -120,20 +129,81 @@ def _decode(raw: bytes, stats: ReadStats) -> str | None:
   return text
 
 
+def _check_text(text, stats: ReadStats) -> bool:
+  """Whether a field's value is a document; what is not is counted in `stats`."""
+  if not isinstance(text, str):
+    stats.skipped_not_string += 1
+    return False
+  if not text.strip():
+    stats.skipped_empty += 1
+    return False
+  return True
+
+
+def _zstd_chunks(path: str) -> Iterator[bytes]:
+  """The decompressed bytes of every zstd frame in the file. A file that ends inside a frame (a cut
+  download) is an error: zstandard's stream reader would just stop, as if the data ended there."""
+  zstandard = _optional("zstandard", path)
+  fix = "download or compress it again"
+  with open(path, "rb") as f:
+    frame, inside = zstandard.ZstdDecompressor().decompressobj(), False
+    for raw in iter(lambda: f.read(_ZSTD_READ_BYTES), b""):
+      while raw:
+        try:
+          out = frame.decompress(raw)
+        except zstandard.ZstdError as e:
+          raise ValueError(f"{path} is not valid zstd data ({e}): {fix}") from None
+        yield out
+        inside, raw = True, b""
+        if frame.eof:  # the next frame, if any, starts in what this one left over
+          raw, inside = frame.unused_data, False
+          frame = zstandard.ZstdDecompressor().decompressobj()
+  if inside:
+    raise ValueError(f"{path} is truncated: it ends inside a zstd frame; {fix}")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+  parts = []  # the current line's pieces so far (a line may span many chunks)
+  for chunk in chunks:
+    *lines, last = chunk.split(b"\n")
+    if lines:
+      lines[0] = b"".join(parts + [lines[0]])
+      yield from lines
+      parts = []
+    parts.append(last)
+  if any(parts):
+    yield b"".join(parts)
+
+
 def _jsonl_lines(path: str) -> Iterator[bytes]:
   if path.endswith(".zst"):
-    zstandard = _optional("zstandard", path)
-    with open(path, "rb") as raw:
-      yield from io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    yield from _split_lines(_zstd_chunks(path))
   else:
     with open(path, "rb") as f:
       yield from f
 
 
-def iter_documents(path: str, text_field: str, stats: ReadStats) -> Iterator[str]:
+def _parquet_texts(path: str, text_field: str, text_field_flag: str) -> Iterator:
+  pa = _optional("pyarrow", path)
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+      raise ValueError(f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}): "
+                       f"set {text_field_flag}")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+      yield from batch.column(0).to_pylist()
+  except pa.ArrowException as e:  # pyarrow's messages do not name the file
+    raise ValueError(f"{path} is truncated or not a parquet file ({e}): download or write it "
+                     "again") from None
+
+
+def iter_documents(path: str, text_field: str, stats: ReadStats, *,
+                   text_field_flag: str = "data.text_field") -> Iterator[str]:
   """Yields the documents of one file: a .txt file is one document; .jsonl(.zst) one per line;
-  .parquet one per row. Empty and non-UTF-8 documents are skipped and counted in `stats`; a
-  missing text field or broken JSON is an error naming the file and line."""
+  .parquet one per row. Empty, non-UTF-8 and non-string documents are skipped and counted in
+  `stats`; a missing text field, broken JSON or a damaged file is an error naming the file (and
+  line), and `text_field_flag` (the option that sets `text_field`)."""
   kind = _suffix(path)
   if kind == ".txt":
     with open(path, "rb") as f:
@@ -144,16 +214,8 @@ def iter_documents(path: str, text_field: str, stats: ReadStats) -> Iterator[str
       stats.text_bytes += len(raw)
       yield text
   elif kind == ".parquet":
-    pq = _optional("pyarrow", path) and __import__("pyarrow.parquet").parquet
-    pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-      raise ValueError(f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}): "
-                       "set the text field option")
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-      for text in batch.column(0).to_pylist():
-        if not text or not text.strip():
-          stats.skipped_empty += 1
-          continue
+    for text in _parquet_texts(path, text_field, text_field_flag):
+      if _check_text(text, stats):
         stats.documents += 1
         stats.text_bytes += len(text.encode("utf-8"))
         yield text
@@ -170,11 +232,10 @@ def iter_documents(path: str, text_field: str, stats: ReadStats) -> Iterator[str
         raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
       if not isinstance(record, dict) or text_field not in record:
         keys = list(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{lineno}: no {text_field!r} field (has {keys}): set the text "
-                         "field option")
+        raise ValueError(f"{path}:{lineno}: no {text_field!r} field (has {keys}): set "
+                         f"{text_field_flag}")
       text = record[text_field]
-      if not isinstance(text, str) or not text.strip():
-        stats.skipped_empty += 1
+      if not _check_text(text, stats):
         continue
       try:
         stats.text_bytes += len(text.encode("utf-8"))

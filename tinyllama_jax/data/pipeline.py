@@ -58,8 +58,8 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
   comps = components(cfg)
   prepared = [paths for _, source, paths in comps if source == "prepared"]
   if prepared:  # the tokenizer the data was prepared with
-    manifest, _ = corpus.load_manifest(prepared[0].split(",")[0].strip())
-    tok = tokenizer_lib.Tokenizer(manifest["tokenizer"]["path"])
+    manifest, root = corpus.load_manifest(prepared[0].split(",")[0].strip())
+    tok = tokenizer_lib.Tokenizer(corpus.manifest_tokenizer_path(manifest, root))
     corpus.check_tokenizer(manifest, prepared[0], tok)
     return tok
   if any(source == "litpkds" for _, source, _ in comps):

@@ -7,15 +7,23 @@ Each input file is tokenized by one worker process into its own shards (`shard_t
 the file's last one shorter), documents laid out as [BOS] text [EOS]. A document goes to the eval
 split when a stable hash of (file name, document number) falls below --eval_fraction. Shards are
 LITPKDS files (TinyLlama reads them too) plus a `.docs.npy` index of document starts, so packing can
-respect document boundaries. A finished input leaves a `.done.json`; re-running skips it, and the
-manifest is rewritten from those records at the end.
+respect document boundaries. An input's files are written into a hidden staging folder and moved
+into shards/ only once the whole input is read, with a `.done.json` record last: a failure or
+Ctrl-C leaves no partial files, and re-running skips the finished inputs. At the end the tokenizer
+is copied to OUT/tokenizer.model (so the folder is self-contained and can move) and the manifest is
+rewritten from the records.
+
+Exit status: 0 done, 2 bad input, 3 cannot write (full disk), 130 interrupted.
 """
 
+import errno
 import glob
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import signal
 import sys
 import time
 
@@ -30,6 +38,8 @@ from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
 _ENCODE_BATCH_BYTES = 1 << 20  # documents are encoded in ~1 MB batches (one C++ call each)
+TOKENIZER = "tokenizer.model"  # the copy in the output folder that the manifest names
+_DONE = ".done.json"
 
 
 def expand_inputs(patterns: str) -> list[str]:
@@ -50,13 +60,18 @@ def _input_key(path: str) -> str:
   return f"{base}-{hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]}"
 
 
+def _staging_dir(shards_dir: str, key: str) -> str:
+  return os.path.join(shards_dir, f".{key}.partial")
+
+
 class _ShardWriter:
   """Buffers one split's documents and writes full shards (tokens .bin + document starts .npy)."""
 
-  def __init__(self, out_dir, key, split, shard_tokens, dtype):
-    self._out, self._key, self._split = out_dir, key, split
+  def __init__(self, staging_dir, key, split, shard_tokens, dtype):
+    self._dir, self._key, self._split = staging_dir, key, split
     self._shard_tokens, self._dtype = shard_tokens, dtype
     self._docs, self._num_tokens = [], 0
+    self._continued = False  # the first buffered document is the rest of one cut by the last shard
     self.shards = []
 
   def add(self, ids: list[int]):
@@ -74,31 +89,48 @@ class _ShardWriter:
     tokens = np.concatenate(self._docs)
     starts = np.cumsum([0] + [len(d) for d in self._docs[:-1]])
     shard, rest = tokens[:n], tokens[n:]
-    name = f"{self._key}.{self._split}.{len(self.shards):05d}"
-    path = os.path.join(self._out, name + ".bin")
+    name = f"{self._key}.{self._split}.{len(self.shards):05d}.bin"
+    path = os.path.join(self._dir, name)
+    # The index lists every piece (a cut document's rest too: packing reads pieces); the record
+    # counts the documents that begin here, so a cut document is counted once.
     formats.atomic_write(path + ".docs.npy",
                          lambda f: np.save(f, starts[starts < n].astype(np.int64)))
     formats.write_litpkds(path, shard)
-    self.shards.append({"path": os.path.relpath(path, os.path.dirname(self._out)),
-                        "split": self._split, "tokens": int(n),
-                        "documents": int((starts < n).sum()),
+    self.shards.append({"path": f"shards/{name}", "split": self._split, "tokens": int(n),
+                        "documents": int((starts < n).sum()) - self._continued,
                         "max_token": int(shard.max()) if n else -1})
     self._docs = [rest] if len(rest) else []
     self._num_tokens = len(rest)
+    self._continued = bool(len(rest))
 
 
 def prepare_one(path: str, out_dir: str, tokenizer: tokenizer_lib.Tokenizer, options: dict) -> dict:
   """Tokenizes one input into its shards; returns its record (also saved as `<key>.done.json`)."""
   key = _input_key(path)
-  done_path = os.path.join(out_dir, "shards", key + ".done.json")
+  shards_dir = os.path.join(out_dir, "shards")
+  done_path = os.path.join(shards_dir, key + _DONE)
   if os.path.exists(done_path):
     with open(done_path) as f:
       record = json.load(f)
     if record["options"] == options:
       return dict(record, skipped=True)
+  staging = _staging_dir(shards_dir, key)
+  shutil.rmtree(staging, ignore_errors=True)  # what a killed run left
+  os.makedirs(staging)
+  try:
+    record = _tokenize(path, staging, key, tokenizer, options)
+    formats.atomic_write(os.path.join(staging, key + _DONE),
+                         lambda f: json.dump(record, f, indent=1), mode="w")
+    _publish(staging, shards_dir, key)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return dict(record, skipped=False)
+
+
+def _tokenize(path, staging, key, tokenizer, options) -> dict:
   dtype = formats.token_dtype(tokenizer.vocab_size)
-  writers = {s: _ShardWriter(os.path.join(out_dir, "shards"), key, s, options["shard_tokens"],
-                             dtype) for s in sources.SPLITS}
+  writers = {s: _ShardWriter(staging, key, s, options["shard_tokens"], dtype)
+             for s in sources.SPLITS}
   bos = [tokenizer.bos_id] if options["add_bos"] else []
   eos = [tokenizer.eos_id] if options["add_eos"] else []
   stats = formats.ReadStats()
@@ -110,7 +142,8 @@ def prepare_one(path: str, out_dir: str, tokenizer: tokenizer_lib.Tokenizer, opt
       split = "eval" if sources.hash_fraction(name) < options["eval_fraction"] else "train"
       writers[split].add(bos + ids + eos)
 
-  for text in formats.iter_documents(path, options["text_field"], stats):
+  for text in formats.iter_documents(path, options["text_field"], stats,
+                                     text_field_flag="--text_field"):
     batch.append(text)
     batch_bytes += len(text)
     if batch_bytes >= _ENCODE_BATCH_BYTES:
@@ -120,11 +153,21 @@ def prepare_one(path: str, out_dir: str, tokenizer: tokenizer_lib.Tokenizer, opt
   encode(batch, doc_index)
   for w in writers.values():
     w.flush()
-  record = {"input": os.path.abspath(path), "input_bytes": os.path.getsize(path),
-            "options": options, "stats": stats.__dict__,
-            "shards": writers["train"].shards + writers["eval"].shards}
-  formats.atomic_write(done_path, lambda f: json.dump(record, f, indent=1), mode="w")
-  return dict(record, skipped=False)
+  return {"input": os.path.abspath(path), "input_bytes": os.path.getsize(path),
+          "options": options, "stats": stats.__dict__,
+          "shards": writers["train"].shards + writers["eval"].shards}
+
+
+def _publish(staging, shards_dir, key):
+  """Moves a finished input's files into shards/, its .done.json last (a crash before that leaves
+  an input a rerun redoes), removing files of an earlier preparation that the new one does not
+  have (other options, e.g. more shards)."""
+  names = os.listdir(staging)
+  for old in glob.glob(os.path.join(glob.escape(shards_dir), glob.escape(key) + ".*")):
+    if os.path.basename(old) not in names:
+      os.unlink(old)
+  for name in sorted(names, key=lambda n: n.endswith(_DONE)):
+    os.replace(os.path.join(staging, name), os.path.join(shards_dir, name))
 
 
 _worker_state = {}
@@ -139,99 +182,223 @@ def _work(path):
   return prepare_one(path, s["out_dir"], s["tokenizer"], s["options"])
 
 
+def _start_pool(num_workers, initargs):
+  # Ctrl-C sends SIGINT to the whole process group: the workers ignore it (a spawned child keeps an
+  # ignored SIGINT), so only the parent sees it; it stops them and removes their partial files.
+  ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+  handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    return ctx.Pool(num_workers, _init_worker, initargs)
+  finally:
+    signal.signal(signal.SIGINT, handler)
+
+
+class Progress:
+  """A status line on stderr after each finished input: MB done, MB/s, documents/s and ETA.
+  Rewritten in place on a terminal; in a log, the first, the last and one every 30 s."""
+
+  def __init__(self, total_bytes: int, num_inputs: int):
+    self._total, self._num_inputs = total_bytes, num_inputs
+    self._stream = sys.stderr
+    self._tty = self._stream.isatty()
+    self._interval = 0.2 if self._tty else 30.0
+    self._start, self._last = time.time(), float("-inf")  # the first input shows at once
+    self._done_bytes = self._new_bytes = self._new_docs = self._inputs = 0
+
+  def update(self, record: dict):
+    self._inputs += 1
+    self._done_bytes += record["input_bytes"]
+    if not record["skipped"]:  # the rates count this run's work only
+      self._new_bytes += record["input_bytes"]
+      self._new_docs += record["stats"]["documents"]
+    now = time.time()
+    if now - self._last >= self._interval or self._inputs == self._num_inputs:
+      self._last = now
+      # On a terminal: back to the line's start, then clear what a longer last line left.
+      self._stream.write(f"\r{self.line(now)}\x1b[K" if self._tty else self.line(now) + "\n")
+      self._stream.flush()
+
+  def line(self, now: float) -> str:
+    elapsed = max(now - self._start, 1e-9)
+    rate = self._new_bytes / elapsed
+    eta = (self._total - self._done_bytes) / rate if rate else 0.0
+    return (f"prepare: {self._done_bytes / 1e6:.1f}/{self._total / 1e6:.1f} MB, "
+            f"{self._inputs}/{self._num_inputs} inputs, {rate / 1e6:.1f} MB/s, "
+            f"{self._new_docs / elapsed:.0f} docs/s, ETA {_hms(eta)}")
+
+  def close(self):
+    if self._tty and self._inputs:
+      self._stream.write("\n")
+
+
+def _hms(seconds: float) -> str:
+  s = int(seconds)
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _check_options(eval_fraction, shard_tokens, num_workers):
+  if not 0.0 <= eval_fraction < 1.0:
+    raise ValueError(f"--eval_fraction={eval_fraction} must be in [0, 1): the share of documents "
+                     "held out for eval (0 = no eval split)")
+  if shard_tokens < 1:
+    raise ValueError(f"--shard_tokens={shard_tokens} must be positive")
+  if num_workers < 0:
+    raise ValueError(f"--num_workers={num_workers} must be >= 0 (0 or 1: tokenize in this process)")
+
+
+def _make_out_dirs(out_dir: str) -> list[str]:
+  """Creates OUT/shards; returns the folders it made, outermost first (removed on failure)."""
+  made = []
+  for d in (out_dir, os.path.join(out_dir, "shards")):
+    if not os.path.isdir(d):
+      try:
+        os.makedirs(d)
+      except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out={out_dir} is not a folder (a file is in the way): choose another "
+                         "--out") from None
+      made.append(d)
+  return made
+
+
 def prepare(inputs: list[str], tokenizer: tokenizer_lib.Tokenizer, out_dir: str, *,
             text_field="text", add_bos=True, add_eos=True, eval_fraction=0.001,
             shard_tokens=2049 * 1024, num_workers=1, progress=True) -> dict:
   """Prepares `inputs` into `out_dir`; returns the manifest (also written to out_dir)."""
-  if shard_tokens < 1:
-    raise ValueError(f"shard_tokens={shard_tokens} must be positive")
-  os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+  _check_options(eval_fraction, shard_tokens, num_workers)
   options = {"text_field": text_field, "add_bos": add_bos, "add_eos": add_eos,
              "eval_fraction": eval_fraction, "shard_tokens": shard_tokens,
              "tokenizer_sha256": tokenizer.sha256}
-  total_bytes = sum(os.path.getsize(p) for p in inputs)
-  records, done_bytes, start = [], 0, time.time()
-  bar = None
-  if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr)
+  made = _make_out_dirs(out_dir)
+  try:
+    records = _prepare_inputs(inputs, tokenizer, out_dir, options, num_workers, progress)
+    _copy_tokenizer(tokenizer, os.path.join(out_dir, TOKENIZER))
+    manifest = _manifest(records, tokenizer, options)
+    formats.atomic_write(os.path.join(out_dir, formats.MANIFEST),
+                         lambda f: json.dump(manifest, f, indent=1), mode="w")
+  except BaseException:
+    for d in reversed(made):  # only while still empty: never another run's files
+      try:
+        os.rmdir(d)
+      except OSError:
+        pass
+    raise
+  totals = manifest["totals"]
+  skipped = {k: v for k, v in totals.items() if k.startswith("skipped_") and v}
+  if skipped:
+    logging.warning("left out documents that are empty, not UTF-8 or not a string: %s (counted in "
+                    "%s's totals)", skipped, formats.MANIFEST)
+  if not totals["eval_documents"]:  # allowed (data only ever scored whole), but a trap for training
+    logging.warning("%s has no eval split (--eval_fraction=%s held out no document): a training "
+                    "run on it stops at its first eval; prepare with a larger --eval_fraction "
+                    "unless it is only evaluated whole (evaluate --split=train)", out_dir,
+                    eval_fraction)
+  logging.info("prepared %d inputs (%d already done) into %s: %s", len(records),
+               sum(r["skipped"] for r in records), out_dir, totals)
+  return manifest
+
+
+def _prepare_inputs(inputs, tokenizer, out_dir, options, num_workers, progress) -> list[dict]:
+  """Every input's record, sorted by input; on any failure no input is left half written."""
+  bar = Progress(sum(os.path.getsize(p) for p in inputs), len(inputs)) if progress else None
+  pool, records = None, []
   if num_workers > 1 and len(inputs) > 1:
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-    pool = ctx.Pool(min(num_workers, len(inputs)), _init_worker, (tokenizer, out_dir, options))
+    pool = _start_pool(min(num_workers, len(inputs)), (tokenizer, out_dir, options))
     results = pool.imap_unordered(_work, inputs)
   else:
-    pool = None
     results = (prepare_one(p, out_dir, tokenizer, options) for p in inputs)
   try:
     for record in results:
       records.append(record)
-      done_bytes += record["input_bytes"]
       if bar is not None:
-        docs = sum(r["stats"]["documents"] for r in records if not r["skipped"])
-        elapsed = max(time.time() - start, 1e-9)
-        bar.set_postfix(docs_per_s=f"{docs / elapsed:.0f}", refresh=False)
-        bar.update(record["input_bytes"])
+        bar.update(record)
+  except BaseException:
+    _stop(pool)  # a stopped worker cannot remove its own staging folder: do it here
+    for p in inputs:
+      shutil.rmtree(_staging_dir(os.path.join(out_dir, "shards"), _input_key(p)),
+                    ignore_errors=True)
+    raise
   finally:
-    if pool is not None:
-      pool.terminate()
-      pool.join()
+    _stop(pool)
     if bar is not None:
       bar.close()
-  records.sort(key=lambda r: r["input"])
-  manifest = _manifest(records, tokenizer, options)
-  formats.atomic_write(os.path.join(out_dir, formats.MANIFEST),
-                       lambda f: json.dump(manifest, f, indent=1), mode="w")
-  skipped = sum(r["skipped"] for r in records)
-  logging.info("prepared %d inputs (%d already done) into %s: %s", len(records), skipped, out_dir,
-               manifest["totals"])
-  return manifest
+  return sorted(records, key=lambda r: r["input"])
+
+
+def _stop(pool):
+  if pool is not None:  # terminate + join again is a no-op
+    pool.terminate()
+    pool.join()
+
+
+def _copy_tokenizer(tokenizer, path):
+  with open(tokenizer.path, "rb") as f:
+    proto = f.read()
+  if hashlib.sha256(proto).hexdigest() != tokenizer.sha256:
+    raise ValueError(f"--tokenizer={tokenizer.path} changed while prepare ran: rerun with the "
+                     "tokenizer you mean")
+  formats.atomic_write(path, lambda f: f.write(proto))
 
 
 def _manifest(records, tokenizer, options):
   totals = {"inputs": len(records), "input_bytes": sum(r["input_bytes"] for r in records)}
-  for k in formats.ReadStats().__dict__:
-    totals[k] = sum(r["stats"][k] for r in records)
+  for k in formats.ReadStats().__dict__:  # records written before a counter existed lack it
+    totals[k] = sum(r["stats"].get(k, 0) for r in records)
   shards = [s for r in records for s in r["shards"]]
   for split in sources.SPLITS:
     totals[f"{split}_tokens"] = sum(s["tokens"] for s in shards if s["split"] == split)
     totals[f"{split}_documents"] = sum(s["documents"] for s in shards if s["split"] == split)
   return {"format": formats.MANIFEST_FORMAT,
-          "tokenizer": {"path": os.path.abspath(tokenizer.path), "sha256": tokenizer.sha256,
-                        "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-                        "eos_id": tokenizer.eos_id},
+          "tokenizer": {"path": TOKENIZER, "copied_from": os.path.abspath(tokenizer.path),
+                        "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                        "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
           "options": options, "totals": totals, "shards": shards,
           "inputs": [{k: r[k] for k in ("input", "input_bytes", "stats")} for r in records]}
+
+
+def failure(error: BaseException, out_dir: str) -> tuple[str, int] | None:
+  """(one line for stderr, exit status) for an error prepare stops on; None for a bug."""
+  if isinstance(error, KeyboardInterrupt):
+    return "interrupted; rerun the same command to continue (finished inputs are kept)", 130
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    return (f"error: no space left on the device of --out={out_dir}: free space, then rerun the "
+            "same command to continue (finished inputs are kept)", 3)
+  if isinstance(error, (ValueError, ImportError, OSError)):
+    return f"error: {' '.join(str(error).split())}", 2
+  return None
 
 
 def _define_flags():
   """CLI flags, defined only when run as a program (importing this module defines none)."""
   flags.DEFINE_string("input", None, "glob(s) of .txt/.jsonl/.jsonl.zst/.parquet files, comma "
                       "separated")
-  flags.DEFINE_string("tokenizer", None, "sentencepiece .model file")
-  flags.DEFINE_string("out", None, "output folder (shards/ + manifest.json)")
+  flags.DEFINE_string("tokenizer", None, "sentencepiece .model file (copied into --out)")
+  flags.DEFINE_string("out", None, "output folder (shards/ + manifest.json + tokenizer.model)")
   flags.DEFINE_string("text_field", "text", ".jsonl key / .parquet column holding the text")
   flags.DEFINE_bool("add_bos", True, "start each document with BOS")
   flags.DEFINE_bool("add_eos", True, "end each document with EOS")
-  flags.DEFINE_float("eval_fraction", 0.001, "share of documents held out for eval")
+  flags.DEFINE_float("eval_fraction", 0.001, "share of documents held out for eval, in [0, 1)")
   flags.DEFINE_integer("shard_tokens", 2049 * 1024, "tokens per shard (TinyLlama's chunk)")
-  flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "tokenizer processes")
+  flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "tokenizer processes (0 or 1: none)")
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  for name in ("input", "tokenizer", "out"):
-    if not f[name].value:
-      raise app.UsageError(f"--{name} is required")
   try:
-    tokenizer = tokenizer_lib.Tokenizer(f.tokenizer)
+    for name in ("input", "tokenizer", "out"):
+      if not f[name].value:
+        raise ValueError(f"--{name} is required (--helpshort lists the flags)")
+    tokenizer = tokenizer_lib.Tokenizer(f.tokenizer, flag="--tokenizer")
     inputs = expand_inputs(f.input)
     manifest = prepare(inputs, tokenizer, f.out, text_field=f.text_field, add_bos=f.add_bos,
                        add_eos=f.add_eos, eval_fraction=f.eval_fraction,
                        shard_tokens=f.shard_tokens, num_workers=f.num_workers)
-  except (FileNotFoundError, ValueError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except BaseException as e:  # pylint: disable=broad-except
+    line_status = failure(e, f.out)
+    if line_status is None:
+      raise
+    print(line_status[0], file=sys.stderr)
+    sys.exit(line_status[1])
   print(json.dumps(manifest["totals"], indent=1))
 
 

@@ -19,16 +19,17 @@ _MAX_TRAIN_LINE_BYTES = 16384
 class Tokenizer:
   """A sentencepiece model plus its identity (path, sha256). Picklable for grain worker processes."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, flag: str = "data.tokenizer"):
+    """`flag`: the option that named `path`, which the error messages tell the user to fix."""
     if not os.path.isfile(path):
-      raise FileNotFoundError(
-          f"tokenizer file {path!r} not found: set data.tokenizer to a sentencepiece .model file, "
-          "or to '' to train one on the corpus")
+      train_one = ", or to '' to train one on the corpus" if flag == "data.tokenizer" else ""
+      raise FileNotFoundError(f"tokenizer file {path!r} not found: set {flag} to a sentencepiece "
+                              f".model file{train_one}")
     with open(path, "rb") as f:
       proto = f.read()
-    self._init(path, proto)
+    self._init(path, proto, flag)
 
-  def _init(self, path: str, proto: bytes):
+  def _init(self, path: str, proto: bytes, flag: str = "data.tokenizer"):
     self.path = path
     self._proto = proto
     self.sha256 = hashlib.sha256(proto).hexdigest()
@@ -37,7 +38,7 @@ class Tokenizer:
       self._sp.LoadFromSerializedProto(proto)
     except RuntimeError as e:
       raise ValueError(f"tokenizer file {path!r} is not a sentencepiece model ({e}): point "
-                       "data.tokenizer at a .model file") from None
+                       f"{flag} at a .model file") from None
     self.vocab_size = self._sp.vocab_size()
     self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
