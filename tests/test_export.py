@@ -22,7 +22,7 @@ import transformers
 from flax import nnx
 
 from tinyllama_jax import config as config_lib
-from tinyllama_jax import export, hf
+from tinyllama_jax import export, hf, run as run_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.model import Llama
 
@@ -102,17 +102,17 @@ def exported(imported, tmp_path_factory):
   _, _, workdir = imported
   out = str(tmp_path_factory.mktemp("exported") / "hf")
   export.export(workdir, out, dtype="fp32")
-  cfg = export.run_config(workdir, 0)
-  params = jax.device_put(export.load_params(workdir, 0, cfg.model))
-  tok = tokenizer_lib.Tokenizer(export.tokenizer_path(cfg, workdir))
+  cfg = run_lib.run_config(workdir, 0)
+  params = jax.device_put(run_lib.load_params(workdir, 0, cfg.model))
+  tok = tokenizer_lib.Tokenizer(run_lib.tokenizer_path(cfg, workdir))
   return params, cfg, tok, workdir, load_hf(out)
 
 
 def test_import_logits_equal_hf(imported):
   _, model, workdir = imported
-  cfg = export.run_config(workdir, export.resolve_step(workdir))
+  cfg = run_lib.run_config(workdir, run_lib.resolve_step(workdir))
   assert (cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.rope_theta) == (4, 2, 500.0)
-  params = export.load_params(workdir, 0, cfg.model)
+  params = run_lib.load_params(workdir, 0, cfg.model)
   diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
   assert diff <= 1e-4, diff
 
@@ -139,8 +139,8 @@ def test_import_tied_embeddings(tmp_path, tokenizer_file):
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
   model = make_hf_llama(hf_dir, tokenizer_file, tie_word_embeddings=True)
   export.import_hf(hf_dir, workdir)
-  cfg = export.run_config(workdir, 0)
-  params = export.load_params(workdir, 0, cfg.model)
+  cfg = run_lib.run_config(workdir, 0)
+  params = run_lib.load_params(workdir, 0, cfg.model)
   np.testing.assert_array_equal(params["lm_head"], params["embed"].T)
   diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
   assert diff <= 1e-4, diff
@@ -200,13 +200,13 @@ def test_trained_sharded_checkpoint_roundtrip(tmp_path):
   cfg.mesh.fsdp = 8
   run_dir, out, back = (str(tmp_path / n) for n in ("run", "out", "back"))
   train_lib.train(cfg, run_dir)
-  params = export.load_params(run_dir, 2, cfg.model)
+  params = run_lib.load_params(run_dir, 2, cfg.model)
   export.export(run_dir, out, dtype="fp32")
   tokens = TOKENS % 512
   diff = np.abs(hf_logits(load_hf(out), tokens) - our_logits(params, cfg.model, tokens)).max()
   assert diff <= 1e-4, diff
   export.import_hf(out, back)
-  jax.tree.map(np.testing.assert_array_equal, export.load_params(back, 0, cfg.model), params)
+  jax.tree.map(np.testing.assert_array_equal, run_lib.load_params(back, 0, cfg.model), params)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -333,7 +333,7 @@ def test_bit_flip_fails_export_cleanly(imported, tmp_path):
                      "the checksum"):
     export.export(damaged, out)
   with pytest.raises(ValueError, match="layers/w_up does not match"):  # generate, evaluate
-    export.load_params(damaged, 0, export.run_config(damaged, 0).model)
+    run_lib.load_params(damaged, 0, run_lib.run_config(damaged, 0).model)
   proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.export", f"--workdir={damaged}",
                          f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]

@@ -165,23 +165,25 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
   flags.DEFINE_integer("batches", 16, "Pipeline forms of --data: how many batches to score.")
   flags.DEFINE_enum("split", "eval", ["eval", "train"], "prepared:/litpkds: which split to score.")
+  flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
+                      "(WORKDIR/tokenizer/tokenizer.model).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tinyllama_jax import export
+  from tinyllama_jax import run as run_lib
   from tinyllama_jax.data import tokenizer as tokenizer_lib
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir or not FLAGS.data:
     raise ValueError("--workdir and --data are required")
-  step = export.resolve_step(FLAGS.workdir, FLAGS.step)
-  cfg = export.run_config(FLAGS.workdir, step)
+  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
+  cfg = run_lib.run_config(FLAGS.workdir, step)
   seq_len = min(FLAGS.seq_len or cfg.train.seq_len, cfg.model.max_seq_len)
-  tok_path = export.tokenizer_path(cfg, FLAGS.workdir)
+  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
   tokenizer = tokenizer_lib.Tokenizer(tok_path) if tok_path else None
-  params = jax.device_put(export.load_params(FLAGS.workdir, step, cfg.model))
+  params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
   pipeline_form = data_config_for(cfg, FLAGS.data)
   if pipeline_form is not None:
     data_cfg, split = pipeline_form

@@ -222,12 +222,14 @@ def define_flags():
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens with this "
                      "much probability (1: all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
+                      "(WORKDIR/tokenizer/tokenizer.model).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tinyllama_jax import export
+  from tinyllama_jax import run as run_lib
   from tinyllama_jax.data import tokenizer as tokenizer_lib
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # the console is for the generated text
@@ -244,14 +246,14 @@ def main(argv):
     raise ValueError("give --prompt=TEXT (repeatable) or --prompts_file=FILE")
   if FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1:
     raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
-  step = export.resolve_step(FLAGS.workdir, FLAGS.step)
-  cfg = export.run_config(FLAGS.workdir, step)
-  tok_path = export.tokenizer_path(cfg, FLAGS.workdir)
+  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
+  cfg = run_lib.run_config(FLAGS.workdir, step)
+  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
   if tok_path is None:
     raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): nothing to "
-                     "decode text with")
+                     "decode text with (--tokenizer=PATH names one)")
   tok = tokenizer_lib.Tokenizer(tok_path)
-  params = jax.device_put(export.load_params(FLAGS.workdir, step, cfg.model))
+  params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
   prompt_ids = [([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(p) for p in prompts]
   stream = Streamer(tok, prompt_ids[0]) if len(prompts) == 1 else None
   if stream:

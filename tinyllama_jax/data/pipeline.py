@@ -44,7 +44,8 @@ def _check_cfg(cfg: ml_collections.ConfigDict):
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
-  """The tokenizer named by data.tokenizer, or one trained on this corpus and cached in workdir.
+  """The tokenizer named by data.tokenizer or the prepared data's manifest (copied into the
+  workdir), or one trained on this corpus and cached in workdir.
 
   Returns None for the synthetic source (it needs none). The cached tokenizer records what it was
   trained for; a workdir whose tokenizer was trained for another corpus or vocab size is an error
@@ -54,18 +55,17 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
   if cfg.source == "synthetic":
     return None
   if cfg.tokenizer:
-    return tokenizer_lib.Tokenizer(cfg.tokenizer)
-  comps = components(cfg)
-  prepared = [paths for _, source, paths in comps if source == "prepared"]
-  if prepared:  # the tokenizer the data was prepared with
-    manifest, _ = corpus.load_manifest(prepared[0].split(",")[0].strip())
+    return _keep_a_copy(tokenizer_lib.Tokenizer(cfg.tokenizer), workdir)
+  manifest_path = tokenizer_manifest(cfg)
+  if manifest_path is not None:  # the tokenizer the data was prepared with
+    manifest, _ = corpus.load_manifest(manifest_path)
     tok = tokenizer_lib.Tokenizer(manifest["tokenizer"]["path"])
-    corpus.check_tokenizer(manifest, prepared[0], tok)
-    return tok
-  if any(source == "litpkds" for _, source, _ in comps):
+    corpus.check_tokenizer(manifest, manifest_path, tok)
+    return _keep_a_copy(tok, workdir)
+  if any(source == "litpkds" for _, source, _ in components(cfg)):
     raise ValueError("LITPKDS files do not name their tokenizer: set data.tokenizer to the "
                      ".model they were made with (Llama-2's for TinyLlama's files)")
-  path = os.path.join(workdir, "tokenizer", "tokenizer.model")
+  path = os.path.join(workdir, tokenizer_lib.RUN_COPY)
   info_path = os.path.join(workdir, "tokenizer", "trained_for.json")
   want = {"source": cfg.source, "paths": cfg.paths, "mixture": cfg.mixture, "vocab_size": cfg.tokenizer_vocab_size,
           "train_bytes": cfg.tokenizer_train_bytes, "eval_fraction": cfg.eval_fraction}
@@ -84,6 +84,29 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
   # The record goes first: a crash between the two writes leaves no model, so the next run retrains.
   _write_json(info_path, want)
   return tokenizer_lib.train_tokenizer(_tokenizer_sample(cfg), path, cfg.tokenizer_vocab_size)
+
+
+def tokenizer_manifest(cfg):
+  """The manifest whose tokenizer a run without data.tokenizer uses: its first prepared data's
+  (None when it has no prepared data)."""
+  prepared = [paths for _, source, paths in components(cfg) if source == "prepared"]
+  return prepared[0].split(",")[0].strip() if prepared else None
+
+
+def _keep_a_copy(tok, workdir):
+  """Copies `tok` into WORKDIR/tokenizer, so that the run stays readable (export, generate,
+  evaluate) when the original moves or goes; a copy of another tokenizer already there means the
+  workdir was trained with that one: an error, not a silent switch."""
+  path = os.path.join(workdir, tokenizer_lib.RUN_COPY)
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tok.save(path)
+    logging.info("copied the tokenizer %s to %s: the run keeps its own", tok.path, path)
+  elif (have := tokenizer_lib.file_sha256(path)) != tok.sha256:
+    raise ValueError(f"the workdir's tokenizer {path} is not {tok.path} (sha256 {have[:12]} vs "
+                     f"{tok.sha256[:12]}): this workdir trained with another tokenizer; use a new "
+                     f"--workdir, or point data.tokenizer at {path}")
+  return tok
 
 
 def _tokenizer_sample(cfg):
