@@ -100,3 +100,11 @@ def test_bad_data(run, tmp_path):
                          f"--data={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --data")
+
+
+def test_a_line_that_is_not_utf8_is_skipped_alone(tmp_path):
+  """Lines 1 and 3 are scored, line 2 (not UTF-8) is counted as skipped; before, the file was
+  dropped from line 2 on."""
+  path = tmp_path / "mixed.jsonl"
+  path.write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n{"text": "third"}\n')
+  assert evaluate.read_documents(str(path)) == (["first", "third"], 1)

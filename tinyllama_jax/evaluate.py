@@ -37,29 +37,43 @@ def read_documents(spec, text_field="text"):
     if not matched or not all(os.path.isfile(p) for p in matched):
       raise ValueError(f"--data: {part!r} is not a file (give a .txt/.jsonl file, a glob, or "
                        "split:eval)")
-  docs, skipped = [], 0
+  docs = []
   for path in paths:
-    try:
-      with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
-          docs.append(f.read())
-          continue
-        for n, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            docs.append(json.loads(line)[text_field])
-          except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{n} is not a JSON object with a {text_field!r} field "
-                             "(set --text_field)") from None
-    except UnicodeDecodeError:
-      skipped += 1
-      logging.warning("skipping %s: not UTF-8 text", path)
+    with open(path, "rb") as f:
+      if path.endswith(".jsonl"):
+        docs += _jsonl_documents(path, f, text_field)
+      else:
+        docs.append(_utf8(f.read(), path))
   kept = [d for d in docs if d]
-  skipped += len(docs) - len(kept)
+  skipped = len(docs) - len(kept)
   if skipped:
     logging.warning("skipped %d empty or unreadable documents", skipped)
   return kept, skipped
+
+
+def _jsonl_documents(path, f, text_field):
+  """One document a line; a line that is not UTF-8 is one skipped document (None), not the rest
+  of the file."""
+  for n, raw in enumerate(f, 1):
+    line = _utf8(raw, f"{path}:{n}")
+    if line is None:
+      yield None
+      continue
+    if not line.strip():
+      continue
+    try:
+      yield json.loads(line)[text_field]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise ValueError(f"{path}:{n} is not a JSON object with a {text_field!r} field "
+                       "(set --text_field)") from None
+
+
+def _utf8(raw, where):
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    logging.warning("skipping %s: not UTF-8 text", where)
+    return None
 
 
 def document_rows(token_docs, seq_len):
