@@ -100,6 +100,11 @@ def test_bad_data(run, tmp_path):
                          f"--data={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --data")
+  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={workdir}",
+                         f"--data={bad}", "--seq_len=-5"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --seq_len=-5: use 1 to")
 
 
 def test_a_line_that_is_not_utf8_is_skipped_alone(tmp_path):
@@ -108,3 +113,19 @@ def test_a_line_that_is_not_utf8_is_skipped_alone(tmp_path):
   path = tmp_path / "mixed.jsonl"
   path.write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n{"text": "third"}\n')
   assert evaluate.read_documents(str(path)) == (["first", "third"], 1)
+
+
+def test_flags_out_of_range_are_one_line_errors():
+  from tinyllama_jax import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.train.seq_len, cfg.model.max_seq_len = 64, 256
+  assert evaluate.check_flags(cfg, seq_len=0, batch_size=8, batches=16) == 64
+  assert evaluate.check_flags(cfg, seq_len=256, batch_size=8, batches=16) == 256
+  for seq_len in (-5, 4096):
+    with pytest.raises(ValueError, match=rf"--seq_len={seq_len}: use 1 to the model's "
+                       r"max_seq_len \(256\)"):
+      evaluate.check_flags(cfg, seq_len=seq_len, batch_size=8, batches=16)
+  with pytest.raises(ValueError, match="--batch_size=0: use 1 or more"):
+    evaluate.check_flags(cfg, seq_len=0, batch_size=0, batches=16)
+  with pytest.raises(ValueError, match="--batches=-1: use 1 or more"):
+    evaluate.check_flags(cfg, seq_len=0, batch_size=8, batches=-1)

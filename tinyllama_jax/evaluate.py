@@ -165,6 +165,19 @@ def evaluate_split(params, cfg, tokenizer, split, *, seq_len, batch_size, batche
   return evaluate_batches(params, cfg, taken, use_segments=cfg.data.packing != "concat")
 
 
+def check_flags(cfg, *, seq_len, batch_size, batches):
+  """The window length to use (0: the run's train.seq_len), or a one-line error naming the flag."""
+  seq_len = seq_len or cfg.train.seq_len
+  if not 1 <= seq_len <= cfg.model.max_seq_len:
+    raise ValueError(f"--seq_len={seq_len}: use 1 to the model's max_seq_len "
+                     f"({cfg.model.max_seq_len}), or 0 for the run's train.seq_len "
+                     f"({cfg.train.seq_len})")
+  for name, value in (("batch_size", batch_size), ("batches", batches)):
+    if value < 1:
+      raise ValueError(f"--{name}={value}: use 1 or more")
+  return seq_len
+
+
 # ----------------------------------------------------------------------------- CLI
 
 FLAGS = flags.FLAGS
@@ -175,7 +188,8 @@ def define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("data", None, "Text/.jsonl file(s) (comma list or glob), or split:eval.")
   flags.DEFINE_string("text_field", "text", ".jsonl field holding the document.")
-  flags.DEFINE_integer("seq_len", 0, "Window length (0: the run's train.seq_len).")
+  flags.DEFINE_integer("seq_len", 0, "Window length, 1 to the model's max_seq_len (0: the run's "
+                       "train.seq_len).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
   flags.DEFINE_integer("batches", 16, "Pipeline forms of --data: how many batches to score.")
   flags.DEFINE_enum("split", "eval", ["eval", "train"], "prepared:/litpkds: which split to score.")
@@ -194,7 +208,8 @@ def main(argv):
     raise ValueError("--workdir and --data are required")
   step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
   cfg = run_lib.run_config(FLAGS.workdir, step)
-  seq_len = min(FLAGS.seq_len or cfg.train.seq_len, cfg.model.max_seq_len)
+  seq_len = check_flags(cfg, seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size,
+                        batches=FLAGS.batches)
   tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
   tokenizer = tokenizer_lib.Tokenizer(tok_path) if tok_path else None
   params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
