@@ -1,9 +1,11 @@
 """Loss and perplexity on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
 
---data is a .jsonl file (one document a line, in --text_field), any other text file (the whole
-file is one document), a comma-separated list or glob of those; or, through the data pipeline
-(--batches batches, packed as the run packs): `split:eval` / `split:train` of the run's own data,
-`prepared:DIR` (the --split of data written by tinyllama_jax.data.prepare) or `litpkds:GLOB`.
+--data is a .jsonl file (one document a line, in --text_field; a line that is not UTF-8 is
+skipped and counted), any other text file (the whole file is one document), a comma-separated
+list or glob of those; or, through the data pipeline (at most --batches batches of one pass over
+the data, packed as the run packs: no token is scored twice): `split:eval` / `split:train` of the
+run's own data, `prepared:DIR` (the --split of data written by tinyllama_jax.data.prepare) or
+`litpkds:GLOB`.
 
 Files are scored document by document, as training tokenized them (BOS/EOS per the run's
 data.add_bos / add_eos): a document longer than --seq_len is cut into windows that overlap by one
@@ -13,6 +15,7 @@ The loss is the mean over all scored tokens; perplexity is exp(loss).
 
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -151,18 +154,32 @@ def data_config_for(cfg, spec):
 
 
 def evaluate_split(params, cfg, tokenizer, split, *, seq_len, batch_size, batches):
+  """Scores up to `batches` batches of one pass over the split: never a token twice (the stream
+  ends with the data; the report's `end_of_data` says whether it did)."""
   from tinyllama_jax.data import pipeline  # grain loads only for this mode
   try:
     it = pipeline.make_iterator(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size,
                                 seed=cfg.seed, process_index=0, process_count=1,
-                                tokenizer=tokenizer, vocab_size=cfg.model.vocab_size)
+                                tokenizer=tokenizer, vocab_size=cfg.model.vocab_size,
+                                repeat=False)
   except FileNotFoundError as e:  # the pipeline's message names the path and the fix
     raise ValueError(str(e)) from None
   try:
-    taken = [next(it) for _ in range(batches)]
+    taken = [_padded(batch, batch_size) for batch in itertools.islice(it, batches)]
   finally:
     it.close()
-  return evaluate_batches(params, cfg, taken, use_segments=cfg.data.packing != "concat")
+  result = evaluate_batches(params, cfg, taken, use_segments=cfg.data.packing != "concat")
+  result["end_of_data"] = len(taken) < batches
+  if result["end_of_data"]:
+    logging.warning("the %r split ended after %d of --batches=%d batches: scored all of it, "
+                    "%d tokens, each once", split, len(taken), batches, result["tokens"])
+  return result
+
+
+def _padded(batch, batch_size):
+  """The short last batch of a pass, filled up with padding rows (loss_mask 0): one compile."""
+  n = len(batch["inputs"])
+  return {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
 def check_flags(cfg, *, seq_len, batch_size, batches):
@@ -191,7 +208,8 @@ def define_flags():
   flags.DEFINE_integer("seq_len", 0, "Window length, 1 to the model's max_seq_len (0: the run's "
                        "train.seq_len).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
-  flags.DEFINE_integer("batches", 16, "Pipeline forms of --data: how many batches to score.")
+  flags.DEFINE_integer("batches", 16, "Pipeline forms of --data: how many batches to score at "
+                       "most (it stops at the end of the data: no token is scored twice).")
   flags.DEFINE_enum("split", "eval", ["eval", "train"], "prepared:/litpkds: which split to score.")
   flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
                       "(WORKDIR/tokenizer/tokenizer.model).")

@@ -242,7 +242,7 @@ def _token_files(source, paths, cfg, split, tokenizer):
 
 
 def _component(source, paths, cfg, *, split, seq_len, seed, process_index, process_count,
-               tokenizer):
+               tokenizer, repeat):
   """One source's stream: documents {'tokens': [n]} or, for concat, rows {'tokens': [T+1]}."""
   if source in _TEXT_SOURCES:
     items, tokenize = _documents(source, paths, cfg, split)
@@ -260,7 +260,8 @@ def _component(source, paths, cfg, *, split, seq_len, seed, process_index, proce
     map_fn = None
   if split == "train":
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(None)
+  if repeat:
+    ds = ds.repeat(None)
   if map_fn is not None:
     ds = ds.map(map_fn)
   # Text is tokenized by grain's reader threads; grain's default read-ahead (500 elements on 16
@@ -268,7 +269,7 @@ def _component(source, paths, cfg, *, split, seq_len, seed, process_index, proce
   read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32) if map_fn else grain.ReadOptions()
   it_ds = ds.to_iter_dataset(read)
   if cfg.packing == "concat" and source in _TEXT_SOURCES:
-    return packing.concat_rows(it_ds.filter(packing.has_a_target), seq_len)
+    return packing.concat_rows(it_ds.filter(packing.has_a_target), seq_len, finite=not repeat)
   return it_ds if cfg.packing == "concat" else it_ds.filter(packing.has_a_target)
 
 
@@ -351,11 +352,13 @@ def _check_state(state, fingerprint):
 
 
 def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, batch_size: int,
-                  seed: int, process_index: int, process_count: int, tokenizer, vocab_size: int):
+                  seed: int, process_index: int, process_count: int, tokenizer, vocab_size: int,
+                  repeat: bool = True):
   """This process's stream of [batch_size, seq_len] batches (see the module docstring).
 
   'train' repeats forever, reshuffled each epoch by `seed`; 'eval' is the same stream on every
-  call (unshuffled, independent of `seed`), and repeats too.
+  call (unshuffled, independent of `seed`), and repeats too. With repeat=False the stream ends
+  after one pass (each token at most once; the last batch may be short): for scoring a split.
   """
   _check_cfg(cfg)
   if split not in sources.SPLITS:
@@ -382,13 +385,13 @@ def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, b
   comps = components(cfg)
   streams = [_component(source, paths, cfg, split=split, seq_len=seq_len,
                         seed=(seed + i) % 2**32, process_index=process_index,
-                        process_count=process_count, tokenizer=tokenizer)
+                        process_count=process_count, tokenizer=tokenizer, repeat=repeat)
              for i, (_, source, paths) in enumerate(comps)]
   ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
       streams, [w for w, _, _ in comps])
   if cfg.packing != "concat":
     ds = packing.pack_documents(ds, cfg.packing, seq_len, cfg.num_packing_bins, seed)
-  ds = ds.batch(batch_size, drop_remainder=True).map(packing.Finalize(cfg.packing, seq_len,
+  ds = ds.batch(batch_size, drop_remainder=repeat).map(packing.Finalize(cfg.packing, seq_len,
                                                                       vocab_size))
   if cfg.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
