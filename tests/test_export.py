@@ -4,6 +4,7 @@ trained (sharded) checkpoint; the exported tokenizer encodes like ours; bad inpu
 
 The helpers at the top are shared with test_generate.py and test_evaluate.py."""
 
+import errno
 import glob
 import json
 import os
@@ -345,14 +346,30 @@ def test_bit_flip_fails_export_cleanly(imported, tmp_path):
   assert export.export(workdir, out, dtype="fp32")["step"] == 0
 
 
-def test_failure_midway_leaves_nothing(imported, tmp_path, monkeypatch):
+def test_full_disk_is_one_line_exit_3_and_leaves_nothing(imported, tmp_path, monkeypatch, capsys):
+  """A write that fails midway (here: the disk fills in the second tensor) is one line naming the
+  out dir and the room there is, exit status 3 (a fault), and no output or temp dir is left."""
   _, _, workdir = imported
+  real_write, written = hf.ShardWriter.write, []
 
-  def broken(path, x):
-    raise OSError("disk full")
-  monkeypatch.setattr(hf, "to_hf", broken)
-  with pytest.raises(OSError):
-    export.export(workdir, str(tmp_path / "out"))
+  def write_until_full(self, name, x):
+    if written:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    written.append(name)
+    real_write(self, name, x)
+  monkeypatch.setattr(hf.ShardWriter, "write", write_until_full)
+  out = str(tmp_path / "out")
+  with pytest.raises(export.WriteError, match=r"could not write the export to .*/out \(no space "
+                     r"left on device; [\d.]+ GiB free there, the weights take [\d.]+ GiB\): free "
+                     "disk space or choose another --out; nothing was written"):
+    export.export(workdir, out)
+  assert os.listdir(tmp_path) == []
+  written.clear()
+  with pytest.raises(SystemExit) as exit_:
+    export.run_cli(["export", f"--workdir={workdir}", f"--out={out}"])
+  assert exit_.value.code == 3
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: could not write the export to") and "Traceback" not in err
   assert os.listdir(tmp_path) == []
 
 

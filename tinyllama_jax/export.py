@@ -14,7 +14,8 @@ Import writes a checkpoint `train` continues from (step 0, fresh AdamW state, em
 the stream starts fresh), the tokenizer, and WORKDIR/config.py: the imported architecture on top
 of --config, so `python -m tinyllama_jax.train --config=WORKDIR/config.py --workdir=WORKDIR`.
 
-Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing.
+Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing
+(exit status 2 for bad input, 3 when writing fails, e.g. on a full disk).
 """
 
 import json
@@ -41,8 +42,13 @@ def fresh_output_dir(path, what):
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise ValueError(f"{what} {path} already exists and is not empty: remove it or choose another")
   parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+  except OSError as e:
+    raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
+                     "place") from None
+  return tmp
 
 
 def commit_output_dir(tmp, path):
@@ -56,6 +62,10 @@ def commit_output_dir(tmp, path):
 
 _EXPORT_DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
                   "fp32": ("float32", np.dtype(np.float32))}
+
+
+class WriteError(RuntimeError):
+  """Writing the output failed (a full disk, an I/O error): a fault, exit status 3."""
 
 
 def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", tokenizer=None):
@@ -74,8 +84,10 @@ def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", token
   try:
     _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
     commit_output_dir(tmp, out)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise _write_error(out, e, plan, np_dtype) from e
     raise
   report = {"step": step, "out": os.path.abspath(out), "files": [f for f, _ in plan],
             "dtype": dtype_name, "seconds": round(time.perf_counter() - t0, 2)}
@@ -107,6 +119,21 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
   writer.check_complete()
   if len(plan) > 1:
     hf.write_index(tmp, plan, np_dtype)
+
+
+def _write_error(out, error, plan, np_dtype):
+  """One line: what failed, the room there is and the room the export needs."""
+  out = os.path.abspath(out)
+  need = sum(int(np.prod(shape)) for _, tensors in plan for _, shape in tensors) * np_dtype.itemsize
+  free = shutil.disk_usage(os.path.dirname(out)).free
+  reason = error.strerror or str(error)
+  return WriteError(f"could not write the export to {out} ({reason.lower()}; {_gib(free)} free "
+                    f"there, the weights take {_gib(need)}): free disk space or choose another "
+                    "--out; nothing was written")
+
+
+def _gib(n):
+  return f"{n / 2**30:.2f} GiB"
 
 
 def _write_json(path, obj):
@@ -310,7 +337,11 @@ def run_cli(argv=None):
       raise ValueError(f"{e} (see --help)") from None
     flags.FLAGS(argv[:1])  # absl's own flags (logging) at their defaults
     main(rest)
-  config_lib.exit_on_error(parse_and_run)
+  try:
+    config_lib.exit_on_error(parse_and_run)
+  except WriteError as e:  # a fault, not bad input (docs/reliability.md's exit statuses)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":
