@@ -373,6 +373,25 @@ def test_full_disk_is_one_line_exit_3_and_leaves_nothing(imported, tmp_path, mon
   assert os.listdir(tmp_path) == []
 
 
+def test_output_modes_follow_the_umask(imported, tmp_path):
+  """The export and an import are readable by whom the umask lets read (mkdtemp alone: 0700)."""
+  hf_dir, _, workdir = imported
+  old = os.umask(0o027)
+  try:
+    out, back = str(tmp_path / "out"), str(tmp_path / "back")
+    export.export(workdir, out, dtype="fp32")
+    export.import_hf(hf_dir, back)
+  finally:
+    os.umask(old)
+  for top in (out, back):
+    assert os.stat(top).st_mode & 0o777 == 0o750, top
+    for root, dirs, files in os.walk(top):
+      for d in dirs:
+        assert os.stat(os.path.join(root, d)).st_mode & 0o777 == 0o750, (root, d)
+      for f in files:
+        assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o640, (root, f)
+
+
 def test_cli_one_line_errors(imported, tmp_path):
   _, _, workdir = imported
   for args in ([f"--workdir={workdir}", "--step=9", f"--out={tmp_path}/o"],

@@ -67,6 +67,16 @@ def test_a_workdir_trained_with_another_tokenizer_is_refused(prepared, tmp_path)
   assert tokenizer_lib.file_sha256(os.path.join(workdir, tokenizer_lib.RUN_COPY)) == other.sha256
 
 
+def test_the_copy_is_readable_as_the_umask_allows(prepared, tmp_path):
+  """Not tempfile's 0600: a colleague or a serving account reads the run's tokenizer too."""
+  old = os.umask(0o027)
+  try:
+    pipeline.load_tokenizer(run_cfg(tokenizer=prepared[0]).data, str(tmp_path))
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "tokenizer" / "tokenizer.model").st_mode & 0o777 == 0o640
+
+
 # ----------------------------------------------------------------------------- where the reader looks
 
 

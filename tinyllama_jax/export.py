@@ -15,7 +15,8 @@ the stream starts fresh), the tokenizer, and WORKDIR/config.py: the imported arc
 of --config, so `python -m tinyllama_jax.train --config=WORKDIR/config.py --workdir=WORKDIR`.
 
 Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing
-(exit status 2 for bad input, 3 when writing fails, e.g. on a full disk).
+(exit status 2 for bad input, 3 when writing fails, e.g. on a full disk). The output's modes are
+the umask's, as any file the user writes.
 """
 
 import json
@@ -48,7 +49,15 @@ def fresh_output_dir(path, what):
   except OSError as e:
     raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
                      "place") from None
+  # mkdtemp's 0700 would keep the output from a serving account or a colleague: the umask's mode.
+  os.chmod(tmp, 0o777 & ~_umask())
   return tmp
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def commit_output_dir(tmp, path):

@@ -106,7 +106,14 @@ def _atomic_write(path: str, data: bytes):
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep the model from colleagues
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
