@@ -77,7 +77,7 @@ def test_the_copy_is_readable_as_the_umask_allows(prepared, tmp_path):
   assert os.stat(tmp_path / "tokenizer" / "tokenizer.model").st_mode & 0o777 == 0o640
 
 
-# ----------------------------------------------------------------------------- where the reader looks
+# ------------------------------------------------------------------------- where the reader looks
 
 
 def test_tokenizer_path_order_and_error(prepared, tmp_path):
