@@ -69,19 +69,25 @@ def test_prepared_split(run):
 
 
 def test_prepared_data(run, tmp_path):
-  """--data=prepared:DIR scores the eval split of data written by tinyllama_jax.data.prepare."""
+  """--data=prepared:DIR scores the eval split of data written by tinyllama_jax.data.prepare;
+  more --batches than the split holds score it once, to its end, never wrapping around."""
   from tinyllama_jax.data import prepare
   params, cfg, tok, _, _ = run
   docs = tmp_path / "docs.jsonl"
   texts = [open(os.path.join(STDLIB, "json", n), encoding="utf-8").read()
            for n in ("decoder.py", "encoder.py", "scanner.py", "tool.py")]
   docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-  prepare.prepare([str(docs)], tok, str(tmp_path / "prepared"), eval_fraction=0.5, progress=False)
+  manifest = prepare.prepare([str(docs)], tok, str(tmp_path / "prepared"), eval_fraction=0.5,
+                             progress=False)
   data_cfg, split = evaluate.data_config_for(cfg, f"prepared:{tmp_path / 'prepared'}")
   assert split is None and data_cfg.data.source == "prepared" and cfg.data.source == "stdlib"
   result = evaluate.evaluate_split(params, data_cfg, tok, "eval", seq_len=32, batch_size=2,
                                    batches=2)
-  assert result["tokens"] == 128 and np.isfinite(result["loss"])
+  assert result["tokens"] == 128 and np.isfinite(result["loss"]) and not result["end_of_data"]
+  whole = evaluate.evaluate_split(params, data_cfg, tok, "eval", seq_len=32, batch_size=2,
+                                  batches=1000)
+  rows = manifest["totals"]["eval_tokens"] // 33  # concat rows of seq_len + 1, the tail left out
+  assert whole["end_of_data"] and whole["tokens"] == rows * 32 and whole["batches"] == -(-rows // 2)
   assert evaluate.data_config_for(cfg, "some/file.jsonl") is None
   missing, _ = evaluate.data_config_for(cfg, f"prepared:{tmp_path / 'nope'}")
   with pytest.raises(ValueError, match="no prepared manifest"):
@@ -100,3 +106,59 @@ def test_bad_data(run, tmp_path):
                          f"--data={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --data")
+  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={workdir}",
+                         f"--data={bad}", "--seq_len=-5"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --seq_len=-5: use 1 to")
+
+
+def test_a_line_that_is_not_utf8_is_skipped_alone(tmp_path):
+  """Lines 1 and 3 are scored, line 2 (not UTF-8) is counted as skipped; before, the file was
+  dropped from line 2 on."""
+  path = tmp_path / "mixed.jsonl"
+  path.write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n{"text": "third"}\n')
+  assert evaluate.read_documents(str(path)) == (["first", "third"], 1)
+
+
+def test_flags_out_of_range_are_one_line_errors():
+  from tinyllama_jax import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.train.seq_len, cfg.model.max_seq_len = 64, 256
+  assert evaluate.check_flags(cfg, seq_len=0, batch_size=8, batches=16) == 64
+  assert evaluate.check_flags(cfg, seq_len=256, batch_size=8, batches=16) == 256
+  for seq_len in (-5, 4096):
+    with pytest.raises(ValueError, match=rf"--seq_len={seq_len}: use 1 to the model's "
+                       r"max_seq_len \(256\)"):
+      evaluate.check_flags(cfg, seq_len=seq_len, batch_size=8, batches=16)
+  with pytest.raises(ValueError, match="--batch_size=0: use 1 or more"):
+    evaluate.check_flags(cfg, seq_len=0, batch_size=0, batches=16)
+  with pytest.raises(ValueError, match="--batches=-1: use 1 or more"):
+    evaluate.check_flags(cfg, seq_len=0, batch_size=8, batches=-1)
+
+
+def test_one_pass_over_text_leaves_out_the_padded_tail(tmp_path):
+  """A text source packed by concatenation, read once: only whole rows, every token at most once
+  (grain pads the last row of a finite stream; padding is no data)."""
+  from tinyllama_jax.data import pipeline
+  from tinyllama_jax import config as config_lib
+  cfg = config_lib.base_config().data
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text("".join(json.dumps({"text": "word " * n}) + "\n" for n in (30, 7, 50)))
+  cfg.source, cfg.paths, cfg.eval_fraction = "text", str(docs), 0.0
+  tok = _Bytes()
+  n_tokens = sum(len(tok.encode("word " * n)) + 2 for n in (30, 7, 50))
+  it = pipeline.make_iterator(cfg, split="train", seq_len=15, batch_size=4, seed=0,
+                              process_index=0, process_count=1, tokenizer=tok, vocab_size=512,
+                              repeat=False)
+  batches = list(it)
+  assert sum(len(b["inputs"]) for b in batches) == n_tokens // 16
+  assert all(b["loss_mask"].all() for b in batches)
+
+
+class _Bytes:
+  """A stand-in tokenizer: one id per byte (3..258), BOS 1, EOS 2."""
+  bos_id, eos_id, vocab_size, sha256, path = 1, 2, 259, "bytes", "bytes"
+
+  def encode(self, text):
+    return [b + 3 for b in text.encode()]

@@ -4,6 +4,7 @@ trained (sharded) checkpoint; the exported tokenizer encodes like ours; bad inpu
 
 The helpers at the top are shared with test_generate.py and test_evaluate.py."""
 
+import errno
 import glob
 import json
 import os
@@ -22,7 +23,7 @@ import transformers
 from flax import nnx
 
 from tinyllama_jax import config as config_lib
-from tinyllama_jax import export, hf
+from tinyllama_jax import export, hf, run as run_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.model import Llama
 
@@ -102,17 +103,17 @@ def exported(imported, tmp_path_factory):
   _, _, workdir = imported
   out = str(tmp_path_factory.mktemp("exported") / "hf")
   export.export(workdir, out, dtype="fp32")
-  cfg = export.run_config(workdir, 0)
-  params = jax.device_put(export.load_params(workdir, 0, cfg.model))
-  tok = tokenizer_lib.Tokenizer(export.tokenizer_path(cfg, workdir))
+  cfg = run_lib.run_config(workdir, 0)
+  params = jax.device_put(run_lib.load_params(workdir, 0, cfg.model))
+  tok = tokenizer_lib.Tokenizer(run_lib.tokenizer_path(cfg, workdir))
   return params, cfg, tok, workdir, load_hf(out)
 
 
 def test_import_logits_equal_hf(imported):
   _, model, workdir = imported
-  cfg = export.run_config(workdir, export.resolve_step(workdir))
+  cfg = run_lib.run_config(workdir, run_lib.resolve_step(workdir))
   assert (cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.rope_theta) == (4, 2, 500.0)
-  params = export.load_params(workdir, 0, cfg.model)
+  params = run_lib.load_params(workdir, 0, cfg.model)
   diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
   assert diff <= 1e-4, diff
 
@@ -139,8 +140,8 @@ def test_import_tied_embeddings(tmp_path, tokenizer_file):
   hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
   model = make_hf_llama(hf_dir, tokenizer_file, tie_word_embeddings=True)
   export.import_hf(hf_dir, workdir)
-  cfg = export.run_config(workdir, 0)
-  params = export.load_params(workdir, 0, cfg.model)
+  cfg = run_lib.run_config(workdir, 0)
+  params = run_lib.load_params(workdir, 0, cfg.model)
   np.testing.assert_array_equal(params["lm_head"], params["embed"].T)
   diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
   assert diff <= 1e-4, diff
@@ -200,13 +201,13 @@ def test_trained_sharded_checkpoint_roundtrip(tmp_path):
   cfg.mesh.fsdp = 8
   run_dir, out, back = (str(tmp_path / n) for n in ("run", "out", "back"))
   train_lib.train(cfg, run_dir)
-  params = export.load_params(run_dir, 2, cfg.model)
+  params = run_lib.load_params(run_dir, 2, cfg.model)
   export.export(run_dir, out, dtype="fp32")
   tokens = TOKENS % 512
   diff = np.abs(hf_logits(load_hf(out), tokens) - our_logits(params, cfg.model, tokens)).max()
   assert diff <= 1e-4, diff
   export.import_hf(out, back)
-  jax.tree.map(np.testing.assert_array_equal, export.load_params(back, 0, cfg.model), params)
+  jax.tree.map(np.testing.assert_array_equal, run_lib.load_params(back, 0, cfg.model), params)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -333,7 +334,7 @@ def test_bit_flip_fails_export_cleanly(imported, tmp_path):
                      "the checksum"):
     export.export(damaged, out)
   with pytest.raises(ValueError, match="layers/w_up does not match"):  # generate, evaluate
-    export.load_params(damaged, 0, export.run_config(damaged, 0).model)
+    run_lib.load_params(damaged, 0, run_lib.run_config(damaged, 0).model)
   proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.export", f"--workdir={damaged}",
                          f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
@@ -345,15 +346,50 @@ def test_bit_flip_fails_export_cleanly(imported, tmp_path):
   assert export.export(workdir, out, dtype="fp32")["step"] == 0
 
 
-def test_failure_midway_leaves_nothing(imported, tmp_path, monkeypatch):
+def test_full_disk_is_one_line_exit_3_and_leaves_nothing(imported, tmp_path, monkeypatch, capsys):
+  """A write that fails midway (here: the disk fills in the second tensor) is one line naming the
+  out dir and the room there is, exit status 3 (a fault), and no output or temp dir is left."""
   _, _, workdir = imported
+  real_write, written = hf.ShardWriter.write, []
 
-  def broken(path, x):
-    raise OSError("disk full")
-  monkeypatch.setattr(hf, "to_hf", broken)
-  with pytest.raises(OSError):
-    export.export(workdir, str(tmp_path / "out"))
+  def write_until_full(self, name, x):
+    if written:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    written.append(name)
+    real_write(self, name, x)
+  monkeypatch.setattr(hf.ShardWriter, "write", write_until_full)
+  out = str(tmp_path / "out")
+  with pytest.raises(export.WriteError, match=r"could not write the export to .*/out \(no space "
+                     r"left on device; [\d.]+ GiB free there, the weights take [\d.]+ GiB\): free "
+                     "disk space or choose another --out; nothing was written"):
+    export.export(workdir, out)
   assert os.listdir(tmp_path) == []
+  written.clear()
+  with pytest.raises(SystemExit) as exit_:
+    export.run_cli(["export", f"--workdir={workdir}", f"--out={out}"])
+  assert exit_.value.code == 3
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("error: could not write the export to") and "Traceback" not in err
+  assert os.listdir(tmp_path) == []
+
+
+def test_output_modes_follow_the_umask(imported, tmp_path):
+  """The export and an import are readable by whom the umask lets read (mkdtemp alone: 0700)."""
+  hf_dir, _, workdir = imported
+  old = os.umask(0o027)
+  try:
+    out, back = str(tmp_path / "out"), str(tmp_path / "back")
+    export.export(workdir, out, dtype="fp32")
+    export.import_hf(hf_dir, back)
+  finally:
+    os.umask(old)
+  for top in (out, back):
+    assert os.stat(top).st_mode & 0o777 == 0o750, top
+    for root, dirs, files in os.walk(top):
+      for d in dirs:
+        assert os.stat(os.path.join(root, d)).st_mode & 0o777 == 0o750, (root, d)
+      for f in files:
+        assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o640, (root, f)
 
 
 def test_cli_one_line_errors(imported, tmp_path):

@@ -103,3 +103,29 @@ def test_cli_generates(model):
   proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.generate", f"--workdir={workdir}"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: give")
+  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.generate", f"--workdir={workdir}",
+                         "--prompt=x", "--max_new_tokens=-3"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: --max_new_tokens=-3: generate at")
+
+
+def test_settings_out_of_range_are_one_line_errors():
+  import ml_collections
+  cfg_model = ml_collections.ConfigDict({"max_seq_len": 16})
+  ok = dict(max_new_tokens=4, temperature=0.0, top_p=1.0)
+  assert generate.check_request(cfg_model, [[1, 5], [1]], **ok).tolist() == [2, 1]
+  for bad, match in ((dict(max_new_tokens=-3), r"--max_new_tokens=-3: generate at least 1"),
+                     (dict(max_new_tokens=0), r"--max_new_tokens=0"),
+                     (dict(temperature=-0.5), r"--temperature=-0.5: use 0 \(greedy\) or more"),
+                     (dict(temperature=float("nan")), r"--temperature=nan"),
+                     (dict(top_p=0.0), r"--top_p=0.0: use a value in \(0, 1\]"),
+                     (dict(top_p=1.5), r"--top_p=1.5"),
+                     (dict(max_new_tokens=15), r"a prompt of 2 tokens and --max_new_tokens=15 do "
+                      r"not fit the model's context of 16 tokens: lower --max_new_tokens to 14")):
+    with pytest.raises(ValueError, match=match):
+      generate.check_request(cfg_model, [[1, 5], [1]], **{**ok, **bad})
+  with pytest.raises(ValueError, match="of 16 tokens: shorten the prompt"):
+    generate.check_request(cfg_model, [list(range(16))], **ok)
+  with pytest.raises(ValueError, match="at least one token"):
+    generate.check_request(cfg_model, [[1], []], **ok)

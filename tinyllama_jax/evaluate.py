@@ -1,9 +1,11 @@
 """Loss and perplexity on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
 
---data is a .jsonl file (one document a line, in --text_field), any other text file (the whole
-file is one document), a comma-separated list or glob of those; or, through the data pipeline
-(--batches batches, packed as the run packs): `split:eval` / `split:train` of the run's own data,
-`prepared:DIR` (the --split of data written by tinyllama_jax.data.prepare) or `litpkds:GLOB`.
+--data is a .jsonl file (one document a line, in --text_field; a line that is not UTF-8 is
+skipped and counted), any other text file (the whole file is one document), a comma-separated
+list or glob of those; or, through the data pipeline (at most --batches batches of one pass over
+the data, packed as the run packs: no token is scored twice): `split:eval` / `split:train` of the
+run's own data, `prepared:DIR` (the --split of data written by tinyllama_jax.data.prepare) or
+`litpkds:GLOB`.
 
 Files are scored document by document, as training tokenized them (BOS/EOS per the run's
 data.add_bos / add_eos): a document longer than --seq_len is cut into windows that overlap by one
@@ -13,6 +15,7 @@ The loss is the mean over all scored tokens; perplexity is exp(loss).
 
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -37,29 +40,43 @@ def read_documents(spec, text_field="text"):
     if not matched or not all(os.path.isfile(p) for p in matched):
       raise ValueError(f"--data: {part!r} is not a file (give a .txt/.jsonl file, a glob, or "
                        "split:eval)")
-  docs, skipped = [], 0
+  docs = []
   for path in paths:
-    try:
-      with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
-          docs.append(f.read())
-          continue
-        for n, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            docs.append(json.loads(line)[text_field])
-          except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{n} is not a JSON object with a {text_field!r} field "
-                             "(set --text_field)") from None
-    except UnicodeDecodeError:
-      skipped += 1
-      logging.warning("skipping %s: not UTF-8 text", path)
+    with open(path, "rb") as f:
+      if path.endswith(".jsonl"):
+        docs += _jsonl_documents(path, f, text_field)
+      else:
+        docs.append(_utf8(f.read(), path))
   kept = [d for d in docs if d]
-  skipped += len(docs) - len(kept)
+  skipped = len(docs) - len(kept)
   if skipped:
     logging.warning("skipped %d empty or unreadable documents", skipped)
   return kept, skipped
+
+
+def _jsonl_documents(path, f, text_field):
+  """One document a line; a line that is not UTF-8 is one skipped document (None), not the rest
+  of the file."""
+  for n, raw in enumerate(f, 1):
+    line = _utf8(raw, f"{path}:{n}")
+    if line is None:
+      yield None
+      continue
+    if not line.strip():
+      continue
+    try:
+      yield json.loads(line)[text_field]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise ValueError(f"{path}:{n} is not a JSON object with a {text_field!r} field "
+                       "(set --text_field)") from None
+
+
+def _utf8(raw, where):
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    logging.warning("skipping %s: not UTF-8 text", where)
+    return None
 
 
 def document_rows(token_docs, seq_len):
@@ -137,18 +154,45 @@ def data_config_for(cfg, spec):
 
 
 def evaluate_split(params, cfg, tokenizer, split, *, seq_len, batch_size, batches):
+  """Scores up to `batches` batches of one pass over the split: never a token twice (the stream
+  ends with the data; the report's `end_of_data` says whether it did)."""
   from tinyllama_jax.data import pipeline  # grain loads only for this mode
   try:
     it = pipeline.make_iterator(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size,
                                 seed=cfg.seed, process_index=0, process_count=1,
-                                tokenizer=tokenizer, vocab_size=cfg.model.vocab_size)
+                                tokenizer=tokenizer, vocab_size=cfg.model.vocab_size,
+                                repeat=False)
   except FileNotFoundError as e:  # the pipeline's message names the path and the fix
     raise ValueError(str(e)) from None
   try:
-    taken = [next(it) for _ in range(batches)]
+    taken = [_padded(batch, batch_size) for batch in itertools.islice(it, batches)]
   finally:
     it.close()
-  return evaluate_batches(params, cfg, taken, use_segments=cfg.data.packing != "concat")
+  result = evaluate_batches(params, cfg, taken, use_segments=cfg.data.packing != "concat")
+  result["end_of_data"] = len(taken) < batches
+  if result["end_of_data"]:
+    logging.warning("the %r split ended after %d of --batches=%d batches: scored all of it, "
+                    "%d tokens, each once", split, len(taken), batches, result["tokens"])
+  return result
+
+
+def _padded(batch, batch_size):
+  """The short last batch of a pass, filled up with padding rows (loss_mask 0): one compile."""
+  n = len(batch["inputs"])
+  return {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+
+
+def check_flags(cfg, *, seq_len, batch_size, batches):
+  """The window length to use (0: the run's train.seq_len), or a one-line error naming the flag."""
+  seq_len = seq_len or cfg.train.seq_len
+  if not 1 <= seq_len <= cfg.model.max_seq_len:
+    raise ValueError(f"--seq_len={seq_len}: use 1 to the model's max_seq_len "
+                     f"({cfg.model.max_seq_len}), or 0 for the run's train.seq_len "
+                     f"({cfg.train.seq_len})")
+  for name, value in (("batch_size", batch_size), ("batches", batches)):
+    if value < 1:
+      raise ValueError(f"--{name}={value}: use 1 or more")
+  return seq_len
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -161,27 +205,32 @@ def define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("data", None, "Text/.jsonl file(s) (comma list or glob), or split:eval.")
   flags.DEFINE_string("text_field", "text", ".jsonl field holding the document.")
-  flags.DEFINE_integer("seq_len", 0, "Window length (0: the run's train.seq_len).")
+  flags.DEFINE_integer("seq_len", 0, "Window length, 1 to the model's max_seq_len (0: the run's "
+                       "train.seq_len).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
-  flags.DEFINE_integer("batches", 16, "Pipeline forms of --data: how many batches to score.")
+  flags.DEFINE_integer("batches", 16, "Pipeline forms of --data: how many batches to score at "
+                       "most (it stops at the end of the data: no token is scored twice).")
   flags.DEFINE_enum("split", "eval", ["eval", "train"], "prepared:/litpkds: which split to score.")
+  flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
+                      "(WORKDIR/tokenizer/tokenizer.model).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tinyllama_jax import export
+  from tinyllama_jax import run as run_lib
   from tinyllama_jax.data import tokenizer as tokenizer_lib
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir or not FLAGS.data:
     raise ValueError("--workdir and --data are required")
-  step = export.resolve_step(FLAGS.workdir, FLAGS.step)
-  cfg = export.run_config(FLAGS.workdir, step)
-  seq_len = min(FLAGS.seq_len or cfg.train.seq_len, cfg.model.max_seq_len)
-  tok_path = export.tokenizer_path(cfg, FLAGS.workdir)
+  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
+  cfg = run_lib.run_config(FLAGS.workdir, step)
+  seq_len = check_flags(cfg, seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size,
+                        batches=FLAGS.batches)
+  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
   tokenizer = tokenizer_lib.Tokenizer(tok_path) if tok_path else None
-  params = jax.device_put(export.load_params(FLAGS.workdir, step, cfg.model))
+  params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
   pipeline_form = data_config_for(cfg, FLAGS.data)
   if pipeline_form is not None:
     data_cfg, split = pipeline_form

@@ -1,6 +1,7 @@
 """Hugging Face / PyTorch interop: export a run's checkpoint, import a HF Llama as a run.
 
   python -m tinyllama_jax.export --workdir=DIR [--step=N] --out=OUT [--dtype=bf16|fp32]
+      [--tokenizer=PATH]
   python -m tinyllama_jax.export --from_hf=HFDIR --workdir=DIR [--config=configs/1b.py]
 
 Export writes a directory that `AutoModelForCausalLM.from_pretrained(OUT)` and
@@ -13,10 +14,11 @@ Import writes a checkpoint `train` continues from (step 0, fresh AdamW state, em
 the stream starts fresh), the tokenizer, and WORKDIR/config.py: the imported architecture on top
 of --config, so `python -m tinyllama_jax.train --config=WORKDIR/config.py --workdir=WORKDIR`.
 
-Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing.
+Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing
+(exit status 2 for bad input, 3 when writing fails, e.g. on a full disk). The output's modes are
+the umask's, as any file the user writes.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,136 +32,7 @@ import ml_dtypes
 import numpy as np
 from absl import flags, logging
 
-from tinyllama_jax import config as config_lib, hf
-
-# ----------------------------------------------------------------------------- reading a run
-
-
-def checkpoint_dir(workdir):
-  return os.path.join(workdir, "checkpoints")
-
-
-def resolve_step(workdir, step=None):
-  """The checkpoint step to read (latest when None), with one-line errors for the usual slips."""
-  if not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir!r} does not exist: pass the --workdir of a training run")
-  ckdir = checkpoint_dir(workdir)
-  steps = sorted(int(n) for n in (os.listdir(ckdir) if os.path.isdir(ckdir) else [])
-                 if n.isdigit() and os.path.isdir(os.path.join(ckdir, n, "state")))
-  if not steps:
-    raise ValueError(f"workdir {workdir!r} has no checkpoint under checkpoints/: train first, or "
-                     "import one with --from_hf")
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise ValueError(f"workdir {workdir!r} has no checkpoint for step {step}; it has steps "
-                     f"{steps}: pass one of them to --step")
-  return step
-
-
-def read_meta(workdir, step):
-  """The checkpoint's `meta` item: config, versions, checksums."""
-  import orbax.checkpoint as ocp
-  with _readable(workdir, step):
-    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "meta")),
-        args=ocp.args.JsonRestore())
-
-
-def run_config(workdir, step):
-  """The config the checkpoint was saved with (its `meta` item)."""
-  return ml_collections.ConfigDict(read_meta(workdir, step)["config"])
-
-
-@contextlib.contextmanager
-def _readable(workdir, step):
-  """A checkpoint orbax cannot read becomes one line naming it (not an orbax traceback)."""
-  try:
-    yield
-  except Exception as e:  # orbax/tensorstore raise many types (ValueError too) for damaged files
-    reason = " ".join(str(e).split())[:200]
-    raise ValueError(f"checkpoint {step} in {workdir} cannot be read ({type(e).__name__}: "
-                     f"{reason}): pass another --step") from None
-
-
-def tokenizer_path(cfg, workdir):
-  """The run's sentencepiece model, or None for a run without one (synthetic data)."""
-  if cfg.data.get("tokenizer"):
-    path = cfg.data.tokenizer
-  elif cfg.data.get("source") == "synthetic":
-    return None
-  else:
-    path = os.path.join(workdir, "tokenizer", "tokenizer.model")
-  if not os.path.isfile(path):
-    raise ValueError(f"the run's tokenizer {path} is missing: copy it back, or set "
-                     "data.tokenizer in the run's config")
-  return path
-
-
-def param_checksums(workdir, step):
-  """{param path: the checksum the trainer stored for it} (checkpoint.py's own pairing of the
-  state's leaves with meta["checksums"]), or None for a checkpoint saved without checksums."""
-  from tinyllama_jax import checkpoint, optim, train
-  meta = read_meta(workdir, step)
-  cfg = ml_collections.ConfigDict(meta["config"])
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  abstract = jax.eval_shape(train.make_init_fn(cfg, tx), jax.random.key(0))
-  try:
-    by_path = checkpoint.stored_checksums_by_path(meta, abstract)
-  except ValueError as e:
-    raise ValueError(f"checkpoint {step} in {workdir} cannot be verified ({e})") from None
-  if by_path is None:
-    logging.warning("checkpoint %d in %s has no checksums (written by an older version): its "
-                    "parameters are not verified", step, workdir)
-    return None
-  keystr = lambda path: jax.tree_util.keystr(tuple(map(jax.tree_util.DictKey, path)))
-  return {path: by_path[keystr(("params",) + path)] for path, _ in hf.param_paths(cfg.model)}
-
-
-def iter_params(workdir, step, cfg_model, *, verify=True):
-  """Yields (path, fp32 numpy array) for each parameter, one restored at a time on the host;
-  with `verify`, each is checked (in the dtype it was saved in) against its stored checksum: orbax
-  restores flipped bits without complaint."""
-  import orbax.checkpoint as ocp
-  from tinyllama_jax import checkpoint
-  state_dir = os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "state"))
-  checkpointer = ocp.PyTreeCheckpointer()
-  sums = param_checksums(workdir, step) if verify else None
-  for path, shape in hf.param_paths(cfg_model):
-    item = {"params": _nest(path, 0)}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    with _readable(workdir, step):
-      out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))["params"]
-    for key in path:
-      out = out[key]
-    if sums is not None and checkpoint.leaf_checksum(out) != sums[path]:
-      raise ValueError(f"checkpoint {step} in {workdir}: parameter {'/'.join(path)} does not match "
-                       "the checksum saved with it (its data changed on disk after it was written): "
-                       "restore the checkpoint from a copy, or pass another --step")
-    x = np.asarray(out, np.float32)
-    if x.shape != tuple(shape):
-      raise ValueError(f"checkpoint parameter {'/'.join(path)} has shape {x.shape}, the config "
-                       f"says {shape}: the checkpoint and its meta config disagree")
-    yield path, x
-
-
-def _nest(path, value):
-  for key in reversed(path):
-    value = {key: value}
-  return value
-
-
-def load_params(workdir, step, cfg_model):
-  """All parameters as a nested dict of numpy arrays (for generate/evaluate)."""
-  params = {}
-  for path, x in iter_params(workdir, step, cfg_model):
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = x
-  return params
-
+from tinyllama_jax import config as config_lib, hf, run as run_lib
 
 # ----------------------------------------------------------------------------- output dirs
 
@@ -170,8 +43,21 @@ def fresh_output_dir(path, what):
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise ValueError(f"{what} {path} already exists and is not empty: remove it or choose another")
   parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+  except OSError as e:
+    raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
+                     "place") from None
+  # mkdtemp's 0700 would keep the output from a serving account or a colleague: the umask's mode.
+  os.chmod(tmp, 0o777 & ~_umask())
+  return tmp
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def commit_output_dir(tmp, path):
@@ -187,50 +73,76 @@ _EXPORT_DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
                   "fp32": ("float32", np.dtype(np.float32))}
 
 
-def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB"):
-  """Writes the HF directory `out` from the run in `workdir`; returns a small report dict."""
+class WriteError(RuntimeError):
+  """Writing the output failed (a full disk, an I/O error): a fault, exit status 3."""
+
+
+def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", tokenizer=None):
+  """Writes the HF directory `out` from the run in `workdir`; returns a small report dict.
+  `tokenizer`: a sentencepiece .model to use instead of the run's own (run.tokenizer_path)."""
   if dtype not in _EXPORT_DTYPES:
     raise ValueError(f"--dtype={dtype!r}: choose bf16 or fp32")
   max_bytes = hf.parse_size(max_shard_size)
-  step = resolve_step(workdir, step)
-  cfg = run_config(workdir, step)
-  tok_path = tokenizer_path(cfg, workdir)
+  step = run_lib.resolve_step(workdir, step)
+  cfg = run_lib.run_config(workdir, step)
+  tok_path = run_lib.tokenizer_path(cfg, workdir, tokenizer)
   dtype_name, np_dtype = _EXPORT_DTYPES[dtype]
+  plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
   tmp = fresh_output_dir(out, "--out")
   t0 = time.perf_counter()
   try:
-    bos_id, eos_id = 1, 2  # Llama-2's, which our tokenizers keep
-    if tok_path is not None:
-      bos_id, eos_id = hf.write_tokenizer(tmp, tok_path, add_bos=cfg.data.add_bos, add_eos=False,
-                                          max_len=cfg.model.max_seq_len, log=logging.warning)
-    else:
-      logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
-                      cfg.data.source)
-    _write_json(os.path.join(tmp, "config.json"),
-                hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
-    # No max_length: transformers warns when it meets max_new_tokens, the usual argument.
-    _write_json(os.path.join(tmp, "generation_config.json"),
-                {"bos_token_id": bos_id, "eos_token_id": eos_id})
-    plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
-    writer = hf.ShardWriter(tmp, plan, np_dtype)
-    try:
-      for path, x in iter_params(workdir, step, cfg.model):
-        logging.info("writing %s %s", "/".join(path), x.shape)
-        for name, w in hf.to_hf(path, x):
-          writer.write(name, w)
-    finally:
-      writer.close()
-    writer.check_complete()
-    if len(plan) > 1:
-      hf.write_index(tmp, plan, np_dtype)
+    _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
     commit_output_dir(tmp, out)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise _write_error(out, e, plan, np_dtype) from e
     raise
   report = {"step": step, "out": os.path.abspath(out), "files": [f for f, _ in plan],
             "dtype": dtype_name, "seconds": round(time.perf_counter() - t0, 2)}
   logging.info("exported step %d of %s to %s", step, workdir, report)
   return report
+
+
+def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype):
+  bos_id, eos_id = 1, 2  # Llama-2's, which our tokenizers keep
+  if tok_path is not None:
+    bos_id, eos_id = hf.write_tokenizer(tmp, tok_path, add_bos=cfg.data.add_bos, add_eos=False,
+                                        max_len=cfg.model.max_seq_len, log=logging.warning)
+  else:
+    logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
+                    cfg.data.source)
+  _write_json(os.path.join(tmp, "config.json"),
+              hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
+  # No max_length: transformers warns when it meets max_new_tokens, the usual argument.
+  _write_json(os.path.join(tmp, "generation_config.json"),
+              {"bos_token_id": bos_id, "eos_token_id": eos_id})
+  writer = hf.ShardWriter(tmp, plan, np_dtype)
+  try:
+    for path, x in run_lib.iter_params(workdir, step, cfg.model):
+      logging.info("writing %s %s", "/".join(path), x.shape)
+      for name, w in hf.to_hf(path, x):
+        writer.write(name, w)
+  finally:
+    writer.close()
+  writer.check_complete()
+  if len(plan) > 1:
+    hf.write_index(tmp, plan, np_dtype)
+
+
+def _write_error(out, error, plan, np_dtype):
+  """One line: what failed, the room there is and the room the export needs."""
+  out = os.path.abspath(out)
+  need = sum(int(np.prod(shape)) for _, tensors in plan for _, shape in tensors) * np_dtype.itemsize
+  free = shutil.disk_usage(os.path.dirname(out)).free
+  reason = error.strerror or str(error)
+  return WriteError(f"could not write the export to {out} ({reason.lower()}; {_gib(free)} free "
+                    f"there, the weights take {_gib(need)}): free disk space or choose another "
+                    "--out; nothing was written")
+
+
+def _gib(n):
+  return f"{n / 2**30:.2f} GiB"
 
 
 def _write_json(path, obj):
@@ -331,10 +243,10 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
   t0 = time.perf_counter()
   try:
     cfg = import_config(fields, base_config_path,
-                        os.path.join(final, "tokenizer", "tokenizer.model"))
+                        os.path.join(final, tokenizer_lib.RUN_COPY))
     get = check_tensors(reader, cfg.model, hf_cfg, hf_dir)
     os.makedirs(os.path.join(tmp, "tokenizer"))
-    shutil.copyfile(tok_src, os.path.join(tmp, "tokenizer", "tokenizer.model"))
+    shutil.copyfile(tok_src, os.path.join(tmp, tokenizer_lib.RUN_COPY))
 
     # The trainer's own init fixes the state tree; its parameters and optimizer state are
     # replaced by the imported ones, everything else (step, RNG, counters) is kept as init makes it.
@@ -357,7 +269,7 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
              "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
     if jax.tree.structure(state) != jax.tree.structure(abstract):
       raise AssertionError("the imported state does not match the trainer's state tree")
-    ckpt = checkpoint.Checkpointer(checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
+    ckpt = checkpoint.Checkpointer(run_lib.checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
                                    async_save=False)
     ckpt.save(0, state, {}, cfg)
     ckpt.wait()
@@ -394,7 +306,8 @@ _FLAG_SPECS = (
     ("config", flags.DEFINE_string, None,
      "Import: config file whose training fields the run starts from (default: base_config)."),
     ("tokenizer", flags.DEFINE_string, None,
-     "Import: sentencepiece .model (default: HFDIR/tokenizer.model)."),
+     "Sentencepiece .model. Import: default HFDIR/tokenizer.model. Export: instead of the run's "
+     "own (WORKDIR/tokenizer/tokenizer.model)."),
 )
 for _name, _define, _default, _help in _FLAG_SPECS:
   _define(_name, _default, _help, flag_values=FLAGS)
@@ -416,7 +329,7 @@ def main(argv):
   if not FLAGS.out:
     raise ValueError("--out is required for export (or pass --from_hf=HFDIR to import)")
   report = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
-                  max_shard_size=FLAGS.max_shard_size)
+                  max_shard_size=FLAGS.max_shard_size, tokenizer=FLAGS.tokenizer)
   print(json.dumps(report))
 
 
@@ -433,7 +346,11 @@ def run_cli(argv=None):
       raise ValueError(f"{e} (see --help)") from None
     flags.FLAGS(argv[:1])  # absl's own flags (logging) at their defaults
     main(rest)
-  config_lib.exit_on_error(parse_and_run)
+  try:
+    config_lib.exit_on_error(parse_and_run)
+  except WriteError as e:  # a fault, not bad input (docs/reliability.md's exit statuses)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

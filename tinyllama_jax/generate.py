@@ -140,6 +140,31 @@ def decoder_for(cfg_model, batch, length, greedy):
   return _DECODERS[key]
 
 
+def check_settings(*, max_new_tokens, temperature, top_p):
+  """Sampling settings outside their ranges: one line naming the flag (before anything loads)."""
+  if max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={max_new_tokens}: generate at least 1 token")
+  if not temperature >= 0:  # NaN too
+    raise ValueError(f"--temperature={temperature}: use 0 (greedy) or more")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"--top_p={top_p}: use a value in (0, 1] (1: no nucleus cut)")
+
+
+def check_request(cfg_model, prompts, *, max_new_tokens, temperature, top_p):
+  """The prompts' lengths, once settings and prompts fit the model's context (one-line errors)."""
+  check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (the BOS counts)")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  longest, limit = int(lengths.max()), cfg_model.max_seq_len
+  if longest + max_new_tokens > limit:
+    room = (f"lower --max_new_tokens to {limit - longest} or less" if longest < limit
+            else "shorten the prompt")
+    raise ValueError(f"a prompt of {longest} tokens and --max_new_tokens={max_new_tokens} do not "
+                     f"fit the model's context of {limit} tokens: {room}")
+  return lengths
+
+
 def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, temperature=0.0,
              top_p=1.0, seed=0, n_valid=None, on_token=None):
   """New tokens for each prompt (lists of ids), stopping after eos_id (kept) or max_new_tokens.
@@ -147,16 +172,9 @@ def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, tempera
 
   on_token(i, token) is called as soon as row i's next token is known (for streaming).
   """
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token (the BOS counts)")
-  lengths = np.array([len(p) for p in prompts], np.int32)
+  lengths = check_request(cfg_model, prompts, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p)
   limit = cfg_model.max_seq_len
-  if lengths.max() >= limit:
-    raise ValueError(f"a prompt has {lengths.max()} tokens; the model's context is {limit}")
-  if lengths.max() + max_new_tokens > limit:
-    logging.warning("max_new_tokens %d cut to %d: the model's context is %d tokens",
-                    max_new_tokens, limit - lengths.max(), limit)
-    max_new_tokens = int(limit - lengths.max())
   B = len(prompts)
   # Cache and prompt lengths round up to multiples of 64, so similar requests reuse compiles.
   length = min(-(-int(lengths.max() + max_new_tokens) // 64) * 64, limit)
@@ -222,12 +240,14 @@ def define_flags():
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens with this "
                      "much probability (1: all).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
+                      "(WORKDIR/tokenizer/tokenizer.model).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tinyllama_jax import export
+  from tinyllama_jax import run as run_lib
   from tinyllama_jax.data import tokenizer as tokenizer_lib
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # the console is for the generated text
@@ -242,17 +262,19 @@ def main(argv):
       raise ValueError(f"--prompts_file={FLAGS.prompts_file!r} cannot be read ({e.strerror})")
   if not prompts:
     raise ValueError("give --prompt=TEXT (repeatable) or --prompts_file=FILE")
-  if FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1:
-    raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
-  step = export.resolve_step(FLAGS.workdir, FLAGS.step)
-  cfg = export.run_config(FLAGS.workdir, step)
-  tok_path = export.tokenizer_path(cfg, FLAGS.workdir)
+  check_settings(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                 top_p=FLAGS.top_p)
+  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
+  cfg = run_lib.run_config(FLAGS.workdir, step)
+  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
   if tok_path is None:
     raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): nothing to "
-                     "decode text with")
+                     "decode text with (--tokenizer=PATH names one)")
   tok = tokenizer_lib.Tokenizer(tok_path)
-  params = jax.device_put(export.load_params(FLAGS.workdir, step, cfg.model))
   prompt_ids = [([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(p) for p in prompts]
+  check_request(cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
+                temperature=FLAGS.temperature, top_p=FLAGS.top_p)
+  params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
   stream = Streamer(tok, prompt_ids[0]) if len(prompts) == 1 else None
   if stream:
     sys.stdout.write(prompts[0])

@@ -31,10 +31,18 @@ def has_a_target(element) -> bool:
   return len(element["tokens"]) >= 2
 
 
-def concat_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
-  """Documents -> {'tokens': [seq_len + 1]} rows. The streams here repeat forever: no tail."""
+def concat_rows(docs: grain.IterDataset, seq_len: int, finite=False) -> grain.IterDataset:
+  """Documents -> {'tokens': [seq_len + 1]} rows. A `finite` stream's last row is filled up with
+  padding, which would count as tokens: it is left out, as RowSource leaves out a prepared
+  stream's tail. (A repeating stream has no tail, and its iterator state stays as it was.)"""
   rows = grain_x.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
+  if finite:
+    rows = rows.filter(_no_padding)
   return rows.map(_tokens_only)  # the same structure as prepared rows, so sources can mix
+
+
+def _no_padding(row) -> bool:
+  return bool(row["tokens_segment_ids"].all())
 
 
 def _tokens_only(row):

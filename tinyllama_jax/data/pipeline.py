@@ -44,7 +44,8 @@ def _check_cfg(cfg: ml_collections.ConfigDict):
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
-  """The tokenizer named by data.tokenizer, or one trained on this corpus and cached in workdir.
+  """The tokenizer named by data.tokenizer or the prepared data's manifest (copied into the
+  workdir), or one trained on this corpus and cached in workdir.
 
   Returns None for the synthetic source (it needs none). The cached tokenizer records what it was
   trained for; a workdir whose tokenizer was trained for another corpus or vocab size is an error
@@ -54,18 +55,17 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
   if cfg.source == "synthetic":
     return None
   if cfg.tokenizer:
-    return tokenizer_lib.Tokenizer(cfg.tokenizer)
-  comps = components(cfg)
-  prepared = [paths for _, source, paths in comps if source == "prepared"]
-  if prepared:  # the tokenizer the data was prepared with
-    manifest, root = corpus.load_manifest(prepared[0].split(",")[0].strip())
+    return _keep_a_copy(tokenizer_lib.Tokenizer(cfg.tokenizer), workdir)
+  manifest_path = tokenizer_manifest(cfg)
+  if manifest_path is not None:  # the tokenizer the data was prepared with
+    manifest, root = corpus.load_manifest(manifest_path)
     tok = tokenizer_lib.Tokenizer(corpus.manifest_tokenizer_path(manifest, root))
-    corpus.check_tokenizer(manifest, prepared[0], tok)
-    return tok
-  if any(source == "litpkds" for _, source, _ in comps):
+    corpus.check_tokenizer(manifest, manifest_path, tok)
+    return _keep_a_copy(tok, workdir)
+  if any(source == "litpkds" for _, source, _ in components(cfg)):
     raise ValueError("LITPKDS files do not name their tokenizer: set data.tokenizer to the "
                      ".model they were made with (Llama-2's for TinyLlama's files)")
-  path = os.path.join(workdir, "tokenizer", "tokenizer.model")
+  path = os.path.join(workdir, tokenizer_lib.RUN_COPY)
   info_path = os.path.join(workdir, "tokenizer", "trained_for.json")
   want = {"source": cfg.source, "paths": cfg.paths, "mixture": cfg.mixture, "vocab_size": cfg.tokenizer_vocab_size,
           "train_bytes": cfg.tokenizer_train_bytes, "eval_fraction": cfg.eval_fraction}
@@ -84,6 +84,29 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
   # The record goes first: a crash between the two writes leaves no model, so the next run retrains.
   _write_json(info_path, want)
   return tokenizer_lib.train_tokenizer(_tokenizer_sample(cfg), path, cfg.tokenizer_vocab_size)
+
+
+def tokenizer_manifest(cfg):
+  """The manifest whose tokenizer a run without data.tokenizer uses: its first prepared data's
+  (None when it has no prepared data)."""
+  prepared = [paths for _, source, paths in components(cfg) if source == "prepared"]
+  return prepared[0].split(",")[0].strip() if prepared else None
+
+
+def _keep_a_copy(tok, workdir):
+  """Copies `tok` into WORKDIR/tokenizer, so that the run stays readable (export, generate,
+  evaluate) when the original moves or goes; a copy of another tokenizer already there means the
+  workdir was trained with that one: an error, not a silent switch."""
+  path = os.path.join(workdir, tokenizer_lib.RUN_COPY)
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tok.save(path)
+    logging.info("copied the tokenizer %s to %s: the run keeps its own", tok.path, path)
+  elif (have := tokenizer_lib.file_sha256(path)) != tok.sha256:
+    raise ValueError(f"the workdir's tokenizer {path} is not {tok.path} (sha256 {have[:12]} vs "
+                     f"{tok.sha256[:12]}): this workdir trained with another tokenizer; use a new "
+                     f"--workdir, or point data.tokenizer at {path}")
+  return tok
 
 
 def _tokenizer_sample(cfg):
@@ -219,7 +242,7 @@ def _token_files(source, paths, cfg, split, tokenizer):
 
 
 def _component(source, paths, cfg, *, split, seq_len, seed, process_index, process_count,
-               tokenizer):
+               tokenizer, repeat):
   """One source's stream: documents {'tokens': [n]} or, for concat, rows {'tokens': [T+1]}."""
   if source in _TEXT_SOURCES:
     items, tokenize = _documents(source, paths, cfg, split)
@@ -237,7 +260,8 @@ def _component(source, paths, cfg, *, split, seq_len, seed, process_index, proce
     map_fn = None
   if split == "train":
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(None)
+  if repeat:
+    ds = ds.repeat(None)
   if map_fn is not None:
     ds = ds.map(map_fn)
   # Text is tokenized by grain's reader threads; grain's default read-ahead (500 elements on 16
@@ -245,7 +269,7 @@ def _component(source, paths, cfg, *, split, seq_len, seed, process_index, proce
   read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32) if map_fn else grain.ReadOptions()
   it_ds = ds.to_iter_dataset(read)
   if cfg.packing == "concat" and source in _TEXT_SOURCES:
-    return packing.concat_rows(it_ds.filter(packing.has_a_target), seq_len)
+    return packing.concat_rows(it_ds.filter(packing.has_a_target), seq_len, finite=not repeat)
   return it_ds if cfg.packing == "concat" else it_ds.filter(packing.has_a_target)
 
 
@@ -328,11 +352,13 @@ def _check_state(state, fingerprint):
 
 
 def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, batch_size: int,
-                  seed: int, process_index: int, process_count: int, tokenizer, vocab_size: int):
+                  seed: int, process_index: int, process_count: int, tokenizer, vocab_size: int,
+                  repeat: bool = True):
   """This process's stream of [batch_size, seq_len] batches (see the module docstring).
 
   'train' repeats forever, reshuffled each epoch by `seed`; 'eval' is the same stream on every
-  call (unshuffled, independent of `seed`), and repeats too.
+  call (unshuffled, independent of `seed`), and repeats too. With repeat=False the stream ends
+  after one pass (each token at most once; the last batch may be short): for scoring a split.
   """
   _check_cfg(cfg)
   if split not in sources.SPLITS:
@@ -359,13 +385,13 @@ def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, b
   comps = components(cfg)
   streams = [_component(source, paths, cfg, split=split, seq_len=seq_len,
                         seed=(seed + i) % 2**32, process_index=process_index,
-                        process_count=process_count, tokenizer=tokenizer)
+                        process_count=process_count, tokenizer=tokenizer, repeat=repeat)
              for i, (_, source, paths) in enumerate(comps)]
   ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
       streams, [w for w, _, _ in comps])
   if cfg.packing != "concat":
     ds = packing.pack_documents(ds, cfg.packing, seq_len, cfg.num_packing_bins, seed)
-  ds = ds.batch(batch_size, drop_remainder=True).map(packing.Finalize(cfg.packing, seq_len,
+  ds = ds.batch(batch_size, drop_remainder=repeat).map(packing.Finalize(cfg.packing, seq_len,
                                                                       vocab_size))
   if cfg.num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(

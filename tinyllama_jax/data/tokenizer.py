@@ -14,6 +14,14 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Longest line the trainer learns from; longer lines (minified data, long literals) are skipped by
 # sentencepiece, which only affects what merges are learned, never what can be encoded.
 _MAX_TRAIN_LINE_BYTES = 16384
+# A run's own copy of its tokenizer, relative to the workdir: what export, generate and evaluate
+# read, wherever the tokenizer the run started from lives.
+RUN_COPY = os.path.join("tokenizer", "tokenizer.model")
+
+
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 class Tokenizer:
@@ -52,6 +60,10 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  def save(self, path: str):
+    """Writes the model atomically (a temp file renamed): never a half-written `path`."""
+    _atomic_write(path, self._proto)
+
   def __getstate__(self):
     return {"path": self.path, "proto": self._proto}
 
@@ -84,14 +96,25 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int) -> Tokeniz
       hard_vocab_limit=False, max_sentence_length=_MAX_TRAIN_LINE_BYTES,
       num_threads=os.cpu_count() or 1, minloglevel=2)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _atomic_write(path, model.getvalue())
+  tok = Tokenizer(path)
+  logging.info("trained %s", tok)
+  return tok
+
+
+def _atomic_write(path: str, data: bytes):
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(model.getvalue())
+      f.write(data)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep the model from colleagues
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
-  tok = Tokenizer(path)
-  logging.info("trained %s", tok)
-  return tok
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
