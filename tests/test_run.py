@@ -85,9 +85,10 @@ def test_tokenizer_path_order_and_error(prepared, tmp_path):
   workdir = str(tmp_path / "w")
   os.makedirs(workdir)
   cfg = run_cfg(source="prepared", paths=data)
-  assert run_lib.tokenizer_path(cfg, workdir) == tok_file  # an old run: the manifest's
+  data_copy = os.path.join(data, "tokenizer.model")  # prepare keeps one beside the shards
+  assert run_lib.tokenizer_path(cfg, workdir) == data_copy  # an old run: the manifest's
   mixture = run_cfg(source="mixture", mixture=f"1:stdlib:;1:prepared:{data}")
-  assert run_lib.tokenizer_path(mixture, workdir) == tok_file
+  assert run_lib.tokenizer_path(mixture, workdir) == data_copy
   assert run_lib.tokenizer_path(run_cfg(tokenizer=tok_file), workdir) == tok_file
   assert run_lib.tokenizer_path(run_cfg(source="synthetic"), workdir) is None
   pipeline.load_tokenizer(cfg.data, workdir)  # what train does: the run's own copy, found first
@@ -110,10 +111,10 @@ def test_tokenizer_path_order_and_error(prepared, tmp_path):
 def test_a_tokenizer_changed_since_prepare_is_not_taken(tmp_path):
   tok = make_tokenizer(str(tmp_path / "tok.model"))
   prepare_docs(tok, str(tmp_path / "data"), names=("tool.py",))
-  make_tokenizer(tok.path, vocab_size=400)  # retrained in place
+  make_tokenizer(str(tmp_path / "data" / "tokenizer.model"), vocab_size=400)  # the data's, retrained
   workdir = str(tmp_path / "w")
   os.makedirs(workdir)
-  with pytest.raises(ValueError, match=r"tok.model \(named by .*data, but changed since the data "
+  with pytest.raises(ValueError, match=r"tokenizer.model \(named by .*data, but changed since the data "
                      "was prepared\).*--tokenizer=PATH"):
     run_lib.tokenizer_path(run_cfg(source="prepared", paths=str(tmp_path / "data")), workdir)
 
