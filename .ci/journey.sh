@@ -72,11 +72,11 @@ RUN="$R -m tinyllama_jax.train $TINY --workdir=$J/runs/mine --config.data.source
 step train "eval loss" $RUN --config.train.steps=4
 step resume "resuming from .*checkpoints/4" $RUN --config.train.steps=8
 
-step export "exported|wrote" "$R" -m tinyllama_jax.export --workdir="$J/runs/mine" --out="$J/mine-hf"
-step export_files "model.safetensors|safetensors" ls "$J/mine-hf"
+step export '"files": \["model.safetensors"\]' "$R" -m tinyllama_jax.export --workdir="$J/runs/mine" --out="$J/mine-hf"
+step export_files "tokenizer.model" ls "$J/mine-hf"
 step generate "def" "$R" -m tinyllama_jax.generate --workdir="$J/runs/mine" --prompt="def " \
   --max_new_tokens=16
-step evaluate "loss" "$R" -m tinyllama_jax.evaluate --workdir="$J/runs/mine" \
+step evaluate "perplexity [0-9.]+ \| [0-9,]+ tokens" "$R" -m tinyllama_jax.evaluate --workdir="$J/runs/mine" \
   --data="$J/raw/held_out.jsonl" --seq_len=128 --batch_size=2
 step sweep "^$V/bin/python -m tinyllama_jax.train --config=" "$R" -m tinyllama_jax.sweep --config=configs/tiny.py \
   --sweep=configs/sweeps/tiny_lr.py --workdir="$J/sweep" --launcher=print
