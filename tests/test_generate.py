@@ -1,7 +1,6 @@
 """The KV-cached decoder: greedy equals transformers' greedy generate token for token on the
 exported model, batched prompts of different lengths included; sampling and streaming."""
 
-import functools
 import io
 import subprocess
 import sys
@@ -11,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from test_export import REPO, exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
 from tinyllama_jax import generate
+from tinyllama_jax import model as model_lib
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def test_cached_forward_equals_model(model):
   params, cfg, tok, _, _ = model
   tokens = np.array([sum(prompts(tok), [])[:12]])
   full = our_logits(params, cfg.model, tokens)[0]
-  forward = jax.jit(functools.partial(generate.forward, cfg_model=cfg.model, dtype=jnp.float32))
-  cache = generate.init_cache(cfg.model, 1, 16, jnp.float32)
+  graphdef = model_lib.graphdef(cfg.model)
+  forward = jax.jit(lambda p, t, pos, c: nnx.merge(graphdef, p).forward(t, pos, cache=c))
+  cache = model_lib.init_cache(cfg.model, 1, 16, jnp.float32)
   h, cache = forward(params, tokens[:, :5], jnp.arange(5)[None], cache)
   steps = [generate.logits_of(params, h[:, i]) for i in range(5)]
   for t in range(5, 12):

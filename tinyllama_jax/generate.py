@@ -1,82 +1,25 @@
 """Sample text from a run: `python -m tinyllama_jax.generate --workdir=DIR --prompt="def fib(n):"`.
 
-A jitted decoder with a KV cache: one prefill over the prompts, then one compiled step per new
-token. Prompts of different lengths share a batch without left padding: each row writes its
-keys/values at its own positions and attends to cache slots up to its own position, so every
-row sees exactly what it would see alone (and greedy decoding equals transformers' token for
-token). Greedy (temperature 0), temperature, and top-p (nucleus) sampling. One prompt streams to
-the console as it is decoded; a batch prints each completion at the end.
-
-The cached forward is written here from the kernels' jnp references and model.py's stacked
-parameter layout; it computes what model.Llama computes (tests hold it to transformers').
+A jitted decoder over the model's own forward with a KV cache (model.Llama.forward, the same
+code that trains, with the config's kernels and fused projections): one prefill over the prompts,
+then one compiled step per new token. Prompts of different lengths share a batch without left
+padding: each row writes its keys/values at its own positions and attends to cache slots up to
+its own position, so every row sees exactly what it would see alone (and greedy decoding equals
+transformers' token for token). Greedy (temperature 0), temperature, and top-p (nucleus)
+sampling. One prompt streams to the console as it is decoded; a batch prints each completion at
+the end.
 """
 
-import functools
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
 from tinyllama_jax import config as config_lib
-from tinyllama_jax.kernels.rms_norm import rms_norm_ref
-from tinyllama_jax.kernels.rope import rope_ref
-from tinyllama_jax.kernels.swiglu import swiglu_ref
-from tinyllama_jax.model import compute_dtype
-
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-
-def init_cache(cfg_model, batch, length, dtype):
-  """Keys and values of every layer: [L, B, S, K, Dh] each."""
-  m = cfg_model
-  shape = (m.n_layers, batch, length, m.n_kv_heads, m.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-
-
-def cached_attention(q_BTHD, k_BSKD, v_BSKD, positions_BT):
-  """Query at position p attends to cache slots 0..p (slot s holds position s's key)."""
-  B, T, H, D = q_BTHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-  logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
-                            preferred_element_type=jnp.float32) * (D ** -0.5)
-  mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASK_VALUE)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKD.dtype)
-  o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD,
-                       preferred_element_type=jnp.float32)
-  return o_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
-
-
-def forward(params, tokens_BT, positions_BT, cache, *, cfg_model, dtype):
-  """(final-normed h_BTD, the cache with these tokens' keys/values written at their positions)."""
-  m = cfg_model
-  B = tokens_BT.shape[0]
-  rows_B1 = jnp.arange(B)[:, None]
-  x_BTD = jnp.take(params["embed"], tokens_BT, axis=0).astype(dtype)
-
-  def layer(x_BTD, inputs):
-    p, k_BSKD, v_BSKD = inputs
-    w = {k: v.astype(dtype) for k, v in p.items()}
-    h_BTD = rms_norm_ref(x_BTD, w["attn_norm"], m.norm_eps)
-    q_BTHD = rope_ref(jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"]), positions_BT, m.rope_theta)
-    k_BTKD = rope_ref(jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"]), positions_BT, m.rope_theta)
-    v_BTKD = jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"])
-    k_BSKD = k_BSKD.at[rows_B1, positions_BT].set(k_BTKD.astype(k_BSKD.dtype))
-    v_BSKD = v_BSKD.at[rows_B1, positions_BT].set(v_BTKD.astype(v_BSKD.dtype))
-    o_BTHD = cached_attention(q_BTHD, k_BSKD, v_BSKD, positions_BT)
-    x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", o_BTHD, w["wo"])
-    h_BTD = rms_norm_ref(x_BTD, w["mlp_norm"], m.norm_eps)
-    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, w["w_gate"])
-    up_BTF = jnp.einsum("btd,df->btf", h_BTD, w["w_up"])
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", swiglu_ref(gate_BTF, up_BTF), w["w_down"])
-    return x_BTD, (k_BSKD, v_BSKD)
-
-  x_BTD, (k, v) = jax.lax.scan(layer, x_BTD, (params["layers"], cache["k"], cache["v"]))
-  h_BTD = rms_norm_ref(x_BTD, params["final_norm"].astype(dtype), m.norm_eps)
-  return h_BTD, {"k": k, "v": v}
+from tinyllama_jax import model as model_lib
 
 
 def logits_of(params, h_BD):
@@ -101,8 +44,11 @@ class Decoder:
   settings are arguments, so changing them recompiles nothing."""
 
   def __init__(self, cfg_model, *, batch, length, greedy):
-    self.dtype = compute_dtype(cfg_model)
-    fwd = functools.partial(forward, cfg_model=cfg_model, dtype=self.dtype)
+    self.dtype = model_lib.compute_dtype(cfg_model)
+    graphdef = model_lib.graphdef(cfg_model)
+
+    def fwd(params, tokens_BT, positions_BT, cache):
+      return nnx.merge(graphdef, params).forward(tokens_BT, positions_BT, cache=cache)
 
     def pick(logits_BV, knobs):
       # Ids past the tokenizer's pieces have untrained embeddings and no text: never emit them.
@@ -115,7 +61,7 @@ class Decoder:
     def prefill(params, tokens_BT, lengths_B, knobs):
       B, T = tokens_BT.shape
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      cache = init_cache(cfg_model, B, length, self.dtype)
+      cache = model_lib.init_cache(cfg_model, B, length, self.dtype)
       h_BTD, cache = fwd(params, tokens_BT, positions_BT, cache)
       h_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
       return pick(logits_of(params, h_BD), knobs), cache
