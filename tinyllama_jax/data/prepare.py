@@ -32,6 +32,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from tinyllama_jax import config as config_lib
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
@@ -402,8 +403,11 @@ def main(argv):
   print(json.dumps(manifest["totals"], indent=1))
 
 
-if __name__ == "__main__":
+def run_cli():
   _define_flags()
-  from tinyllama_jax import config as config_lib
   config_lib.exit_on_error(lambda: config_lib.check_flags(sys.argv))
   app.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()
