@@ -86,16 +86,17 @@ def test_unknown_flag_names_the_closest(tmp_path):
   config_lib.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])
 
 
-def test_sequence_longer_than_model_is_refused(tmp_path):
-  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.train.seq_len=4096")
-  assert_one_line_error(proc, "train.seq_len", "max_seq_len")
-  assert not (tmp_path / "w").exists()
-
-
-def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
-  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w",
-                 "--config.data.tokenizer_vocab_size=4096")
-  assert_one_line_error(proc, "tokenizer_vocab_size", "model.vocab_size")
+def test_bad_config_is_one_line_and_exit_2_before_anything_runs(tmp_path):
+  """A config file that fails to load, a value out of bounds (config.validate's unit tests in
+  test_config.py have the rest): one line, exit 2, nothing written."""
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config():\n  return 42\n")
+  proc = run_cli(f"--config={broken}", f"--workdir={tmp_path}/w")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, f"config file {broken} failed", "returned int")
+  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.model.n_layers=0")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, "model.n_layers=0 must be >= 1")
   assert not (tmp_path / "w").exists()
 
 

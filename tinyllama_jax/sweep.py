@@ -156,11 +156,11 @@ def resolve(base, overrides):
   return cfg
 
 
-def check_schedule(cfg, name):
-  """A learning rate below min_lr in one corner of the grid fails the sweep before the first run."""
-  from tinyllama_jax import optim  # imports jax: only once the bindings themselves are valid
+def check_run(cfg, name):
+  """A bad value in one corner of the grid (a peak lr below min_lr, ...) fails the sweep before
+  the first run: the checks train makes before it starts, less the device-dependent ones."""
   try:
-    optim.lr_schedule(cfg.optim, cfg.train.steps)
+    config_lib.validate(cfg)
   except ValueError as e:
     raise ValueError(f"run {name}: {e}") from None
 
@@ -242,7 +242,7 @@ def plan(config_path, bindings, fixed, cli_overrides, workdir):
   for binding, name in zip(typed, run_names(typed)):
     overrides = {**fixed, **cli, **binding}
     cfg = resolve(base, overrides)
-    check_schedule(cfg, name)
+    check_run(cfg, name)
     runs.append(Run(name, binding, overrides, cfg, os.path.join(os.path.abspath(workdir), name)))
   return runs
 

@@ -116,9 +116,10 @@ class Run:
 
   def __init__(self, cfg, workdir):
     self.cfg, self.workdir = cfg, workdir
+    config_lib.validate(cfg)  # the mesh is built from checked sizes, then the batch is checked on it
     self.mesh = sharding.make_mesh(cfg.mesh)
     n_batch_devices = sharding.batch_devices(self.mesh)
-    faults.check_config(cfg, n_batch_devices, jax.process_count())
+    config_lib.validate(cfg, n_batch_devices, jax.process_count())
     t = cfg.train
     self.micro_batch = t.micro_batch_per_device * n_batch_devices
     self.accum = t.global_batch // self.micro_batch
@@ -365,6 +366,7 @@ def main(argv):
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  config_lib.validate(FLAGS.config)  # one line in the first second, before waiting for peers
   apply_xla_flags(FLAGS.config.train.xla_flags)
   distributed.initialize()
   train(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
