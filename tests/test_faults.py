@@ -12,6 +12,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -346,6 +348,28 @@ def _tiny_state(value=1.0):
 def _abstract(state):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def test_a_workdir_takes_one_writer_and_a_killed_one_leaves_no_lock(tmp_path):
+  workdir = str(tmp_path / "w")
+  lock = faults.WorkdirLock(workdir)
+  with pytest.raises(ValueError, match=rf"workdir {workdir} is in use by train pid {os.getpid()} "
+                                       r"on .*: wait for that run to end, or pass another"):
+    faults.WorkdirLock(workdir)
+  lock.release()
+  faults.WorkdirLock(workdir).release()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom tinyllama_jax import faults\n"
+       "faults.WorkdirLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(300)", workdir],
+      cwd=fh.REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(ValueError, match=f"in use by train pid {holder.pid} "):
+      faults.WorkdirLock(workdir)
+  finally:
+    holder.kill()  # SIGKILL: no cleanup runs in the holder
+    holder.wait()
+  faults.WorkdirLock(workdir).release()
 
 
 def test_checksums_see_one_flipped_bit_and_swapped_elements():

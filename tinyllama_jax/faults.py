@@ -1,13 +1,15 @@
 """What a run does when the world misbehaves: preemption signals, non-finite steps, full disks,
-and the checks of the environment before step one.
+a second run on the same workdir, and the checks of the environment before step one.
 
-The train loop asks three questions of this module: may I start (`check_environment`; the
-config's own checks are config.validate), should I stop
+The train loop asks three questions of this module: may I start (`check_environment`,
+`WorkdirLock`; the config's own checks are config.validate), should I stop
 (`Preemption.requested`), and was that step sound (`NonFiniteGuard`). The jitted step itself only
 calls the pure helpers `inject_nan` and `keep_if_nonfinite`.
 """
 
+import fcntl
 import os
+import socket
 import shutil
 import signal
 import threading
@@ -65,6 +67,32 @@ def check_environment(workdir, abstract_state):
     return
   check_workdir(workdir)
   check_free_disk(os.path.join(workdir, "checkpoints"), state_bytes(abstract_state))
+
+
+class WorkdirLock:
+  """One writer per workdir: an exclusive flock on WORKDIR/.lock, held until release() or the
+  process ends. The kernel drops it with the process, so a crashed or kill -9'd run leaves
+  nothing stuck; the file keeps the holder's pid and host for the refusal's message."""
+
+  def __init__(self, workdir):
+    self.path = os.path.join(workdir, ".lock")
+    os.makedirs(workdir, exist_ok=True)
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(self._fd, 512).decode(errors="replace").strip() or "another process"
+      os.close(self._fd)
+      raise ValueError(f"workdir {workdir} is in use by {holder} (lock {self.path}): wait for "
+                       "that run to end, or pass another --workdir") from None
+    os.ftruncate(self._fd, 0)
+    os.write(self._fd, f"train pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor drops the flock
+      self._fd = None
 
 
 def data_error(error):

@@ -135,12 +135,24 @@ class Run:
     self.eval_sharding = sharding.batch_sharding(self.mesh)
     self._init = jax.jit(init, out_shardings=self.state_shardings)
 
-    self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                        keep=t.keep_checkpoints, async_save=t.async_checkpoint,
-                                        inject_save_sleep_s=t.inject_save_sleep_s)
-    saved_cfg = self.ckpt.latest_config()
-    if saved_cfg is not None:  # refuse another architecture before anything is written
-      checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
+    # One run per workdir, locked before anything in it is touched (the checkpointer removes
+    # incomplete saves: a live run's); process 0 writes for all processes.
+    self.lock = (faults.WorkdirLock(workdir)
+                 if jax.process_index() == 0 and "://" not in workdir else None)
+    try:
+      self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                          keep=t.keep_checkpoints, async_save=t.async_checkpoint,
+                                          inject_save_sleep_s=t.inject_save_sleep_s)
+      saved_cfg = self.ckpt.latest_config()
+      if saved_cfg is not None:  # refuse another architecture before anything is written
+        checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
+    except BaseException:
+      self.release()
+      raise
+
+  def release(self):
+    if self.lock is not None:
+      self.lock.release()
 
   def batch_spec(self, leading):
     T = self.cfg.train.seq_len
@@ -247,8 +259,11 @@ def train(cfg, workdir, dry_run=False):
   """Runs (or resumes) training; returns the last logged metrics. SIGTERM/SIGINT end it early
   after a checkpoint (`preempted` in the result); faults.py says what else it survives."""
   run = Run(cfg, workdir)
-  with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
-    return _train(run, cfg, workdir, dry_run)
+  try:
+    with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
+      return _train(run, cfg, workdir, dry_run)
+  finally:
+    run.release()
 
 
 def _train(run, cfg, workdir, dry_run):
