@@ -47,16 +47,58 @@ def test_tiny_run_loss_falls_and_writes_workdir(tmp_path):
 
 
 def test_resume_is_bitwise_exact(tmp_path):
-  """6 steps, restart, 6 more == 12 straight: parameters, optimizer and data position."""
-  common = {"optim.decay_steps": 12, "train.checkpoint_every": 6, "train.eval_every": 100}
+  """6 steps, restart, 6 more == 12 straight: parameters, optimizer and data position. Eval and
+  periodic checkpoints off (0): no eval, and only the final checkpoint of each run."""
+  common = {"optim.decay_steps": 12, "train.checkpoint_every": 0, "train.eval_every": 0}
   straight = train_lib.train(micro_config(**common, **{"train.steps": 12}), str(tmp_path / "a"))
   train_lib.train(micro_config(**common, **{"train.steps": 6}), str(tmp_path / "b"))
   resumed = train_lib.train(micro_config(**common, **{"train.steps": 12}), str(tmp_path / "b"))
+  assert "eval/loss" not in straight and "eval/loss" not in resumed
+  assert os.listdir(tmp_path / "a" / "checkpoints") == ["12"]
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["12", "6"]
   a, b = flat(straight["params"]), flat(resumed["params"])
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert straight["train/loss"] == resumed["train/loss"]
+
+
+def test_steps_trained_before_a_failing_eval_are_checkpointed(tmp_path, monkeypatch):
+  def broken_eval(*args, **kwargs):
+    raise RuntimeError("eval broke")
+  monkeypatch.setattr(train_lib, "evaluate", broken_eval)
+  cfg = micro_config(**{"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 0})
+  with pytest.raises(RuntimeError, match="eval broke"):
+    train_lib.train(cfg, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+  import faults_helpers
+  return faults_helpers.micro_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def write_tokens(path, n, seed=0):
+  from tinyllama_jax.data import formats
+  rng = np.random.default_rng(seed)
+  formats.write_litpkds(str(path), rng.integers(3, 512, n).astype(np.uint16))
+
+
+def litpkds(directory, tokenizer_path):
+  return {"data.source": "litpkds", "data.paths": str(directory / "train*.bin"),
+          "data.eval_paths": str(directory / "eval*.bin"), "data.tokenizer": tokenizer_path}
+
+
+def test_an_eval_split_too_small_for_one_row_fails_before_compiling(tmp_path, tokenizer_path,
+                                                                   caplog):
+  write_tokens(tmp_path / "train0.bin", 20_000)
+  write_tokens(tmp_path / "eval0.bin", 30)  # not one row of seq_len + 1 = 65 tokens
+  with pytest.raises(ValueError, match=r"cannot evaluate on this data's eval split \(30 tokens "
+                                       r"make 0 rows of 65.*--config.train.eval_every=0"):
+    train_lib.train(micro_config(**litpkds(tmp_path, tokenizer_path)), str(tmp_path / "w"))
+  assert "compiling" not in caplog.text
+  assert os.listdir(tmp_path / "w" / "checkpoints") == []
 
 
 def run_cli(*args):

@@ -67,10 +67,10 @@ def train_config():
   c.seq_len = 2048
   c.global_batch = 1024  # sequences per optimizer step, all devices and micro-batches together
   c.micro_batch_per_device = 8  # sequences per device per forward/backward; the rest accumulates
-  c.log_every = 10
-  c.eval_every = 5000
+  c.log_every = 10  # >= 1; the last step is always logged (steps: only the last)
+  c.eval_every = 5000  # 0 = no eval at all; else every this many steps and at the last
   c.eval_batches = 16
-  c.checkpoint_every = 5000
+  c.checkpoint_every = 5000  # 0 = only the final one; the last step and preemption always save
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.sample_tokens = 0  # >0: print a greedy sample of this many tokens at the end

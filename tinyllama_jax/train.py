@@ -229,6 +229,19 @@ def make_iterator(cfg, split, batch_size, tokenizer):
       tokenizer=tokenizer, vocab_size=cfg.model.vocab_size))
 
 
+def check_eval_split(cfg, tokenizer, batch_size):
+  """Eval needs at least one row of seq_len + 1 tokens: found out before the compile, not after
+  the last step."""
+  if not cfg.train.eval_every:
+    return
+  try:
+    make_iterator(cfg, "eval", batch_size, tokenizer).close()
+  except ValueError as e:
+    raise ValueError(f"cannot evaluate on this data's eval split ({e}): prepare it with a larger "
+                     "--eval_fraction (data.eval_fraction for raw files), or pass "
+                     "--config.train.eval_every=0 to train without eval") from e
+
+
 def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_):
   it = make_iterator(cfg, "eval", batch_size, tokenizer)
   loss_sum, count = 0.0, 0.0
@@ -273,8 +286,9 @@ def _train(run, cfg, workdir, dry_run):
                "sequences per step (accumulation x micro-batch)", f"{n_params:,}",
                f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
                run.accum, run.micro_batch)
-  if not dry_run:  # missing or unreadable data fails now, not after the compile
+  if not dry_run:  # missing, unreadable or too little data fails now, not after the compile
     tokenizer = load_tokenizer(cfg, workdir)
+    check_eval_split(cfg, tokenizer, run.micro_batch)
     train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
   logging.info("compiling the train step (first compile takes a while)...")
   compiled = run.compile_step()
@@ -322,17 +336,26 @@ def _train(run, cfg, workdir, dry_run):
           last.update(throughput.report(step))
           metrics.console_line(step, t.steps, last)
           writer.scalars(step, last)
-        if (step % t.eval_every == 0 or step == t.steps) and not preempted:
-          logging.info("evaluating on %d held-out batches...", t.eval_batches)
-          last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer, run.micro_batch,
-                                       run.eval_sharding)
-          logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
-          writer.scalars(step, {"eval/loss": last["eval/loss"]})
-          throughput.start(step)
-        if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+        # The checkpoint comes before the eval: a failing eval never costs trained steps.
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or preempted:
           nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
           run.ckpt.save(step, state, train_it.get_state(), cfg)
           saved_step = step
+          throughput.start(step)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and not preempted:
+          logging.info("evaluating on %d held-out batches...", t.eval_batches)
+          try:
+            last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer,
+                                         run.micro_batch, run.eval_sharding)
+          except Exception:
+            if saved_step != step:  # the steps since the last checkpoint stay trained
+              nonfinite.check(saved_step)
+              run.ckpt.save(step, state, train_it.get_state(), cfg)
+              run.ckpt.wait()
+              logging.error("eval failed at step %d: saved checkpoint %d first", step, step)
+            raise
+          logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
+          writer.scalars(step, {"eval/loss": last["eval/loss"]})
           throughput.start(step)
         if preempted:
           run.ckpt.wait()
