@@ -418,3 +418,25 @@ def test_resume_warns_about_config_and_version_differences(caplog):
   saved["model"]["d_model"] = 1
   with pytest.raises(ValueError, match="different architecture.*d_model"):
     checkpoint.check_resume({"step": 7, "config": saved, "versions": versions}, cfg, "w")
+
+
+def test_resume_onto_changed_data_is_refused_or_restarts_the_stream(caplog):
+  cfg = config_lib.base_config()
+  meta = {"step": 7, "config": cfg.to_dict(), "versions": checkpoint.versions(),
+          "data_identity": {"prepared:/d": "aaa"}}
+  checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "aaa"})
+  assert checkpoint.same_data(meta, {"prepared:/d": "aaa"})
+  with pytest.raises(ValueError, match=r"the training data \(prepared:/d\) changed since "
+                                       r"checkpoint 7 .*allow_data_change=True"):
+    checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "bbb"})
+  cfg.train.allow_data_change = True
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "bbb"})
+  assert "the data stream restarts from its beginning" in caplog.text
+  assert not checkpoint.same_data(meta, {"prepared:/d": "bbb"})
+  del meta["data_identity"]  # an older version's checkpoint: resumes, unchecked
+  cfg.train.allow_data_change = False
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "bbb"})
+  assert "records no data identity" in caplog.text
+  assert checkpoint.same_data(meta, {"prepared:/d": "bbb"})

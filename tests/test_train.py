@@ -101,6 +101,25 @@ def test_an_eval_split_too_small_for_one_row_fails_before_compiling(tmp_path, to
   assert os.listdir(tmp_path / "w" / "checkpoints") == []
 
 
+def test_resuming_onto_changed_data_is_refused_unless_allowed(tmp_path, tokenizer_path, caplog):
+  """Changed data under a checkpoint (here a file added to the glob; another prepare into the
+  same folder alike): its data position would land elsewhere in another stream."""
+  write_tokens(tmp_path / "train0.bin", 20_000)
+  write_tokens(tmp_path / "eval0.bin", 2_000)
+  data = litpkds(tmp_path, tokenizer_path)
+  common = {**data, "train.eval_every": 0, "train.checkpoint_every": 0, "optim.decay_steps": 4}
+  train_lib.train(micro_config(**common, **{"train.steps": 2}), str(tmp_path / "w"))
+  write_tokens(tmp_path / "train1.bin", 20_000, seed=1)
+  with pytest.raises(ValueError, match=r"the training data \(litpkds:.*\) changed since "
+                                       r"checkpoint 2 .*train.allow_data_change=True"):
+    train_lib.train(micro_config(**common, **{"train.steps": 4}), str(tmp_path / "w"))
+  out = train_lib.train(micro_config(**common, **{"train.steps": 4,
+                                                  "train.allow_data_change": True}),
+                        str(tmp_path / "w"))
+  assert out["step"] == 4
+  assert "the data stream restarts from its beginning" in caplog.text
+
+
 def run_cli(*args):
   return subprocess.run([sys.executable, "-m", "tinyllama_jax.train", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300)

@@ -85,6 +85,9 @@ def train_config():
   # it, stop once more than max_nan_skips were dropped). Either way the state stays finite.
   c.nan_policy = "stop"
   c.max_nan_skips = 20
+  # Resume onto data that changed since the checkpoint (another prepare into the same folder,
+  # files added): restart the data stream from its beginning, with a warning, instead of refusing.
+  c.allow_data_change = False
   # Test-only fault injection (the fault suite in tests/test_faults.py); never set in real runs.
   c.inject_nan_steps = ""  # comma-separated steps (1-based) whose loss and gradients become NaN
   c.inject_step_sleep_s = 0.0  # sleep after each step: a signal lands at a known step

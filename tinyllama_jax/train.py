@@ -178,15 +178,17 @@ class Run:
     fn = functools.partial(eval_step, graphdef=self.graphdef, cfg=self.cfg)
     return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.eval_sharding))
 
-  def initial_state(self):
+  def initial_state(self, data_identity):
     """(state, data state or None, step of the checkpoint or None): the newest checkpoint that
     verifies, else a fresh init; never a fresh init over checkpoints that all fail to read."""
-    found = self.ckpt.restore_latest(
-        self.abstract_state, lambda meta: checkpoint.check_resume(meta, self.cfg, self.workdir))
+    found = self.ckpt.restore_latest(self.abstract_state, lambda meta: checkpoint.check_resume(
+        meta, self.cfg, self.workdir, data_identity))
     if found is None:
       return self._init(jax.random.key(self.cfg.seed)), None, None
-    step, state, data_state, _ = found
+    step, state, data_state, meta = found
     logging.info("resuming from %s/checkpoints/%d", self.workdir, step)
+    if not checkpoint.same_data(meta, data_identity):  # allowed by train.allow_data_change
+      data_state = None
     return state, data_state, step
 
 
@@ -287,8 +289,10 @@ def _train(run, cfg, workdir, dry_run):
                f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
                run.accum, run.micro_batch)
   if not dry_run:  # missing, unreadable or too little data fails now, not after the compile
+    from tinyllama_jax.data import pipeline
     tokenizer = load_tokenizer(cfg, workdir)
     check_eval_split(cfg, tokenizer, run.micro_batch)
+    data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
     train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
   logging.info("compiling the train step (first compile takes a while)...")
   compiled = run.compile_step()
@@ -300,7 +304,7 @@ def _train(run, cfg, workdir, dry_run):
     print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
     return {}
 
-  state, data_state, saved_step = run.initial_state()
+  state, data_state, saved_step = run.initial_state(data_identity)
   if data_state:  # an imported model's checkpoint has none: the stream starts fresh
     train_it.set_state(data_state)
   if jax.process_index() == 0:
@@ -339,7 +343,7 @@ def _train(run, cfg, workdir, dry_run):
         # The checkpoint comes before the eval: a failing eval never costs trained steps.
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or preempted:
           nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
-          run.ckpt.save(step, state, train_it.get_state(), cfg)
+          run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
           saved_step = step
           throughput.start(step)
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and not preempted:
@@ -350,7 +354,7 @@ def _train(run, cfg, workdir, dry_run):
           except Exception:
             if saved_step != step:  # the steps since the last checkpoint stay trained
               nonfinite.check(saved_step)
-              run.ckpt.save(step, state, train_it.get_state(), cfg)
+              run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
               run.ckpt.wait()
               logging.error("eval failed at step %d: saved checkpoint %d first", step, step)
             raise
