@@ -158,6 +158,9 @@ def test_bad_config_is_one_line_and_exit_2_before_anything_runs(tmp_path):
   proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.model.n_layers=0")
   assert proc.returncode == 2
   assert_one_line_error(proc, "model.n_layers=0 must be >= 1")
+  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.train.steps=abc")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, "--config.train.steps=abc", "invalid literal for int()")
   assert not (tmp_path / "w").exists()
 
 

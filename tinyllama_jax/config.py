@@ -208,6 +208,17 @@ def check_override_keys(argv, flag="config"):
       raise ValueError(unknown_key_message(key, cfg))
 
 
+def parse_flags(argv):
+  """app.run's flags_parser: a value absl cannot parse (`--config.train.steps=abc`) is one line
+  and exit 2, not absl's two lines and exit 1."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def to_json(cfg):
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
 

@@ -428,7 +428,8 @@ def run_cli():
   define_flags()
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
   try:
-    config_lib.exit_on_error(lambda: _exit_on_fault(lambda: app.run(main)))
+    config_lib.exit_on_error(lambda: _exit_on_fault(
+        lambda: app.run(main, flags_parser=config_lib.parse_flags)))
   except SystemExit as e:
     if e.code and jax.distributed.is_initialized():
       # A normal exit waits at jax.distributed's shutdown for peers that are blocked in a
