@@ -71,6 +71,7 @@ def test_shipped_configs_are_valid(name):
     ({"data.packing": "first_fit", "model.kernels.attention": "cudnn"}, "cannot"),
     ({"mesh.fsdp": 0}, "mesh.fsdp=0 must be -1 (all remaining devices) or >= 1"),
     ({"seed": -1}, "seed=-1 must be >= 0"),
+    ({"train.steps": None}, "train.steps=None must be >= 1"),
     ({"peak_flops": -1.0}, "peak_flops=-1.0 must be a finite number >= 0"),
 ])
 def test_validate_names_the_key_and_the_bound(overrides, fragment):
@@ -92,7 +93,8 @@ def test_the_batch_is_checked_on_the_mesh_it_will_run_on():
                                        r"train.micro_batch_per_device x batch devices \(16 x 3 = 48\)"):
     config_lib.validate(cfg, n_batch_devices=3)
   cfg.train.micro_batch_per_device = 1
-  with pytest.raises(ValueError, match=r"the micro-batch \(2\) must divide over 4 processes"):
+  with pytest.raises(ValueError, match=r"the micro-batch, train.micro_batch_per_device x batch "
+                                       r"devices \(2\), must divide over the 4 processes"):
     config_lib.validate(cfg, n_batch_devices=2, n_processes=4)
 
 
@@ -139,3 +141,11 @@ def test_override_keys_are_checked_against_a_config_given_either_way(tmp_path, m
       config_lib.check_override_keys(["x", *args])
   with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
     config_lib.check_override_keys(["x", "--config", tiny_py, "--config.optim.lrr=1"])
+
+
+def test_a_broken_sweep_file_is_one_line_naming_it(tmp_path):
+  from tinyllama_jax import sweep
+  path = tmp_path / "s.py"
+  path.write_text("def get_sweep():\n  return 1 / 0\n")
+  with pytest.raises(ValueError, match=f"sweep file {path} failed: ZeroDivisionError: division by"):
+    sweep.load_sweep_file(str(path))

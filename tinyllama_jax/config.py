@@ -9,6 +9,7 @@ import difflib
 import importlib.util
 import json
 import math
+import os
 import sys
 
 import ml_collections
@@ -135,35 +136,41 @@ def unknown_key_message(key, cfg):
 def load_config_file(path):
   """Runs a config file's get_config(); whatever goes wrong is one ValueError line naming the
   file: a syntax error with its line, an exception inside the file, a result that is no config."""
-  spec = importlib.util.spec_from_file_location("_tinyllama_config", path)
-  if spec is None:
-    raise ValueError(f"config file {path!r} cannot be loaded: give a .py file with get_config()")
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except FileNotFoundError:
-    raise ValueError(f"config file {path!r} does not exist (try --config=configs/tiny.py)") from None
-  except Exception as e:  # noqa: BLE001  whatever a config file raises is its author's to fix
-    raise ValueError(_failed(path, e)) from None
-  get_config = getattr(module, "get_config", None)
-  if not callable(get_config):
-    raise ValueError(f"config file {path} defines no get_config(): add one that returns "
-                     "config.base_config() with your changes")
-  try:
-    cfg = get_config()
-  except Exception as e:  # noqa: BLE001
-    raise ValueError(_failed(path, e)) from None
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist (try --config=configs/tiny.py)")
+  cfg, _ = run_file_function(path, "get_config", "config file",
+                             "add one that returns config.base_config() with your changes")
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ValueError(f"config file {path} failed: get_config() returned {type(cfg).__name__}, "
                      "not an ml_collections.ConfigDict (return config.base_config(), changed)")
   return cfg
 
 
-def _failed(path, error):
+def run_file_function(path, name, what, hint):
+  """(the result of `name`() in the Python file at `path`, the module), where everything that goes
+  wrong, in the file or in the function, is one ValueError line naming `what` and `path`."""
+  spec = importlib.util.spec_from_file_location(f"_tinyllama_{name}", path)
+  if spec is None:
+    raise ValueError(f"{what} {path!r} cannot be loaded: give a .py file with {name}()")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001  whatever a config file raises is its author's to fix
+    raise ValueError(_failed(what, path, e)) from None
+  function = getattr(module, name, None)
+  if not callable(function):
+    raise ValueError(f"{what} {path} defines no {name}(): {hint}")
+  try:
+    return function(), module
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(_failed(what, path, e)) from None
+
+
+def _failed(what, path, error):
   if isinstance(error, SyntaxError):
-    return f"config file {path} failed: SyntaxError at line {error.lineno}: {error.msg}"
+    return f"{what} {path} failed: SyntaxError at line {error.lineno}: {error.msg}"
   text = " ".join(str(error).split())
-  return f"config file {path} failed: {type(error).__name__}" + (f": {text}" if text else "")
+  return f"{what} {path} failed: {type(error).__name__}" + (f": {text}" if text else "")
 
 
 def check_flags(argv):
@@ -325,10 +332,10 @@ def _cross_field_problems(cfg):
   if m.head_dim % 2:
     yield f"model.head_dim ({m.head_dim}) must be even for RoPE"
   if o.min_lr > o.lr:
-    yield f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr})"
+    yield f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}): lower min_lr or raise lr"
   if d.tokenizer_vocab_size > m.vocab_size and not d.tokenizer:
     yield (f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) exceeds model.vocab_size "
-           f"({m.vocab_size})")
+           f"({m.vocab_size}): raise the model's vocab_size or train a smaller tokenizer")
   if t.global_batch % t.micro_batch_per_device:
     yield (f"train.global_batch ({t.global_batch}) must be a multiple of "
            f"train.micro_batch_per_device ({t.micro_batch_per_device})")
@@ -352,7 +359,8 @@ def _batch_problems(cfg, n_batch_devices, n_processes):
            f"train.micro_batch_per_device x batch devices ({t.micro_batch_per_device} x "
            f"{n_batch_devices} = {micro}): change either, or the mesh")
   if micro % n_processes:
-    yield f"the micro-batch ({micro}) must divide over {n_processes} processes"
+    yield (f"the micro-batch, train.micro_batch_per_device x batch devices ({micro}), must "
+           f"divide over the {n_processes} processes: change it or the number of processes")
 
 
 def validate(cfg, n_batch_devices=None, n_processes=1):
@@ -362,7 +370,11 @@ def validate(cfg, n_batch_devices=None, n_processes=1):
     value = cfg
     for part in key.split("."):
       value = value[part]
-    if not test(value):
+    try:
+      ok = test(value)
+    except TypeError:  # None, or a config file's value of another type
+      ok = False
+    if not ok:
       raise ValueError(f"{key}={value!r} {requirement}" + (f" ({hint})" if hint else ""))
   problem = next(_cross_field_problems(cfg), None)
   if problem is None and n_batch_devices is not None:

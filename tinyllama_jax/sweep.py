@@ -18,7 +18,6 @@ WORKDIR/<name>/sweep_run.json holds the bindings, the resolved config and the la
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -86,13 +85,9 @@ def load_sweep_file(path):
   """(bindings, fixed) from a sweep file's get_sweep() and FIXED."""
   if not os.path.isfile(path):
     raise ValueError(f"sweep file {path!r} does not exist (try --sweep=configs/sweeps/tiny_lr.py)")
-  spec = importlib.util.spec_from_file_location("_tinyllama_sweep", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not callable(getattr(module, "get_sweep", None)):
-    raise ValueError(f"sweep file {path!r} defines no get_sweep(): return e.g. "
-                     "product({'optim.lr': [1e-4, 1e-3]})")
-  bindings = _bindings(module.get_sweep(), "get_sweep")
+  sweep, module = config_lib.run_file_function(path, "get_sweep", "sweep file", "return e.g. "
+                                               "product({'optim.lr': [1e-4, 1e-3]})")
+  bindings = _bindings(sweep, "get_sweep")
   if not bindings:
     raise ValueError(f"sweep file {path!r}: get_sweep() returned no runs")
   fixed = getattr(module, "FIXED", {})
