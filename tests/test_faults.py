@@ -360,7 +360,7 @@ def test_a_workdir_takes_one_writer_and_a_killed_one_leaves_no_lock(tmp_path):
   faults.WorkdirLock(workdir).release()
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time\nfrom tinyllama_jax import faults\n"
-       "faults.WorkdirLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(300)", workdir],
+       "lock = faults.WorkdirLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(300)", workdir],
       cwd=fh.REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline() == "locked\n"

@@ -388,8 +388,9 @@ def check_resume(meta, cfg, directory, data_identity=None):
 
 def same_data(meta, data_identity):
   """Whether the checkpoint's data position applies to this data; a checkpoint without the record
-  (an older version's, an imported model's) cannot tell, and keeps its position."""
-  return meta.get("data_identity") in (None, data_identity)
+  (an older version's, an imported model's), or no data_identity to compare, cannot tell, and
+  keeps its position."""
+  return data_identity is None or meta.get("data_identity") in (None, data_identity)
 
 
 def check_data_identity(meta, data_identity, allow_change):

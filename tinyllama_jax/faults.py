@@ -77,22 +77,24 @@ class WorkdirLock:
   def __init__(self, workdir):
     self.path = os.path.join(workdir, ".lock")
     os.makedirs(workdir, exist_ok=True)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    # A file object, not a bare descriptor: one dropped without release() closes, and unlocks,
+    # when it is garbage collected. "a+" creates without truncating the holder's line.
+    self._file = open(self.path, "a+")
     try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = os.read(self._fd, 512).decode(errors="replace").strip() or "another process"
-      os.close(self._fd)
+      self._file.seek(0)
+      holder = self._file.read(512).strip() or "another process"
+      self.release()
       raise ValueError(f"workdir {workdir} is in use by {holder} (lock {self.path}): wait for "
                        "that run to end, or pass another --workdir") from None
-    os.ftruncate(self._fd, 0)
-    os.write(self._fd, f"train pid {os.getpid()} on {socket.gethostname()}, since "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    self._file.truncate(0)
+    self._file.write(f"train pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    self._file.flush()
 
   def release(self):
-    if self._fd is not None:
-      os.close(self._fd)  # closing the descriptor drops the flock
-      self._fd = None
+    self._file.close()  # closing the file drops the flock
 
 
 def data_error(error):

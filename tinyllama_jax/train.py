@@ -178,9 +178,10 @@ class Run:
     fn = functools.partial(eval_step, graphdef=self.graphdef, cfg=self.cfg)
     return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.eval_sharding))
 
-  def initial_state(self, data_identity):
+  def initial_state(self, data_identity=None):
     """(state, data state or None, step of the checkpoint or None): the newest checkpoint that
-    verifies, else a fresh init; never a fresh init over checkpoints that all fail to read."""
+    verifies, else a fresh init; never a fresh init over checkpoints that all fail to read.
+    data_identity (data.pipeline.identity): refuse, or drop, a position saved for other data."""
     found = self.ckpt.restore_latest(self.abstract_state, lambda meta: checkpoint.check_resume(
         meta, self.cfg, self.workdir, data_identity))
     if found is None:
@@ -232,13 +233,14 @@ def make_iterator(cfg, split, batch_size, tokenizer):
 
 
 def check_eval_split(cfg, tokenizer, batch_size):
-  """Eval needs at least one row of seq_len + 1 tokens: found out before the compile, not after
-  the last step."""
+  """Eval needs one row of seq_len + 1 tokens: found out before the compile, not after training."""
   if not cfg.train.eval_every:
     return
   try:
     make_iterator(cfg, "eval", batch_size, tokenizer).close()
   except ValueError as e:
+    if isinstance(e.__cause__, OSError):  # files missing or unreadable: that line says so
+      raise
     raise ValueError(f"cannot evaluate on this data's eval split ({e}): prepare it with a larger "
                      "--eval_fraction (data.eval_fraction for raw files), or pass "
                      "--config.train.eval_every=0 to train without eval") from e
@@ -318,6 +320,12 @@ def _train(run, cfg, workdir, dry_run):
       total_steps=t.steps)
   nonfinite = faults.NonFiniteGuard(t.nan_policy, t.max_nan_skips)
 
+  def save(step):  # of the loop's current state
+    nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
+    run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
+    throughput.start(step)
+    return step
+
   step = int(state["step"])
   last = {}
   preempted = False
@@ -342,10 +350,7 @@ def _train(run, cfg, workdir, dry_run):
           writer.scalars(step, last)
         # The checkpoint comes before the eval: a failing eval never costs trained steps.
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or preempted:
-          nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
-          run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
-          saved_step = step
-          throughput.start(step)
+          saved_step = save(step)
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and not preempted:
           logging.info("evaluating on %d held-out batches...", t.eval_batches)
           try:
@@ -353,10 +358,8 @@ def _train(run, cfg, workdir, dry_run):
                                          run.micro_batch, run.eval_sharding)
           except Exception:
             if saved_step != step:  # the steps since the last checkpoint stay trained
-              nonfinite.check(saved_step)
-              run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
-              run.ckpt.wait()
-              logging.error("eval failed at step %d: saved checkpoint %d first", step, step)
+              logging.error("eval failed at step %d: saving checkpoint %d first", step, step)
+              save(step)
             raise
           logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
           writer.scalars(step, {"eval/loss": last["eval/loss"]})
