@@ -64,6 +64,8 @@ def test_shipped_configs_are_valid(name):
                                            "chunked, xla"),
     ({"data.tokenizer_vocab_size": 4096}, "data.tokenizer_vocab_size (4096) exceeds "
                                           "model.vocab_size (2048)"),
+    ({"data.tokenizer_vocab_size": 4096, "data.source": "text", "data.paths": "x"},
+     "data.tokenizer_vocab_size (4096) exceeds"),
     ({"data.source": "web"}, "data.source='web' must be one of stdlib, synthetic"),
     ({"data.packing": "fit"}, "data.packing='fit' must be one of concat, first_fit, best_fit"),
     ({"data.source": "text"}, "data.source='text' needs data.paths"),
@@ -79,6 +81,12 @@ def test_validate_names_the_key_and_the_bound(overrides, fragment):
     config_lib.validate(tiny(**overrides))
   assert fragment in str(e.value)
   assert "\n" not in str(e.value)
+
+
+def test_a_tokenizer_that_is_not_trained_is_not_held_to_tokenizer_vocab_size():
+  config_lib.validate(tiny(**{"data.tokenizer_vocab_size": 4096, "data.source": "prepared",
+                              "data.paths": "x"}))
+  config_lib.validate(tiny(**{"data.tokenizer_vocab_size": 4096, "data.tokenizer": "t.model"}))
 
 
 def test_zero_means_off_where_documented():

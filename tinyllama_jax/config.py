@@ -333,7 +333,8 @@ def _cross_field_problems(cfg):
     yield f"model.head_dim ({m.head_dim}) must be even for RoPE"
   if o.min_lr > o.lr:
     yield f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}): lower min_lr or raise lr"
-  if d.tokenizer_vocab_size > m.vocab_size and not d.tokenizer:
+  if d.tokenizer_vocab_size > m.vocab_size and d.source in ("stdlib", "text") and not d.tokenizer:
+    # the tokenizer this run trains; a prepared folder's own is checked once it is loaded
     yield (f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) exceeds model.vocab_size "
            f"({m.vocab_size}): raise the model's vocab_size or train a smaller tokenizer")
   if t.global_batch % t.micro_batch_per_device:
