@@ -38,8 +38,8 @@ def test_shipped_configs_are_valid(name):
     ({"optim.eps": 0.0}, "optim.eps=0.0 must be a finite number > 0"),
     ({"optim.weight_decay": -0.1}, "optim.weight_decay=-0.1 must be a finite number >= 0"),
     ({"optim.clip_norm": -1.0}, "optim.clip_norm=-1.0 must be a finite number >= 0"),
-    ({"train.eval_batches": 0}, "train.eval_batches=0 must be >= 1 (turn eval off with "
-                                "train.eval_every=0)"),
+    ({"train.eval_batches": 0}, "train.eval_batches=0 must be >= 1 while train.eval_every > 0 "
+                                "(turn eval off with train.eval_every=0)"),
     ({"train.eval_every": -1}, "train.eval_every=-1 must be >= 0"),
     ({"train.checkpoint_every": -1}, "train.checkpoint_every=-1 must be >= 0"),
     ({"train.log_every": 0}, "train.log_every=0 must be >= 1"),
@@ -90,7 +90,8 @@ def test_a_tokenizer_that_is_not_trained_is_not_held_to_tokenizer_vocab_size():
 
 
 def test_zero_means_off_where_documented():
-  config_lib.validate(tiny(**{"train.eval_every": 0, "train.checkpoint_every": 0,
+  config_lib.validate(tiny(**{"train.eval_every": 0, "train.eval_batches": 0,
+                              "train.checkpoint_every": 0,
                               "optim.clip_norm": 0.0, "train.sample_tokens": 0}))
 
 

@@ -295,7 +295,7 @@ def _rules():
       ("train.micro_batch_per_device", _POSITIVE, ""),
       ("train.log_every", _POSITIVE, "train.log_every=train.steps logs only the last step"),
       ("train.eval_every", _NON_NEGATIVE, "0 = no eval"),
-      ("train.eval_batches", _POSITIVE, "turn eval off with train.eval_every=0"),
+      ("train.eval_batches", _NON_NEGATIVE, ""),  # and >= 1 while eval is on: below
       ("train.checkpoint_every", _NON_NEGATIVE, "0 = only the final checkpoint"),
       ("train.keep_checkpoints", _POSITIVE, ""),
       ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
@@ -337,6 +337,9 @@ def _cross_field_problems(cfg):
     # the tokenizer this run trains; a prepared folder's own is checked once it is loaded
     yield (f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) exceeds model.vocab_size "
            f"({m.vocab_size}): raise the model's vocab_size or train a smaller tokenizer")
+  if t.eval_every and t.eval_batches < 1:
+    yield (f"train.eval_batches={t.eval_batches} must be >= 1 while train.eval_every > 0 (turn "
+           "eval off with train.eval_every=0)")
   if t.global_batch % t.micro_batch_per_device:
     yield (f"train.global_batch ({t.global_batch}) must be a multiple of "
            f"train.micro_batch_per_device ({t.micro_batch_per_device})")
