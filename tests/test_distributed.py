@@ -56,6 +56,23 @@ def test_slurm_without_nodelist_is_a_clear_error():
     distributed.plan_from_env({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
 
 
+def test_process_flags_without_a_coordinator_are_refused_not_ignored():
+  """--num_processes=2 --process_id=0 alone used to train as one process."""
+  with pytest.raises(ValueError, match="need --coordinator=host:port of process 0"):
+    distributed.plan("auto", None, 2, 0, {})
+  assert distributed.plan("auto", None, 1, 0, {}) == (None, None)  # one process: nothing to do
+  assert distributed.plan("auto", None, None, None, {}) == (None, None)
+  assert distributed.plan("auto", "h:1", 2, 1, {}) == (
+      {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}, "flags")
+  # A detected cluster supplies the coordinator; the flags fill in or override the rest.
+  assert distributed.plan("auto", None, 4, 3, {"TPU_WORKER_HOSTNAMES": "t0,t1"}) == (
+      {"num_processes": 4, "process_id": 3}, "TPU VM")
+  assert distributed.plan("jax", None, None, 1, {}) == ({"process_id": 1},
+                                                        "jax's cluster detection")
+  with pytest.raises(ValueError, match="--coordinator needs --num_processes and --process_id"):
+    distributed.plan("auto", "h:1", 2, None, {})
+
+
 # ------------------------------------------------------------------ two processes, one FSDP mesh
 
 # The micro model of test_train, 4 devices (2 per process) all FSDP, 2 accumulated micro-batches.

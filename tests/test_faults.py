@@ -12,6 +12,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -348,17 +350,26 @@ def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("nan_policy", "ignore", "train.nan_policy='ignore': use one of stop, skip"),
-    ("grace_period_s", 0.0, "train.grace_period_s=0.0 must be > 0"),
-    ("inject_nan_steps", "6;7", "train.inject_nan_steps='6;7' must be comma-separated"),
-])
-def test_check_config_names_the_key(key, value, fragment):
-  cfg = config_lib.base_config()
-  cfg.train[key] = value
-  with pytest.raises(ValueError) as e:
-    faults.check_config(cfg, n_batch_devices=8, n_processes=1)
-  assert fragment in str(e.value)
+def test_a_workdir_takes_one_writer_and_a_killed_one_leaves_no_lock(tmp_path):
+  workdir = str(tmp_path / "w")
+  lock = faults.WorkdirLock(workdir)
+  with pytest.raises(ValueError, match=rf"workdir {workdir} is in use by train pid {os.getpid()} "
+                                       r"on .*: wait for that run to end, or pass another"):
+    faults.WorkdirLock(workdir)
+  lock.release()
+  faults.WorkdirLock(workdir).release()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom tinyllama_jax import faults\n"
+       "lock = faults.WorkdirLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(300)", workdir],
+      cwd=fh.REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(ValueError, match=f"in use by train pid {holder.pid} "):
+      faults.WorkdirLock(workdir)
+  finally:
+    holder.kill()  # SIGKILL: no cleanup runs in the holder
+    holder.wait()
+  faults.WorkdirLock(workdir).release()
 
 
 def test_checksums_see_one_flipped_bit_and_swapped_elements():
@@ -407,3 +418,25 @@ def test_resume_warns_about_config_and_version_differences(caplog):
   saved["model"]["d_model"] = 1
   with pytest.raises(ValueError, match="different architecture.*d_model"):
     checkpoint.check_resume({"step": 7, "config": saved, "versions": versions}, cfg, "w")
+
+
+def test_resume_onto_changed_data_is_refused_or_restarts_the_stream(caplog):
+  cfg = config_lib.base_config()
+  meta = {"step": 7, "config": cfg.to_dict(), "versions": checkpoint.versions(),
+          "data_identity": {"prepared:/d": "aaa"}}
+  checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "aaa"})
+  assert checkpoint.same_data(meta, {"prepared:/d": "aaa"})
+  with pytest.raises(ValueError, match=r"the training data \(prepared:/d\) changed since "
+                                       r"checkpoint 7 .*allow_data_change=True"):
+    checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "bbb"})
+  cfg.train.allow_data_change = True
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "bbb"})
+  assert "the data stream restarts from its beginning" in caplog.text
+  assert not checkpoint.same_data(meta, {"prepared:/d": "bbb"})
+  del meta["data_identity"]  # an older version's checkpoint: resumes, unchecked
+  cfg.train.allow_data_change = False
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_resume(meta, cfg, "w", {"prepared:/d": "bbb"})
+  assert "records no data identity" in caplog.text
+  assert checkpoint.same_data(meta, {"prepared:/d": "bbb"})

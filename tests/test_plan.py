@@ -95,8 +95,22 @@ def test_cli_answers_the_a100_and_4090_questions(tmp_path):
   assert fits == {"none": False, "full": True}
 
 
-def test_cli_bad_remat_is_one_line():
-  proc = run_plan("--config=configs/tiny.py", "--remat=nope")
-  assert proc.returncode == 2
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and "nope" in last and "save_dots" in last
+def test_a_mesh_train_would_refuse_is_refused_here_too():
+  """tiny.py's 16 sequences a step cannot split into micro-batches of 16 on each of 3 devices."""
+  cfg = config_lib.load_config_file(os.path.join(REPO, "configs/tiny.py"))
+  cfg.mesh.fsdp = -1
+  with pytest.raises(ValueError, match=r"train.global_batch \(16\) must be a multiple of .*"
+                                       r"\(16 x 3 = 48\)"):
+    plan_lib.plan(cfg, 3, ["none"], source="analytic")
+  cfg.train.steps = 0
+  with pytest.raises(ValueError, match=r"train.steps=0 must be >= 1"):
+    plan_lib.plan(cfg, 2, ["none"], source="analytic")
+
+
+def test_cli_bad_flags_are_one_line():
+  for flag, fragments in (("--remat=nope", ["nope", "save_dots"]),
+                          ("--device_memory_gib=-5", ["--device_memory_gib=-5.0: give the memory"])):
+    proc = run_plan("--config=configs/tiny.py", flag)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(f in last for f in fragments), last

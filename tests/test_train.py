@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tinyllama_jax import config as config_lib
+from tinyllama_jax import config as config_lib, faults
 from tinyllama_jax import train as train_lib
 
 pytestmark = pytest.mark.slow
@@ -47,16 +47,77 @@ def test_tiny_run_loss_falls_and_writes_workdir(tmp_path):
 
 
 def test_resume_is_bitwise_exact(tmp_path):
-  """6 steps, restart, 6 more == 12 straight: parameters, optimizer and data position."""
-  common = {"optim.decay_steps": 12, "train.checkpoint_every": 6, "train.eval_every": 100}
+  """6 steps, restart, 6 more == 12 straight: parameters, optimizer and data position. Eval and
+  periodic checkpoints off (0): no eval, and only the final checkpoint of each run."""
+  common = {"optim.decay_steps": 12, "train.checkpoint_every": 0, "train.eval_every": 0}
   straight = train_lib.train(micro_config(**common, **{"train.steps": 12}), str(tmp_path / "a"))
   train_lib.train(micro_config(**common, **{"train.steps": 6}), str(tmp_path / "b"))
   resumed = train_lib.train(micro_config(**common, **{"train.steps": 12}), str(tmp_path / "b"))
+  assert "eval/loss" not in straight and "eval/loss" not in resumed
+  assert os.listdir(tmp_path / "a" / "checkpoints") == ["12"]
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["12", "6"]
   a, b = flat(straight["params"]), flat(resumed["params"])
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert straight["train/loss"] == resumed["train/loss"]
+
+
+def test_steps_trained_before_a_failing_eval_are_checkpointed(tmp_path, monkeypatch):
+  def broken_eval(*args, **kwargs):
+    raise RuntimeError("eval broke")
+  monkeypatch.setattr(train_lib, "evaluate", broken_eval)
+  cfg = micro_config(**{"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 0})
+  with pytest.raises(RuntimeError, match="eval broke"):
+    train_lib.train(cfg, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+  import faults_helpers
+  return faults_helpers.micro_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def write_tokens(path, n, seed=0):
+  from tinyllama_jax.data import formats
+  rng = np.random.default_rng(seed)
+  formats.write_litpkds(str(path), rng.integers(3, 512, n).astype(np.uint16))
+
+
+def litpkds(directory, tokenizer_path):
+  return {"data.source": "litpkds", "data.paths": str(directory / "train*.bin"),
+          "data.eval_paths": str(directory / "eval*.bin"), "data.tokenizer": tokenizer_path}
+
+
+def test_an_eval_split_too_small_for_one_row_fails_before_compiling(tmp_path, tokenizer_path,
+                                                                   caplog):
+  write_tokens(tmp_path / "train0.bin", 20_000)
+  write_tokens(tmp_path / "eval0.bin", 30)  # not one row of seq_len + 1 = 65 tokens
+  with pytest.raises(ValueError, match=r"cannot evaluate on this data's eval split \(30 tokens "
+                                       r"make 0 rows of 65.*--config.train.eval_every=0"):
+    train_lib.train(micro_config(**litpkds(tmp_path, tokenizer_path)), str(tmp_path / "w"))
+  assert "compiling" not in caplog.text
+  assert os.listdir(tmp_path / "w" / "checkpoints") == []
+
+
+def test_resuming_onto_changed_data_is_refused_unless_allowed(tmp_path, tokenizer_path, caplog):
+  """Changed data under a checkpoint (here a file added to the glob; another prepare into the
+  same folder alike): its data position would land elsewhere in another stream."""
+  write_tokens(tmp_path / "train0.bin", 20_000)
+  write_tokens(tmp_path / "eval0.bin", 2_000)
+  data = litpkds(tmp_path, tokenizer_path)
+  common = {**data, "train.eval_every": 0, "train.checkpoint_every": 0, "optim.decay_steps": 4}
+  train_lib.train(micro_config(**common, **{"train.steps": 2}), str(tmp_path / "w"))
+  write_tokens(tmp_path / "train1.bin", 20_000, seed=1)
+  with pytest.raises(ValueError, match=r"the training data \(litpkds:.*\) changed since "
+                                       r"checkpoint 2 .*train.allow_data_change=True"):
+    train_lib.train(micro_config(**common, **{"train.steps": 4}), str(tmp_path / "w"))
+  out = train_lib.train(micro_config(**common, **{"train.steps": 4,
+                                                  "train.allow_data_change": True}),
+                        str(tmp_path / "w"))
+  assert out["step"] == 4
+  assert "the data stream restarts from its beginning" in caplog.text
 
 
 def run_cli(*args):
@@ -86,16 +147,20 @@ def test_unknown_flag_names_the_closest(tmp_path):
   config_lib.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])
 
 
-def test_sequence_longer_than_model_is_refused(tmp_path):
-  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.train.seq_len=4096")
-  assert_one_line_error(proc, "train.seq_len", "max_seq_len")
-  assert not (tmp_path / "w").exists()
-
-
-def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
-  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w",
-                 "--config.data.tokenizer_vocab_size=4096")
-  assert_one_line_error(proc, "tokenizer_vocab_size", "model.vocab_size")
+def test_bad_config_is_one_line_and_exit_2_before_anything_runs(tmp_path):
+  """A config file that fails to load, a value out of bounds (config.validate's unit tests in
+  test_config.py have the rest): one line, exit 2, nothing written."""
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config():\n  return 42\n")
+  proc = run_cli(f"--config={broken}", f"--workdir={tmp_path}/w")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, f"config file {broken} failed", "returned int")
+  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.model.n_layers=0")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, "model.n_layers=0 must be >= 1")
+  proc = run_cli("--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.train.steps=abc")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, "--config.train.steps=abc", "invalid literal for int()")
   assert not (tmp_path / "w").exists()
 
 
@@ -112,6 +177,17 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
   with pytest.raises(ValueError, match="different architecture.*d_model"):
     train_lib.train(micro_config(**{"model.d_model": 96, "train.steps": 4}), str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == before
+  faults.WorkdirLock(str(tmp_path)).release()  # the refused run let go of the workdir
+
+
+def test_a_second_run_on_a_workdir_is_refused_before_it_touches_it(tmp_path):
+  lock = faults.WorkdirLock(str(tmp_path))  # another train process, as far as train can tell
+  try:
+    with pytest.raises(ValueError, match=f"workdir {tmp_path} is in use by train pid"):
+      train_lib.train(micro_config(), str(tmp_path))
+  finally:
+    lock.release()
+  assert os.listdir(tmp_path) == [".lock"]
 
 
 def test_relative_workdir_trains_and_checkpoints(tmp_path):

@@ -199,9 +199,10 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state, data_state, cfg):
+  def save(self, step, state, data_state, cfg, data_identity=None):
     """Refuses a state with NaN/inf (the last good checkpoint stays the latest); a failed write
-    becomes one CheckpointError naming the cause and the checkpoints still intact."""
+    becomes one CheckpointError naming the cause and the checkpoints still intact.
+    data_identity: what the data is (data.pipeline.identity), checked when a run resumes."""
     self.wait()  # a failed async save surfaces here, under its own step
     data_state = _all_data_states(data_state)
     sums, finite = checksums(state)
@@ -209,7 +210,8 @@ class Checkpointer:
       raise CheckpointError(f"refusing to save step {step}: the train state holds NaN or inf; "
                             f"{self._intact()}")
     meta = {"step": int(step), "config": cfg.to_dict(), "versions": versions(),
-            "checksums": sums, "data_sha256": _data_digest(data_state)}
+            "checksums": sums, "data_sha256": _data_digest(data_state),
+            "data_identity": data_identity}
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -367,9 +369,12 @@ def version_differences(saved_versions):
           if minor(saved_versions.get(pkg)) != minor(now.get(pkg))]
 
 
-def check_resume(meta, cfg, directory):
-  """Another architecture is an error; other config or library differences are warnings."""
+def check_resume(meta, cfg, directory, data_identity=None):
+  """Another architecture is an error; other config or library differences are warnings; so is
+  changed data under train.allow_data_change (else an error; not checked without data_identity)."""
   check_architecture(meta.get("config", {}), cfg.model, directory)
+  if data_identity is not None:
+    check_data_identity(meta, data_identity, cfg.train.allow_data_change)
   diffs = config_differences(meta.get("config", {}), cfg.to_dict())
   if diffs:
     logging.warning("resuming checkpoint %s with a different config (%d keys): %s",
@@ -379,6 +384,32 @@ def check_resume(meta, cfg, directory):
     logging.warning("checkpoint %s was written with other library versions (%s): resuming, but "
                     "results may not match the uninterrupted run bitwise", meta.get("step"),
                     "; ".join(changed))
+
+
+def same_data(meta, data_identity):
+  """Whether the checkpoint's data position applies to this data; a checkpoint without the record
+  (an older version's, an imported model's), or no data_identity to compare, cannot tell, and
+  keeps its position."""
+  return data_identity is None or meta.get("data_identity") in (None, data_identity)
+
+
+def check_data_identity(meta, data_identity, allow_change):
+  step, saved = meta.get("step"), meta.get("data_identity")
+  if saved is None:
+    logging.warning("checkpoint %s records no data identity (an older version's or an imported "
+                    "model's): cannot check that its data position is for this data", step)
+    return
+  if saved == data_identity:
+    return
+  changed = ", ".join(sorted(k for k in saved.keys() | data_identity.keys()
+                             if saved.get(k) != data_identity.get(k)))
+  if not allow_change:
+    raise ValueError(f"the training data ({changed}) changed since checkpoint {step} was written, "
+                     "so its data position means another place in another stream: train on the "
+                     "data it was trained on, pass a new --workdir, or pass "
+                     "--config.train.allow_data_change=True to restart the data stream")
+  logging.warning("the training data (%s) changed since checkpoint %s; train.allow_data_change: "
+                  "the data stream restarts from its beginning", changed, step)
 
 
 def abstract_like(tree, shardings):

@@ -8,6 +8,8 @@ error, and `check_override_keys` names the closest valid keys before anything st
 import difflib
 import importlib.util
 import json
+import math
+import os
 import sys
 
 import ml_collections
@@ -56,7 +58,7 @@ def optim_config():
   c.b2 = 0.95
   c.eps = 1e-8
   c.weight_decay = 0.1  # on all parameters, as TinyLlama did
-  c.clip_norm = 1.0
+  c.clip_norm = 1.0  # global gradient norm; 0 = no clipping
   return c
 
 
@@ -66,10 +68,10 @@ def train_config():
   c.seq_len = 2048
   c.global_batch = 1024  # sequences per optimizer step, all devices and micro-batches together
   c.micro_batch_per_device = 8  # sequences per device per forward/backward; the rest accumulates
-  c.log_every = 10
-  c.eval_every = 5000
+  c.log_every = 10  # >= 1; the last step is always logged (steps: only the last)
+  c.eval_every = 5000  # 0 = no eval at all; else every this many steps and at the last
   c.eval_batches = 16
-  c.checkpoint_every = 5000
+  c.checkpoint_every = 5000  # 0 = only the final one; the last step and preemption always save
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.sample_tokens = 0  # >0: print a greedy sample of this many tokens at the end
@@ -84,6 +86,9 @@ def train_config():
   # it, stop once more than max_nan_skips were dropped). Either way the state stays finite.
   c.nan_policy = "stop"
   c.max_nan_skips = 20
+  # Resume onto data that changed since the checkpoint (another prepare into the same folder,
+  # files added): restart the data stream from its beginning, with a warning, instead of refusing.
+  c.allow_data_change = False
   # Test-only fault injection (the fault suite in tests/test_faults.py); never set in real runs.
   c.inject_nan_steps = ""  # comma-separated steps (1-based) whose loss and gradients become NaN
   c.inject_step_sleep_s = 0.0  # sleep after each step: a signal lands at a known step
@@ -129,16 +134,43 @@ def unknown_key_message(key, cfg):
 
 
 def load_config_file(path):
-  """Runs a config file's get_config(), with a one-line error for a missing or broken file."""
-  spec = importlib.util.spec_from_file_location("_tinyllama_config", path)
+  """Runs a config file's get_config(); whatever goes wrong is one ValueError line naming the
+  file: a syntax error with its line, an exception inside the file, a result that is no config."""
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist (try --config=configs/tiny.py)")
+  cfg, _ = run_file_function(path, "get_config", "config file",
+                             "add one that returns config.base_config() with your changes")
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ValueError(f"config file {path} failed: get_config() returned {type(cfg).__name__}, "
+                     "not an ml_collections.ConfigDict (return config.base_config(), changed)")
+  return cfg
+
+
+def run_file_function(path, name, what, hint):
+  """(the result of `name`() in the Python file at `path`, the module), where everything that goes
+  wrong, in the file or in the function, is one ValueError line naming `what` and `path`."""
+  spec = importlib.util.spec_from_file_location(f"_tinyllama_{name}", path)
   if spec is None:
-    raise ValueError(f"config file {path!r} cannot be loaded: give a .py file with get_config()")
+    raise ValueError(f"{what} {path!r} cannot be loaded: give a .py file with {name}()")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-  except FileNotFoundError:
-    raise ValueError(f"config file {path!r} does not exist (try --config=configs/tiny.py)")
-  return module.get_config()
+  except Exception as e:  # noqa: BLE001  whatever a config file raises is its author's to fix
+    raise ValueError(_failed(what, path, e)) from None
+  function = getattr(module, name, None)
+  if not callable(function):
+    raise ValueError(f"{what} {path} defines no {name}(): {hint}")
+  try:
+    return function(), module
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(_failed(what, path, e)) from None
+
+
+def _failed(what, path, error):
+  if isinstance(error, SyntaxError):
+    return f"{what} {path} failed: SyntaxError at line {error.lineno}: {error.msg}"
+  text = " ".join(str(error).split())
+  return f"{what} {path} failed: {type(error).__name__}" + (f": {text}" if text else "")
 
 
 def check_flags(argv):
@@ -167,9 +199,11 @@ def check_override_keys(argv, flag="config"):
   check_flags(argv)
   path = None
   keys = []
-  for arg in argv[1:]:
+  for arg, following in zip(argv[1:], argv[2:] + [None]):
     if arg.startswith(f"--{flag}="):
       path = arg.split("=", 1)[1]
+    elif arg == f"--{flag}":  # absl also takes `--config FILE`
+      path = following
     elif arg.startswith(f"--{flag}."):
       keys.append(arg[len(flag) + 3:].split("=", 1)[0])
   if path is None:
@@ -179,6 +213,17 @@ def check_override_keys(argv, flag="config"):
   for key in keys:
     if key not in valid:
       raise ValueError(unknown_key_message(key, cfg))
+
+
+def parse_flags(argv):
+  """app.run's flags_parser: a value absl cannot parse (`--config.train.steps=abc`) is one line
+  and exit 2, not absl's two lines and exit 1."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def to_json(cfg):
@@ -192,3 +237,151 @@ def exit_on_error(fn):
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- validation
+#
+# Every bound and cross-field rule of a config, checked by `validate` before a run touches data,
+# a tokenizer or the compiler: train, plan and sweep call it. One row per key: (key, rule, hint).
+
+# A rule: (test of the value, what the value must be).
+_POSITIVE = (lambda v: v >= 1, "must be >= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_POSITIVE_REAL = (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+_NON_NEGATIVE_REAL = (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_MESH_AXIS = (lambda v: v == -1 or v >= 1, "must be -1 (all remaining devices) or >= 1")
+
+
+def _one_of(choices):
+  choices = tuple(choices)
+  return (lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
+
+
+def _rules():
+  from tinyllama_jax import faults, kernels, model  # jax: only once a config is checked
+  from tinyllama_jax.data.config import PACKINGS, SOURCES
+  kernel_rows = [(f"model.kernels.{op}",
+                  _one_of((["auto"] if op == "attention" else []) + kernels.backends(op)), "")
+                 for op in ("attention", "rms_norm", "rope", "swiglu", "cross_entropy")]
+  return [
+      ("seed", _NON_NEGATIVE, ""),
+      ("model.vocab_size", _POSITIVE, ""),
+      ("model.d_model", _POSITIVE, ""),
+      ("model.n_layers", _POSITIVE, ""),
+      ("model.n_heads", _POSITIVE, ""),
+      ("model.n_kv_heads", _POSITIVE, ""),
+      ("model.head_dim", _POSITIVE, ""),
+      ("model.ffn_dim", _POSITIVE, ""),
+      ("model.max_seq_len", _POSITIVE, ""),
+      ("model.rope_theta", _POSITIVE_REAL, ""),
+      ("model.norm_eps", _POSITIVE_REAL, ""),
+      ("model.init_std", _NON_NEGATIVE_REAL, "0 = TinyLlama's sqrt(2 / (5 d_model))"),
+      ("model.compute_dtype", _one_of(model.COMPUTE_DTYPES), ""),
+      ("model.remat", _one_of(sorted(model.REMAT_POLICIES)), ""),
+      *kernel_rows,
+      ("optim.lr", _POSITIVE_REAL, "the peak learning rate, e.g. 3e-4"),
+      ("optim.min_lr", _NON_NEGATIVE_REAL, "where the cosine ends"),
+      ("optim.warmup_steps", _NON_NEGATIVE, ""),
+      ("optim.decay_steps", _NON_NEGATIVE, "0 = the cosine ends at train.steps"),
+      ("optim.b1", _FRACTION, ""),
+      ("optim.b2", _FRACTION, ""),
+      ("optim.eps", _POSITIVE_REAL, ""),
+      ("optim.weight_decay", _NON_NEGATIVE_REAL, ""),
+      ("optim.clip_norm", _NON_NEGATIVE_REAL, "0 = no clipping"),
+      ("train.steps", _POSITIVE, "optimizer steps to train"),
+      ("train.seq_len", _POSITIVE, ""),
+      ("train.global_batch", _POSITIVE, "sequences per optimizer step"),
+      ("train.micro_batch_per_device", _POSITIVE, ""),
+      ("train.log_every", _POSITIVE, "train.log_every=train.steps logs only the last step"),
+      ("train.eval_every", _NON_NEGATIVE, "0 = no eval"),
+      ("train.eval_batches", _NON_NEGATIVE, ""),  # and >= 1 while eval is on: below
+      ("train.checkpoint_every", _NON_NEGATIVE, "0 = only the final checkpoint"),
+      ("train.keep_checkpoints", _POSITIVE, ""),
+      ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
+      ("train.grace_period_s", _POSITIVE_REAL,
+       "seconds a preempted run has to save; schedulers give 30 to 120"),
+      ("train.nan_policy", _one_of(faults.NAN_POLICIES), ""),
+      ("train.max_nan_skips", _NON_NEGATIVE, ""),
+      ("train.inject_step_sleep_s", _NON_NEGATIVE_REAL, ""),
+      ("train.inject_save_sleep_s", _NON_NEGATIVE_REAL, ""),
+      ("mesh.data", _MESH_AXIS, ""),
+      ("mesh.fsdp", _MESH_AXIS, ""),
+      ("mesh.tensor", _MESH_AXIS, ""),
+      ("data.source", _one_of(SOURCES), ""),
+      ("data.packing", _one_of(PACKINGS), ""),
+      ("data.num_packing_bins", _POSITIVE, ""),
+      ("data.tokenizer_vocab_size", _POSITIVE, ""),
+      ("data.tokenizer_train_bytes", _POSITIVE, ""),
+      ("data.eval_fraction", _FRACTION, ""),
+      ("data.num_workers", _NON_NEGATIVE, "0 = in-process"),
+      ("data.worker_buffer_size", _POSITIVE, ""),
+      ("peak_flops", _NON_NEGATIVE_REAL, "0 = from the device-kind table"),
+  ]
+
+
+def _cross_field_problems(cfg):
+  """Rules between keys, each a message naming them and the fix."""
+  m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+  if t.seq_len > m.max_seq_len:
+    yield (f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}): shorten "
+           "the sequence or raise model.max_seq_len")
+  if m.n_heads % m.n_kv_heads:
+    yield (f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads "
+           f"({m.n_kv_heads})")
+  if m.head_dim % 2:
+    yield f"model.head_dim ({m.head_dim}) must be even for RoPE"
+  if o.min_lr > o.lr:
+    yield f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}): lower min_lr or raise lr"
+  if d.tokenizer_vocab_size > m.vocab_size and d.source in ("stdlib", "text") and not d.tokenizer:
+    # the tokenizer this run trains; a prepared folder's own is checked once it is loaded
+    yield (f"data.tokenizer_vocab_size ({d.tokenizer_vocab_size}) exceeds model.vocab_size "
+           f"({m.vocab_size}): raise the model's vocab_size or train a smaller tokenizer")
+  if t.eval_every and t.eval_batches < 1:
+    yield (f"train.eval_batches={t.eval_batches} must be >= 1 while train.eval_every > 0 (turn "
+           "eval off with train.eval_every=0)")
+  if t.global_batch % t.micro_batch_per_device:
+    yield (f"train.global_batch ({t.global_batch}) must be a multiple of "
+           f"train.micro_batch_per_device ({t.micro_batch_per_device})")
+  if d.source in ("text", "prepared", "litpkds") and not d.paths:
+    yield f"data.source={d.source!r} needs data.paths (a glob, or the prepared folder)"
+  if d.packing != "concat" and m.kernels.attention == "cudnn":
+    yield (f"data.packing={d.packing!r} masks attention per document, which "
+           "model.kernels.attention='cudnn' cannot: use auto, pallas or xla, or packing=concat")
+  from tinyllama_jax import faults
+  try:
+    faults.parse_steps(t.inject_nan_steps)
+  except ValueError as e:
+    yield str(e)
+
+
+def _batch_problems(cfg, n_batch_devices, n_processes):
+  t = cfg.train
+  micro = t.micro_batch_per_device * n_batch_devices
+  if t.global_batch % micro:
+    yield (f"train.global_batch ({t.global_batch}) must be a multiple of "
+           f"train.micro_batch_per_device x batch devices ({t.micro_batch_per_device} x "
+           f"{n_batch_devices} = {micro}): change either, or the mesh")
+  if micro % n_processes:
+    yield (f"the micro-batch, train.micro_batch_per_device x batch devices ({micro}), must "
+           f"divide over the {n_processes} processes: change it or the number of processes")
+
+
+def validate(cfg, n_batch_devices=None, n_processes=1):
+  """Raises one ValueError line naming the first key out of bounds and the fix. With the batch
+  devices of the mesh (data x fsdp) and the process count, also the batch's divisibility."""
+  for key, (test, requirement), hint in _rules():
+    value = cfg
+    for part in key.split("."):
+      value = value[part]
+    try:
+      ok = test(value)
+    except TypeError:  # None, or a config file's value of another type
+      ok = False
+    if not ok:
+      raise ValueError(f"{key}={value!r} {requirement}" + (f" ({hint})" if hint else ""))
+  problem = next(_cross_field_problems(cfg), None)
+  if problem is None and n_batch_devices is not None:
+    problem = next(_batch_problems(cfg, n_batch_devices, n_processes), None)
+  if problem is not None:
+    raise ValueError(problem)

@@ -72,22 +72,34 @@ def plan_from_env(env, port=0):
   return None, None
 
 
+def plan(mode, coordinator, num_processes, process_id, env, port=0):
+  """(kwargs for jax.distributed.initialize, source) from the flags, else the environment, or
+  (None, None) for one process. --num_processes / --process_id without --coordinator only fill
+  in what a detected cluster leaves (jax's detection, SLURM, TPU); alone they are an error, not a
+  quiet single-process run."""
+  if coordinator is not None:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator needs --num_processes and --process_id too")
+    return {"coordinator_address": coordinator, "num_processes": num_processes,
+            "process_id": process_id}, "flags"
+  kwargs, source = ({}, "jax's cluster detection") if mode == "jax" else plan_from_env(env, port)
+  given = {k: v for k, v in (("num_processes", num_processes), ("process_id", process_id))
+           if v is not None}
+  if kwargs is None and given and num_processes != 1:
+    raise ValueError("--num_processes / --process_id need --coordinator=host:port of process 0 "
+                     "(or a SLURM, TPU or JAX_COORDINATOR_ADDRESS environment, or "
+                     "--distributed=jax): without one each process would train alone")
+  return (None, None) if kwargs is None else ({**kwargs, **given}, source)
+
+
 def initialize():
   """Call once, first thing in main(): joins this process to the run, or does nothing for one."""
   if _MODE.value == "off":
     return
-  if _COORDINATOR.value is not None:
-    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-      raise ValueError("--coordinator needs --num_processes and --process_id too")
-    kwargs, source = {"coordinator_address": _COORDINATOR.value,
-                      "num_processes": _NUM_PROCESSES.value,
-                      "process_id": _PROCESS_ID.value}, "flags"
-  elif _MODE.value == "jax":
-    kwargs, source = {}, "jax's cluster detection"
-  else:
-    kwargs, source = plan_from_env(os.environ, _PORT.value)
-    if kwargs is None:
-      return
+  kwargs, source = plan(_MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                        os.environ, _PORT.value)
+  if kwargs is None:
+    return
   if kwargs.get("num_processes") == 1:
     return
   # Harmless on GPU/TPU (it only configures the CPU client), required for CPU-only runs.

@@ -1,13 +1,15 @@
 """What a run does when the world misbehaves: preemption signals, non-finite steps, full disks,
-and the checks before step one that turn a bad config into one line instead of a trace.
+a second run on the same workdir, and the checks of the environment before step one.
 
-The train loop asks three questions of this module: may I start (`check_config`,
-`check_environment`), should I stop
+The train loop asks three questions of this module: may I start (`check_environment`,
+`WorkdirLock`; the config's own checks are config.validate), should I stop
 (`Preemption.requested`), and was that step sound (`NonFiniteGuard`). The jitted step itself only
 calls the pure helpers `inject_nan` and `keep_if_nonfinite`.
 """
 
+import fcntl
 import os
+import socket
 import shutil
 import signal
 import threading
@@ -27,32 +29,6 @@ class FaultError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- preflight
-
-
-def check_config(cfg, n_batch_devices, n_processes):
-  """Every inconsistency that would otherwise surface as a shape error deep in a trace."""
-  m, t = cfg.model, cfg.train
-  if t.seq_len > m.max_seq_len:
-    raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-  if m.n_heads % m.n_kv_heads:
-    raise ValueError(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads "
-                     f"({m.n_kv_heads})")
-  micro = t.micro_batch_per_device * n_batch_devices
-  if t.global_batch % micro:
-    raise ValueError(f"train.global_batch ({t.global_batch}) must be a multiple of "
-                     f"micro_batch_per_device x batch devices ({t.micro_batch_per_device} x "
-                     f"{n_batch_devices} = {micro})")
-  if micro % n_processes:
-    raise ValueError(f"the micro-batch ({micro}) must divide over {n_processes} processes")
-  if cfg.data.get("tokenizer_vocab_size", 0) > m.vocab_size and not cfg.data.get("tokenizer"):
-    raise ValueError(f"data.tokenizer_vocab_size ({cfg.data.tokenizer_vocab_size}) exceeds "
-                     f"model.vocab_size ({m.vocab_size})")
-  if t.nan_policy not in NAN_POLICIES:
-    raise ValueError(f"train.nan_policy={t.nan_policy!r}: use one of {', '.join(NAN_POLICIES)}")
-  if t.grace_period_s <= 0:
-    raise ValueError(f"train.grace_period_s={t.grace_period_s} must be > 0 (seconds a preempted "
-                     "run has to save; schedulers give 30 to 120)")
-  parse_steps(t.inject_nan_steps)
 
 
 def _existing_ancestor(path):
@@ -91,6 +67,34 @@ def check_environment(workdir, abstract_state):
     return
   check_workdir(workdir)
   check_free_disk(os.path.join(workdir, "checkpoints"), state_bytes(abstract_state))
+
+
+class WorkdirLock:
+  """One writer per workdir: an exclusive flock on WORKDIR/.lock, held until release() or the
+  process ends. The kernel drops it with the process, so a crashed or kill -9'd run leaves
+  nothing stuck; the file keeps the holder's pid and host for the refusal's message."""
+
+  def __init__(self, workdir):
+    self.path = os.path.join(workdir, ".lock")
+    os.makedirs(workdir, exist_ok=True)
+    # A file object, not a bare descriptor: one dropped without release() closes, and unlocks,
+    # when it is garbage collected. "a+" creates without truncating the holder's line.
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read(512).strip() or "another process"
+      self.release()
+      raise ValueError(f"workdir {workdir} is in use by {holder} (lock {self.path}): wait for "
+                       "that run to end, or pass another --workdir") from None
+    self._file.truncate(0)
+    self._file.write(f"train pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    self._file.flush()
+
+  def release(self):
+    self._file.close()  # closing the file drops the flock
 
 
 def data_error(error):

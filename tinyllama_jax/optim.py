@@ -11,8 +11,6 @@ from absl import logging
 
 def lr_schedule(cfg_optim, total_steps):
   decay_steps = cfg_optim.decay_steps or total_steps
-  if cfg_optim.min_lr > cfg_optim.lr:
-    raise ValueError(f"optim.min_lr ({cfg_optim.min_lr}) is above optim.lr ({cfg_optim.lr})")
   if cfg_optim.warmup_steps >= decay_steps:  # a short trial run of a long recipe: warmup only
     logging.warning("optim.warmup_steps (%d) >= decay length (%d): the run ends inside warmup",
                     cfg_optim.warmup_steps, decay_steps)
@@ -25,7 +23,8 @@ def lr_schedule(cfg_optim, total_steps):
 def make_optimizer(cfg_optim, total_steps):
   schedule = lr_schedule(cfg_optim, total_steps)
   tx = optax.chain(
-      optax.clip_by_global_norm(cfg_optim.clip_norm),
+      # Clipping to a norm of 0 would zero every update: 0 means no clipping.
+      optax.clip_by_global_norm(cfg_optim.clip_norm) if cfg_optim.clip_norm else optax.identity(),
       optax.adamw(schedule, b1=cfg_optim.b1, b2=cfg_optim.b2, eps=cfg_optim.eps,
                   weight_decay=cfg_optim.weight_decay),
   )

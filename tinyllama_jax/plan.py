@@ -217,7 +217,9 @@ def plan_one(cfg, mesh, remat, use_xla, stand_ins=True):
 
 def plan(cfg, n_devices, remats, source="auto"):
   """(mesh, [Plan per remat policy]). The mesh is over the accelerators when there are enough of
-  them, else over CPU devices (shardings, and so the state's bytes, are the same either way)."""
+  them, else over CPU devices (shardings, and so the state's bytes, are the same either way).
+  A config that train would refuse on this mesh is refused here too (config.validate)."""
+  config_lib.validate(cfg)
   accel = [d for d in jax.devices() if d.platform != "cpu"]
   on_accel = len(accel) >= n_devices
   devices = accel if on_accel else jax.devices("cpu")
@@ -225,6 +227,7 @@ def plan(cfg, n_devices, remats, source="auto"):
     raise ValueError(f"--devices={n_devices} needs that many CPU devices, {len(devices)} exist: "
                      "run plan as its own process (it sets jax_num_cpu_devices at start-up)")
   mesh = sharding.make_mesh(cfg.mesh, devices=devices[:n_devices])
+  config_lib.validate(cfg, sharding.batch_devices(mesh))
   use_xla = source == "xla" or (source == "auto" and on_accel)
   if not on_accel:
     _register_stand_in()
@@ -253,6 +256,9 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if _DEVICES.value < 1:
     raise ValueError(f"--devices={_DEVICES.value}: give a positive device count")
+  if not (math.isfinite(_MEMORY.value) and _MEMORY.value > 0):
+    raise ValueError(f"--device_memory_gib={_MEMORY.value}: give the memory of one device in GiB "
+                     "(A100-40G: 40, H200: 141)")
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)  # before any backend starts
   cfg = flags.FLAGS.config
   remats = ([cfg.model.remat] if not _REMAT.value else sorted(model_lib.REMAT_POLICIES)
@@ -273,4 +279,4 @@ def main(argv):
 
 if __name__ == "__main__":
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
-  config_lib.exit_on_error(lambda: app.run(main))
+  config_lib.exit_on_error(lambda: app.run(main, flags_parser=config_lib.parse_flags))

@@ -18,7 +18,6 @@ WORKDIR/<name>/sweep_run.json holds the bindings, the resolved config and the la
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -86,13 +85,9 @@ def load_sweep_file(path):
   """(bindings, fixed) from a sweep file's get_sweep() and FIXED."""
   if not os.path.isfile(path):
     raise ValueError(f"sweep file {path!r} does not exist (try --sweep=configs/sweeps/tiny_lr.py)")
-  spec = importlib.util.spec_from_file_location("_tinyllama_sweep", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not callable(getattr(module, "get_sweep", None)):
-    raise ValueError(f"sweep file {path!r} defines no get_sweep(): return e.g. "
-                     "product({'optim.lr': [1e-4, 1e-3]})")
-  bindings = _bindings(module.get_sweep(), "get_sweep")
+  sweep, module = config_lib.run_file_function(path, "get_sweep", "sweep file", "return e.g. "
+                                               "product({'optim.lr': [1e-4, 1e-3]})")
+  bindings = _bindings(sweep, "get_sweep")
   if not bindings:
     raise ValueError(f"sweep file {path!r}: get_sweep() returned no runs")
   fixed = getattr(module, "FIXED", {})
@@ -156,11 +151,11 @@ def resolve(base, overrides):
   return cfg
 
 
-def check_schedule(cfg, name):
-  """A learning rate below min_lr in one corner of the grid fails the sweep before the first run."""
-  from tinyllama_jax import optim  # imports jax: only once the bindings themselves are valid
+def check_run(cfg, name):
+  """A bad value in one corner of the grid (a peak lr below min_lr, ...) fails the sweep before
+  the first run: the checks train makes before it starts, less the device-dependent ones."""
   try:
-    optim.lr_schedule(cfg.optim, cfg.train.steps)
+    config_lib.validate(cfg)
   except ValueError as e:
     raise ValueError(f"run {name}: {e}") from None
 
@@ -242,7 +237,7 @@ def plan(config_path, bindings, fixed, cli_overrides, workdir):
   for binding, name in zip(typed, run_names(typed)):
     overrides = {**fixed, **cli, **binding}
     cfg = resolve(base, overrides)
-    check_schedule(cfg, name)
+    check_run(cfg, name)
     runs.append(Run(name, binding, overrides, cfg, os.path.join(os.path.abspath(workdir), name)))
   return runs
 

@@ -116,9 +116,10 @@ class Run:
 
   def __init__(self, cfg, workdir):
     self.cfg, self.workdir = cfg, workdir
+    config_lib.validate(cfg)  # the mesh is built from checked sizes, then the batch is checked on it
     self.mesh = sharding.make_mesh(cfg.mesh)
     n_batch_devices = sharding.batch_devices(self.mesh)
-    faults.check_config(cfg, n_batch_devices, jax.process_count())
+    config_lib.validate(cfg, n_batch_devices, jax.process_count())
     t = cfg.train
     self.micro_batch = t.micro_batch_per_device * n_batch_devices
     self.accum = t.global_batch // self.micro_batch
@@ -134,12 +135,24 @@ class Run:
     self.eval_sharding = sharding.batch_sharding(self.mesh)
     self._init = jax.jit(init, out_shardings=self.state_shardings)
 
-    self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                        keep=t.keep_checkpoints, async_save=t.async_checkpoint,
-                                        inject_save_sleep_s=t.inject_save_sleep_s)
-    saved_cfg = self.ckpt.latest_config()
-    if saved_cfg is not None:  # refuse another architecture before anything is written
-      checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
+    # One run per workdir, locked before anything in it is touched (the checkpointer removes
+    # incomplete saves: a live run's); process 0 writes for all processes.
+    self.lock = (faults.WorkdirLock(workdir)
+                 if jax.process_index() == 0 and "://" not in workdir else None)
+    try:
+      self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                          keep=t.keep_checkpoints, async_save=t.async_checkpoint,
+                                          inject_save_sleep_s=t.inject_save_sleep_s)
+      saved_cfg = self.ckpt.latest_config()
+      if saved_cfg is not None:  # refuse another architecture before anything is written
+        checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
+    except BaseException:
+      self.release()
+      raise
+
+  def release(self):
+    if self.lock is not None:
+      self.lock.release()
 
   def batch_spec(self, leading):
     T = self.cfg.train.seq_len
@@ -165,15 +178,18 @@ class Run:
     fn = functools.partial(eval_step, graphdef=self.graphdef, cfg=self.cfg)
     return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.eval_sharding))
 
-  def initial_state(self):
+  def initial_state(self, data_identity=None):
     """(state, data state or None, step of the checkpoint or None): the newest checkpoint that
-    verifies, else a fresh init; never a fresh init over checkpoints that all fail to read."""
-    found = self.ckpt.restore_latest(
-        self.abstract_state, lambda meta: checkpoint.check_resume(meta, self.cfg, self.workdir))
+    verifies, else a fresh init; never a fresh init over checkpoints that all fail to read.
+    data_identity (data.pipeline.identity): refuse, or drop, a position saved for other data."""
+    found = self.ckpt.restore_latest(self.abstract_state, lambda meta: checkpoint.check_resume(
+        meta, self.cfg, self.workdir, data_identity))
     if found is None:
       return self._init(jax.random.key(self.cfg.seed)), None, None
-    step, state, data_state, _ = found
+    step, state, data_state, meta = found
     logging.info("resuming from %s/checkpoints/%d", self.workdir, step)
+    if not checkpoint.same_data(meta, data_identity):  # allowed by train.allow_data_change
+      data_state = None
     return state, data_state, step
 
 
@@ -216,6 +232,20 @@ def make_iterator(cfg, split, batch_size, tokenizer):
       tokenizer=tokenizer, vocab_size=cfg.model.vocab_size))
 
 
+def check_eval_split(cfg, tokenizer, batch_size):
+  """Eval needs one row of seq_len + 1 tokens: found out before the compile, not after training."""
+  if not cfg.train.eval_every:
+    return
+  try:
+    make_iterator(cfg, "eval", batch_size, tokenizer).close()
+  except ValueError as e:
+    if isinstance(e.__cause__, OSError):  # files missing or unreadable: that line says so
+      raise
+    raise ValueError(f"cannot evaluate on this data's eval split ({e}): prepare it with a larger "
+                     "--eval_fraction (data.eval_fraction for raw files), or pass "
+                     "--config.train.eval_every=0 to train without eval") from e
+
+
 def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_):
   it = make_iterator(cfg, "eval", batch_size, tokenizer)
   loss_sum, count = 0.0, 0.0
@@ -246,8 +276,11 @@ def train(cfg, workdir, dry_run=False):
   """Runs (or resumes) training; returns the last logged metrics. SIGTERM/SIGINT end it early
   after a checkpoint (`preempted` in the result); faults.py says what else it survives."""
   run = Run(cfg, workdir)
-  with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
-    return _train(run, cfg, workdir, dry_run)
+  try:
+    with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
+      return _train(run, cfg, workdir, dry_run)
+  finally:
+    run.release()
 
 
 def _train(run, cfg, workdir, dry_run):
@@ -257,8 +290,11 @@ def _train(run, cfg, workdir, dry_run):
                "sequences per step (accumulation x micro-batch)", f"{n_params:,}",
                f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
                run.accum, run.micro_batch)
-  if not dry_run:  # missing or unreadable data fails now, not after the compile
+  if not dry_run:  # missing, unreadable or too little data fails now, not after the compile
+    from tinyllama_jax.data import pipeline
     tokenizer = load_tokenizer(cfg, workdir)
+    check_eval_split(cfg, tokenizer, run.micro_batch)
+    data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
     train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
   logging.info("compiling the train step (first compile takes a while)...")
   compiled = run.compile_step()
@@ -270,7 +306,7 @@ def _train(run, cfg, workdir, dry_run):
     print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
     return {}
 
-  state, data_state, saved_step = run.initial_state()
+  state, data_state, saved_step = run.initial_state(data_identity)
   if data_state:  # an imported model's checkpoint has none: the stream starts fresh
     train_it.set_state(data_state)
   if jax.process_index() == 0:
@@ -282,6 +318,12 @@ def _train(run, cfg, workdir, dry_run):
       n_devices=jax.device_count(), peak_flops=metrics.peak_flops_per_device(cfg.peak_flops),
       total_steps=t.steps)
   nonfinite = faults.NonFiniteGuard(t.nan_policy, t.max_nan_skips)
+
+  def save(step):  # of the loop's current state
+    nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
+    run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
+    throughput.start(step)
+    return step
 
   step = int(state["step"])
   writer = metrics.Writer(workdir, start_step=step)
@@ -306,17 +348,21 @@ def _train(run, cfg, workdir, dry_run):
           last.update(throughput.report(step))
           metrics.console_line(step, t.steps, last)
           writer.scalars(step, last)
-        if (step % t.eval_every == 0 or step == t.steps) and not preempted:
+        # The checkpoint comes before the eval: a failing eval never costs trained steps.
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or preempted:
+          saved_step = save(step)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and not preempted:
           logging.info("evaluating on %d held-out batches...", t.eval_batches)
-          last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer, run.micro_batch,
-                                       run.eval_sharding)
+          try:
+            last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer,
+                                         run.micro_batch, run.eval_sharding)
+          except Exception:
+            if saved_step != step:  # the steps since the last checkpoint stay trained
+              logging.error("eval failed at step %d: saving checkpoint %d first", step, step)
+              save(step)
+            raise
           logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
           writer.scalars(step, {"eval/loss": last["eval/loss"]})
-          throughput.start(step)
-        if step % t.checkpoint_every == 0 or step == t.steps or preempted:
-          nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
-          run.ckpt.save(step, state, train_it.get_state(), cfg)
-          saved_step = step
           throughput.start(step)
         if preempted:
           run.ckpt.wait()
@@ -365,6 +411,7 @@ def main(argv):
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  config_lib.validate(FLAGS.config)  # one line in the first second, before waiting for peers
   apply_xla_flags(FLAGS.config.train.xla_flags)
   distributed.initialize()
   train(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
@@ -384,7 +431,8 @@ def run_cli():
   define_flags()
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
   try:
-    config_lib.exit_on_error(lambda: _exit_on_fault(lambda: app.run(main)))
+    config_lib.exit_on_error(lambda: _exit_on_fault(
+        lambda: app.run(main, flags_parser=config_lib.parse_flags)))
   except SystemExit as e:
     if e.code and jax.distributed.is_initialized():
       # A normal exit waits at jax.distributed's shutdown for peers that are blocked in a

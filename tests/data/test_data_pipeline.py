@@ -209,3 +209,27 @@ def test_device_prefetch_keeps_resume_exact(tok, small_cfg):
   plain = _iterator(cfg, tok)
   _take(plain, 4)
   assert plain.get_state() == state  # the state of what was consumed, not of what was read
+
+
+def test_identity_sees_a_prepared_folder_prepared_again_and_files_added(small_cfg, tmp_path):
+  """What a checkpoint records of its data: the shard list of a prepared folder (another prepare
+  --eval_fraction into it moves documents between splits), the names and sizes of files."""
+  from tinyllama_jax.data import formats
+  manifest = {"format": formats.MANIFEST_FORMAT,
+              "shards": [{"path": "shards/a.bin", "split": "train", "tokens": 1171 * 257}]}
+  (tmp_path / formats.MANIFEST).write_text(json.dumps(manifest))
+  prepared = small_cfg(source="prepared", paths=str(tmp_path))
+  before = pipeline.identity(prepared)
+  assert list(before) == [f"prepared:{tmp_path}"] and before == pipeline.identity(prepared)
+  manifest["shards"][0]["tokens"] = 839 * 257
+  (tmp_path / formats.MANIFEST).write_text(json.dumps(manifest))
+  assert pipeline.identity(prepared) != before
+
+  (tmp_path / "a.txt").write_text("one document")
+  text = small_cfg(source="text", paths=str(tmp_path / "*.txt"))
+  before = pipeline.identity(text)
+  (tmp_path / "b.txt").write_text("another")
+  assert pipeline.identity(text) != before
+  assert pipeline.identity(small_cfg(source="synthetic")) == {}
+  stdlib = pipeline.identity(small_cfg())
+  assert stdlib != pipeline.identity(small_cfg(eval_fraction=0.5))

@@ -11,6 +11,7 @@ straight there, so resuming costs O(1) and the resumed stream equals the uninter
 """
 
 import functools
+import hashlib
 import json
 import os
 
@@ -349,6 +350,28 @@ def _check_state(state, fingerprint):
             if not saved or saved.get(k) != v}
     raise ValueError(f"the data iterator state was saved for another data stream (saved, now): "
                      f"{diff}; resume with the same data config, batch size, seed and processes")
+
+
+def identity(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+  """{component: sha256} of what the data is beyond its config, for a checkpoint to record (the
+  iterator's fingerprint holds the config side): a prepared folder's shard list (preparing again
+  into it, with another eval_fraction, changes it); the names and sizes of raw text, LITPKDS or
+  stdlib files, with the eval split's fraction. Empty for synthetic data."""
+  _check_cfg(cfg)
+  out = {}
+  for _, source, paths in ([] if cfg.source == "synthetic" else components(cfg)):
+    if source == "prepared":
+      record = [corpus.load_manifest(p)[0]["shards"] for p in corpus.expand(paths, "manifest")]
+    else:
+      if source == "stdlib":
+        root, names = sources.stdlib_root(), sources.stdlib_files()
+      else:
+        root, names = "", corpus.expand(paths, "data file")
+        if source == "litpkds" and cfg.eval_paths:
+          names += corpus.expand(cfg.eval_paths, "LITPKDS .bin file")
+      record = [cfg.eval_fraction, [(n, os.path.getsize(os.path.join(root, n))) for n in names]]
+    out[f"{source}:{paths}"] = hashlib.sha256(json.dumps(record).encode()).hexdigest()
+  return out
 
 
 def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, batch_size: int,
