@@ -277,6 +277,10 @@ def main(argv):
                            for p in plans]}, f, indent=1)
 
 
-if __name__ == "__main__":
+def run_cli():
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
   config_lib.exit_on_error(lambda: app.run(main, flags_parser=config_lib.parse_flags))
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -23,8 +23,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from tinyllama_jax import (checkpoint, config as config_lib, distributed, faults, kernels, metrics,
-                           optim, sharding)
+from tinyllama_jax import (checkpoint, config as config_lib, distributed, faults, generate, kernels,
+                           metrics, optim, sharding)
 from tinyllama_jax.model import Llama, flops_per_token, param_count
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
@@ -259,17 +259,13 @@ def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_):
   return loss_sum / max(count, 1.0)
 
 
-def greedy_sample(params, graphdef, tokenizer, prompt, n_tokens, seq_len):
-  """A short greedy continuation (full recompute each token: fine for a tiny model at the end of
-  a run; tinyllama_jax.generate has the KV-cached decoder)."""
-  tokens = [tokenizer.bos_id] + tokenizer.encode(prompt)
-  logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-  for _ in range(n_tokens):
-    window = tokens[-seq_len:]
-    buf = np.zeros((1, seq_len), np.int32)
-    buf[0, :len(window)] = window
-    tokens.append(int(jnp.argmax(logits_fn(params, buf)[0, len(window) - 1])))
-  return tokenizer.decode(tokens[1:])
+def greedy_sample(params, cfg_model, tokenizer, prompt, n_tokens):
+  """A short greedy continuation through generate's KV-cached decoder (the model's own forward)."""
+  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  n_tokens = min(n_tokens, cfg_model.max_seq_len - len(ids))
+  out = generate.generate(params, cfg_model, [ids], max_new_tokens=n_tokens,
+                          eos_id=tokenizer.eos_id, n_valid=tokenizer.vocab_size)[0]
+  return tokenizer.decode(ids[1:] + [t for t in out if t != tokenizer.eos_id])
 
 
 def train(cfg, workdir, dry_run=False):
@@ -371,8 +367,7 @@ def _train(run, cfg, workdir, dry_run):
           break
       run.ckpt.wait()
     if t.sample_tokens and tokenizer is not None and jax.process_index() == 0 and not preempted:
-      sample = greedy_sample(state["params"], run.graphdef, tokenizer, "def ", t.sample_tokens,
-                             t.seq_len)
+      sample = greedy_sample(state["params"], cfg.model, tokenizer, "def ", t.sample_tokens)
       logging.info("sample (greedy): %r", sample)
       writer.text(step, "sample", sample)
   finally:
