@@ -123,7 +123,7 @@ def summarize(trace_dir, steps, top=15):
       "top_kernels": [{"bucket": b, "op": k, "ms_per_step": ms(t), "calls_per_step": calls[(b, k)]
                        / steps} for (b, k), t in by_kernel.most_common(top)],
       # Single HLO ops (join with the saved step.hlo.txt.gz for their bytes and shapes).
-      "top_ops": [{"op": k, "ms_per_step": ms(t)} for k, t in by_op.most_common(8 * top)],
+      "top_ops": [{"op": k, "ms_per_step": ms(t)} for k, t in by_op.most_common()],
       # Every kernel family, for comparing two steps family by family (`compare`).
       "families": [{"bucket": b, "op": k, "ms_per_step": ms(t), "calls_per_step": calls[(b, k)]
                     / steps} for (b, k), t in by_kernel.most_common()],
