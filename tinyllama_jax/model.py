@@ -101,6 +101,8 @@ def _per_device(op, backend, fn):
                                           [_BTHD, _BTKD])(q, k, pos)
   if op == "swiglu":
     return local(fn, [_BTX, _BTX], _BTX)
+  if op == "swiglu_packed":
+    return local(fn, [_BTX], _BTX)
   raise ValueError(f"no per-device layout for op {op!r}")
 
 
@@ -117,15 +119,17 @@ class Ops:
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)
     self.swiglu = get("swiglu", cfg_kernels.swiglu)
+    self.swiglu_packed = get("swiglu_packed", cfg_kernels.swiglu)  # gate and up as one array
 
 
-def _swiglu_down(w_down_FD, *gate_up, swiglu):
+def _swiglu_down(w_down_FD, *gate_up, ops):
   """down(swiglu(gate, up)); gate and up as one fused [.., 2F] array or as two."""
   if len(gate_up) == 1:
-    F = w_down_FD.shape[0]
-    gate_up = gate_up[0][..., :F], gate_up[0][..., F:]
-  gate_BTF, up_BTF = checkpoint_name(gate_up[0], "mlp_gate"), checkpoint_name(gate_up[1], "mlp_up")
-  return jnp.einsum("btf,fd->btd", swiglu(gate_BTF, up_BTF), w_down_FD)
+    act_BTF = ops.swiglu_packed(checkpoint_name(gate_up[0], "mlp_gate_up"))
+  else:
+    act_BTF = ops.swiglu(checkpoint_name(gate_up[0], "mlp_gate"),
+                         checkpoint_name(gate_up[1], "mlp_up"))
+  return jnp.einsum("btf,fd->btd", act_BTF, w_down_FD)
 
 
 def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
@@ -162,7 +166,7 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, *, cfg, ops, dtype):
   else:
     gate_up = (jnp.einsum("btd,df->btf", h_BTD, w["w_gate"]),
                jnp.einsum("btd,df->btf", h_BTD, w["w_up"]))
-  mlp_down = functools.partial(_swiglu_down, swiglu=ops.swiglu)
+  mlp_down = functools.partial(_swiglu_down, ops=ops)
   if cfg.recompute_mlp_act:
     # Residuals: gate, up and the weight; the product is rebuilt in the backward for dW_down.
     mlp_down = jax.checkpoint(mlp_down, policy=jax.checkpoint_policies.nothing_saveable)
