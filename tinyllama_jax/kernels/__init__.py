@@ -44,7 +44,7 @@ _TABLE = {
         "pallas": "tinyllama_jax.kernels.swiglu:swiglu_pallas",
     },
     "swiglu_packed": {
-        "xla": "tinyllama_jax.kernels.swiglu:swiglu_packed_xla",
+        "xla": "tinyllama_jax.kernels.swiglu:swiglu_packed_ref",
         "pallas": "tinyllama_jax.kernels.swiglu:swiglu_packed_pallas",
     },
     "cross_entropy": {

@@ -78,9 +78,11 @@ def swiglu_pallas(gate, up):
 
 
 # --- packed: gate and up as one [..., 2F] array (the fused gate/up projection's output) ---------
-# Written through two slices, autodiff builds d(gate_up) as pad(d_gate) + pad(d_up): XLA fuses
-# that into one kernel over the 2F width that evaluates both pads per element (9.8 ms a step at
-# 1b, ~2 TB/s; bench/NOTES.md). Both packed backends below write d(gate_up) in one pass instead.
+# Written through two slices (the reference), autodiff builds d(gate_up) as pad(d_gate) +
+# pad(d_up): XLA fuses that into one kernel over the 2F width at ~2 TB/s (9.8 ms a step at 1b on
+# an H200). Writing d(gate_up) with a concatenate instead made XLA emit standalone concatenate
+# kernels (slower still). The Pallas kernel reads gate, up and dy once and writes d(gate_up)
+# once (bench/NOTES.md, issue 15).
 
 
 def swiglu_packed_ref(gate_up):
@@ -93,26 +95,6 @@ def _packed_grads(g, u, dy):
   """(d gate, d up) in fp32 from fp32 gate, up and dy."""
   sig = jax.nn.sigmoid(g)
   return dy * u * sig * (1.0 + g * (1.0 - sig)), dy * g * sig
-
-
-@jax.custom_vjp
-def swiglu_packed_xla(gate_up):
-  """`swiglu_packed_ref` whose backward concatenates d_gate and d_up (one loop fusion)."""
-  return swiglu_packed_ref(gate_up)
-
-
-def _packed_xla_fwd(gate_up):
-  return swiglu_packed_ref(gate_up), gate_up
-
-
-def _packed_xla_bwd(gate_up, dy):
-  F = gate_up.shape[-1] // 2
-  g, u = gate_up[..., :F].astype(jnp.float32), gate_up[..., F:].astype(jnp.float32)
-  dg, du = _packed_grads(g, u, dy.astype(jnp.float32))
-  return (jnp.concatenate([dg, du], axis=-1).astype(gate_up.dtype),)
-
-
-swiglu_packed_xla.defvjp(_packed_xla_fwd, _packed_xla_bwd)
 
 
 # Pallas: gate_up viewed as [N, 2, F] (a free reshape); a program takes (bn, 2, bf) of it, so
