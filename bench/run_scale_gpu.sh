@@ -18,13 +18,13 @@ files=()
 for n in ${GPUS:-1 2 4}; do
   devs=$(seq -s, 0 $((n - 1)))
   case $n in
-    1) variants=${VARIANTS_1:-"base;mlp_recompute:model.recompute_mlp_act=True"}; peer=${PEER:-autocast,bf16} ;;
-    4) variants=${VARIANTS_4:-"base;data2_fsdp2:mesh.data=2,mesh.fsdp=2;lhs:xla_flags=--xla_gpu_enable_latency_hiding_scheduler=true"}; peer= ;;
-    8) variants=${VARIANTS_8:-"base;data2_fsdp4:mesh.data=2,mesh.fsdp=4"}; peer= ;;
-    *) variants=${VARIANTS_N:-"base"}; peer= ;;
+    1) variants=${VARIANTS_1:-"base;mlp_recompute:model.recompute_mlp_act=True"}; peer=${PEER:-autocast,bf16}; plain=plain ;;
+    4) variants=${VARIANTS_4:-"base;data2_fsdp2:mesh.data=2,mesh.fsdp=2;lhs:xla_flags=--xla_gpu_enable_latency_hiding_scheduler=true"}; peer=; plain= ;;
+    8) variants=${VARIANTS_8:-"base;data2_fsdp4:mesh.data=2,mesh.fsdp=4"}; peer=; plain= ;;
+    *) variants=${VARIANTS_N:-"base"}; peer=; plain= ;;
   esac
   CUDA_VISIBLE_DEVICES=$devs timeout ${STEP_TIMEOUT:-330} python3 -m tinyllama_jax.bench $COMMON \
-    --variants="$variants" --peer="$peer" --out="$OUT/step_${n}xh200.json" 2>&1 | tee -a "$OUT/scale.log" | grep -v "^\[bench\]"
+    --variants="$variants" --peer="$peer" --plain="$plain" --out="$OUT/step_${n}xh200.json" 2>&1 | tee -a "$OUT/scale.log" | grep -v "^\[bench\]"
   files+=("$OUT/step_${n}xh200.json")
 done
 python3 -m tinyllama_jax.bench.scaling "${files[@]}" --json="$OUT/scaling.json" | tee "$OUT/scaling.txt"

@@ -24,12 +24,12 @@ def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
       [sys.executable, "-m", "tinyllama_jax.bench", "--smoke", f"--out={out}",
        "--variants=base;remat_accum:model.remat=full,accum=2,"
        "xla_flags=--xla_cpu_enable_fast_math=false", f"--profile_dir={tmp_path / 'prof'}",
-       "--profile_variants=remat_accum", *MICRO],
+       "--profile_variants=remat_accum,plain", *MICRO],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads(out.read_text())
   by_name = {r["name"]: r for r in report["results"]}
-  assert list(by_name) == ["base", "torch_autocast", "remat_accum"]
+  assert list(by_name) == ["base", "plain", "torch_autocast", "remat_accum"]
   for r in by_name.values():
     assert r["tokens_per_s_per_device"] > 0 and r["step_time_s"] > 0, r
     assert r["loss_last"] < r["loss_first"] + 0.5
@@ -53,6 +53,16 @@ def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
       base["tokens_per_s_per_device"] / by_name["torch_autocast"]["tokens_per_s_per_device"])
   assert report["versions"]["jax"] and report["date"]
   assert "tok/s/dev" in proc.stdout and "remat_accum" in proc.stdout
+  # The plain JAX step (the floor row) at the same tiny shapes, and every row's ratio to it.
+  plain = by_name["plain"]
+  assert plain["kind"] == "plain" and plain["tokens_per_step"] == 2 * 64
+  assert report["ratio_to_plain"]["plain"] == 1.0
+  assert report["ratio_to_plain"]["base"] == pytest.approx(
+      base["tokens_per_s_per_device"] / plain["tokens_per_s_per_device"])
+  assert "vs plain" in proc.stdout
+  # Both profiled: the kernel families of ours (the first profiled variant) beside the plain's.
+  assert plain["profile"]["families"] and report["profile_compare"].startswith(" ")
+  assert "remat_accum" in report["profile_compare"] and "kernel family" in proc.stdout
 
 
 def test_variants_parse_and_typos_fail_before_any_worker():
@@ -100,3 +110,45 @@ def test_scaling_table_shares_and_wall_clock(tmp_path):
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ")
   assert str(bad) in proc.stderr
+
+
+def test_plain_step_variants_compute_the_plain_steps_function():
+  """The bench-only variants of the plain row move one choice (the parameter layout, the
+  cross-entropy) and nothing else: same loss and gradients as the plain step at tiny shapes."""
+  import jax
+  import numpy as np
+  from tinyllama_jax.bench import plain_step
+  m = {"vocab_size": 128, "d_model": 32, "ffn_dim": 64, "n_layers": 2, "n_heads": 4,
+       "n_kv_heads": 2, "head_dim": 8, "norm_eps": 1e-5, "rope_theta": 10000.0}
+  tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 128)
+  out = {}
+  for v in plain_step.VARIANTS:
+    init, tx, step = plain_step.make(m, 2, 16, v)
+    params = init(jax.random.key(0))
+    new_params, _, loss, gnorm = jax.jit(step)(params, tx.init(params), tokens)
+    if v == "stacked":  # back to the plain layout: a list of per-layer dicts
+      new_params["layers"] = [jax.tree.map(lambda a: a[i], new_params["layers"]) for i in range(2)]
+    out[v] = (float(loss), float(gnorm), new_params)
+  for v in ("stacked", "chunked_ce"):
+    assert out[v][0] == pytest.approx(out["plain"][0], rel=2e-2)
+    assert out[v][1] == pytest.approx(out["plain"][1], rel=5e-2)
+    for a, b in zip(jax.tree.leaves(out[v][2]), jax.tree.leaves(out["plain"][2])):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3)
+
+
+def test_profile_compare_lines_up_families_and_buckets():
+  from tinyllama_jax.bench import profile
+
+  def summary(span, fams):
+    return {"span_ms_per_step": span, "busy_ms_per_step": span, "buckets": {
+        "matmul": {"ms_per_step": sum(t for b, _, t in fams if b == "matmul"), "share": 0.5}},
+        "families": [{"bucket": b, "op": k, "ms_per_step": t, "calls_per_step": 2}
+                     for b, k, t in fams]}
+  a = summary(10.0, [("matmul", "gemm", 5.0), ("elementwise", "loop_add_fusion", 3.0)])
+  b = summary(8.0, [("matmul", "gemm", 5.0), ("reduction", "input_reduce_fusion", 1.0)])
+  lines = profile.compare(a, b, names=("ours", "plain")).splitlines()
+  assert lines[1].split() == ["span", "10.00", "8.00", "+2.00"]
+  fam = [ln.split() for ln in lines if ln.startswith(("loop_add", "input_reduce", "gemm"))]
+  assert fam == [["loop_add_fusion", "elementwise", "3.00", "2", "0.00", "0", "+3.00"],
+                 ["input_reduce_fusion", "reduction", "0.00", "0", "1.00", "2", "-1.00"],
+                 ["gemm", "matmul", "5.00", "2", "5.00", "2", "+0.00"]]

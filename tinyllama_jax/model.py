@@ -109,6 +109,8 @@ def _per_device(op, backend, fn):
                                           [_BTHD, _BTKD])(q, k, pos)
   if op == "swiglu":
     return local(fn, [_BTX, _BTX], _BTX)
+  if op == "swiglu_packed":
+    return local(fn, [_BTX], _BTX)
   raise ValueError(f"no per-device layout for op {op!r}")
 
 
@@ -124,17 +126,24 @@ class Ops:
     self.rms_norm = get("rms_norm", cfg_kernels.rms_norm)
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)
-    self.swiglu = get("swiglu", cfg_kernels.swiglu)
+    swiglu = cfg_kernels.swiglu
+    self.swiglu = get("swiglu", "xla" if swiglu == "auto" else swiglu)
+    # Gate and up as one array (fused projections). 'auto': the Pallas kernel on GPU, which
+    # writes d(gate_up) in one pass (1.4% of the 1b step on an H200, bench/NOTES.md); separate
+    # gate and up stay with XLA, whose fusions beat the Pallas pair.
+    packed = ("pallas" if jax.default_backend() == "gpu" else "xla") if swiglu == "auto" else swiglu
+    self.swiglu_packed = get("swiglu_packed", packed)
     self.attention_cache = kernels.get("attention_cache", "xla")
 
 
-def _swiglu_down(w_down_FD, *gate_up, swiglu):
+def _swiglu_down(w_down_FD, *gate_up, ops):
   """down(swiglu(gate, up)); gate and up as one fused [.., 2F] array or as two."""
   if len(gate_up) == 1:
-    F = w_down_FD.shape[0]
-    gate_up = gate_up[0][..., :F], gate_up[0][..., F:]
-  gate_BTF, up_BTF = checkpoint_name(gate_up[0], "mlp_gate"), checkpoint_name(gate_up[1], "mlp_up")
-  return jnp.einsum("btf,fd->btd", swiglu(gate_BTF, up_BTF), w_down_FD)
+    act_BTF = ops.swiglu_packed(checkpoint_name(gate_up[0], "mlp_gate_up"))
+  else:
+    act_BTF = ops.swiglu(checkpoint_name(gate_up[0], "mlp_gate"),
+                         checkpoint_name(gate_up[1], "mlp_up"))
+  return jnp.einsum("btf,fd->btd", act_BTF, w_down_FD)
 
 
 def init_cache(cfg, batch, length, dtype):
@@ -189,11 +198,33 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype
   else:
     gate_up = (jnp.einsum("btd,df->btf", h_BTD, w["w_gate"]),
                jnp.einsum("btd,df->btf", h_BTD, w["w_up"]))
-  mlp_down = functools.partial(_swiglu_down, swiglu=ops.swiglu)
+  mlp_down = functools.partial(_swiglu_down, ops=ops)
   if cfg.recompute_mlp_act:
     # Residuals: gate, up and the weight; the product is rebuilt in the backward for dW_down.
     mlp_down = jax.checkpoint(mlp_down, policy=jax.checkpoint_policies.nothing_saveable)
   return x_BTD + mlp_down(w["w_down"], *gate_up), cache
+
+
+@jax.custom_vjp
+def unstack_layers(x_L):
+  """x_L[0], ..., x_L[L-1]: the unrolled loop's per-layer slices of a stacked parameter.
+
+  Plain indexing gives the same values, but its transpose is a pad per layer and autodiff sums
+  the L padded cotangents: XLA fused that chain into the gradient's consumers with L selects
+  per element (1.9 ms a [22, 2048, 5632] weight on an H200, ~0.8 TB/s; bench/NOTES.md). Here
+  the backward is one stack of the per-layer gradients, a concatenate."""
+  return tuple(x_L[i] for i in range(x_L.shape[0]))
+
+
+def _unstack_fwd(x_L):
+  return unstack_layers(x_L), None
+
+
+def _unstack_bwd(_, cts):
+  return (jnp.stack(cts),)
+
+
+unstack_layers.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def _normal(rngs, shape, std):
@@ -273,9 +304,10 @@ class Llama(nnx.Module):
         return layer_fn(p, x, positions_BT, segment_ids_BT, layer_cache)
       x_BTD, cache = jax.lax.scan(scan_body, x_BTD, (stacked, cache))
     else:
+      per_layer = {k: unstack_layers(v) for k, v in stacked.items()}
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
-        x_BTD, layer_cache = layer_fn({k: v[i] for k, v in stacked.items()}, x_BTD, positions_BT,
+        x_BTD, layer_cache = layer_fn({k: v[i] for k, v in per_layer.items()}, x_BTD, positions_BT,
                                       segment_ids_BT, layer_cache)
         if cache is not None:  # an in-place update of the (donated) stacked cache
           cache = {k: cache[k].at[i].set(layer_cache[k]) for k in cache}

@@ -30,6 +30,8 @@ CASES = {
                 [S((8, 2048, 32, 64), BF16), S((8, 2048, 4, 64), BF16), S((8, 2048), jnp.int32)],
                 2),
     "swiglu": (lambda g, u: _sum(swiglu.swiglu_pallas(g, u)), [S((8, 2048, 5632), BF16)] * 2, 2),
+    "swiglu_packed": (lambda gu: _sum(swiglu.swiglu_packed_pallas(gu)),
+                      [S((8, 2048, 2 * 5632), BF16)], 2),
 }
 
 

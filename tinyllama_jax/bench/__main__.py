@@ -5,6 +5,14 @@
     python -m tinyllama_jax.bench --config=configs/1b.py \
         --variants='base;scan:model.scan_layers=True;pallas:model.kernels.attention=pallas'
     python -m tinyllama_jax.bench --smoke                                       # CPU, < 1 min
+    python -m tinyllama_jax.bench --plain=plain,stacked --profile_dir=/tmp/prof \
+        --profile_variants=base,plain                   # profile ours and the floor, compare
+
+Beside our variants run the peers of issue 15, each a worker too: the plain hand-written JAX step
+(bench/plain_step.py, a port of bench/peers/plain_jax_step.py: the floor a user gets by writing
+the step by hand) and the PyTorch peer (bench/peer_torch.py). The table gives each row's ratio
+to both; with two rows profiled, the kernel families of the first profiled variant and the first
+profiled plain row side by side (bench/profile.py compare).
 
 Each variant runs in its own worker process (bench/step.py, bench/peer_torch.py): a fresh
 process gives each its own peak-memory counter and compile, and keeps torch and jax from holding
@@ -37,6 +45,9 @@ def parse_args(argv):
                  "accum=N for that variant's accumulation)")
   p.add_argument("--peer", default="autocast,bf16",
                  help="PyTorch peer variants to run: autocast, bf16 ('' = none)")
+  p.add_argument("--plain", default="plain",
+                 help="plain-JAX step rows: plain (the peer script's step), stacked, chunked_ce "
+                 "(bench-only variants that move one of our choices into it; '' = none)")
   p.add_argument("--peer_compile", action=argparse.BooleanOptionalAction, default=True,
                  help="torch.compile the peer (off on CPU: inductor's CPU compile is slow)")
   p.add_argument("--steps", type=int, default=30, help="timed steps per variant")
@@ -135,9 +146,10 @@ def fmt(v, spec, scale=1.0):
   return "-" if v is None else format(v * scale, spec)
 
 
-def table(results, ratios):
+def table(results, ratios, to_plain=None):
+  to_plain = to_plain or {}
   head = (f"{'variant':<22}{'tok/s/dev':>11}{'MFU':>7}{'step ms':>9}{'compile s':>10}"
-          f"{'1st step s':>11}{'peak GiB':>9}{'XLA GiB':>8}{'vs peer':>8}")
+          f"{'1st step s':>11}{'peak GiB':>9}{'XLA GiB':>8}{'vs peer':>8}{'vs plain':>9}")
   lines = [head, "-" * len(head)]
   for r in results:
     if "error" in r or "skipped" in r:
@@ -149,7 +161,7 @@ def table(results, ratios):
         f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r.get('step_time_s'), '.1f', 1e3):>9}"
         f"{fmt(r.get('compile_s'), '.1f'):>10}{fmt(r.get('launch_to_first_step_s'), '.1f'):>11}"
         f"{fmt(r.get('peak_memory_gib'), '.1f'):>9}{fmt(xla, '.1f', 2**-30):>8}"
-        f"{fmt(ratios.get(r['name']), '.2f'):>8}")
+        f"{fmt(ratios.get(r['name']), '.2f'):>8}{fmt(to_plain.get(r['name']), '.3f'):>9}")
   return "\n".join(lines)
 
 
@@ -168,8 +180,13 @@ def main(argv):
     if p not in ("autocast", "bf16"):
       raise ValueError(f"--peer: unknown variant {p!r}; choose from autocast, bf16")
 
+  plains = [p.strip() for p in args.plain.split(",") if p.strip()]
+  for p in plains:
+    if p not in ("plain", "stacked", "chunked_ce"):
+      raise ValueError(f"--plain: unknown variant {p!r}; choose from plain, stacked, chunked_ce")
+  plain_names = {("plain" if p == "plain" else f"plain_{p}") for p in plains}
   profiled = {v.strip() for v in args.profile_variants.split(",") if v.strip()} or {variants[0][0]}
-  unknown = profiled - {n for n, _ in variants}
+  unknown = profiled - {n for n, _ in variants} - plain_names
   if args.profile_dir and unknown:
     raise ValueError(f"--profile_variants names no variant: {sorted(unknown)}")
   jobs = []  # (name, kind, command, env): ours first, the peers right after the base variant
@@ -195,7 +212,17 @@ def main(argv):
       f"--variant={p}", f"--steps={args.steps}", f"--warmup={args.warmup}",
       f"--window={args.window}", "--compile" if args.peer_compile else "--no-compile"], None)
       for p in peers]
-  jobs[1:1] = peer_jobs
+  plain_jobs = []
+  for v in plains:
+    pname = "plain" if v == "plain" else f"plain_{v}"
+    cmd = [sys.executable, "-m", "tinyllama_jax.bench.plain_step", f"--model_json={json.dumps(m)}",
+           f"--batch={cfg.train.micro_batch_per_device}", f"--seq_len={cfg.train.seq_len}",
+           f"--variant={v}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+           f"--window={args.window}"]
+    if args.profile_dir and pname in profiled:
+      cmd.append(f"--profile_dir={os.path.join(os.path.abspath(args.profile_dir), pname)}")
+    plain_jobs.append((pname, "plain", cmd, None))
+  jobs[1:1] = plain_jobs[:1] + peer_jobs + plain_jobs[1:]  # floors right after the first variant
 
   results, longest = [], 0.0
   for name, kind, cmd, env in jobs:
@@ -231,18 +258,36 @@ def main(argv):
     for r in results:
       if r.get("tokens_per_s_per_device"):
         ratios[r["name"]] = r["tokens_per_s_per_device"] / peer_best["tokens_per_s_per_device"]
+  plain = next((r for r in results if r["name"] == "plain" and r.get("tokens_per_s")), None)
+  to_plain = {r["name"]: r["tokens_per_s_per_device"] / plain["tokens_per_s_per_device"]
+              for r in results if plain and r.get("tokens_per_s_per_device")}
+  profiles = [r for r in results if isinstance(r.get("profile"), dict)
+              and "buckets" in r["profile"]]
+  ours_p = next((r for r in profiles if r["kind"] == "jax"), None)
+  plain_p = next((r for r in profiles if r["kind"] == "plain"), None)
+  compared = None
+  if ours_p and plain_p:
+    from tinyllama_jax.bench import profile
+    compared = profile.compare(ours_p["profile"], plain_p["profile"],
+                               names=(ours_p["name"], plain_p["name"]))
   report = {"date": bench.now_utc(), "commit": bench.commit(), "versions": bench.versions(),
             "config": args.config, "overrides": args.overrides, "variants": args.variants,
             "settings": {"steps": args.steps, "warmup": args.warmup, "window": args.window,
                          "accum": args.accum, "seq_len": cfg.train.seq_len,
                          "micro_batch_per_device": cfg.train.micro_batch_per_device},
             "peer_best": peer_best["name"] if peer_best else None,
-            "ratio_to_best_peer": ratios, "results": results,
+            "ratio_to_best_peer": ratios, "ratio_to_plain": to_plain,
+            "profile_compare": compared, "results": results,
             "wall_s": time.perf_counter() - t_start}
-  print(table(results, ratios))
+  if compared:
+    print(compared)
+  print(table(results, ratios, to_plain))
   if peer_best:
-    print(f"ratio = our tokens/s per device / {peer_best['name']}'s "
-          f"({peer_best['tokens_per_s']:,.0f} tokens/s, the faster peer)")
+    print(f"vs peer = tokens/s per device / {peer_best['name']}'s "
+          f"({peer_best['tokens_per_s']:,.0f} tokens/s, the faster torch peer)")
+  if plain:
+    print(f"vs plain = tokens/s per device / the plain JAX step's "
+          f"({plain['tokens_per_s']:,.0f} tokens/s)")
   out = args.out if os.path.isabs(args.out) else os.path.join(os.getcwd(), args.out)
   bench.write_json(out, report)
   print(f"wrote {out}")

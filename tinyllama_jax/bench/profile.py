@@ -123,8 +123,40 @@ def summarize(trace_dir, steps, top=15):
       "top_kernels": [{"bucket": b, "op": k, "ms_per_step": ms(t), "calls_per_step": calls[(b, k)]
                        / steps} for (b, k), t in by_kernel.most_common(top)],
       # Single HLO ops (join with the saved step.hlo.txt.gz for their bytes and shapes).
-      "top_ops": [{"op": k, "ms_per_step": ms(t)} for k, t in by_op.most_common(8 * top)],
+      "top_ops": [{"op": k, "ms_per_step": ms(t)} for k, t in by_op.most_common()],
+      # Every kernel family, for comparing two steps family by family (`compare`).
+      "families": [{"bucket": b, "op": k, "ms_per_step": ms(t), "calls_per_step": calls[(b, k)]
+                    / steps} for (b, k), t in by_kernel.most_common()],
   }
+
+
+def compare(a, b, names=("a", "b"), top=40):
+  """Two summaries side by side: buckets, then kernel families by |ms a - ms b| (the families
+  that place a gap between two steps). Families are kernel names with XLA's numbering stripped,
+  so a row can hold different fusions of one kind; `top_ops` and the saved HLO tell them apart."""
+  na, nb = names
+  lines = [f"{'':<14}{na:>10}{nb:>10}{'diff':>9}   (ms a step; {na} - {nb})",
+           f"{'span':<14}{a['span_ms_per_step']:>10.2f}{b['span_ms_per_step']:>10.2f}"
+           f"{a['span_ms_per_step'] - b['span_ms_per_step']:>+9.2f}",
+           f"{'busy':<14}{a['busy_ms_per_step']:>10.2f}{b['busy_ms_per_step']:>10.2f}"
+           f"{a['busy_ms_per_step'] - b['busy_ms_per_step']:>+9.2f}"]
+  for bucket in sorted(set(a["buckets"]) | set(b["buckets"])):
+    ta = a["buckets"].get(bucket, {}).get("ms_per_step", 0.0)
+    tb = b["buckets"].get(bucket, {}).get("ms_per_step", 0.0)
+    lines.append(f"{bucket:<14}{ta:>10.2f}{tb:>10.2f}{ta - tb:>+9.2f}")
+  fam = lambda s: {(f["bucket"], f["op"]): f for f in s.get("families") or s["top_kernels"]}
+  fa, fb = fam(a), fam(b)
+  zero = {"ms_per_step": 0.0, "calls_per_step": 0}
+  rows = sorted(set(fa) | set(fb), key=lambda k: -abs(fa.get(k, zero)["ms_per_step"]
+                                                       - fb.get(k, zero)["ms_per_step"]))
+  lines.append(f"{'kernel family':<58}{'bucket':>12}{na + ' ms':>9}{'calls':>6}{nb + ' ms':>9}"
+               f"{'calls':>6}{'diff':>8}")
+  for k in rows[:top]:
+    x, y = fa.get(k, zero), fb.get(k, zero)
+    lines.append(f"{k[1][:57]:<58}{k[0]:>12}{x['ms_per_step']:>9.2f}{x['calls_per_step']:>6.0f}"
+                 f"{y['ms_per_step']:>9.2f}{y['calls_per_step']:>6.0f}"
+                 f"{x['ms_per_step'] - y['ms_per_step']:>+8.2f}")
+  return "\n".join(lines)
 
 
 def table(summary):

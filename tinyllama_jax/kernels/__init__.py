@@ -12,6 +12,7 @@ Pallas (and its Triton/Mosaic lowering) loads only when a config asks for it.
   rope           (x_BTHD, positions_BT, theta) -> x_BTHD (rotate-half layout, HF's)
   rope_qk        (q_BTHD, k_BTKD, positions_BT, theta) -> (rope(q), rope(k)) in one pass
   swiglu         (gate_...F, up_...F) -> silu(gate) * up
+  swiglu_packed  (gate_up_...2F) -> silu(gate) * up, gate | up on the last axis (fused projection)
   cross_entropy  (x_ND, w_DV, targets_N) -> loss_N fp32 (lm_head matmul + log-softmax NLL)
 """
 
@@ -45,6 +46,10 @@ _TABLE = {
     "swiglu": {
         "xla": "tinyllama_jax.kernels.swiglu:swiglu_ref",
         "pallas": "tinyllama_jax.kernels.swiglu:swiglu_pallas",
+    },
+    "swiglu_packed": {
+        "xla": "tinyllama_jax.kernels.swiglu:swiglu_packed_ref",
+        "pallas": "tinyllama_jax.kernels.swiglu:swiglu_packed_pallas",
     },
     "cross_entropy": {
         "xla": "tinyllama_jax.kernels.cross_entropy:cross_entropy_ref",
