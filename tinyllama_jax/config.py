@@ -262,7 +262,8 @@ def _rules():
   from tinyllama_jax import faults, kernels, model  # jax: only once a config is checked
   from tinyllama_jax.data.config import PACKINGS, SOURCES
   kernel_rows = [(f"model.kernels.{op}",
-                  _one_of((["auto"] if op == "attention" else []) + kernels.backends(op)), "")
+                  _one_of((["auto"] if op in model.AUTO_KERNELS else []) + kernels.backends(op)),
+                  "")
                  for op in ("attention", "rms_norm", "rope", "swiglu", "cross_entropy")]
   return [
       ("seed", _NON_NEGATIVE, ""),

@@ -59,6 +59,10 @@ def compute_dtype(cfg_model):
   return jnp.dtype(cfg_model.compute_dtype)
 
 
+# The ops whose model.kernels key may say 'auto': the backend is picked per device and case here.
+AUTO_KERNELS = ("attention", "swiglu")
+
+
 def resolve_attention(name, uses_segments):
   """'auto': cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows
   where it is registered, the jnp reference otherwise."""
