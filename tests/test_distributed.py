@@ -118,7 +118,7 @@ def reference_run(cfg, workdir, tokenizer, process_count):
   each step, every process's local [A, M/P, T] slice side by side on the micro-batch axis."""
   from tinyllama_jax.data import pipeline
   run = train_lib.Run(cfg, workdir)
-  step_fn = run.compile_step()
+  step_fn = run.program.compile_step()
   state = run.initial_state()[0]  # a fresh init: the workdir is empty
   its = [pipeline.make_iterator(cfg.data, split="train", seq_len=cfg.train.seq_len,
                                 batch_size=cfg.train.global_batch // process_count, seed=cfg.seed,
@@ -126,10 +126,10 @@ def reference_run(cfg, workdir, tokenizer, process_count):
                                 vocab_size=cfg.model.vocab_size) for p in range(process_count)]
   losses = []
   for _ in range(cfg.train.steps):
-    locals_ = [{k: v.reshape(run.accum, -1, *v.shape[1:]) for k, v in next(it).items()}
+    locals_ = [{k: v.reshape(run.program.accum, -1, *v.shape[1:]) for k, v in next(it).items()}
                for it in its]
     batch = {k: np.concatenate([l[k] for l in locals_], axis=1) for k in locals_[0]}
-    state, metrics = step_fn(state, jax.device_put(batch, run.batch_sharding))
+    state, metrics = step_fn(state, jax.device_put(batch, run.program.batch_sharding))
     losses.append(float(metrics["train/loss"]))
   for it in its:
     it.close()
@@ -170,7 +170,7 @@ def test_two_processes_train_fsdp_like_one(tmp_path):
   # The 2-process checkpoint restores in this one process, onto a 4-device mesh, FSDP-sharded,
   # and holds the parameters the single process computed.
   restored = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1).restore(
-      10, run.abstract_state)[0]
+      10, run.program.abstract_state)[0]
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored["params"]),
                           jax.tree.leaves(state["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6,

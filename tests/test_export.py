@@ -132,7 +132,7 @@ def test_import_is_a_run_train_continues(imported):
   np.testing.assert_array_equal(np.asarray(state["params"]["layers"]["wk"][1]),
                                 reader.get("model.layers.1.self_attn.k_proj.weight").T.reshape(
                                     64, 2, 16))
-  assert jax.tree.structure(state) == jax.tree.structure(run.abstract_state)
+  assert jax.tree.structure(state) == jax.tree.structure(run.program.abstract_state)
 
 
 def test_import_tied_embeddings(tmp_path, tokenizer_file):

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tinyllama_jax import checkpoint, config as config_lib, optim, sharding
-from tinyllama_jax import train as train_lib
+from tinyllama_jax import model as model_lib, program as program_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def small_config():
 
 def init_state(cfg, mesh):
   tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  init = train_lib.make_init_fn(cfg, tx)
+  init = program_lib.make_init_fn(cfg, tx)
   shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
   return jax.jit(init, out_shardings=shardings)(jax.random.key(0)), shardings
 
@@ -84,10 +84,11 @@ def test_gradients_take_the_parameters_shardings():
   cfg = small_config()
   mesh = sharding.make_mesh(mesh_cfg(data=2))
   state, shardings = init_state(cfg, mesh)
-  graphdef = train_lib.model_graphdef(cfg)
+  graphdef = model_lib.graphdef(cfg.model)
   batch = {k: jnp.ones((8, 16), jnp.float32 if k == "loss_mask" else jnp.int32)
            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-  grad_fn = jax.jit(jax.grad(lambda p, b: train_lib.loss_sums(p, b, graphdef=graphdef, cfg=cfg)[0]),
+  loss_sum = lambda p, b: program_lib.loss_sums(p, b, graphdef=graphdef, cfg=cfg)[0]
+  grad_fn = jax.jit(jax.grad(loss_sum),
                     in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
                     out_shardings=shardings["params"])
   grads = grad_fn(state["params"], batch)
@@ -185,11 +186,11 @@ def compiled_step_hlo(n_devices, attention, T=48, micro=4, data=1):
   cfg.train.global_batch = micro * n_devices
   mesh = sharding.make_mesh(mesh_cfg(data=data), devices=jax.devices()[:n_devices])
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  init = train_lib.make_init_fn(cfg, tx)
+  init = program_lib.make_init_fn(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_sh = sharding.tree_shardings(abstract, mesh)
   batch_sh = sharding.accum_batch_sharding(mesh)
-  step = jax.jit(functools.partial(train_lib.train_step, graphdef=train_lib.model_graphdef(cfg),
+  step = jax.jit(functools.partial(program_lib.train_step, graphdef=model_lib.graphdef(cfg.model),
                                    cfg=cfg, tx=tx, schedule=schedule),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
   batch = {k: jax.ShapeDtypeStruct((1, micro * n_devices, T), jnp.float32 if k == "loss_mask"
@@ -321,7 +322,7 @@ def test_eight_device_step_equals_one_device_step(data):
                sharding.make_mesh(mesh_cfg(data=data))):
     state, shardings = init_state(cfg, mesh)
     batch_sh = sharding.accum_batch_sharding(mesh)
-    step = jax.jit(functools.partial(train_lib.train_step, graphdef=train_lib.model_graphdef(cfg),
+    step = jax.jit(functools.partial(program_lib.train_step, graphdef=model_lib.graphdef(cfg.model),
                                      cfg=cfg, tx=tx, schedule=schedule),
                    in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
     with jax.set_mesh(mesh):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyllama_jax import optim
-from tinyllama_jax import train as train_lib
+from tinyllama_jax import model as model_lib, program as program_lib
 from tests.test_model import small_model_config
 from tinyllama_jax.config import base_config
 
@@ -18,8 +18,8 @@ def step_setup():
   cfg.model = small_model_config()
   cfg.optim.warmup_steps, cfg.optim.decay_steps = 3, 10
   tx, schedule = optim.make_optimizer(cfg.optim, 10)
-  state = train_lib.make_init_fn(cfg, tx)(jax.random.key(0))
-  step = jax.jit(functools.partial(train_lib.train_step, graphdef=train_lib.model_graphdef(cfg),
+  state = program_lib.make_init_fn(cfg, tx)(jax.random.key(0))
+  step = jax.jit(functools.partial(program_lib.train_step, graphdef=model_lib.graphdef(cfg.model),
                                    cfg=cfg, tx=tx, schedule=schedule))
   return state, step, schedule
 

@@ -32,7 +32,8 @@ import ml_dtypes
 import numpy as np
 from absl import flags, logging
 
-from tinyllama_jax import config as config_lib, hf, run as run_lib
+from tinyllama_jax import checkpoint, config as config_lib, hf, program, run as run_lib, sharding
+from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 # ----------------------------------------------------------------------------- output dirs
 
@@ -226,9 +227,6 @@ def _flat_items(cfg, prefix=""):
 
 def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
   """Writes a trainable run into `workdir` from the HF Llama in `hf_dir`; returns a report."""
-  from tinyllama_jax import checkpoint, optim, sharding, train
-  from tinyllama_jax.data import tokenizer as tokenizer_lib
-
   fields, hf_cfg, reader = read_hf(hf_dir)
   tok_src = tokenizer or os.path.join(hf_dir, "tokenizer.model")
   if not os.path.isfile(tok_src):
@@ -250,11 +248,8 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
 
     # The trainer's own init fixes the state tree; its parameters and optimizer state are
     # replaced by the imported ones, everything else (step, RNG, counters) is kept as init makes it.
-    mesh = sharding.make_mesh(cfg.mesh)
-    tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    init = train.make_init_fn(cfg, tx)
-    abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
-    shardings = sharding.tree_shardings(abstract, mesh)
+    prog = program.build_program(cfg, sharding.make_mesh(cfg.mesh))
+    init, tx, shardings = prog.init, prog.tx, prog.state_shardings
     params = {}
     for path, shape in hf.param_paths(cfg.model):
       target, node = shardings["params"], params
@@ -267,7 +262,7 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
                    out_shardings={k: v for k, v in shardings.items() if k not in fresh})
     state = {**rest(jax.random.key(cfg.seed)), "params": params,  # init's params: dead code
              "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
-    if jax.tree.structure(state) != jax.tree.structure(abstract):
+    if jax.tree.structure(state) != jax.tree.structure(prog.abstract_state):
       raise AssertionError("the imported state does not match the trainer's state tree")
     ckpt = checkpoint.Checkpointer(run_lib.checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
                                    async_save=False)

@@ -19,7 +19,6 @@ shardings), activations and the peak. Where the peak comes from (--source):
 """
 
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from tinyllama_jax import config as config_lib, kernels, model as model_lib, optim, sharding
+from tinyllama_jax import config as config_lib, kernels, model as model_lib, program, sharding
 from tinyllama_jax import train as train_lib
 
 train_lib.define_flags()  # --config (with its overrides), --workdir, --dry_run, as train takes them
@@ -166,37 +165,30 @@ def state_bytes(tree):
 # ----------------------------------------------------------------------------- the planner
 
 
-def plan_one(cfg, mesh, remat, use_xla, stand_ins=True):
+def planning_program(cfg, mesh, remat, stand_ins=True):
+  """(the planned config, its program) under `remat`; stand_ins: as planning_config has it."""
   if stand_ins:
     cfg = planning_config(cfg, remat)
   else:
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.model.remat = remat
-  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  init = train_lib.make_init_fn(cfg, tx)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.tree_shardings(abstract, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       abstract, shardings)
+  # One micro-batch a step: accumulation repeats it, the peak is one micro-batch's.
+  return cfg, program.build_program(cfg, mesh, accum=1)
+
+
+def plan_one(cfg, mesh, remat, use_xla, stand_ins=True):
+  cfg, prog = planning_program(cfg, mesh, remat, stand_ins)
+  state = prog.abstract_state
   params_b = state_bytes(state["params"])
   opt_b = state_bytes(state["opt_state"])
-  n_batch = sharding.batch_devices(mesh)
   micro = cfg.train.micro_batch_per_device
   fixed = dict(params_gib=params_b / GIB, grads_gib=params_b / GIB, opt_state_gib=opt_b / GIB)
   if use_xla:
     try:
-      batch_sharding = sharding.accum_batch_sharding(mesh)
-      spec = {k: jax.ShapeDtypeStruct((1, micro * n_batch, cfg.train.seq_len),
-                                      jnp.float32 if k == "loss_mask" else jnp.int32,
-                                      sharding=batch_sharding)
-              for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-      step = functools.partial(train_lib.train_step, graphdef=train_lib.model_graphdef(cfg),
-                               cfg=cfg, tx=tx, schedule=schedule)
       t0 = time.perf_counter()
-      compiled = jax.jit(step, donate_argnums=0, in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, None)).lower(state, spec).compile()
-      report = train_lib.memory_report(compiled)
+      compiled = prog.lower_step().compile()
+      report = program.memory_report(compiled)
       logging.info("remat=%s: compiled for %d CPU devices in %.0f s", remat, mesh.size,
                    time.perf_counter() - t0)
       if report:

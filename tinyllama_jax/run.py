@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tinyllama_jax import hf
+from tinyllama_jax import checkpoint, hf, program
 from tinyllama_jax.data import corpus, tokenizer as tokenizer_lib
 
 
@@ -116,13 +116,10 @@ def _tokenizer_candidates(cfg, workdir):
 def param_checksums(workdir, step):
   """{param path: the checksum the trainer stored for it} (checkpoint.py's own pairing of the
   state's leaves with meta["checksums"]), or None for a checkpoint saved without checksums."""
-  from tinyllama_jax import checkpoint, optim, train  # the trainer's state tree
   meta = read_meta(workdir, step)
   cfg = ml_collections.ConfigDict(meta["config"])
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  abstract = jax.eval_shape(train.make_init_fn(cfg, tx), jax.random.key(0))
   try:
-    by_path = checkpoint.stored_checksums_by_path(meta, abstract)
+    by_path = checkpoint.stored_checksums_by_path(meta, program.state_tree(cfg))
   except ValueError as e:
     raise ValueError(f"checkpoint {step} in {workdir} cannot be verified ({e})") from None
   if by_path is None:
@@ -138,7 +135,6 @@ def iter_params(workdir, step, cfg_model, *, verify=True):
   with `verify`, each is checked (in the dtype it was saved in) against its stored checksum: orbax
   restores flipped bits without complaint."""
   import orbax.checkpoint as ocp
-  from tinyllama_jax import checkpoint
   state_dir = os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "state"))
   checkpointer = ocp.PyTreeCheckpointer()
   sums = param_checksums(workdir, step) if verify else None

@@ -1,14 +1,14 @@
 """Pretrain a Llama: `python -m tinyllama_jax.train --config=configs/tiny.py --workdir=runs/tiny`.
 
 config -> checks -> mesh -> data -> state (fresh or restored) -> jitted step -> metrics and
-checkpoints. The step is a pure function (state, batch) -> (state, metrics), compiled once ahead
-of time with explicit shardings and the state donated; all I/O stays in the loop around it.
+checkpoints. The step (program.py, shared with plan, bench and import) is a pure function
+(state, batch) -> (state, metrics), compiled once ahead of time with explicit shardings and the
+state donated; all I/O stays in the loop around it.
 Rerunning the same command resumes from the workdir's latest complete checkpoint, bitwise. SIGTERM
 or SIGINT saves and exits 0; kill -9, NaN, damaged checkpoints and full disks are handled as
 docs/reliability.md says (the machinery lives in faults.py and checkpoint.py).
 """
 
-import functools
 import json
 import logging as std_logging
 import os
@@ -16,96 +16,26 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from tinyllama_jax import (checkpoint, config as config_lib, distributed, faults, generate, kernels,
-                           metrics, optim, sharding)
-from tinyllama_jax.model import Llama, flops_per_token, param_count
+from tinyllama_jax import (checkpoint, config as config_lib, distributed, faults, generate, metrics,
+                           program, sharding)
+from tinyllama_jax.model import flops_per_token, param_count
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
 
 
 def define_flags():
   """--config, --workdir, --dry_run: defined by the commands that take them (train, plan, the
-  bench worker), not on import, so export or sweep can import the step without these flags."""
+  bench worker), not on import, so another command can import train without these flags. Once a
+  process: plan and the bench worker may both be imported (tests/test_program.py)."""
+  if "config" in flags.FLAGS:
+    return
   config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, tb/, config.json.")
   flags.DEFINE_bool("dry_run", False, "Compile the step, print its memory plan, exit.")
-
-
-# ----------------------------------------------------------------------------- state and step
-
-
-def make_init_fn(cfg, tx):
-  def init(rng):
-    model = Llama(cfg.model, rngs=nnx.Rngs(params=rng))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.fold_in(rng, 1), "nan_skips": jnp.zeros((), jnp.int32)}
-  return init
-
-
-def model_graphdef(cfg):
-  return nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=0))))
-
-
-def loss_sums(params, batch, *, graphdef, cfg):
-  """(sum of masked token losses, number of counted tokens) for one micro-batch."""
-  model = nnx.merge(graphdef, params)
-  segment_ids = batch["segment_ids"] if cfg.data.packing != "concat" else None
-  h_BTD = model.hidden(batch["inputs"], batch["positions"], segment_ids)
-  B, T, D = h_BTD.shape
-  cross_entropy = kernels.get("cross_entropy", cfg.model.kernels.cross_entropy)
-  loss_N = cross_entropy(h_BTD.reshape(B * T, D), params["lm_head"].astype(h_BTD.dtype),
-                         batch["targets"].reshape(B * T))
-  mask_N = batch["loss_mask"].reshape(B * T)
-  return jnp.sum(loss_N * mask_N), jnp.sum(mask_N)
-
-
-def train_step(state, batch_AMT, *, graphdef, cfg, tx, schedule):
-  """One optimizer step over A accumulated micro-batches of M sequences of T tokens."""
-  params = state["params"]
-  grad_fn = jax.value_and_grad(
-      functools.partial(loss_sums, graphdef=graphdef, cfg=cfg), has_aux=True)
-
-  def accumulate(carry, micro_batch):
-    grads, loss_sum, count = carry
-    (micro_loss, micro_count), micro_grads = grad_fn(params, micro_batch)
-    grads = jax.tree.map(jnp.add, grads, micro_grads)
-    return (grads, loss_sum + micro_loss, count + micro_count), None
-
-  if jax.tree.leaves(batch_AMT)[0].shape[0] == 1:  # no accumulation: no loop, no zeroed buffer
-    (loss_sum, count), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch_AMT))
-  else:
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss_sum, count), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch_AMT)
-  # Gradients of the mean over all counted tokens of the whole step, as one big batch would give.
-  count = jnp.maximum(count, 1.0)
-  loss, grads = faults.inject_nan(loss_sum / count, jax.tree.map(lambda g: g / count, grads),
-                                  state["step"], faults.parse_steps(cfg.train.inject_nan_steps))
-  grad_norm = optax.global_norm(grads)
-  updates, opt_state = tx.update(grads, state["opt_state"], params)
-  # A non-finite step leaves params and optimizer as they were; it still consumes its batch.
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  params, opt_state = faults.keep_if_nonfinite(
-      ok, (optax.apply_updates(params, updates), opt_state), (params, state["opt_state"]))
-  nan_skips = state["nan_skips"] + (~ok).astype(jnp.int32)
-  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-               "rng": jax.random.fold_in(state["rng"], state["step"]), "nan_skips": nan_skips}
-  return new_state, {"train/loss": loss, "train/grad_norm": grad_norm,
-                     "train/lr": schedule(state["step"]), "train/tokens": count,
-                     "train/skipped": ~ok, "train/nan_skips": nan_skips}
-
-
-def eval_step(params, batch, *, graphdef, cfg):
-  return loss_sums(params, batch, graphdef=graphdef, cfg=cfg)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -118,23 +48,10 @@ class Run:
     self.cfg, self.workdir = cfg, workdir
     config_lib.validate(cfg)  # the mesh is built from checked sizes, then the batch is checked on it
     self.mesh = sharding.make_mesh(cfg.mesh)
-    n_batch_devices = sharding.batch_devices(self.mesh)
-    config_lib.validate(cfg, n_batch_devices, jax.process_count())
+    config_lib.validate(cfg, sharding.batch_devices(self.mesh), jax.process_count())
+    self.program = program.build_program(cfg, self.mesh)
+    faults.check_environment(workdir, self.program.abstract_state)
     t = cfg.train
-    self.micro_batch = t.micro_batch_per_device * n_batch_devices
-    self.accum = t.global_batch // self.micro_batch
-    self.tx, self.schedule = optim.make_optimizer(cfg.optim, t.steps)
-    self.graphdef = model_graphdef(cfg)
-
-    init = make_init_fn(cfg, self.tx)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    faults.check_environment(workdir, abstract)
-    self.state_shardings = sharding.tree_shardings(abstract, self.mesh)
-    self.abstract_state = checkpoint.abstract_like(abstract, self.state_shardings)
-    self.batch_sharding = sharding.accum_batch_sharding(self.mesh)
-    self.eval_sharding = sharding.batch_sharding(self.mesh)
-    self._init = jax.jit(init, out_shardings=self.state_shardings)
-
     # One run per workdir, locked before anything in it is touched (the checkpointer removes
     # incomplete saves: a live run's); process 0 writes for all processes.
     self.lock = (faults.WorkdirLock(workdir)
@@ -154,56 +71,20 @@ class Run:
     if self.lock is not None:
       self.lock.release()
 
-  def batch_spec(self, leading):
-    T = self.cfg.train.seq_len
-    shape = (*leading, T)
-    return {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32,
-                                    sharding=self.batch_sharding if len(leading) == 2
-                                    else self.eval_sharding)
-            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-
-  def compile_step(self):
-    step = functools.partial(train_step, graphdef=self.graphdef, cfg=self.cfg, tx=self.tx,
-                             schedule=self.schedule)
-    jitted = jax.jit(step, donate_argnums=0, in_shardings=(self.state_shardings,
-                                                           self.batch_sharding),
-                     out_shardings=(self.state_shardings, None))
-    t0 = time.perf_counter()
-    lowered = jitted.lower(self.abstract_state, self.batch_spec((self.accum, self.micro_batch)))
-    compiled = lowered.compile()
-    logging.info("compiled the train step in %.1f s", time.perf_counter() - t0)
-    return compiled
-
-  def compile_eval(self):
-    fn = functools.partial(eval_step, graphdef=self.graphdef, cfg=self.cfg)
-    return jax.jit(fn, in_shardings=(self.state_shardings["params"], self.eval_sharding))
-
   def initial_state(self, data_identity=None):
     """(state, data state or None, step of the checkpoint or None): the newest checkpoint that
     verifies, else a fresh init; never a fresh init over checkpoints that all fail to read.
     data_identity (data.pipeline.identity): refuse, or drop, a position saved for other data."""
-    found = self.ckpt.restore_latest(self.abstract_state, lambda meta: checkpoint.check_resume(
-        meta, self.cfg, self.workdir, data_identity))
+    found = self.ckpt.restore_latest(
+        self.program.abstract_state,
+        lambda meta: checkpoint.check_resume(meta, self.cfg, self.workdir, data_identity))
     if found is None:
-      return self._init(jax.random.key(self.cfg.seed)), None, None
+      return self.program.jit_init()(jax.random.key(self.cfg.seed)), None, None
     step, state, data_state, meta = found
     logging.info("resuming from %s/checkpoints/%d", self.workdir, step)
     if not checkpoint.same_data(meta, data_identity):  # allowed by train.allow_data_change
       data_state = None
     return state, data_state, step
-
-
-def memory_report(compiled):
-  """Per-device bytes from XLA's compiled memory analysis (None where the backend has none)."""
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-            "alias_size_in_bytes", "generated_code_size_in_bytes")
-  report = {f: int(getattr(analysis, f, 0)) for f in fields}
-  report["peak_estimate_bytes"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
-                                   + report["temp_size_in_bytes"] - report["alias_size_in_bytes"])
-  return report
 
 
 def _data_errors_as_one_line(fn):
@@ -280,21 +161,21 @@ def train(cfg, workdir, dry_run=False):
 
 
 def _train(run, cfg, workdir, dry_run):
-  t = cfg.train
+  t, prog = cfg.train, run.program
   n_params = param_count(cfg.model)
   logging.info("model: %s parameters (%s without the input embedding); mesh %s; %d x %d "
                "sequences per step (accumulation x micro-batch)", f"{n_params:,}",
                f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
-               run.accum, run.micro_batch)
+               prog.accum, prog.micro_batch)
   if not dry_run:  # missing, unreadable or too little data fails now, not after the compile
     from tinyllama_jax.data import pipeline
     tokenizer = load_tokenizer(cfg, workdir)
-    check_eval_split(cfg, tokenizer, run.micro_batch)
+    check_eval_split(cfg, tokenizer, prog.micro_batch)
     data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
     train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
   logging.info("compiling the train step (first compile takes a while)...")
-  compiled = run.compile_step()
-  memory = memory_report(compiled)
+  compiled = prog.compile_step()
+  memory = program.memory_report(compiled)
   if memory:
     logging.info("per-device memory plan (XLA): %s",
                  {k: f"{v / 2**30:.2f} GiB" for k, v in memory.items()})
@@ -308,7 +189,7 @@ def _train(run, cfg, workdir, dry_run):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-  eval_fn = run.compile_eval()
+  eval_fn = prog.jit_eval()
   throughput = metrics.Throughput(
       tokens_per_step=t.global_batch * t.seq_len, flops_per_token=flops_per_token(cfg.model, t.seq_len),
       n_devices=jax.device_count(), peak_flops=metrics.peak_flops_per_device(cfg.peak_flops),
@@ -330,8 +211,8 @@ def _train(run, cfg, workdir, dry_run):
     with faults.Preemption(t.grace_period_s) as preemption:
       while step < t.steps:
         local = next(train_it)
-        local = {k: v.reshape(run.accum, -1, *v.shape[1:]) for k, v in local.items()}
-        batch = sharding.global_batch_array(local, run.batch_sharding)
+        local = {k: v.reshape(prog.accum, -1, *v.shape[1:]) for k, v in local.items()}
+        batch = sharding.global_batch_array(local, prog.batch_sharding)
         state, step_metrics = compiled(state, batch)
         step += 1
         nonfinite.record(step, step_metrics)
@@ -351,7 +232,7 @@ def _train(run, cfg, workdir, dry_run):
           logging.info("evaluating on %d held-out batches...", t.eval_batches)
           try:
             last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer,
-                                         run.micro_batch, run.eval_sharding)
+                                         prog.micro_batch, prog.eval_sharding)
           except Exception:
             if saved_step != step:  # the steps since the last checkpoint stay trained
               logging.error("eval failed at step %d: saving checkpoint %d first", step, step)

@@ -153,7 +153,7 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
                                                               batches[0]).compile()
   out["compile_s"] = time.perf_counter() - t0
   ma = compiled.memory_analysis()
-  if ma is not None:  # as train.memory_report (importing train would pull in the trainer)
+  if ma is not None:  # as program.memory_report (importing it would pull in the trainer's modules)
     x = {k: int(getattr(ma, k, 0)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                              "temp_size_in_bytes", "alias_size_in_bytes")}
     x["peak_estimate_bytes"] = (x["argument_size_in_bytes"] + x["output_size_in_bytes"]

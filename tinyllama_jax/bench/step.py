@@ -2,13 +2,12 @@
 
     python -m tinyllama_jax.bench.step --config=configs/1b.py [--config.a.b=v ...] --steps=30
 
-The step is train.py's own `train_step` (the function training runs), compiled the way train.py
-compiles it: ahead of time, explicit in/out shardings, the state donated. The batch is synthetic
-(uniform tokens, one document a row) and sits on the devices before timing starts, so the numbers
+The step is training's own, built by program.py as train.py builds it and compiled the same way:
+ahead of time, explicit in/out shardings, the state donated. The batch is synthetic (uniform
+tokens, one document a row) and sits on the devices before timing starts, so the numbers
 are the step's alone; the data pipeline has its own benchmark. Prints one BENCH_RESULT line.
 """
 
-import functools
 import os
 import sys
 import time
@@ -16,11 +15,10 @@ import time
 _T_START = time.perf_counter()  # before jax: the launch-to-first-step clock starts here
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from tinyllama_jax import bench, config as config_lib, distributed, metrics, optim, sharding
+from tinyllama_jax import bench, config as config_lib, distributed, metrics, program, sharding
 from tinyllama_jax import train as train_lib
 
 train_lib.define_flags()  # --config (with its overrides), --workdir, --dry_run, as train takes them
@@ -37,8 +35,9 @@ _PROFILE = flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 s
                                "and the step's optimized HLO here.")
 
 
-def prepare(cfg, accum):
-  """The variant's config, its global batch implied by the mesh: micro x batch devices x accum."""
+def variant_program(cfg, accum):
+  """(the variant's config, its program): the global batch is implied by the mesh, micro x batch
+  devices x accum."""
   cfg = cfg.copy_and_resolve_references()
   mesh = sharding.make_mesh(cfg.mesh)
   with cfg.unlocked():
@@ -46,7 +45,7 @@ def prepare(cfg, accum):
   if cfg.train.seq_len > cfg.model.max_seq_len:
     raise ValueError(f"train.seq_len ({cfg.train.seq_len}) exceeds model.max_seq_len "
                      f"({cfg.model.max_seq_len})")
-  return cfg, mesh
+  return cfg, program.build_program(cfg, mesh, accum=accum)
 
 
 def synthetic_batch(cfg, accum, micro_batch, batch_sharding):
@@ -63,44 +62,28 @@ def synthetic_batch(cfg, accum, micro_batch, batch_sharding):
 
 
 def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, profile_dir=""):
-  cfg, mesh = prepare(cfg, accum)
-  micro = cfg.train.micro_batch_per_device * sharding.batch_devices(mesh)
-  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef = train_lib.model_graphdef(cfg)
-  init = train_lib.make_init_fn(cfg, tx)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state_shardings = sharding.tree_shardings(abstract, mesh)
-  batch_sharding = sharding.accum_batch_sharding(mesh)
+  cfg, prog = variant_program(cfg, accum)
+  mesh = prog.mesh
   out = {"name": name, "kind": "jax", "mesh": dict(mesh.shape), "n_devices": mesh.size,
          "n_processes": jax.process_count(), "device_kind": jax.devices()[0].device_kind,
          "seq_len": cfg.train.seq_len, "micro_batch_per_device": cfg.train.micro_batch_per_device,
          "accum": accum, "tokens_per_step": cfg.train.global_batch * cfg.train.seq_len,
          "model": cfg.model.to_dict(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
-  step_fn = functools.partial(train_lib.train_step, graphdef=graphdef, cfg=cfg, tx=tx,
-                              schedule=schedule)
-  jitted = jax.jit(step_fn, donate_argnums=0, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None))
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract, state_shardings)
-  T = cfg.train.seq_len
-  batch_spec = {k: jax.ShapeDtypeStruct((accum, micro, T), jnp.float32 if k == "loss_mask"
-                                        else jnp.int32, sharding=batch_sharding)
-                for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):  # Pallas backends find it and run per device (model._per_device)
-    lowered = jitted.lower(abstract_state, batch_spec)
+    lowered = prog.lower_step()
   out["lower_s"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled = lowered.compile()
   out["compile_s"] = time.perf_counter() - t0
-  out["xla_memory"] = train_lib.memory_report(compiled)
+  out["xla_memory"] = program.memory_report(compiled)
   if profile_dir:  # the optimized HLO beside the trace: kernel names in the profile map to it
     import gzip
     os.makedirs(profile_dir, exist_ok=True)
     with gzip.open(os.path.join(profile_dir, "step.hlo.txt.gz"), "wt") as f:
       f.write(compiled.as_text())
-  init_jit = jax.jit(init, out_shardings=state_shardings)
+  init_jit = prog.jit_init()
   if compile_only:
     init_jit.lower(jax.random.key(0)).compile()
     return out
@@ -109,7 +92,7 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
   state = init_jit(jax.random.key(cfg.seed))
   jax.block_until_ready(state)
   out["init_s"] = time.perf_counter() - t0
-  batch = synthetic_batch(cfg, accum, micro, batch_sharding)
+  batch = synthetic_batch(cfg, accum, prog.micro_batch, prog.batch_sharding)
 
   losses = []
   for i in range(max(warmup, 1)):
@@ -145,7 +128,8 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
   out["loss_first"], out["loss_last"] = losses[0], losses[-1]
   out.update(bench.timing_summary(
       windows, window, out["tokens_per_step"], mesh.size,
-      bench.flops_per_token(cfg.model.to_dict(), T), metrics.peak_flops_per_device(cfg.peak_flops)))
+      bench.flops_per_token(cfg.model.to_dict(), cfg.train.seq_len),
+      metrics.peak_flops_per_device(cfg.peak_flops)))
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
