@@ -88,8 +88,7 @@ def train_step(state, batch_AMT, *, graphdef, cfg, tx, schedule):
         accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch_AMT)
   # Gradients of the mean over all counted tokens of the whole step, as one big batch would give.
   count = jnp.maximum(count, 1.0)
-  loss, grads = faults.inject_nan(loss_sum / count, jax.tree.map(lambda g: g / count, grads),
-                                  state["step"], faults.parse_steps(cfg.train.inject_nan_steps))
+  loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grads)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   # A non-finite step leaves params and optimizer as they were; it still consumes its batch.
@@ -141,8 +140,7 @@ class Run:
                  if jax.process_index() == 0 and "://" not in workdir else None)
     try:
       self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                          keep=t.keep_checkpoints, async_save=t.async_checkpoint,
-                                          inject_save_sleep_s=t.inject_save_sleep_s)
+                                          keep=t.keep_checkpoints, async_save=t.async_checkpoint)
       saved_cfg = self.ckpt.latest_config()
       if saved_cfg is not None:  # refuse another architecture before anything is written
         checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
@@ -335,8 +333,6 @@ def _train(run, cfg, workdir, dry_run):
         state, step_metrics = compiled(state, batch)
         step += 1
         nonfinite.record(step, step_metrics)
-        if t.inject_step_sleep_s:  # test only: lets the fault suite signal at a known step
-          time.sleep(t.inject_step_sleep_s)
         preempted = preemption.requested()
         if step % t.log_every == 0 or step == t.steps:
           nonfinite.check(saved_step)
