@@ -1,5 +1,6 @@
-"""Drives the real `python -m tinyllama_jax.train` for the fault suite: a micro model, one shared
-tokenizer and compilation cache, signals at a chosen step, and bitwise checkpoint comparisons."""
+"""Drives the real train command for the fault suite (through tests/fault_train.py when faults
+are injected): a micro model, one shared tokenizer and compilation cache, signals at a chosen
+step, and bitwise checkpoint comparisons."""
 
 import os
 import re
@@ -53,11 +54,15 @@ STEP_LINE = re.compile(r"step (\d+)/\d+ \|")
 class Train:
   """One `python -m tinyllama_jax.train` process; its log (stderr) is read as it comes."""
 
-  def __init__(self, workdir, env, args=(), **overrides):
-    """args: more command-line flags (--coordinator, --process_id, ...)."""
+  def __init__(self, workdir, env, args=(), inject=None, **overrides):
+    """args: more command-line flags (--coordinator, --process_id, ...). inject: the faults of
+    tests/fault_train.py ({"nan_steps": "6,7", "step_sleep_s": 0.1, "save_sleep_s": 2.0}),
+    which then runs the train command; without, it is `python -m tinyllama_jax.train` itself."""
     flags = {**MICRO, **overrides}
-    args = [sys.executable, "-m", "tinyllama_jax.train", "--config=configs/tiny.py",
-            f"--workdir={workdir}", *args] + [f"--config.{k}={v}" for k, v in flags.items()]
+    command = (["tests/fault_train.py", *(f"--{k}={v}" for k, v in inject.items())] if inject
+               else ["-m", "tinyllama_jax.train"])
+    args = [sys.executable, *command, "--config=configs/tiny.py", f"--workdir={workdir}",
+            *args] + [f"--config.{k}={v}" for k, v in flags.items()]
     self.workdir = str(workdir)
     self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)

@@ -42,8 +42,8 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def launch(env, tokenizer):
-  def start(workdir, **overrides):
-    return fh.Train(workdir, env, **{"data.tokenizer": tokenizer, **overrides})
+  def start(workdir, inject=None, **overrides):
+    return fh.Train(workdir, env, inject=inject, **{"data.tokenizer": tokenizer, **overrides})
 
   def run(workdir, **overrides):
     t = start(workdir, **overrides)
@@ -79,7 +79,7 @@ def test_kill9_at_a_random_step_resumes_exactly(seed, launch, reference, tmp_pat
   rng = random.Random(seed)
   target = rng.randint(2, fh.STEPS - 2)
   async_save = seed != 1  # one seed with synchronous saves, whose loss bound is one interval
-  t = launch(tmp_path, **{"train.inject_step_sleep_s": 0.1, "train.async_checkpoint": async_save})
+  t = launch(tmp_path, inject={"step_sleep_s": 0.1}, **{"train.async_checkpoint": async_save})
   killed_at = t.wait_for_step(target)
   t.signal(signal.SIGKILL)
   assert t.wait() == -signal.SIGKILL
@@ -95,7 +95,7 @@ def test_kill9_at_a_random_step_resumes_exactly(seed, launch, reference, tmp_pat
 
 
 def test_kill9_inside_a_save_ignores_the_partial_checkpoint(launch, reference, tmp_path):
-  t = launch(tmp_path, **{"train.inject_save_sleep_s": 2.0, "train.async_checkpoint": False})
+  t = launch(tmp_path, inject={"save_sleep_s": 2.0}, **{"train.async_checkpoint": False})
   partial = tmp_path / "checkpoints" / f"{2 * fh.EVERY}{fh.TMP_SUFFIX}"
   t.wait_for_path(partial)
   time.sleep(0.3)  # inside the save: written, not committed
@@ -114,7 +114,7 @@ def test_kill9_inside_a_save_ignores_the_partial_checkpoint(launch, reference, t
 
 
 def test_sigterm_saves_within_the_grace_period_and_exits_0(launch, reference, tmp_path):
-  t = launch(tmp_path, **{"train.inject_step_sleep_s": 0.1})
+  t = launch(tmp_path, inject={"step_sleep_s": 0.1})
   t.wait_for_step(6)
   sent = time.monotonic()
   t.signal(signal.SIGTERM)
@@ -127,15 +127,15 @@ def test_sigterm_saves_within_the_grace_period_and_exits_0(launch, reference, tm
   assert fh.committed_steps(tmp_path)[-1] == stopped  # nothing lost at all
   assert f"preempted: checkpoint {stopped} written" in t.log
 
-  resumed = resume_and_compare(launch, tmp_path, reference)
+  resumed = resume_and_compare(launch, tmp_path, reference, **{"train.grace_period_s": 30.0})
   assert fh.resumed_from(resumed.log) == stopped
-  # The resumed leg has another inject_step_sleep_s: a config difference is a warning, not an error.
-  assert "different config (1 keys): train.inject_step_sleep_s" in resumed.log
+  # The resumed leg has another grace period: a config difference is a warning, not an error.
+  assert "different config (1 keys): train.grace_period_s" in resumed.log
 
 
 def test_second_signal_exits_at_once_without_a_partial_checkpoint(launch, tmp_path):
-  t = launch(tmp_path, **{"train.inject_save_sleep_s": 30.0, "train.async_checkpoint": False,
-                          "train.checkpoint_every": 100})
+  t = launch(tmp_path, inject={"save_sleep_s": 30.0},
+             **{"train.async_checkpoint": False, "train.checkpoint_every": 100})
   t.wait_for_step(2)
   t.signal(signal.SIGINT)  # the preemption save starts, and sleeps before its commit
   t.wait_for_incomplete_save()
@@ -149,8 +149,9 @@ def test_second_signal_exits_at_once_without_a_partial_checkpoint(launch, tmp_pa
 
 
 def test_grace_period_that_runs_out_exits_anyway(launch, tmp_path):
-  t = launch(tmp_path, **{"train.inject_save_sleep_s": 30.0, "train.async_checkpoint": False,
-                          "train.grace_period_s": 2.0, "train.checkpoint_every": 100})
+  t = launch(tmp_path, inject={"save_sleep_s": 30.0},
+             **{"train.async_checkpoint": False, "train.grace_period_s": 2.0,
+                "train.checkpoint_every": 100})
   t.wait_for_step(2)
   sent = time.monotonic()
   t.signal(signal.SIGTERM)
@@ -163,11 +164,11 @@ def test_grace_period_that_runs_out_exits_anyway(launch, tmp_path):
 # ----------------------------------------------------------------------------- NaN
 
 
-NAN_STEPS = "6,7"  # one set for all three tests: the injection is compiled into the step
+NAN = {"nan_steps": "6,7"}  # one set for all three tests: they share one compiled step
 
 
 def test_nan_with_policy_stop_exits_and_keeps_the_last_good_checkpoint(launch, tmp_path):
-  t = launch.run(tmp_path, **{"train.inject_nan_steps": NAN_STEPS})
+  t = launch.run(tmp_path, inject=NAN)
   assert t.rc == 3, t.log[-3000:]
   assert t.last_line().startswith("error: non-finite loss or gradients at step 6"), t.last_line()
   assert "checkpoint 4 is the last good one" in t.last_line()
@@ -175,9 +176,9 @@ def test_nan_with_policy_stop_exits_and_keeps_the_last_good_checkpoint(launch, t
 
 
 def test_nan_with_policy_skip_drops_the_update_and_counts_it(launch, tmp_path):
-  t = launch.run(tmp_path, **{"train.inject_nan_steps": NAN_STEPS, "train.nan_policy": "skip",
-                              "train.max_nan_skips": 2, "train.checkpoint_every": 1,
-                              "train.keep_checkpoints": 20})
+  t = launch.run(tmp_path, inject=NAN, **{"train.nan_policy": "skip", "train.max_nan_skips": 2,
+                                          "train.checkpoint_every": 1,
+                                          "train.keep_checkpoints": 20})
   assert t.rc == 0, t.log[-3000:]
   assert "step 6: non-finite loss (nan)" in t.log and "step 7: non-finite loss (nan)" in t.log
   five, seven, last = (fh.read_checkpoint(tmp_path, s)["state"] for s in (5, 7, fh.STEPS))
@@ -190,8 +191,7 @@ def test_nan_with_policy_skip_drops_the_update_and_counts_it(launch, tmp_path):
 
 
 def test_nan_beyond_the_skip_limit_stops(launch, tmp_path):
-  t = launch.run(tmp_path, **{"train.inject_nan_steps": NAN_STEPS, "train.nan_policy": "skip",
-                              "train.max_nan_skips": 1})
+  t = launch.run(tmp_path, inject=NAN, **{"train.nan_policy": "skip", "train.max_nan_skips": 1})
   assert t.rc == 3, t.log[-3000:]
   assert "error: 2 steps with non-finite loss or gradients, the last at step 7" in t.last_line()
   assert "more than train.max_nan_skips=1" in t.last_line()
@@ -418,6 +418,17 @@ def test_resume_warns_about_config_and_version_differences(caplog):
   saved["model"]["d_model"] = 1
   with pytest.raises(ValueError, match="different architecture.*d_model"):
     checkpoint.check_resume({"step": 7, "config": saved, "versions": versions}, cfg, "w")
+
+
+def test_a_checkpoint_with_keys_this_version_removed_resumes_with_a_warning(caplog):
+  """Checkpoints written before the fault switches left the config carry them in their meta."""
+  cfg = config_lib.base_config()
+  saved = cfg.to_dict()
+  saved["train"].update(inject_nan_steps="", inject_step_sleep_s=0.0, profile_steps="")
+  with caplog.at_level(logging.WARNING):
+    checkpoint.check_resume({"step": 7, "config": saved, "versions": checkpoint.versions()}, cfg,
+                            "w")
+  assert "different config (3 keys): train.inject_nan_steps: '' -> '<absent>'" in caplog.text
 
 
 def test_resume_onto_changed_data_is_refused_or_restarts_the_stream(caplog):

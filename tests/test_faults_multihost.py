@@ -23,7 +23,7 @@ GRACE_S = 30  # far above a step plus a save (< 2 s), far below the test's timeo
 # micro-batches), with no periodic checkpoint: the preemption save and the final one are the only
 # ones, so "exactly one checkpoint of the stop step" is what the workdir must hold.
 TWO_PROCESS = {"mesh.fsdp": 4, "train.micro_batch_per_device": 1, "train.checkpoint_every": 1000,
-               "train.grace_period_s": GRACE_S, "train.inject_step_sleep_s": 0.1}
+               "train.grace_period_s": GRACE_S}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def start(workdir, env, tokenizer):
   port = free_port()
   return [fh.Train(workdir, env, args=[f"--coordinator=127.0.0.1:{port}",
                                        f"--num_processes={N_PROCESSES}", f"--process_id={i}"],
-                   **{"data.tokenizer": tokenizer, **TWO_PROCESS})
+                   inject={"step_sleep_s": 0.1}, **{"data.tokenizer": tokenizer, **TWO_PROCESS})
           for i in range(N_PROCESSES)]
 
 

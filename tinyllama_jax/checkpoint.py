@@ -139,22 +139,6 @@ def _own_data_state(data):
 # ----------------------------------------------------------------------------- the checkpointer
 
 
-def _slow_commit_path_class(seconds):
-  """Test only (train.inject_save_sleep_s): orbax's own temporary path, but every commit waits
-  first, so the fault suite can kill a process while a save is written and not yet committed."""
-
-  class SlowCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
-
-    async def finalize(self, *args, **kwargs):
-      if TMP_SUFFIX not in self.get().parent.name:  # the step's commit, not one of its items'
-        logging.info("inject_save_sleep_s: sleeping %.1f s before committing %s", seconds,
-                     self.get())
-        time.sleep(seconds)
-      return await super().finalize(*args, **kwargs)
-
-  return SlowCommit
-
-
 def incomplete_saves(directory):
   return sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else ())
                 if TMP_SUFFIX in name)
@@ -177,7 +161,7 @@ def _no_space(error):
 
 class Checkpointer:
 
-  def __init__(self, directory, *, keep, async_save=True, inject_save_sleep_s=0.0):
+  def __init__(self, directory, *, keep, async_save=True):
     # orbax's tensorstore writer refuses relative paths (`--workdir=runs/tiny` must work).
     self.directory = directory = directory if "://" in directory else os.path.abspath(directory)
     self.incomplete = incomplete_saves(directory)
@@ -187,9 +171,7 @@ class Checkpointer:
                       directory, ", ".join(self.incomplete))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        temporary_path_class=(_slow_commit_path_class(inject_save_sleep_s)
-                              if inject_save_sleep_s else None))
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(directory, options=options)
     self._saving = None  # the step an async save may still be writing
 

@@ -75,7 +75,6 @@ def train_config():
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.sample_tokens = 0  # >0: print a greedy sample of this many tokens at the end
-  c.profile_steps = ""
   # Appended to XLA_FLAGS before the backend starts; a flag the environment already sets wins.
   # None pays measurably at 1b on one H200 (command buffers off, cuBLASLt, no Triton GEMMs: all
   # within the +-1% run-to-run noise; bench/NOTES.md), so none is set by default.
@@ -89,10 +88,6 @@ def train_config():
   # Resume onto data that changed since the checkpoint (another prepare into the same folder,
   # files added): restart the data stream from its beginning, with a warning, instead of refusing.
   c.allow_data_change = False
-  # Test-only fault injection (the fault suite in tests/test_faults.py); never set in real runs.
-  c.inject_nan_steps = ""  # comma-separated steps (1-based) whose loss and gradients become NaN
-  c.inject_step_sleep_s = 0.0  # sleep after each step: a signal lands at a known step
-  c.inject_save_sleep_s = 0.0  # sleep before a save is committed: a kill lands inside the save
   return c
 
 
@@ -304,8 +299,6 @@ def _rules():
        "seconds a preempted run has to save; schedulers give 30 to 120"),
       ("train.nan_policy", _one_of(faults.NAN_POLICIES), ""),
       ("train.max_nan_skips", _NON_NEGATIVE, ""),
-      ("train.inject_step_sleep_s", _NON_NEGATIVE_REAL, ""),
-      ("train.inject_save_sleep_s", _NON_NEGATIVE_REAL, ""),
       ("mesh.data", _MESH_AXIS, ""),
       ("mesh.fsdp", _MESH_AXIS, ""),
       ("mesh.tensor", _MESH_AXIS, ""),
@@ -349,11 +342,6 @@ def _cross_field_problems(cfg):
   if d.packing != "concat" and m.kernels.attention == "cudnn":
     yield (f"data.packing={d.packing!r} masks attention per document, which "
            "model.kernels.attention='cudnn' cannot: use auto, pallas or xla, or packing=concat")
-  from tinyllama_jax import faults
-  try:
-    faults.parse_steps(t.inject_nan_steps)
-  except ValueError as e:
-    yield str(e)
 
 
 def _batch_problems(cfg, n_batch_devices, n_processes):

@@ -4,7 +4,7 @@ a second run on the same workdir, and the checks of the environment before step 
 The train loop asks three questions of this module: may I start (`check_environment`,
 `WorkdirLock`; the config's own checks are config.validate), should I stop
 (`Preemption.requested`), and was that step sound (`NonFiniteGuard`). The jitted step itself only
-calls the pure helpers `inject_nan` and `keep_if_nonfinite`.
+calls the pure helper `keep_if_nonfinite`.
 """
 
 import fcntl
@@ -163,22 +163,6 @@ class Preemption:
 
 
 # ----------------------------------------------------------------------------- non-finite steps
-
-
-def parse_steps(text):
-  try:
-    return tuple(int(s) for s in str(text).split(",") if s.strip())
-  except ValueError:
-    raise ValueError(f"train.inject_nan_steps={text!r} must be comma-separated step numbers")
-
-
-def inject_nan(loss, grads, step, steps):
-  """Test only: makes the loss and gradients of 1-based `steps` NaN (`step`: the 0-based count
-  before this update). No-op when `steps` is empty."""
-  if not steps:
-    return loss, grads
-  factor = jnp.where(jnp.isin(step + 1, jnp.asarray(steps)), jnp.nan, 1.0)
-  return loss * factor, jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
 
 
 def keep_if_nonfinite(ok, new, old):

@@ -78,8 +78,7 @@ def train_step(state, batch_AMT, *, graphdef, cfg, tx, schedule):
         accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), batch_AMT)
   # Gradients of the mean over all counted tokens of the whole step, as one big batch would give.
   count = jnp.maximum(count, 1.0)
-  loss, grads = faults.inject_nan(loss_sum / count, jax.tree.map(lambda g: g / count, grads),
-                                  state["step"], faults.parse_steps(cfg.train.inject_nan_steps))
+  loss, grads = loss_sum / count, jax.tree.map(lambda g: g / count, grads)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   # A non-finite step leaves params and optimizer as they were; it still consumes its batch.

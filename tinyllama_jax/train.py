@@ -13,7 +13,6 @@ import json
 import logging as std_logging
 import os
 import sys
-import time
 
 import jax
 from absl import app, flags, logging
@@ -58,8 +57,7 @@ class Run:
                  if jax.process_index() == 0 and "://" not in workdir else None)
     try:
       self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                          keep=t.keep_checkpoints, async_save=t.async_checkpoint,
-                                          inject_save_sleep_s=t.inject_save_sleep_s)
+                                          keep=t.keep_checkpoints, async_save=t.async_checkpoint)
       saved_cfg = self.ckpt.latest_config()
       if saved_cfg is not None:  # refuse another architecture before anything is written
         checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
@@ -216,8 +214,6 @@ def _train(run, cfg, workdir, dry_run):
         state, step_metrics = compiled(state, batch)
         step += 1
         nonfinite.record(step, step_metrics)
-        if t.inject_step_sleep_s:  # test only: lets the fault suite signal at a known step
-          time.sleep(t.inject_step_sleep_s)
         preempted = preemption.requested()
         if step % t.log_every == 0 or step == t.steps:
           nonfinite.check(saved_step)

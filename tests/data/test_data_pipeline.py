@@ -193,24 +193,6 @@ def test_resuming_another_stream_is_an_error(tok, small_cfg):
     other.set_state(it.get_state())
 
 
-def test_device_prefetch_keeps_resume_exact(tok, small_cfg):
-  from tinyllama_jax.data import prefetch  # pylint: disable=g-import-not-at-top
-  cfg = small_cfg(packing="first_fit")
-  placed = []
-  put = lambda b: placed.append(1) or b
-  it = prefetch.DevicePrefetcher(_iterator(cfg, tok), put, depth=3)
-  _take(it, 4)
-  assert len(placed) == 4 + 3  # read ahead
-  state = json.loads(json.dumps(it.get_state()))
-  expected = _take(it, 3)
-  resumed = prefetch.DevicePrefetcher(_iterator(cfg, tok), put, depth=3)
-  resumed.set_state(state)
-  _assert_same(_take(resumed, 3), expected)
-  plain = _iterator(cfg, tok)
-  _take(plain, 4)
-  assert plain.get_state() == state  # the state of what was consumed, not of what was read
-
-
 def test_identity_sees_a_prepared_folder_prepared_again_and_files_added(small_cfg, tmp_path):
   """What a checkpoint records of its data: the shard list of a prepared folder (another prepare
   --eval_fraction into it moves documents between splits), the names and sizes of files."""

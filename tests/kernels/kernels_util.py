@@ -1,9 +1,11 @@
-"""Error measure and random inputs shared by the kernel tests."""
+"""Error measure, random inputs and output poisoning shared by the kernel tests."""
 
 import numpy as np
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 # Relative L2 error bounds from the issue: fp32 against an fp32 reference, bf16 against the
 # fp32 reference computed from the same bf16 values.
@@ -43,3 +45,33 @@ def packed_segments(rng, B, T, with_padding=False):
 
 def normal(key, shape, dtype):
   return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def _poison_value(dtype):
+  return jnp.nan if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min
+
+
+def poisoned_call(kernel, *, grid, in_specs, out_specs, out_shape, name, num_warps=4,
+                  num_stages=2, interpret=False):
+  """_pallas.call whose every output buffer starts as NaN (ints: their minimum), so an element a
+  kernel forgets to write fails the comparison instead of passing on stale memory. Interpret
+  mode already starts outputs as NaN; on the GPU a NaN-filled input is aliased to each output."""
+  single = not isinstance(out_shape, (list, tuple))
+  out_shapes = [out_shape] if single else list(out_shape)
+  out_specs_l = [out_specs] if single else list(out_specs)
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+  def run(*args):
+    n = len(args)
+    fills = [jnp.full(s.shape, _poison_value(s.dtype), s.dtype) for s in out_shapes]
+
+    def poisoned_kernel(*refs):  # the aliased fills come in as inputs: the kernel never sees them
+      kernel(*refs[:n], *refs[n + len(fills):])
+
+    out = pl.pallas_call(poisoned_kernel, grid=grid, in_specs=list(in_specs) + out_specs_l,
+                         out_specs=out_specs_l, out_shape=out_shapes, compiler_params=params,
+                         interpret=interpret, name=name,
+                         input_output_aliases={n + i: i for i in range(len(fills))})(*args, *fills)
+    return out[0] if single else out
+
+  return run
