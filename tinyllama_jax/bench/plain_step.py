@@ -26,9 +26,7 @@ Prints one BENCH_RESULT line (kind "plain").
 import argparse
 import json
 import os
-import sys
 import time
-from functools import partial
 
 _T_START = time.perf_counter()
 
@@ -172,19 +170,16 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
     if i == 0:
       out["launch_to_first_step_s"] = time.perf_counter() - _T_START
   if profile_dir:
-    jax.profiler.start_trace(profile_dir)
-    for i in range(3):
-      params, opt_state, loss, gn = compiled(params, opt_state, batches[i % 3])
-    jax.block_until_ready(loss)
-    jax.profiler.stop_trace()
-    try:
-      from tinyllama_jax.bench import profile
-      out["profile"] = profile.summarize(profile_dir, steps=3)
-      with open(os.path.join(profile_dir, "summary.txt"), "w") as f:
-        f.write(profile.table(out["profile"]) + "\n")
-      print(profile.table(out["profile"]), file=sys.stderr, flush=True)
-    except Exception as e:  # noqa: BLE001  the timing still counts
-      out["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    from tinyllama_jax.bench import profile
+
+    def three_steps(carry):
+      params, opt_state = carry
+      for i in range(3):
+        params, opt_state, loss, _ = compiled(params, opt_state, batches[i % 3])
+      jax.block_until_ready(loss)
+      return params, opt_state
+    (params, opt_state), out["profile"] = profile.capture(profile_dir, three_steps,
+                                                          (params, opt_state))
 
   windows, i = [], 0
   for _ in range(max(steps // window, 1)):

@@ -130,6 +130,24 @@ def summarize(trace_dir, steps, top=15):
   }
 
 
+def capture(trace_dir, run_steps, carry, steps=3):
+  """(run_steps(carry), summary): traces `steps` steps that run_steps runs (and waits for) into
+  trace_dir, then summarises them; a summary that fails is {"error": ...}, the timing still
+  counts. The carry threads the donated state through."""
+  import jax  # loaded where a trace is taken or read, as device_kernels does
+  jax.profiler.start_trace(trace_dir)
+  carry = run_steps(carry)
+  jax.profiler.stop_trace()
+  try:
+    summary = summarize(trace_dir, steps=steps)
+    with open(os.path.join(trace_dir, "summary.txt"), "w") as f:
+      f.write(table(summary) + "\n")
+    print(table(summary), file=sys.stderr, flush=True)
+  except Exception as e:  # noqa: BLE001  the table says why there is no profile
+    summary = {"error": f"{type(e).__name__}: {e}"}
+  return carry, summary
+
+
 def compare(a, b, names=("a", "b"), top=40):
   """Two summaries side by side: buckets, then kernel families by |ms a - ms b| (the families
   that place a gap between two steps). Families are kernel names with XLA's numbering stripped,

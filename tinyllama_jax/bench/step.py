@@ -101,19 +101,14 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
     if i == 0:
       out["launch_to_first_step_s"] = time.perf_counter() - _T_START
   if profile_dir:
-    jax.profiler.start_trace(profile_dir)
-    for _ in range(3):
-      state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    jax.profiler.stop_trace()
-    try:
-      from tinyllama_jax.bench import profile
-      out["profile"] = profile.summarize(profile_dir, steps=3)
-      with open(os.path.join(profile_dir, "summary.txt"), "w") as f:
-        f.write(profile.table(out["profile"]) + "\n")
-      print(profile.table(out["profile"]), file=sys.stderr, flush=True)
-    except Exception as e:  # the timing still counts; the table says why there is no profile
-      out["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    from tinyllama_jax.bench import profile
+
+    def three_steps(state):
+      for _ in range(3):
+        state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+      return state
+    state, out["profile"] = profile.capture(profile_dir, three_steps, state)
 
   windows = []
   for _ in range(max(steps // window, 1)):
