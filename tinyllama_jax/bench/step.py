@@ -154,4 +154,4 @@ def main(argv):
 
 if __name__ == "__main__":
   config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
-  app.run(main)
+  config_lib.exit_on_error(lambda: app.run(main, flags_parser=config_lib.parse_flags))
