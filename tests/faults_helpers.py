@@ -126,6 +126,11 @@ class Train:
   def last_line(self):
     return self.lines[-1].strip() if self.lines else ""
 
+  def error_line(self):
+    """The run's one-line error: its last line that starts with 'error: '. On a full disk
+    orbax's async writer thread may print its own report of the same write after it."""
+    return next((l.strip() for l in reversed(self.lines) if l.startswith("error: ")), "")
+
 
 def run(workdir, env, **overrides):
   """Runs to the end; returns the finished Train (rc in .rc)."""

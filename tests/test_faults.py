@@ -311,10 +311,10 @@ def test_full_disk_is_a_clear_error_and_keeps_the_checkpoints(launch, reference,
   workdir = small_disk / "w"
   t = launch.run(workdir, **{"train.keep_checkpoints": 10})
   assert t.rc == 3, t.log[-3000:]
-  assert t.last_line().startswith("error: could not write checkpoint 12"), t.last_line()
-  assert "no space left on device" in t.last_line()
-  assert "the complete checkpoints [4, 8] are intact and a rerun resumes from step 8" in \
-      t.last_line()
+  line = t.error_line()
+  assert line.startswith("error: could not write checkpoint 12"), t.log[-3000:]
+  assert "no space left on device" in line
+  assert "the complete checkpoints [4, 8] are intact and a rerun resumes from step 8" in line
   assert fh.incomplete(workdir) == []  # the partial save was removed to give the space back
 
   moved = tmp_path / "bigger"  # the user frees space: here, moves the workdir to a bigger disk
