@@ -8,7 +8,9 @@ torch.compile, fused AdamW with TinyLlama's hyper-parameters, global-norm clippi
 loss from `labels=` as a transformers user writes it. Variants:
   autocast  fp32 weights and optimizer state, bf16 autocast (our precision recipe);
   bf16      the weights themselves in bf16 (less memory and traffic, lower precision).
-Prints one BENCH_RESULT line. Never imported by the JAX side: torch and jax stay in separate
+Prints one BENCH_RESULT line. torch and transformers are optional by design (not in
+requirements.txt): requirements-dev.txt brings CPU builds; a GPU machine brings its own. Never
+imported by the JAX side: torch and jax stay in separate
 processes, so neither holds the other's GPU memory.
 """
 
