@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On one H200: the flash-attention sweep (tinyllama_jax/bench/attention_sweep.py) in < 4 min wall.
+# On one H200: the flash-attention sweep (bench/attention_sweep.py) in < 4 min wall.
 #   bash bench/run_attention_sweep_gpu.sh            # results under $OUT (default bench/results)
 #   bash bench/run_attention_sweep_gpu.sh --quick    # CPU check: tiny shapes, Pallas interpreted
 # Part 1: the gpu-marked flash-attention tests, one pytest process per test, run side by side,
@@ -53,12 +53,12 @@ left=$(( TOTAL_S - ($(date +%s) - START) ))
 [ -n "$QUICK" ] && left=600  # CPU interpret mode: a script check, not capped to the GPU budget
 deadline=$(( left - 40 )); [ "$deadline" -lt 20 ] && deadline=20
 JSON="$OUT/attention_sweep.json"
-timeout "$left" $PY -m tinyllama_jax.bench.attention_sweep $QUICK --out "$JSON" \
+timeout "$left" $PY -m bench.attention_sweep $QUICK --out "$JSON" \
   --deadline_s "$deadline" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/attention-sweep.txt"
 sweep_rc=${PIPESTATUS[0]}
 if [ "$sweep_rc" -eq 124 ] || [ "$sweep_rc" -eq 137 ]; then  # killed: print what the JSON holds
   echo "sweep killed at its ${left}s cap; the rows so far:"
-  [ -f "$JSON" ] && $PY -m tinyllama_jax.bench.attention_sweep --table "$JSON"
+  [ -f "$JSON" ] && $PY -m bench.attention_sweep --table "$JSON"
 fi
 echo "gpu tests exit $tests_rc, sweep exit $sweep_rc, wall $(( $(date +%s) - START ))s"
 [ "$tests_rc" -eq 0 ] && [ "$sweep_rc" -eq 0 ]

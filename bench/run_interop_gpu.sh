@@ -31,4 +31,4 @@ print('transformers', transformers.__version__, 'params', sum(p.numel() for p in
 "
 grep MEASURE "$OUT/interop.txt"
 rm -rf $W
-timeout 200 python3 -m tinyllama_jax.bench.kernels --only rows --out "$OUT/kernels-rows.json" 2>&1 | tail -25
+timeout 200 python3 -m bench.kernels --only rows --out "$OUT/kernels-rows.json" 2>&1 | tail -25

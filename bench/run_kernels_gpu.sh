@@ -15,7 +15,7 @@ timeout "${TEST_TIMEOUT:-120}" $PY -m pytest -m gpu ${TESTS:-tests/kernels} -q -
   2>&1 | tee "$OUT/kernels-gpu-tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
-timeout "${BENCH_TIMEOUT:-200}" $PY -m tinyllama_jax.bench.kernels \
+timeout "${BENCH_TIMEOUT:-200}" $PY -m bench.kernels \
   --out "$OUT/kernels-$(date +%F).json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/kernels-bench.txt"
 bench_rc=${PIPESTATUS[0]}
 

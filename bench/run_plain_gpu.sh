@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && 
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 TF_CPP_MIN_LOG_LEVEL=2
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PROF=${PROF:-/tmp/prof}
-timeout ${TIMEOUT_S:-540} python3 -m tinyllama_jax.bench --config=configs/1b.py \
+timeout ${TIMEOUT_S:-540} python3 -m bench --config=configs/1b.py \
   --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
   --variants="${VARIANTS:-base}" --plain="${PLAIN-plain,stacked,chunked_ce}" --peer="${PEER-bf16}" \
   --steps=20 --warmup=3 --window=5 --deadline_s=${DEADLINE_S:-420} --worker_timeout_s=200 \

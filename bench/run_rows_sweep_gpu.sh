@@ -2,7 +2,7 @@
 # On one H200 (run from anywhere; results in $OUT, default bench/results), under ~2.5 minutes:
 #   1. the gpu-marked tests of the row kernels (Triton lowering, NaN-poisoned outputs), capped
 #      at 100 s (the RoPE/SwiGLU case alone takes ~37 s on the H200);
-#   2. the row-op sweep (tinyllama_jax/bench/rows_sweep.py): XLA vs Pallas for rms_norm,
+#   2. the row-op sweep (bench/rows_sweep.py): XLA vs Pallas for rms_norm,
 #      add_rms_norm and rope_qk over (rows per program, warps), forward and forward+backward, with
 #      the copy ceiling measured in the run; the table comes last, JSON in $OUT/rows_sweep.json.
 # `--quick` (CPU is fine): tiny shapes, Pallas interpreted, the gpu tests only collected.
@@ -38,7 +38,7 @@ else
   SWEEP_ARGS="--budget ${SWEEP_BUDGET:-72}"
 fi
 # The budget stops new configs; the timeout is the hard cap behind it (compiles run ~1 s each).
-timeout "${SWEEP_TIMEOUT:-92}" $PY -m tinyllama_jax.bench.rows_sweep --out "$OUT/rows_sweep.json" \
+timeout "${SWEEP_TIMEOUT:-92}" $PY -m bench.rows_sweep --out "$OUT/rows_sweep.json" \
   $SWEEP_ARGS 2>&1 | tee "$OUT/rows-sweep.txt"
 sweep_rc=${PIPESTATUS[0]}
 

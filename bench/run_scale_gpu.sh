@@ -23,8 +23,8 @@ for n in ${GPUS:-1 2 4}; do
     8) variants=${VARIANTS_8:-"base;data2_fsdp4:mesh.data=2,mesh.fsdp=4"}; peer=; plain= ;;
     *) variants=${VARIANTS_N:-"base"}; peer=; plain= ;;
   esac
-  CUDA_VISIBLE_DEVICES=$devs timeout ${STEP_TIMEOUT:-330} python3 -m tinyllama_jax.bench $COMMON \
+  CUDA_VISIBLE_DEVICES=$devs timeout ${STEP_TIMEOUT:-330} python3 -m bench $COMMON \
     --variants="$variants" --peer="$peer" --plain="$plain" --out="$OUT/step_${n}xh200.json" 2>&1 | tee -a "$OUT/scale.log" | grep -v "^\[bench\]"
   files+=("$OUT/step_${n}xh200.json")
 done
-python3 -m tinyllama_jax.bench.scaling "${files[@]}" --json="$OUT/scaling.json" | tee "$OUT/scaling.txt"
+python3 -m bench.scaling "${files[@]}" --json="$OUT/scaling.json" | tee "$OUT/scaling.txt"

@@ -24,7 +24,7 @@ ce_xla:model.kernels.cross_entropy=xla;pallas_attn:model.kernels.attention=palla
 fused:model.kernels.rms_norm=pallas,model.kernels.rope=pallas,model.kernels.swiglu=pallas;\
 scan:model.scan_layers=True"}
 
-timeout 570 python3 -m tinyllama_jax.bench --config=configs/1b.py \
+timeout 570 python3 -m bench --config=configs/1b.py \
   --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
   --variants="$VARIANTS" --peer=autocast,bf16 --steps=20 --warmup=3 --window=5 \
   --deadline_s=${DEADLINE_S:-400} --worker_timeout_s=240 \

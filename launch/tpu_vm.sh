@@ -18,6 +18,6 @@ case "${1:-}" in
     on_all "cd tinyllama_jax && python -m tinyllama_jax.train --distributed=jax $*" ;;
   bench)  # the step benchmark on the slice (no PyTorch peer on TPU)
     shift
-    on_all "cd tinyllama_jax && python -m tinyllama_jax.bench --peer= --distributed=jax $*" ;;
+    on_all "cd tinyllama_jax && python -m bench --peer= --distributed=jax $*" ;;
   *) echo "usage: TPU=.. ZONE=.. $0 setup|train|bench [flags]" >&2; exit 2 ;;
 esac

@@ -24,7 +24,10 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import orbax.checkpoint as ocp
 from absl import logging
 
-from tinyllama_jax import checkpoint, faults, program, train
+from tinyllama_jax.checkpoint import manager as checkpoint
+from tinyllama_jax.training import faults
+from tinyllama_jax.training import program
+from tinyllama_jax.training import loop as train
 
 
 def inject_nan(steps):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tinyllama_jax.bench import __main__ as bench_main
+from bench import __main__ as bench_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--config.model.d_model=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
@@ -21,7 +21,7 @@ MICRO = ["--config.model.d_model=64", "--config.model.n_layers=2", "--config.mod
 def test_smoke_runs_ours_and_the_peer_and_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "tinyllama_jax.bench", "--smoke", f"--out={out}",
+      [sys.executable, "-m", "bench", "--smoke", f"--out={out}",
        "--variants=base;remat_accum:model.remat=full,accum=2,"
        "xla_flags=--xla_cpu_enable_fast_math=false", f"--profile_dir={tmp_path / 'prof'}",
        "--profile_variants=remat_accum,plain", *MICRO],
@@ -75,7 +75,7 @@ def test_variants_parse_and_typos_fail_before_any_worker():
     bench_main.parse_variants("a;a")
   with pytest.raises(ValueError, match="key=value"):
     bench_main.parse_variants("a:model.remat")
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.bench", "--smoke",
+  proc = subprocess.run([sys.executable, "-m", "bench", "--smoke",
                          "--variants=x:model.scan_layer=True"], cwd=REPO, capture_output=True,
                         text=True, timeout=60)
   assert proc.returncode == 2
@@ -92,7 +92,7 @@ def test_overrides_take_the_fields_type():
 
 
 def test_scaling_table_shares_and_wall_clock(tmp_path):
-  from tinyllama_jax.bench import scaling
+  from bench import scaling
 
   def report(n, tps, name="base"):
     return {"results": [{"kind": "jax", "name": name, "n_devices": n, "mesh": {"fsdp": n},
@@ -106,7 +106,7 @@ def test_scaling_table_shares_and_wall_clock(tmp_path):
     scaling.rows([report(1, 100.0)], "other")
   bad = tmp_path / "bad.json"
   bad.write_text("{")
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.bench.scaling", str(bad)], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", "bench.scaling", str(bad)], cwd=REPO,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ")
   assert str(bad) in proc.stderr
@@ -117,7 +117,7 @@ def test_plain_step_variants_compute_the_plain_steps_function():
   cross-entropy) and nothing else: same loss and gradients as the plain step at tiny shapes."""
   import jax
   import numpy as np
-  from tinyllama_jax.bench import plain_step
+  from bench import plain_step
   m = {"vocab_size": 128, "d_model": 32, "ffn_dim": 64, "n_layers": 2, "n_heads": 4,
        "n_kv_heads": 2, "head_dim": 8, "norm_eps": 1e-5, "rope_theta": 10000.0}
   tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 128)
@@ -137,7 +137,7 @@ def test_plain_step_variants_compute_the_plain_steps_function():
 
 
 def test_profile_compare_lines_up_families_and_buckets():
-  from tinyllama_jax.bench import profile
+  from bench import profile
 
   def summary(span, fams):
     return {"span_ms_per_step": span, "busy_ms_per_step": span, "buckets": {

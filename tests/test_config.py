@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tinyllama_jax import config as config_lib
+from tinyllama_jax import cli, config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,17 +142,17 @@ def test_a_broken_config_file_is_one_line_naming_it(tmp_path, text, fragment):
 def test_override_keys_are_checked_against_a_config_given_either_way(tmp_path, monkeypatch):
   """absl takes `--config FILE` as well as `--config=FILE`: both are loaded (one line if broken)
   and the overrides checked against them. (The flag names are check_flags' test.)"""
-  monkeypatch.setattr(config_lib, "check_flags", lambda argv: None)
+  monkeypatch.setattr(cli, "check_flags", lambda argv: None)
   tiny_py = os.path.join(REPO, "configs/tiny.py")
   for args in (["--config", str(tmp_path / "gone.py")], [f"--config={tmp_path / 'gone.py'}"]):
     with pytest.raises(ValueError, match="does not exist"):
-      config_lib.check_override_keys(["x", *args])
+      cli.check_override_keys(["x", *args])
   with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
-    config_lib.check_override_keys(["x", "--config", tiny_py, "--config.optim.lrr=1"])
+    cli.check_override_keys(["x", "--config", tiny_py, "--config.optim.lrr=1"])
 
 
 def test_a_broken_sweep_file_is_one_line_naming_it(tmp_path):
-  from tinyllama_jax import sweep
+  from tinyllama_jax.sweeps import grid as sweep
   path = tmp_path / "s.py"
   path.write_text("def get_sweep():\n  return 1 / 0\n")
   with pytest.raises(ValueError, match=f"sweep file {path} failed: ZeroDivisionError: division by"):

@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from tinyllama_jax import checkpoint
+from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax import config as config_lib
 from tinyllama_jax import distributed
-from tinyllama_jax import train as train_lib
+from tinyllama_jax.training import loop as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

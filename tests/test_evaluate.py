@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_export import REPO, exported, STDLIB, imported, tokenizer_file  # noqa: F401 (fixtures)
-from tinyllama_jax import evaluate
+from tinyllama_jax.inference import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,9 @@ import transformers
 from flax import nnx
 
 from tinyllama_jax import config as config_lib
-from tinyllama_jax import export, hf, run as run_lib
+from tinyllama_jax.interop import export
+from tinyllama_jax.interop import hf
+from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.model import Llama
 
@@ -120,7 +122,7 @@ def test_import_logits_equal_hf(imported):
 
 def test_import_is_a_run_train_continues(imported):
   """The trainer's own Run restores the import: step 0, same params, fresh data stream."""
-  from tinyllama_jax import train as train_lib
+  from tinyllama_jax.training import loop as train_lib
   hf_dir, _, workdir = imported
   cfg = config_lib.load_config_file(os.path.join(workdir, "config.py"))
   assert cfg.data.tokenizer == os.path.join(workdir, "tokenizer", "tokenizer.model")
@@ -188,7 +190,7 @@ def test_export_bf16_single_file(imported, tmp_path):
 def test_trained_sharded_checkpoint_roundtrip(tmp_path):
   """Our own trained run, its state sharded over 8 devices -> export -> transformers logits equal
   ours -> import back -> identical parameters."""
-  from tinyllama_jax import train as train_lib
+  from tinyllama_jax.training import loop as train_lib
   cfg = config_lib.load_config_file(os.path.join(REPO, "configs/tiny.py"))
   m, t = cfg.model, cfg.train
   m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim = 64, 2, 4, 2, 16, 128

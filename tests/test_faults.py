@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 
 import faults_helpers as fh
-from tinyllama_jax import checkpoint, config as config_lib, faults
+from tinyllama_jax import config as config_lib
+from tinyllama_jax.checkpoint import manager as checkpoint
+from tinyllama_jax.training import faults
 from tinyllama_jax.data import formats
 
 pytestmark = pytest.mark.slow

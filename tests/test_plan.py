@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tinyllama_jax import config as config_lib, model as model_lib, plan as plan_lib
+from tinyllama_jax import config as config_lib, model as model_lib
+from tinyllama_jax.training import plan as plan_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30

@@ -5,9 +5,11 @@ import os
 
 import jax
 
-from tinyllama_jax import config as config_lib, program, sharding
-from tinyllama_jax import plan as plan_lib, train as train_lib
-from tinyllama_jax.bench import step as bench_step
+from tinyllama_jax import config as config_lib, sharding
+from tinyllama_jax.training import program
+from tinyllama_jax.training import plan as plan_lib
+from tinyllama_jax.training import loop as train_lib
+from bench import step as bench_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from test_export import REPO, STDLIB, make_tokenizer
-from tinyllama_jax import config as config_lib, evaluate, export, generate, run as run_lib
+from tinyllama_jax import config as config_lib, generate
+from tinyllama_jax.inference import evaluate
+from tinyllama_jax.interop import export
+from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.data import pipeline, prepare, tokenizer as tokenizer_lib
 
 
@@ -138,7 +141,7 @@ def micro_config(data):
 def test_a_run_on_prepared_data_reads_without_the_original_tokenizer(tmp_path):
   """Train on prepared data, delete the tokenizer it was prepared with: export, generate and
   evaluate still read the run (through its own copy)."""
-  from tinyllama_jax import train as train_lib
+  from tinyllama_jax.training import loop as train_lib
   tok = make_tokenizer(str(tmp_path / "tok" / "tokenizer.model"))
   data = str(tmp_path / "data")
   prepare_docs(tok, data)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyllama_jax import checkpoint, config as config_lib, optim, sharding
-from tinyllama_jax import model as model_lib, program as program_lib
+from tinyllama_jax import config as config_lib, optim, sharding
+from tinyllama_jax.checkpoint import manager as checkpoint
+from tinyllama_jax import model as model_lib
+from tinyllama_jax.training import program as program_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyllama_jax import optim
-from tinyllama_jax import model as model_lib, program as program_lib
+from tinyllama_jax import model as model_lib
+from tinyllama_jax.training import program as program_lib
 from tests.test_model import small_model_config
 from tinyllama_jax.config import base_config
 

@@ -11,7 +11,10 @@ import textwrap
 
 import pytest
 
-from tinyllama_jax import metrics, sweep, sweep_launch, sweep_summary
+from tinyllama_jax.training import metrics
+from tinyllama_jax.sweeps import grid as sweep
+from tinyllama_jax.sweeps import launch as sweep_launch
+from tinyllama_jax.sweeps import summary as sweep_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -52,7 +55,7 @@ def test_grid_errors(make, match):
 def test_load_sweep_file(tmp_path):
   path = tmp_path / "s.py"
   path.write_text(textwrap.dedent("""
-      from tinyllama_jax.sweep import product, zipped
+      from tinyllama_jax.sweeps.grid import product, zipped
       FIXED = {"train.steps": 7}
       def get_sweep():
         return product(zipped({"optim.lr": [1e-3, 2e-3], "optim.warmup_steps": [1, 2]}), {"seed": [0, 1]})

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from tinyllama_jax import config as config_lib, faults
-from tinyllama_jax import train as train_lib
+from tinyllama_jax import cli, config as config_lib
+from tinyllama_jax.training import faults
+from tinyllama_jax.training import loop as train_lib
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,8 +144,8 @@ def test_unknown_flag_names_the_closest(tmp_path):
   proc = run_cli("--config=configs/tiny.py", f"--workdr={tmp_path}/w")
   assert_one_line_error(proc, "--workdr", "--workdir")
   assert not (tmp_path / "w").exists()
-  from tinyllama_jax import config as config_lib  # absl's own and negated booleans pass
-  config_lib.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])
+  # absl's own and negated booleans pass
+  cli.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])
 
 
 def test_bad_config_is_one_line_and_exit_2_before_anything_runs(tmp_path):
@@ -205,7 +206,7 @@ def test_relative_workdir_trains_and_checkpoints(tmp_path):
 
 
 def test_xla_flags_are_appended_unless_the_environment_names_them():
-  from tinyllama_jax.train import apply_xla_flags
+  from tinyllama_jax.training.loop import apply_xla_flags
   env = {}
   assert apply_xla_flags("--xla_a= --xla_b=1", env) == "--xla_a= --xla_b=1"
   env = {"XLA_FLAGS": "--xla_b=2 --xla_c"}

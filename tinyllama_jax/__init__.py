@@ -3,4 +3,4 @@
 Importing the package loads nothing heavy: no kernels, no torch, no grain.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"

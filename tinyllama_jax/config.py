@@ -10,7 +10,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import ml_collections
 
@@ -168,70 +167,8 @@ def _failed(what, path, error):
   return f"{what} {path} failed: {type(error).__name__}" + (f": {text}" if text else "")
 
 
-def check_flags(argv):
-  """An unknown `--flag` in argv fails with one line naming the closest defined flags (absl's
-  own message is two lines and exit 1). Call after the program defines its flags, before
-  app.run. `--config=` / `--config.` arguments are check_override_keys' to check."""
-  from absl import app, flags
-  app.define_help_flags()  # --help, --helpshort, ... are defined by app.run otherwise
-  known = set(flags.FLAGS)
-  for arg in argv[1:]:
-    if arg == "--":
-      break
-    if not arg.startswith("--") or arg.startswith(("--config=", "--config.")):
-      continue
-    name = arg[2:].split("=", 1)[0]
-    if name in known or (name.startswith("no") and name[2:] in known):
-      continue
-    close = difflib.get_close_matches(name, sorted(known), n=3)
-    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-    raise ValueError(f"unknown flag --{name}{hint} (--helpshort lists the flags)")
-
-
-def check_override_keys(argv, flag="config"):
-  """Validates `--config.a.b=...` overrides in argv before absl parses them, so a typo
-  fails with the closest valid keys instead of a traceback; then every other flag's name."""
-  check_flags(argv)
-  path = None
-  keys = []
-  for arg, following in zip(argv[1:], argv[2:] + [None]):
-    if arg.startswith(f"--{flag}="):
-      path = arg.split("=", 1)[1]
-    elif arg == f"--{flag}":  # absl also takes `--config FILE`
-      path = following
-    elif arg.startswith(f"--{flag}."):
-      keys.append(arg[len(flag) + 3:].split("=", 1)[0])
-  if path is None:
-    return
-  cfg = load_config_file(path)
-  valid = set(flat_keys(cfg))
-  for key in keys:
-    if key not in valid:
-      raise ValueError(unknown_key_message(key, cfg))
-
-
-def parse_flags(argv):
-  """app.run's flags_parser: a value absl cannot parse (`--config.train.steps=abc`) is one line
-  and exit 2, not absl's two lines and exit 1."""
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 def to_json(cfg):
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
-
-
-def exit_on_error(fn):
-  """Runs fn(); a ValueError becomes one line on stderr and exit status 2."""
-  try:
-    return fn()
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -254,7 +191,8 @@ def _one_of(choices):
 
 
 def _rules():
-  from tinyllama_jax import faults, kernels, model  # jax: only once a config is checked
+  from tinyllama_jax import kernels, model  # jax: only once a config is checked
+  from tinyllama_jax.training import faults
   from tinyllama_jax.data.config import PACKINGS, SOURCES
   kernel_rows = [(f"model.kernels.{op}",
                   _one_of((["auto"] if op in model.AUTO_KERNELS else []) + kernels.backends(op)),

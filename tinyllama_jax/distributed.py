@@ -17,16 +17,6 @@ import re
 import jax
 from absl import flags, logging
 
-_MODE = flags.DEFINE_enum("distributed", "auto", ["auto", "jax", "off"],
-                          "auto: flags, then JAX_* env, SLURM, TPU VM; jax: jax's own cluster "
-                          "detection; off: a single process.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None,
-                                   "host:port of process 0 (runs without a scheduler).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_PORT = flags.DEFINE_integer("coordinator_port", 0,
-                             "SLURM: the coordinator's port (0: derived from SLURM_JOB_ID).")
-
 
 def expand_nodelist(nodelist):
   """SLURM's compressed host list -> names: 'gpu[01-03,7],cpu5' -> gpu01 gpu02 gpu03 gpu7 cpu5."""
@@ -93,11 +83,13 @@ def plan(mode, coordinator, num_processes, process_id, env, port=0):
 
 
 def initialize():
-  """Call once, first thing in main(): joins this process to the run, or does nothing for one."""
-  if _MODE.value == "off":
+  """Call once, first thing in main(): joins this process to the run, or does nothing for one.
+  Reads the flags cli.define_distributed_flags defines."""
+  f = flags.FLAGS
+  if f.distributed == "off":
     return
-  kwargs, source = plan(_MODE.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                        os.environ, _PORT.value)
+  kwargs, source = plan(f.distributed, f.coordinator, f.num_processes, f.process_id, os.environ,
+                        f.coordinator_port)
   if kwargs is None:
     return
   if kwargs.get("num_processes") == 1:
@@ -108,3 +100,14 @@ def initialize():
   jax.distributed.initialize(**kwargs)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def apply_xla_flags(extra, environ=os.environ):
+  """XLA_FLAGS += `extra` (train.xla_flags), skipping any flag the environment already names.
+  XLA reads the variable once, when the backend starts: call this before any device work."""
+  current = environ.get("XLA_FLAGS", "")
+  named = {f.split("=", 1)[0] for f in current.split()}
+  add = [f for f in extra.split() if f.split("=", 1)[0] not in named]
+  if add:
+    environ["XLA_FLAGS"] = " ".join([current, *add]).strip()
+  return environ.get("XLA_FLAGS", "")

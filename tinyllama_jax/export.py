@@ -1,351 +1,61 @@
-"""Hugging Face / PyTorch interop: export a run's checkpoint, import a HF Llama as a run.
+"""Export a run to Hugging Face, or import a Hugging Face Llama as a run.
 
   python -m tinyllama_jax.export --workdir=DIR [--step=N] --out=OUT [--dtype=bf16|fp32]
       [--tokenizer=PATH]
   python -m tinyllama_jax.export --from_hf=HFDIR --workdir=DIR [--config=configs/1b.py]
 
-Export writes a directory that `AutoModelForCausalLM.from_pretrained(OUT)` and
-`AutoTokenizer.from_pretrained(OUT)` load offline; its model*.safetensors hold a plain PyTorch
-state dict with HF names, so `safetensors.torch.load_file` is all a user without transformers
-needs. Parameters are read from the orbax checkpoint one at a time onto the host, converted and
-streamed into the safetensors files: a model sharded over many devices is never gathered whole.
-
-Import writes a checkpoint `train` continues from (step 0, fresh AdamW state, empty data state:
-the stream starts fresh), the tokenizer, and WORKDIR/config.py: the imported architecture on top
-of --config, so `python -m tinyllama_jax.train --config=WORKDIR/config.py --workdir=WORKDIR`.
-
-Both write into a temporary sibling directory and rename it at the end: a failure leaves nothing
-(exit status 2 for bad input, 3 when writing fails, e.g. on a full disk). The output's modes are
-the umask's, as any file the user writes.
+The command; interop/export.py does the work (its docstring says what is written, and how a
+failure leaves nothing). Exit status: 2 bad input, 3 writing failed (e.g. a full disk).
 """
 
 import json
-import os
-import shutil
-import sys
-import tempfile
-import time
 
-import jax
-import ml_collections
-import ml_dtypes
-import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
 
-from tinyllama_jax import checkpoint, config as config_lib, hf, program, run as run_lib, sharding
-from tinyllama_jax.data import tokenizer as tokenizer_lib
+from tinyllama_jax import cli
+from tinyllama_jax.interop import export as export_lib
 
-# ----------------------------------------------------------------------------- output dirs
+FLAGS = flags.FLAGS
 
 
-def fresh_output_dir(path, what):
-  """A temporary sibling of `path` to write into; `path` must be absent or an empty directory."""
-  path = os.path.abspath(path)
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-    raise ValueError(f"{what} {path} already exists and is not empty: remove it or choose another")
-  parent = os.path.dirname(path)
-  try:
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-  except OSError as e:
-    raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
-                     "place") from None
-  # mkdtemp's 0700 would keep the output from a serving account or a colleague: the umask's mode.
-  os.chmod(tmp, 0o777 & ~_umask())
-  return tmp
-
-
-def _umask():
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-def commit_output_dir(tmp, path):
-  path = os.path.abspath(path)
-  if os.path.isdir(path):
-    os.rmdir(path)  # empty (checked up front)
-  os.rename(tmp, path)
-
-
-# ----------------------------------------------------------------------------- export
-
-_EXPORT_DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)),
-                  "fp32": ("float32", np.dtype(np.float32))}
-
-
-class WriteError(RuntimeError):
-  """Writing the output failed (a full disk, an I/O error): a fault, exit status 3."""
-
-
-def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", tokenizer=None):
-  """Writes the HF directory `out` from the run in `workdir`; returns a small report dict.
-  `tokenizer`: a sentencepiece .model to use instead of the run's own (run.tokenizer_path)."""
-  if dtype not in _EXPORT_DTYPES:
-    raise ValueError(f"--dtype={dtype!r}: choose bf16 or fp32")
-  max_bytes = hf.parse_size(max_shard_size)
-  step = run_lib.resolve_step(workdir, step)
-  cfg = run_lib.run_config(workdir, step)
-  tok_path = run_lib.tokenizer_path(cfg, workdir, tokenizer)
-  dtype_name, np_dtype = _EXPORT_DTYPES[dtype]
-  plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
-  tmp = fresh_output_dir(out, "--out")
-  t0 = time.perf_counter()
-  try:
-    _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
-    commit_output_dir(tmp, out)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise _write_error(out, e, plan, np_dtype) from e
-    raise
-  report = {"step": step, "out": os.path.abspath(out), "files": [f for f, _ in plan],
-            "dtype": dtype_name, "seconds": round(time.perf_counter() - t0, 2)}
-  logging.info("exported step %d of %s to %s", step, workdir, report)
-  return report
-
-
-def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype):
-  bos_id, eos_id = 1, 2  # Llama-2's, which our tokenizers keep
-  if tok_path is not None:
-    bos_id, eos_id = hf.write_tokenizer(tmp, tok_path, add_bos=cfg.data.add_bos, add_eos=False,
-                                        max_len=cfg.model.max_seq_len, log=logging.warning)
-  else:
-    logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
-                    cfg.data.source)
-  _write_json(os.path.join(tmp, "config.json"),
-              hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
-  # No max_length: transformers warns when it meets max_new_tokens, the usual argument.
-  _write_json(os.path.join(tmp, "generation_config.json"),
-              {"bos_token_id": bos_id, "eos_token_id": eos_id})
-  writer = hf.ShardWriter(tmp, plan, np_dtype)
-  try:
-    for path, x in run_lib.iter_params(workdir, step, cfg.model):
-      logging.info("writing %s %s", "/".join(path), x.shape)
-      for name, w in hf.to_hf(path, x):
-        writer.write(name, w)
-  finally:
-    writer.close()
-  writer.check_complete()
-  if len(plan) > 1:
-    hf.write_index(tmp, plan, np_dtype)
-
-
-def _write_error(out, error, plan, np_dtype):
-  """One line: what failed, the room there is and the room the export needs."""
-  out = os.path.abspath(out)
-  need = sum(int(np.prod(shape)) for _, tensors in plan for _, shape in tensors) * np_dtype.itemsize
-  free = shutil.disk_usage(os.path.dirname(out)).free
-  reason = error.strerror or str(error)
-  return WriteError(f"could not write the export to {out} ({reason.lower()}; {_gib(free)} free "
-                    f"there, the weights take {_gib(need)}): free disk space or choose another "
-                    "--out; nothing was written")
-
-
-def _gib(n):
-  return f"{n / 2**30:.2f} GiB"
-
-
-def _write_json(path, obj):
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-
-
-# ----------------------------------------------------------------------------- import
-
-
-def read_hf(hf_dir):
-  """(model fields, HF config dict, reader) for a HF Llama directory, or a one-line error."""
-  if not os.path.isdir(hf_dir):
-    raise ValueError(f"--from_hf={hf_dir!r} is not a directory: give a Hugging Face model "
-                     "directory")
-  config_path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(config_path):
-    raise ValueError(f"{hf_dir} has no config.json: give a Hugging Face model directory")
-  with open(config_path) as f:
-    hf_cfg = json.load(f)
-  fields = hf.model_fields_from_hf(hf_cfg, hf_dir)
-  return fields, hf_cfg, hf.SafetensorsReader(hf_dir)
-
-
-def check_tensors(reader, cfg_model, hf_cfg, hf_dir):
-  """Every tensor present with its shape; returns get(name) (tied embeddings resolved)."""
-  expected = hf.hf_shapes(cfg_model)
-  have = set(reader.names())
-  alias = {}
-  if "lm_head.weight" not in have and hf_cfg.get("tie_word_embeddings"):
-    logging.info("%s ties lm_head to the input embedding: importing it as two untied copies",
-                 hf_dir)
-    alias["lm_head.weight"] = "model.embed_tokens.weight"
-  missing = [n for n in expected if n not in have and n not in alias]
-  if missing:
-    raise ValueError(f"{hf_dir} lacks tensor {missing[0]} ({len(missing)} missing): not a "
-                     "complete LlamaForCausalLM checkpoint")
-  ignored = [n for n in have - set(expected) if n.endswith(hf.IGNORED_HF_SUFFIXES)]
-  unknown = sorted(have - set(expected) - set(ignored))
-  if unknown:
-    raise ValueError(f"{hf_dir} has tensors a Llama does not ({unknown[0]}, {len(unknown)} in "
-                     "all): not a plain LlamaForCausalLM checkpoint")
-  if ignored:
-    logging.info("skipping %d recomputable buffers (%s)", len(ignored), ignored[0])
-  for name, shape in expected.items():
-    got = tuple(reader.tensors[alias.get(name, name)][2]["shape"])
-    if got != tuple(shape):
-      raise ValueError(f"{hf_dir}: tensor {name} has shape {got}, config.json implies {shape}")
-  return lambda name: reader.get(alias.get(name, name))
-
-
-def import_config(fields, base_config_path, tokenizer_file):
-  cfg = (config_lib.load_config_file(base_config_path) if base_config_path
-         else config_lib.base_config())
-  for k, v in fields.items():
-    cfg.model[k] = v
-  cfg.data.tokenizer = tokenizer_file
-  cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
-  return cfg
-
-
-def config_py(cfg, source):
-  """A config file whose get_config() rebuilds `cfg`: base_config() plus the differing keys."""
-  base = dict(_flat_items(config_lib.base_config()))
-  lines = [f"c.{k} = {v!r}" for k, v in _flat_items(cfg) if base.get(k, object()) != v]
-  body = "\n".join(f"  {line}" for line in lines)
-  return (f'"""Written by `python -m tinyllama_jax.export --from_hf={source}`: the imported\n'
-          'architecture and tokenizer on top of the defaults. Edit the training fields freely;\n'
-          'the model fields must stay as they are to continue from the imported checkpoint."""\n\n'
-          "from tinyllama_jax.config import base_config\n\n\n"
-          f"def get_config():\n  c = base_config()\n{body}\n  return c\n")
-
-
-def _flat_items(cfg, prefix=""):
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _flat_items(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
-
-
-def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
-  """Writes a trainable run into `workdir` from the HF Llama in `hf_dir`; returns a report."""
-  fields, hf_cfg, reader = read_hf(hf_dir)
-  tok_src = tokenizer or os.path.join(hf_dir, "tokenizer.model")
-  if not os.path.isfile(tok_src):
-    raise ValueError(f"{hf_dir} has no tokenizer.model (sentencepiece), which training needs: pass "
-                     "--tokenizer=PATH to the model's sentencepiece .model file")
-  tok = tokenizer_lib.Tokenizer(tok_src)
-  if tok.vocab_size > fields["vocab_size"]:
-    raise ValueError(f"the tokenizer {tok_src} has {tok.vocab_size} pieces, more than the "
-                     f"model's vocab_size {fields['vocab_size']}: pass the model's own tokenizer")
-  final = os.path.abspath(workdir)
-  tmp = fresh_output_dir(final, "--workdir")
-  t0 = time.perf_counter()
-  try:
-    cfg = import_config(fields, base_config_path,
-                        os.path.join(final, tokenizer_lib.RUN_COPY))
-    get = check_tensors(reader, cfg.model, hf_cfg, hf_dir)
-    os.makedirs(os.path.join(tmp, "tokenizer"))
-    shutil.copyfile(tok_src, os.path.join(tmp, tokenizer_lib.RUN_COPY))
-
-    # The trainer's own init fixes the state tree; its parameters and optimizer state are
-    # replaced by the imported ones, everything else (step, RNG, counters) is kept as init makes it.
-    prog = program.build_program(cfg, sharding.make_mesh(cfg.mesh))
-    init, tx, shardings = prog.init, prog.tx, prog.state_shardings
-    params = {}
-    for path, shape in hf.param_paths(cfg.model):
-      target, node = shardings["params"], params
-      for key in path[:-1]:
-        target, node = target[key], node.setdefault(key, {})
-      # One parameter at a time: read, convert, place on the mesh, drop the host copy.
-      node[path[-1]] = jax.device_put(hf.from_hf(path, shape, get), target[path[-1]])
-    fresh = ("params", "opt_state")
-    rest = jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k not in fresh},
-                   out_shardings={k: v for k, v in shardings.items() if k not in fresh})
-    state = {**rest(jax.random.key(cfg.seed)), "params": params,  # init's params: dead code
-             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
-    if jax.tree.structure(state) != jax.tree.structure(prog.abstract_state):
-      raise AssertionError("the imported state does not match the trainer's state tree")
-    ckpt = checkpoint.Checkpointer(run_lib.checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
-                                   async_save=False)
-    ckpt.save(0, state, {}, cfg)
-    ckpt.wait()
-    ckpt.close()
-    del state, params
-    with open(os.path.join(tmp, "config.py"), "w") as f:
-      f.write(config_py(cfg, hf_dir))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
-    _write_json(os.path.join(tmp, "imported_from.json"),
-                {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
-    commit_output_dir(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  report = {"workdir": final, "model": fields, "seconds": round(time.perf_counter() - t0, 2)}
-  logging.info("imported %s: %s", hf_dir, report)
-  return report
-
-
-# ----------------------------------------------------------------------------- CLI
-
-# A private flag set: importing this module (tests, other commands) defines no global flag, and
-# parsing it ourselves turns a flag typo into the one-line error every command gives.
-FLAGS = flags.FlagValues()
-_FLAG_SPECS = (
-    ("workdir", flags.DEFINE_string, None, "Run directory to export from (or import into)."),
-    ("step", flags.DEFINE_integer, None, "Checkpoint step to export (default: the latest)."),
-    ("out", flags.DEFINE_string, None, "Export: the Hugging Face directory to write."),
-    ("dtype", flags.DEFINE_string, "bf16", "Export: weight dtype, bf16 or fp32."),
-    ("max_shard_size", flags.DEFINE_string, "5GB",
-     "Export: largest safetensors file (e.g. 2GB); 0 = one file."),
-    ("from_hf", flags.DEFINE_string, None, "Import: a Hugging Face Llama directory."),
-    ("config", flags.DEFINE_string, None,
-     "Import: config file whose training fields the run starts from (default: base_config)."),
-    ("tokenizer", flags.DEFINE_string, None,
-     "Sentencepiece .model. Import: default HFDIR/tokenizer.model. Export: instead of the run's "
-     "own (WORKDIR/tokenizer/tokenizer.model)."),
-)
-for _name, _define, _default, _help in _FLAG_SPECS:
-  _define(_name, _default, _help, flag_values=FLAGS)
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Run directory to export from (or import into).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+  flags.DEFINE_string("out", None, "Export: the Hugging Face directory to write.")
+  flags.DEFINE_string("dtype", "bf16", "Export: weight dtype, bf16 or fp32.")
+  flags.DEFINE_string("max_shard_size", "5GB",
+                      "Export: largest safetensors file (e.g. 2GB); 0 = one file.")
+  flags.DEFINE_string("from_hf", None, "Import: a Hugging Face Llama directory.")
+  flags.DEFINE_string("config", None, "Import: config file whose training fields the run starts "
+                      "from (default: base_config).")
+  flags.DEFINE_string("tokenizer", None, "Sentencepiece .model. Import: default "
+                      "HFDIR/tokenizer.model. Export: instead of the run's own "
+                      "(WORKDIR/tokenizer/tokenizer.model).")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]} (see --help)")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]} (see --help)")
   logging.set_verbosity(logging.INFO)
   if not FLAGS.workdir:
     raise ValueError("--workdir is required")
   if FLAGS.from_hf:
-    report = import_hf(FLAGS.from_hf, FLAGS.workdir, base_config_path=FLAGS.config,
-                       tokenizer=FLAGS.tokenizer)
+    report = export_lib.import_hf(FLAGS.from_hf, FLAGS.workdir, base_config_path=FLAGS.config,
+                                  tokenizer=FLAGS.tokenizer)
     print(f"imported {FLAGS.from_hf} -> {report['workdir']}; continue training with:\n"
           f"  python -m tinyllama_jax.train --config={report['workdir']}/config.py "
           f"--workdir={report['workdir']}")
     return
   if not FLAGS.out:
     raise ValueError("--out is required for export (or pass --from_hf=HFDIR to import)")
-  report = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
-                  max_shard_size=FLAGS.max_shard_size, tokenizer=FLAGS.tokenizer)
+  report = export_lib.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+                             max_shard_size=FLAGS.max_shard_size, tokenizer=FLAGS.tokenizer)
   print(json.dumps(report))
 
 
-def run_cli(argv=None):
-  argv = list(sys.argv if argv is None else argv)
-  if "--help" in argv or "-h" in argv:
-    print(__doc__ + "\nflags:\n" + FLAGS.get_help())
-    return
-
-  def parse_and_run():
-    try:
-      rest = FLAGS(argv)
-    except flags.Error as e:
-      raise ValueError(f"{e} (see --help)") from None
-    flags.FLAGS(argv[:1])  # absl's own flags (logging) at their defaults
-    main(rest)
-  try:
-    config_lib.exit_on_error(parse_and_run)
-  except WriteError as e:  # a fault, not bad input (docs/reliability.md's exit statuses)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+def run_cli():
+  define_flags()
+  cli.run(main, faults=(export_lib.WriteError,))
 
 
 if __name__ == "__main__":

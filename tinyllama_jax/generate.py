@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from tinyllama_jax import config as config_lib
+from tinyllama_jax import cli
 from tinyllama_jax import model as model_lib
 
 
@@ -193,7 +193,7 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tinyllama_jax import run as run_lib
+  from tinyllama_jax.checkpoint import run as run_lib
   from tinyllama_jax.data import tokenizer as tokenizer_lib
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # the console is for the generated text
@@ -236,8 +236,7 @@ def main(argv):
 
 def run_cli():
   define_flags()
-  config_lib.exit_on_error(lambda: config_lib.check_flags(sys.argv))
-  config_lib.exit_on_error(lambda: app.run(main))
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
       --workdir=runs/lr_warmup --launcher=slurm --slurm_option=--gres=gpu:1
 """
 
-from tinyllama_jax.sweep import product
+from tinyllama_jax.sweeps.grid import product
 
 
 def get_sweep():

@@ -5,7 +5,7 @@
   python -m tinyllama_jax.sweep summarize --workdir=runs/tiny_lr
 """
 
-from tinyllama_jax.sweep import product
+from tinyllama_jax.sweeps.grid import product
 
 # Every run (kept out of the run names): short, so the four finish in a few minutes on 2 cores.
 FIXED = {

@@ -1,7 +1,5 @@
-"""Prepare a corpus: text files -> sentencepiece token shards + manifest.json.
-
-  python -m tinyllama_jax.data.prepare --input='/data/slimpajama/train/*/*.jsonl.zst' \
-      --tokenizer=tokenizer.model --out=/data/slim_prepared
+"""Prepare a corpus: text files -> sentencepiece token shards + manifest.json (the command is
+tinyllama_jax/prepare.py).
 
 Each input file is tokenized by one worker process into its own shards (`shard_tokens` tokens each,
 the file's last one shorter), documents laid out as [BOS] text [EOS]. A document goes to the eval
@@ -27,12 +25,9 @@ import signal
 import sys
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 import numpy as np
 
-from tinyllama_jax import config as config_lib
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
@@ -368,46 +363,6 @@ def failure(error: BaseException, out_dir: str) -> tuple[str, int] | None:
   return None
 
 
-def _define_flags():
-  """CLI flags, defined only when run as a program (importing this module defines none)."""
-  flags.DEFINE_string("input", None, "glob(s) of .txt/.jsonl/.jsonl.zst/.parquet files, comma "
-                      "separated")
-  flags.DEFINE_string("tokenizer", None, "sentencepiece .model file (copied into --out)")
-  flags.DEFINE_string("out", None, "output folder (shards/ + manifest.json + tokenizer.model)")
-  flags.DEFINE_string("text_field", "text", ".jsonl key / .parquet column holding the text")
-  flags.DEFINE_bool("add_bos", True, "start each document with BOS")
-  flags.DEFINE_bool("add_eos", True, "end each document with EOS")
-  flags.DEFINE_float("eval_fraction", 0.001, "share of documents held out for eval, in [0, 1)")
-  flags.DEFINE_integer("shard_tokens", 2049 * 1024, "tokens per shard (TinyLlama's chunk)")
-  flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "tokenizer processes (0 or 1: none)")
-
-
-def main(argv):
-  del argv
-  f = flags.FLAGS
-  try:
-    for name in ("input", "tokenizer", "out"):
-      if not f[name].value:
-        raise ValueError(f"--{name} is required (--helpshort lists the flags)")
-    tokenizer = tokenizer_lib.Tokenizer(f.tokenizer, flag="--tokenizer")
-    inputs = expand_inputs(f.input)
-    manifest = prepare(inputs, tokenizer, f.out, text_field=f.text_field, add_bos=f.add_bos,
-                       add_eos=f.add_eos, eval_fraction=f.eval_fraction,
-                       shard_tokens=f.shard_tokens, num_workers=f.num_workers)
-  except BaseException as e:  # pylint: disable=broad-except
-    line_status = failure(e, f.out)
-    if line_status is None:
-      raise
-    print(line_status[0], file=sys.stderr)
-    sys.exit(line_status[1])
-  print(json.dumps(manifest["totals"], indent=1))
-
-
-def run_cli():
-  _define_flags()
-  config_lib.exit_on_error(lambda: config_lib.check_flags(sys.argv))
-  app.run(main)
-
-
-if __name__ == "__main__":
-  run_cli()
+if __name__ == "__main__":  # `python -m tinyllama_jax.data.prepare`, as documented before 0.4
+  from tinyllama_jax import prepare as prepare_cli  # pylint: disable=g-import-not-at-top
+  prepare_cli.run_cli()

@@ -1,6 +1,6 @@
-"""The peer a PyTorch user would pick, timed: a worker of `python -m tinyllama_jax.bench`.
+"""The peer a PyTorch user would pick, timed: a worker of `python -m bench`.
 
-    python -m tinyllama_jax.bench.peer_torch --model_json='{...}' --batch=8 --seq_len=2048 \
+    python -m bench.peer_torch --model_json='{...}' --batch=8 --seq_len=2048 \
         --variant=autocast|bf16 [--no-compile]
 
 transformers' LlamaForCausalLM at our model config (sdpa attention, untied embeddings), wrapped in
@@ -22,7 +22,7 @@ _T_START = time.perf_counter()
 
 import torch  # noqa: E402
 
-from tinyllama_jax import bench  # noqa: E402  (imports neither jax nor torch)
+import bench  # noqa: E402  (imports neither jax nor torch)
 
 
 def build(m, variant, device):

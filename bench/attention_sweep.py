@@ -1,6 +1,6 @@
 """Flash attention tile / launch sweep against cuDNN at TinyLlama's shape: a table and a JSON.
 
-  python -m tinyllama_jax.bench.attention_sweep [--out DIR/attention_sweep.json] [--quick]
+  python -m bench.attention_sweep [--out DIR/attention_sweep.json] [--quick]
       [--only name,name] [--deadline_s 150]
 
 Shape: B=8, T=2048, 32 query / 4 kv heads, d 64, bf16, causal: every config without segment
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax import kernels
-from tinyllama_jax.bench import kernels as kb
-from tinyllama_jax import bench
+from bench import kernels as kb
+import bench
 from tinyllama_jax.kernels import flash_attention as fa
 
 TOL_BF16 = 2e-2

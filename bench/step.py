@@ -1,6 +1,6 @@
-"""One JAX variant of the whole training step, timed: a worker of `python -m tinyllama_jax.bench`.
+"""One JAX variant of the whole training step, timed: a worker of `python -m bench`.
 
-    python -m tinyllama_jax.bench.step --config=configs/1b.py [--config.a.b=v ...] --steps=30
+    python -m bench.step --config=configs/1b.py [--config.a.b=v ...] --steps=30
 
 The step is training's own, built by program.py as train.py builds it and compiled the same way:
 ahead of time, explicit in/out shardings, the state donated. The batch is synthetic (uniform
@@ -9,7 +9,6 @@ are the step's alone; the data pipeline has its own benchmark. Prints one BENCH_
 """
 
 import os
-import sys
 import time
 
 _T_START = time.perf_counter()  # before jax: the launch-to-first-step clock starts here
@@ -18,21 +17,24 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from tinyllama_jax import bench, config as config_lib, distributed, metrics, program, sharding
-from tinyllama_jax import train as train_lib
+import bench
+from tinyllama_jax import cli, distributed, sharding
+from tinyllama_jax.training import metrics, program
 
-train_lib.define_flags()  # --config (with its overrides), --workdir, --dry_run, as train takes them
 
-_NAME = flags.DEFINE_string("name", "base", "The variant's name in the table.")
-_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles nothing: "
-                               "compilation is ahead of time and timed apart).")
-_WINDOW = flags.DEFINE_integer("window", 5, "Steps between device syncs while timing.")
-_ACCUM = flags.DEFINE_integer("accum", 1, "Micro-batches accumulated per optimizer step.")
-_CACHE = flags.DEFINE_string("cache_dir", "", "Persistent compilation cache ('' = none).")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile (fill the cache) and exit.")
-_PROFILE = flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 steps, its summary "
-                               "and the step's optimized HLO here.")
+def define_flags():
+  cli.define_run_flags()  # --config (with its overrides), --workdir, --dry_run, as train takes them
+  cli.define_distributed_flags()
+  flags.DEFINE_string("name", "base", "The variant's name in the table.")
+  flags.DEFINE_integer("steps", 30, "Timed steps (after warm-up).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one compiles nothing: "
+                       "compilation is ahead of time and timed apart).")
+  flags.DEFINE_integer("window", 5, "Steps between device syncs while timing.")
+  flags.DEFINE_integer("accum", 1, "Micro-batches accumulated per optimizer step.")
+  flags.DEFINE_string("cache_dir", "", "Persistent compilation cache ('' = none).")
+  flags.DEFINE_bool("compile_only", False, "Compile (fill the cache) and exit.")
+  flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 steps, its summary and the "
+                      "step's optimized HLO here.")
 
 
 def variant_program(cfg, accum):
@@ -101,7 +103,7 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
     if i == 0:
       out["launch_to_first_step_s"] = time.perf_counter() - _T_START
   if profile_dir:
-    from tinyllama_jax.bench import profile
+    from bench import profile
 
     def three_steps(state):
       for _ in range(3):
@@ -134,24 +136,24 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train_lib.apply_xla_flags(flags.FLAGS.config.train.xla_flags)  # as train.py starts
+  f = flags.FLAGS
+  distributed.apply_xla_flags(f.config.train.xla_flags)  # as train.py starts
   distributed.initialize()
-  if _CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+  if f.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", f.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   try:
-    # --config is train.py's flag (importing train defines it): the same files and overrides.
-    result = run_variant(flags.FLAGS.config, name=_NAME.value, steps=_STEPS.value,
-                         warmup=_WARMUP.value, window=_WINDOW.value, accum=_ACCUM.value,
-                         compile_only=_COMPILE_ONLY.value, profile_dir=_PROFILE.value)
+    # --config is train's flag: the same files and overrides.
+    result = run_variant(f.config, name=f.name, steps=f.steps, warmup=f.warmup, window=f.window,
+                         accum=f.accum, compile_only=f.compile_only, profile_dir=f.profile_dir)
   except Exception as e:  # the matrix goes on; the table shows why this variant has no numbers
-    logging.exception("variant %s failed", _NAME.value)
-    result = {"name": _NAME.value, "kind": "jax", "error": f"{type(e).__name__}: {e}"[:2000]}
+    logging.exception("variant %s failed", f.name)
+    result = {"name": f.name, "kind": "jax", "error": f"{type(e).__name__}: {e}"[:2000]}
   if jax.process_index() == 0:
     bench.emit(result)
   return 0 if "error" not in result else 1
 
 
 if __name__ == "__main__":
-  config_lib.exit_on_error(lambda: config_lib.check_override_keys(sys.argv))
-  config_lib.exit_on_error(lambda: app.run(main, flags_parser=config_lib.parse_flags))
+  define_flags()
+  cli.run(main)

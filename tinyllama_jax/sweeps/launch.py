@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from tinyllama_jax.sweep_summary import (RUN_FILE, latest_checkpoint_step, read_run_file,
+from tinyllama_jax.sweeps.summary import (RUN_FILE, latest_checkpoint_step, read_run_file,
                                          write_json_atomic)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

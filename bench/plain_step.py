@@ -1,6 +1,6 @@
-"""The plain hand-written JAX step, timed: the floor row of `python -m tinyllama_jax.bench`.
+"""The plain hand-written JAX step, timed: the floor row of `python -m bench`.
 
-    python -m tinyllama_jax.bench.plain_step --model_json='{...}' --batch=8 --seq_len=2048 \
+    python -m bench.plain_step --model_json='{...}' --batch=8 --seq_len=2048 \
         [--variant=plain|stacked|chunked_ce] [--profile_dir=DIR]
 
 A port of the peer script bench/peers/plain_jax_step.py (copied from the project's shared
@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from tinyllama_jax import bench  # noqa: E402
+import bench  # noqa: E402
 
 VARIANTS = ("plain", "stacked", "chunked_ce")
 
@@ -170,7 +170,7 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
     if i == 0:
       out["launch_to_first_step_s"] = time.perf_counter() - _T_START
   if profile_dir:
-    from tinyllama_jax.bench import profile
+    from bench import profile
 
     def three_steps(carry):
       params, opt_state = carry
@@ -193,7 +193,7 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"plain step {variant}: loss went non-finite: {losses}")
   out["loss_first"], out["loss_last"] = losses[0], losses[-1]
-  from tinyllama_jax import metrics
+  from tinyllama_jax.training import metrics
   out.update(bench.timing_summary(windows, window, batch * seq_len, 1,
                                   bench.flops_per_token(m, seq_len),
                                   metrics.peak_flops_per_device(0.0)))

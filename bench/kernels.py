@@ -1,6 +1,6 @@
 """Kernel benchmark: every fused op and backend at TinyLlama shapes; prints a table, writes JSON.
 
-  python -m tinyllama_jax.bench.kernels [--out bench/results/kernels-DATE.json] [--quick]
+  python -m bench.kernels [--out bench/results/kernels-DATE.json] [--quick]
 
 Times are loop-timed: after warm-up, `inner` calls are enqueued and one block_until_ready ends the
 loop; the figure is the median over `reps` loops of (loop time / inner). Forward + backward is one
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax import kernels
-from tinyllama_jax import bench as bench_lib  # `bench` below is the Bench in hand
+import bench as bench_lib  # `bench` below is the Bench in hand
 from tinyllama_jax.kernels import flash_attention as fa
 
 CEIL_FLOPS = 750e12

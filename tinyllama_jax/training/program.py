@@ -21,7 +21,9 @@ import optax
 from absl import logging
 from flax import nnx
 
-from tinyllama_jax import checkpoint, faults, kernels, model as model_lib, optim, sharding
+from tinyllama_jax import kernels, model as model_lib, optim, sharding
+from tinyllama_jax.checkpoint import manager as checkpoint
+from tinyllama_jax.training import faults
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 

@@ -11,7 +11,7 @@ import math
 import os
 import statistics
 
-from tinyllama_jax import metrics
+from tinyllama_jax.training import metrics
 
 HIGHLIGHT = 3  # the best runs drawn in colour; the rest in grey
 RUN_FILE = "sweep_run.json"  # in each run's workdir: bindings, resolved config, launch status

@@ -1,6 +1,6 @@
 """Row-op sweep: rms_norm, add_rms_norm, rope_qk, XLA against Pallas over (rows per program, warps).
 
-  python -m tinyllama_jax.bench.rows_sweep [--out bench/results/rows_sweep.json] [--quick]
+  python -m bench.rows_sweep [--out bench/results/rows_sweep.json] [--quick]
                                            [--budget SECONDS]
 
 Times and bytes as bench/kernels.py (its `_time` and `_fwd_bwd`; the same byte counts), but the
@@ -23,8 +23,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from tinyllama_jax.bench.kernels import _fwd_bwd, _time
-from tinyllama_jax import bench
+from bench.kernels import _fwd_bwd, _time
+import bench
 from tinyllama_jax.kernels import rms_norm as rn
 from tinyllama_jax.kernels import rope
 

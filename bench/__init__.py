@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m tinyllama_jax.bench` times whole training steps (ours and the PyTorch
+"""Benchmarks: `python -m bench` times whole training steps (ours and the PyTorch
 peer's) on synthetic data; see __main__.py. Modules:
 
   step.py        one JAX variant: build the real train step, warm up, time it (a worker process)

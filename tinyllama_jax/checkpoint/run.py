@@ -13,7 +13,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tinyllama_jax import checkpoint, hf, program
+from tinyllama_jax.checkpoint import manager as checkpoint
+from tinyllama_jax.interop import hf
+from tinyllama_jax.training import program
 from tinyllama_jax.data import corpus, tokenizer as tokenizer_lib
 
 

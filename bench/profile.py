@@ -1,6 +1,6 @@
 """Where a step's device time goes: a summary of a jax.profiler trace, by kind of kernel.
 
-    python -m tinyllama_jax.bench.profile TRACE_DIR [--steps=3] [--json=out.json]
+    python -m bench.profile TRACE_DIR [--steps=3] [--json=out.json]
 
 Reads the newest `*.xplane.pb` under TRACE_DIR with `jax.profiler.ProfileData` (no TensorBoard
 or xprof needed), takes the GPU kernels off the device planes' stream lines, and buckets them by
@@ -8,7 +8,7 @@ kernel name and HLO op: matmul (cuBLAS/cuDNN GEMMs, Triton GEMM fusions), attent
 fused attention, our Pallas flash kernels), collectives (NCCL), copies, reductions, elementwise
 fusions, other. Per step: busy time per bucket, its share, and device idle (wall time not covered
 by any kernel). The top kernels by total time come with it: the table that says what to fuse next.
-`python -m tinyllama_jax.bench --profile_dir=DIR` traces and summarises the first variant.
+`python -m bench --profile_dir=DIR` traces and summarises the first variant.
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Data benchmark: prepare throughput (MB/s of text per core) and loader throughput (tokens/s/host).
 
-  python -m tinyllama_jax.bench.data [--mb=16] [--seconds=3] [--json=bench/results/data-cpu.json]
+  python -m bench.data [--mb=16] [--seconds=3] [--json=bench/results/data-cpu.json]
 
 The corpus is the running Python's standard library (.py sources, code: a hard case for BPE),
 written as .jsonl files; the tokenizer is a 32000-piece BPE trained on it (Llama-2's size) unless

@@ -1,11 +1,11 @@
 """Whole-step benchmark: our train step (one or more variants) and the PyTorch peer, side by side.
 
-    python -m tinyllama_jax.bench --config=configs/1b.py                       # base + both peers
-    python -m tinyllama_jax.bench --config=configs/1b.py --config.mesh.data=2 --peer=
-    python -m tinyllama_jax.bench --config=configs/1b.py \
+    python -m bench --config=configs/1b.py                       # base + both peers
+    python -m bench --config=configs/1b.py --config.mesh.data=2 --peer=
+    python -m bench --config=configs/1b.py \
         --variants='base;scan:model.scan_layers=True;pallas:model.kernels.attention=pallas'
-    python -m tinyllama_jax.bench --smoke                                       # CPU, < 1 min
-    python -m tinyllama_jax.bench --plain=plain,stacked --profile_dir=/tmp/prof \
+    python -m bench --smoke                                       # CPU, < 1 min
+    python -m bench --plain=plain,stacked --profile_dir=/tmp/prof \
         --profile_variants=base,plain                   # profile ours and the floor, compare
 
 Beside our variants run the peers of issue 15, each a worker too: the plain hand-written JAX step
@@ -29,14 +29,15 @@ import subprocess
 import sys
 import time
 
-from tinyllama_jax import bench, config as config_lib
+from tinyllama_jax import cli, config as config_lib
+import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEAK_FLOPS_BY_NAME = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12))
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m tinyllama_jax.bench", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default=None, help="config file (default configs/1b.py; "
                  "--smoke: configs/tiny.py); --config.a.b=v overrides apply to every variant")
@@ -196,7 +197,7 @@ def main(argv):
       env = dict(os.environ)
       env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), o.split("=", 1)[1]) if f)
       overrides = [x for x in overrides if x != o]
-    cmd = [sys.executable, "-m", "tinyllama_jax.bench.step", f"--config={args.config}",
+    cmd = [sys.executable, "-m", "bench.step", f"--config={args.config}",
            *args.overrides, *args.distributed, f"--name={name}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--window={args.window}", f"--accum={args.accum}",
            *overrides]  # last: the variant's own settings win
@@ -207,7 +208,7 @@ def main(argv):
     jobs.append((name, "jax", cmd, env))
   m = cfg.model.to_dict()
   peer_jobs = [(f"torch_{p}", "torch", [
-      sys.executable, "-m", "tinyllama_jax.bench.peer_torch", f"--model_json={json.dumps(m)}",
+      sys.executable, "-m", "bench.peer_torch", f"--model_json={json.dumps(m)}",
       f"--batch={cfg.train.micro_batch_per_device}", f"--seq_len={cfg.train.seq_len}",
       f"--variant={p}", f"--steps={args.steps}", f"--warmup={args.warmup}",
       f"--window={args.window}", "--compile" if args.peer_compile else "--no-compile"], None)
@@ -215,7 +216,7 @@ def main(argv):
   plain_jobs = []
   for v in plains:
     pname = "plain" if v == "plain" else f"plain_{v}"
-    cmd = [sys.executable, "-m", "tinyllama_jax.bench.plain_step", f"--model_json={json.dumps(m)}",
+    cmd = [sys.executable, "-m", "bench.plain_step", f"--model_json={json.dumps(m)}",
            f"--batch={cfg.train.micro_batch_per_device}", f"--seq_len={cfg.train.seq_len}",
            f"--variant={v}", f"--steps={args.steps}", f"--warmup={args.warmup}",
            f"--window={args.window}"]
@@ -267,7 +268,7 @@ def main(argv):
   plain_p = next((r for r in profiles if r["kind"] == "plain"), None)
   compared = None
   if ours_p and plain_p:
-    from tinyllama_jax.bench import profile
+    from bench import profile
     compared = profile.compare(ours_p["profile"], plain_p["profile"],
                                names=(ours_p["name"], plain_p["name"]))
   report = {"date": bench.now_utc(), "commit": bench.commit(), "versions": bench.versions(),
@@ -296,4 +297,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_lib.exit_on_error(lambda: sys.exit(main(sys.argv[1:])))
+  cli.exit_on_error(lambda: sys.exit(main(sys.argv[1:])))

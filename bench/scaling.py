@@ -1,6 +1,6 @@
-"""Scaling table from `python -m tinyllama_jax.bench` JSON files run on 1, 2, 4, ... devices.
+"""Scaling table from `python -m bench` JSON files run on 1, 2, 4, ... devices.
 
-    python -m tinyllama_jax.bench.scaling step_1x.json step_2x.json step_4x.json \
+    python -m bench.scaling step_1x.json step_2x.json step_4x.json \
         [--baseline=base] [--tokens=22e9] [--json=scaling.json]
 
 Per variant and device count: tokens/s per device, its share of the one-device figure (the

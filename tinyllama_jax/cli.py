@@ -1,0 +1,118 @@
+"""What every command shares: its common flags, and one way to start that turns bad input into
+one line and exit 2, and a fault into one line and exit 3 (docs/reliability.md's exit statuses).
+
+The commands are the top-level modules (train, plan, export, generate, evaluate, sweep, prepare):
+each defines its flags when it runs as a command, never on import, so any module can import any
+other, and calls `run`.
+"""
+
+import difflib
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from tinyllama_jax import config as config_lib
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+
+
+def define_run_flags():
+  """--config (a config file, with `--config.a.b=v` overrides), --workdir, --dry_run: the flags of
+  the commands that build a run (train, plan, the bench worker). Once a process."""
+  if "config" in flags.FLAGS:
+    return
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, tb/, config.json.")
+  flags.DEFINE_bool("dry_run", False, "Compile the step, print its memory plan, exit.")
+
+
+def define_distributed_flags():
+  """The flags distributed.initialize reads (its docstring says who decides, in which order)."""
+  if "distributed" in flags.FLAGS:
+    return
+  flags.DEFINE_enum("distributed", "auto", ["auto", "jax", "off"],
+                    "auto: flags, then JAX_* env, SLURM, TPU VM; jax: jax's own cluster "
+                    "detection; off: a single process.")
+  flags.DEFINE_string("coordinator", None, "host:port of process 0 (runs without a scheduler).")
+  flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_integer("coordinator_port", 0,
+                       "SLURM: the coordinator's port (0: derived from SLURM_JOB_ID).")
+
+
+def run(main, *, faults=(), argv=None):
+  """Runs `main` as absl's app.run does, after checking every flag name and config key in argv:
+  a ValueError anywhere is one line and exit 2; an exception in `faults` one line and exit 3."""
+  argv = list(sys.argv if argv is None else argv)
+
+  def start():
+    check_override_keys(argv)
+    try:
+      app.run(main, argv=argv, flags_parser=parse_flags)
+    except faults as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(3)
+  exit_on_error(start)
+
+
+def check_flags(argv):
+  """An unknown `--flag` in argv fails with one line naming the closest defined flags (absl's
+  own message is two lines and exit 1). Call after the program defines its flags, before
+  app.run. `--config=` / `--config.` arguments are check_override_keys' to check."""
+  app.define_help_flags()  # --help, --helpshort, ... are defined by app.run otherwise
+  known = set(flags.FLAGS)
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if not arg.startswith("--") or arg.startswith(("--config=", "--config.")):
+      continue
+    name = arg[2:].split("=", 1)[0]
+    if name in known or (name.startswith("no") and name[2:] in known):
+      continue
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+    raise ValueError(f"unknown flag --{name}{hint} (--helpshort lists the flags)")
+
+
+def check_override_keys(argv, flag="config"):
+  """Validates `--config.a.b=...` overrides in argv before absl parses them, so a typo
+  fails with the closest valid keys instead of a traceback; then every other flag's name."""
+  check_flags(argv)
+  path = None
+  keys = []
+  for arg, following in zip(argv[1:], argv[2:] + [None]):
+    if arg.startswith(f"--{flag}="):
+      path = arg.split("=", 1)[1]
+    elif arg == f"--{flag}":  # absl also takes `--config FILE`
+      path = following
+    elif arg.startswith(f"--{flag}."):
+      keys.append(arg[len(flag) + 3:].split("=", 1)[0])
+  if path is None:
+    return
+  cfg = config_lib.load_config_file(path)
+  valid = set(config_lib.flat_keys(cfg))
+  for key in keys:
+    if key not in valid:
+      raise ValueError(config_lib.unknown_key_message(key, cfg))
+
+
+def parse_flags(argv):
+  """app.run's flags_parser: a value absl cannot parse (`--config.train.steps=abc`) is one line
+  and exit 2, not absl's two lines and exit 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def exit_on_error(fn):
+  """Runs fn(); a ValueError becomes one line on stderr and exit status 2."""
+  try:
+    return fn()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

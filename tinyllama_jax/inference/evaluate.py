@@ -1,0 +1,193 @@
+"""Loss and perplexity on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
+
+--data is a .jsonl file (one document a line, in --text_field; a line that is not UTF-8 is
+skipped and counted), any other text file (the whole file is one document), a comma-separated
+list or glob of those; or, through the data pipeline (at most --batches batches of one pass over
+the data, packed as the run packs: no token is scored twice): `split:eval` / `split:train` of the
+run's own data, `prepared:DIR` (the --split of data written by tinyllama_jax.data.prepare) or
+`litpkds:GLOB`. The command is tinyllama_jax/evaluate.py.
+
+Files are scored document by document, as training tokenized them (BOS/EOS per the run's
+data.add_bos / add_eos): a document longer than --seq_len is cut into windows that overlap by one
+token, so every (input, target) pair counts exactly once and no window sees another document.
+The loss is the mean over all scored tokens; perplexity is exp(loss).
+"""
+
+import functools
+import glob
+import itertools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from tinyllama_jax.data import pipeline
+from tinyllama_jax.model import Llama
+
+
+def read_documents(spec, text_field="text"):
+  """(documents, skipped) from files; unreadable files and empty documents are counted, logged."""
+  paths = []
+  for part in spec.split(","):
+    matched = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+    paths += matched
+    if not matched or not all(os.path.isfile(p) for p in matched):
+      raise ValueError(f"--data: {part!r} is not a file (give a .txt/.jsonl file, a glob, or "
+                       "split:eval)")
+  docs = []
+  for path in paths:
+    with open(path, "rb") as f:
+      if path.endswith(".jsonl"):
+        docs += _jsonl_documents(path, f, text_field)
+      else:
+        docs.append(_utf8(f.read(), path))
+  kept = [d for d in docs if d]
+  skipped = len(docs) - len(kept)
+  if skipped:
+    logging.warning("skipped %d empty or unreadable documents", skipped)
+  return kept, skipped
+
+
+def _jsonl_documents(path, f, text_field):
+  """One document a line; a line that is not UTF-8 is one skipped document (None), not the rest
+  of the file."""
+  for n, raw in enumerate(f, 1):
+    line = _utf8(raw, f"{path}:{n}")
+    if line is None:
+      yield None
+      continue
+    if not line.strip():
+      continue
+    try:
+      yield json.loads(line)[text_field]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise ValueError(f"{path}:{n} is not a JSON object with a {text_field!r} field "
+                       "(set --text_field)") from None
+
+
+def _utf8(raw, where):
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError:
+    logging.warning("skipping %s: not UTF-8 text", where)
+    return None
+
+
+def document_rows(token_docs, seq_len):
+  """[(inputs, targets)] windows of at most seq_len pairs, overlapping by one token."""
+  rows = []
+  for ids in token_docs:
+    for s in range(0, len(ids) - 1, seq_len):
+      window = ids[s:s + seq_len + 1]
+      rows.append((window[:-1], window[1:]))
+  return rows
+
+
+def row_batches(rows, batch_size, seq_len):
+  """Right-padded [batch_size, seq_len] batches (padding rows and tokens have loss_mask 0)."""
+  for b in range(0, len(rows), batch_size):
+    batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ("inputs", "targets")}
+    batch["loss_mask"] = np.zeros((batch_size, seq_len), np.float32)
+    for i, (inputs, targets) in enumerate(rows[b:b + batch_size]):
+      batch["inputs"][i, :len(inputs)] = inputs
+      batch["targets"][i, :len(targets)] = targets
+      batch["loss_mask"][i, :len(inputs)] = 1.0
+    batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                         (batch_size, seq_len)).copy()
+    yield batch
+
+
+def loss_sums(params, batch, *, graphdef, use_segments):
+  """(sum of masked token losses, number of counted tokens) of one batch, logits in fp32."""
+  model = nnx.merge(graphdef, params)
+  segment_ids = batch["segment_ids"] if use_segments else None
+  logits_BTV = model(batch["inputs"], batch["positions"], segment_ids)
+  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+  return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
+def evaluate_batches(params, cfg, batches, *, use_segments=False):
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=0))))
+  fn = jax.jit(functools.partial(loss_sums, graphdef=graphdef, use_segments=use_segments))
+  loss_sum, count, n = 0.0, 0.0, 0
+  for batch in batches:
+    s, c = fn(params, batch)
+    loss_sum, count, n = loss_sum + float(s), count + float(c), n + 1
+  if count == 0:
+    raise ValueError("nothing to score: the data has no document of two or more tokens")
+  loss = loss_sum / count
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count),
+          "batches": n}
+
+
+def evaluate_files(params, cfg, tokenizer, spec, *, seq_len, batch_size, text_field="text"):
+  docs, skipped = read_documents(spec, text_field)
+  bos = [tokenizer.bos_id] if cfg.data.get("add_bos", True) else []
+  eos = [tokenizer.eos_id] if cfg.data.get("add_eos", True) else []
+  token_docs = [bos + ids + eos for ids in tokenizer.encode_batch(docs)]
+  rows = document_rows(token_docs, seq_len)
+  result = evaluate_batches(params, cfg, row_batches(rows, batch_size, seq_len))
+  return {**result, "documents": len(docs), "skipped_documents": skipped, "rows": len(rows)}
+
+
+PIPELINE_SOURCES = ("prepared", "litpkds")
+
+
+def data_config_for(cfg, spec):
+  """(run config whose data section reads `spec`, split) for the pipeline forms of --data, or
+  None for files."""
+  kind, _, rest = spec.partition(":")
+  if kind == "split":
+    return cfg, rest
+  if kind in PIPELINE_SOURCES:
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.source, cfg.data.paths, cfg.data.mixture = kind, rest, ""
+    return cfg, None
+  return None
+
+
+def evaluate_split(params, cfg, tokenizer, split, *, seq_len, batch_size, batches):
+  """Scores up to `batches` batches of one pass over the split: never a token twice (the stream
+  ends with the data; the report's `end_of_data` says whether it did)."""
+  try:
+    it = pipeline.make_iterator(cfg.data, split=split, seq_len=seq_len, batch_size=batch_size,
+                                seed=cfg.seed, process_index=0, process_count=1,
+                                tokenizer=tokenizer, vocab_size=cfg.model.vocab_size,
+                                repeat=False)
+  except FileNotFoundError as e:  # the pipeline's message names the path and the fix
+    raise ValueError(str(e)) from None
+  try:
+    taken = [_padded(batch, batch_size) for batch in itertools.islice(it, batches)]
+  finally:
+    it.close()
+  result = evaluate_batches(params, cfg, taken, use_segments=cfg.data.packing != "concat")
+  result["end_of_data"] = len(taken) < batches
+  if result["end_of_data"]:
+    logging.warning("the %r split ended after %d of --batches=%d batches: scored all of it, "
+                    "%d tokens, each once", split, len(taken), batches, result["tokens"])
+  return result
+
+
+def _padded(batch, batch_size):
+  """The short last batch of a pass, filled up with padding rows (loss_mask 0): one compile."""
+  n = len(batch["inputs"])
+  return {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+
+
+def check_flags(cfg, *, seq_len, batch_size, batches):
+  """The window length to use (0: the run's train.seq_len), or a one-line error naming the flag."""
+  seq_len = seq_len or cfg.train.seq_len
+  if not 1 <= seq_len <= cfg.model.max_seq_len:
+    raise ValueError(f"--seq_len={seq_len}: use 1 to the model's max_seq_len "
+                     f"({cfg.model.max_seq_len}), or 0 for the run's train.seq_len "
+                     f"({cfg.train.seq_len})")
+  for name, value in (("batch_size", batch_size), ("batches", batches)):
+    if value < 1:
+      raise ValueError(f"--{name}={value}: use 1 or more")
+  return seq_len

@@ -1,0 +1,1 @@
+"""Sweeps: planning (grid.py), launching (launch.py) and summarizing (summary.py) many runs."""

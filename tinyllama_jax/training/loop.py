@@ -1,0 +1,237 @@
+"""The training loop: config -> checks -> mesh -> data -> state (fresh or restored) -> the
+compiled step -> metrics and checkpoints. The step (program.py, shared with plan, bench and
+import) is a pure function (state, batch) -> (state, metrics), compiled once ahead of time with
+explicit shardings and the state donated; all I/O stays in the loop around it.
+Rerunning the same run resumes from the workdir's latest complete checkpoint, bitwise. SIGTERM or
+SIGINT saves and exits 0; kill -9, NaN, damaged checkpoints and full disks are handled as
+docs/reliability.md says (the machinery lives in faults.py and checkpoint/manager.py).
+The command is tinyllama_jax/train.py.
+"""
+
+import json
+import os
+
+import jax
+from absl import logging
+
+from tinyllama_jax import config as config_lib, generate, sharding
+from tinyllama_jax.checkpoint import manager as checkpoint
+from tinyllama_jax.data import pipeline
+from tinyllama_jax.model import flops_per_token, param_count
+from tinyllama_jax.training import faults, metrics, program
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+  """Everything a training run holds between steps; `train()` drives it."""
+
+  def __init__(self, cfg, workdir):
+    self.cfg, self.workdir = cfg, workdir
+    config_lib.validate(cfg)  # the mesh is built from checked sizes, then the batch is checked on it
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    config_lib.validate(cfg, sharding.batch_devices(self.mesh), jax.process_count())
+    self.program = program.build_program(cfg, self.mesh)
+    faults.check_environment(workdir, self.program.abstract_state)
+    t = cfg.train
+    # One run per workdir, locked before anything in it is touched (the checkpointer removes
+    # incomplete saves: a live run's); process 0 writes for all processes.
+    self.lock = (faults.WorkdirLock(workdir)
+                 if jax.process_index() == 0 and "://" not in workdir else None)
+    try:
+      self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                          keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+      saved_cfg = self.ckpt.latest_config()
+      if saved_cfg is not None:  # refuse another architecture before anything is written
+        checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
+    except BaseException:
+      self.release()
+      raise
+
+  def release(self):
+    if self.lock is not None:
+      self.lock.release()
+
+  def initial_state(self, data_identity=None):
+    """(state, data state or None, step of the checkpoint or None): the newest checkpoint that
+    verifies, else a fresh init; never a fresh init over checkpoints that all fail to read.
+    data_identity (data.pipeline.identity): refuse, or drop, a position saved for other data."""
+    found = self.ckpt.restore_latest(
+        self.program.abstract_state,
+        lambda meta: checkpoint.check_resume(meta, self.cfg, self.workdir, data_identity))
+    if found is None:
+      return self.program.jit_init()(jax.random.key(self.cfg.seed)), None, None
+    step, state, data_state, meta = found
+    logging.info("resuming from %s/checkpoints/%d", self.workdir, step)
+    if not checkpoint.same_data(meta, data_identity):  # allowed by train.allow_data_change
+      data_state = None
+    return state, data_state, step
+
+
+def _data_errors_as_one_line(fn):
+  try:
+    return fn()
+  except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    raise faults.data_error(e) from e
+
+
+def load_tokenizer(cfg, workdir):
+  """The run's tokenizer (None for synthetic data), trained and cached on first use."""
+  tokenizer = _data_errors_as_one_line(lambda: pipeline.load_tokenizer(cfg.data, workdir))
+  if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than "
+                     f"model.vocab_size={cfg.model.vocab_size}: raise the model's vocab_size")
+  return tokenizer
+
+
+def make_iterator(cfg, split, batch_size, tokenizer):
+  """This process's share of `batch_size` sequences a batch, from `split`."""
+  return _data_errors_as_one_line(lambda: pipeline.make_iterator(
+      cfg.data, split=split, seq_len=cfg.train.seq_len, batch_size=batch_size // jax.process_count(),
+      seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      tokenizer=tokenizer, vocab_size=cfg.model.vocab_size))
+
+
+def check_eval_split(cfg, tokenizer, batch_size):
+  """Eval needs one row of seq_len + 1 tokens: found out before the compile, not after training."""
+  if not cfg.train.eval_every:
+    return
+  try:
+    make_iterator(cfg, "eval", batch_size, tokenizer).close()
+  except ValueError as e:
+    if isinstance(e.__cause__, OSError):  # files missing or unreadable: that line says so
+      raise
+    raise ValueError(f"cannot evaluate on this data's eval split ({e}): prepare it with a larger "
+                     "--eval_fraction (data.eval_fraction for raw files), or pass "
+                     "--config.train.eval_every=0 to train without eval") from e
+
+
+def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_):
+  it = make_iterator(cfg, "eval", batch_size, tokenizer)
+  loss_sum, count = 0.0, 0.0
+  try:
+    for _ in range(cfg.train.eval_batches):
+      batch = sharding.global_batch_array(next(it), sharding_)
+      s, c = eval_fn(params, batch)
+      loss_sum, count = loss_sum + float(s), count + float(c)
+  finally:
+    it.close()
+  return loss_sum / max(count, 1.0)
+
+
+def greedy_sample(params, cfg_model, tokenizer, prompt, n_tokens):
+  """A short greedy continuation through generate's KV-cached decoder (the model's own forward)."""
+  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  n_tokens = min(n_tokens, cfg_model.max_seq_len - len(ids))
+  out = generate.generate(params, cfg_model, [ids], max_new_tokens=n_tokens,
+                          eos_id=tokenizer.eos_id, n_valid=tokenizer.vocab_size)[0]
+  return tokenizer.decode(ids[1:] + [t for t in out if t != tokenizer.eos_id])
+
+
+def train(cfg, workdir, dry_run=False):
+  """Runs (or resumes) training; returns the last logged metrics. SIGTERM/SIGINT end it early
+  after a checkpoint (`preempted` in the result); faults.py says what else it survives."""
+  run = Run(cfg, workdir)
+  try:
+    with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
+      return _train(run, cfg, workdir, dry_run)
+  finally:
+    run.release()
+
+
+def _train(run, cfg, workdir, dry_run):
+  t, prog = cfg.train, run.program
+  n_params = param_count(cfg.model)
+  logging.info("model: %s parameters (%s without the input embedding); mesh %s; %d x %d "
+               "sequences per step (accumulation x micro-batch)", f"{n_params:,}",
+               f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
+               prog.accum, prog.micro_batch)
+  if not dry_run:  # missing, unreadable or too little data fails now, not after the compile
+    tokenizer = load_tokenizer(cfg, workdir)
+    check_eval_split(cfg, tokenizer, prog.micro_batch)
+    data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
+    train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
+  logging.info("compiling the train step (first compile takes a while)...")
+  compiled = prog.compile_step()
+  memory = program.memory_report(compiled)
+  if memory:
+    logging.info("per-device memory plan (XLA): %s",
+                 {k: f"{v / 2**30:.2f} GiB" for k, v in memory.items()})
+  if dry_run:
+    print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
+    return {}
+
+  state, data_state, saved_step = run.initial_state(data_identity)
+  if data_state:  # an imported model's checkpoint has none: the stream starts fresh
+    train_it.set_state(data_state)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+  eval_fn = prog.jit_eval()
+  throughput = metrics.Throughput(
+      tokens_per_step=t.global_batch * t.seq_len, flops_per_token=flops_per_token(cfg.model, t.seq_len),
+      n_devices=jax.device_count(), peak_flops=metrics.peak_flops_per_device(cfg.peak_flops),
+      total_steps=t.steps)
+  nonfinite = faults.NonFiniteGuard(t.nan_policy, t.max_nan_skips)
+
+  def save(step):  # of the loop's current state
+    nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
+    run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
+    throughput.start(step)
+    return step
+
+  step = int(state["step"])
+  writer = metrics.Writer(workdir, start_step=step)
+  last = {}
+  preempted = False
+  throughput.start(step)
+  try:
+    with faults.Preemption(t.grace_period_s) as preemption:
+      while step < t.steps:
+        local = next(train_it)
+        local = {k: v.reshape(prog.accum, -1, *v.shape[1:]) for k, v in local.items()}
+        batch = sharding.global_batch_array(local, prog.batch_sharding)
+        state, step_metrics = compiled(state, batch)
+        step += 1
+        nonfinite.record(step, step_metrics)
+        preempted = preemption.requested()
+        if step % t.log_every == 0 or step == t.steps:
+          nonfinite.check(saved_step)
+          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          last.update(throughput.report(step))
+          metrics.console_line(step, t.steps, last)
+          writer.scalars(step, last)
+        # The checkpoint comes before the eval: a failing eval never costs trained steps.
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or preempted:
+          saved_step = save(step)
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and not preempted:
+          logging.info("evaluating on %d held-out batches...", t.eval_batches)
+          try:
+            last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer,
+                                         prog.micro_batch, prog.eval_sharding)
+          except Exception:
+            if saved_step != step:  # the steps since the last checkpoint stay trained
+              logging.error("eval failed at step %d: saving checkpoint %d first", step, step)
+              save(step)
+            raise
+          logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
+          writer.scalars(step, {"eval/loss": last["eval/loss"]})
+          throughput.start(step)
+        if preempted:
+          run.ckpt.wait()
+          logging.warning("preempted: checkpoint %d written %.1f s after the signal; exiting",
+                          step, preemption.seconds_since_signal())
+          break
+      run.ckpt.wait()
+    if t.sample_tokens and tokenizer is not None and jax.process_index() == 0 and not preempted:
+      sample = greedy_sample(state["params"], cfg.model, tokenizer, "def ", t.sample_tokens)
+      logging.info("sample (greedy): %r", sample)
+      writer.text(step, "sample", sample)
+  finally:
+    run.ckpt.close()
+    writer.close()
+    train_it.close()
+  last["step"] = step
+  last["params"] = state["params"]
+  last["preempted"] = preempted
+  return last
