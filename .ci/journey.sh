@@ -60,7 +60,7 @@ TOK=$J/runs/tok/tokenizer/tokenizer.model
 for fmt in txt jsonl zst; do
   case $fmt in txt) glob="$J/raw/*.txt" ;; jsonl) glob="$J/raw/code.jsonl" ;;
                zst) glob="$J/raw/*.jsonl.zst" ;; esac
-  step "prepare_$fmt" "documents" "$R" -m tinyllama_jax.data.prepare --input="$glob" \
+  step "prepare_$fmt" "documents" "$R" -m tinyllama_jax.prepare --input="$glob" \
     --tokenizer="$TOK" --out="$J/data/$fmt" --eval_fraction=0.1 --num_workers=2
 done
 

@@ -43,7 +43,7 @@ def commit():
   else the checkout's commit (+ '-dirty'), else None."""
   if os.environ.get("BENCH_COMMIT"):
     return os.environ["BENCH_COMMIT"]
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                           timeout=10)
