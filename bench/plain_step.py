@@ -36,18 +36,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bench  # noqa: E402
+from tinyllama_jax.kernels.cross_entropy import cross_entropy_chunked  # noqa: E402
 
 VARIANTS = ("plain", "stacked", "chunked_ce")
 
 
-def make(m, batch, seq_len, variant):
-  """(init_params, tx, train_step) of the plain step at the model config `m` (our field names)."""
+def make_init_params(m, stacked):
+  """init_params(key) -> the plain step's fp32 parameters (layers a list, or stacked [L, ...])."""
   V, D, FF, L, H, KV, HD = (m["vocab_size"], m["d_model"], m["ffn_dim"], m["n_layers"],
                             m["n_heads"], m["n_kv_heads"], m["head_dim"])
-  T, B, EPS, THETA = seq_len, batch, m["norm_eps"], m["rope_theta"]
-  CDT = jnp.bfloat16
-  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  stacked = variant == "stacked"
 
   def init_layer(key):
     ks = jax.random.split(key, 7)
@@ -69,6 +66,18 @@ def make(m, batch, seq_len, variant):
             "layers": layers,
             "final_norm": jnp.ones((D,), jnp.float32),
             "lm_head": 0.02 * jax.random.normal(k_head, (D, V), jnp.float32)}
+
+  return init_params
+
+
+def make(m, batch, seq_len, variant):
+  """(init_params, tx, train_step) of the plain step at the model config `m` (our field names)."""
+  D, L, H, KV, HD = m["d_model"], m["n_layers"], m["n_heads"], m["n_kv_heads"], m["head_dim"]
+  T, B, EPS, THETA = seq_len, batch, m["norm_eps"], m["rope_theta"]
+  CDT = jnp.bfloat16
+  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  stacked = variant == "stacked"
+  init_params = make_init_params(m, stacked)
 
   def rms_norm(x, w):
     xf = x.astype(jnp.float32)
@@ -109,7 +118,6 @@ def make(m, batch, seq_len, variant):
     for lp in layers:
       h = block(h, lp, cos, sin)
     if variant == "chunked_ce":
-      from tinyllama_jax.kernels.cross_entropy import cross_entropy_chunked
       x = rms_norm(h, p16["final_norm"])
       return jnp.mean(cross_entropy_chunked(x.reshape(B * T, D), p16["lm_head"],
                                             y_ids.reshape(B * T)))
