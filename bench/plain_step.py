@@ -24,9 +24,11 @@ Prints one BENCH_RESULT line (kind "plain").
 """
 
 import argparse
+import gzip
 import json
 import os
 import time
+import traceback
 
 _T_START = time.perf_counter()
 
@@ -36,7 +38,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bench  # noqa: E402
+from bench import profile  # noqa: E402
 from tinyllama_jax.kernels.cross_entropy import cross_entropy_chunked  # noqa: E402
+from tinyllama_jax.training import metrics  # noqa: E402
 
 VARIANTS = ("plain", "stacked", "chunked_ce")
 
@@ -166,7 +170,6 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
                                 + x["temp_size_in_bytes"] - x["alias_size_in_bytes"])
     out["xla_memory"] = x
   if profile_dir:
-    import gzip
     os.makedirs(profile_dir, exist_ok=True)
     with gzip.open(os.path.join(profile_dir, "step.hlo.txt.gz"), "wt") as f:
       f.write(compiled.as_text())
@@ -178,7 +181,6 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
     if i == 0:
       out["launch_to_first_step_s"] = time.perf_counter() - _T_START
   if profile_dir:
-    from bench import profile
 
     def three_steps(carry):
       params, opt_state = carry
@@ -201,7 +203,6 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"plain step {variant}: loss went non-finite: {losses}")
   out["loss_first"], out["loss_last"] = losses[0], losses[-1]
-  from tinyllama_jax.training import metrics
   out.update(bench.timing_summary(windows, window, batch * seq_len, 1,
                                   bench.flops_per_token(m, seq_len),
                                   metrics.peak_flops_per_device(0.0)))
@@ -226,7 +227,6 @@ def main():
     result = run(json.loads(a.model_json), batch=a.batch, seq_len=a.seq_len, variant=a.variant,
                  steps=a.steps, warmup=a.warmup, window=a.window, profile_dir=a.profile_dir)
   except Exception as e:  # noqa: BLE001  the matrix goes on without this row
-    import traceback
     traceback.print_exc()
     result = {"name": "plain" if a.variant == "plain" else f"plain_{a.variant}", "kind": "plain",
               "error": f"{type(e).__name__}: {e}"[:2000]}
