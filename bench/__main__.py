@@ -31,8 +31,9 @@ import time
 
 from tinyllama_jax import cli, config as config_lib
 import bench
+from bench import profile  # imports jax only where a trace is taken or read
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_FLOPS_BY_NAME = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12))
 
 
@@ -166,21 +167,17 @@ def table(results, ratios, to_plain=None):
   return "\n".join(lines)
 
 
-def main(argv):
-  args = parse_args(argv)
-  t_start = time.perf_counter()
-  cfg = apply_overrides(config_lib.load_config_file(os.path.join(REPO, args.config)
-                                                    if not os.path.isabs(args.config)
-                                                    else args.config), args.overrides)
+def check_choices(args, cfg):
+  """(variants, peers, plains, profiled) from the flags; a typo fails now, not minutes into the
+  matrix."""
   variants = parse_variants(args.variants)
-  for name, overrides in variants:  # a typo fails now, not minutes into the matrix
+  for name, overrides in variants:
     apply_overrides(cfg.copy_and_resolve_references(),
                     [o for o in overrides if o.startswith("--config.")])
   peers = [p.strip() for p in args.peer.split(",") if p.strip()]
   for p in peers:
     if p not in ("autocast", "bf16"):
       raise ValueError(f"--peer: unknown variant {p!r}; choose from autocast, bf16")
-
   plains = [p.strip() for p in args.plain.split(",") if p.strip()]
   for p in plains:
     if p not in ("plain", "stacked", "chunked_ce"):
@@ -190,7 +187,12 @@ def main(argv):
   unknown = profiled - {n for n, _ in variants} - plain_names
   if args.profile_dir and unknown:
     raise ValueError(f"--profile_variants names no variant: {sorted(unknown)}")
-  jobs = []  # (name, kind, command, env): ours first, the peers right after the base variant
+  return variants, peers, plains, profiled
+
+
+def variant_jobs(args, variants, profiled):
+  """Our variants' workers: (name, "jax", command, env)."""
+  jobs = []
   for name, overrides in variants:
     env = None
     for o in [o for o in overrides if o.startswith("--xla_flags=")]:
@@ -206,8 +208,13 @@ def main(argv):
     if args.profile_dir and name in profiled:
       cmd.append(f"--profile_dir={os.path.join(os.path.abspath(args.profile_dir), name)}")
     jobs.append((name, "jax", cmd, env))
+  return jobs
+
+
+def peer_jobs(args, cfg, peers, plains, profiled):
+  """(the plain-step workers, the torch peers' workers), each (name, kind, command, env)."""
   m = cfg.model.to_dict()
-  peer_jobs = [(f"torch_{p}", "torch", [
+  torch_jobs = [(f"torch_{p}", "torch", [
       sys.executable, "-m", "bench.peer_torch", f"--model_json={json.dumps(m)}",
       f"--batch={cfg.train.micro_batch_per_device}", f"--seq_len={cfg.train.seq_len}",
       f"--variant={p}", f"--steps={args.steps}", f"--warmup={args.warmup}",
@@ -223,8 +230,11 @@ def main(argv):
     if args.profile_dir and pname in profiled:
       cmd.append(f"--profile_dir={os.path.join(os.path.abspath(args.profile_dir), pname)}")
     plain_jobs.append((pname, "plain", cmd, None))
-  jobs[1:1] = plain_jobs[:1] + peer_jobs + plain_jobs[1:]  # floors right after the first variant
+  return plain_jobs, torch_jobs
 
+
+def run_jobs(jobs, args, t_start):
+  """Each job's result row, in order; a job that would run past --deadline_s is a skipped row."""
   results, longest = [], 0.0
   for name, kind, cmd, env in jobs:
     elapsed = time.perf_counter() - t_start
@@ -251,7 +261,12 @@ def main(argv):
       peak = peak_flops_for(result.get("device_kind"))
       result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak if peak else None
     results.append(result)
+  return results
 
+
+def comparisons(results):
+  """(the faster torch peer's row, ratios to it, the plain row, ratios to it, the profile
+  comparison of the first profiled variant and plain row or None)."""
   peer_best = max((r for r in results if r["kind"] == "torch" and r.get("tokens_per_s")),
                   key=lambda r: r["tokens_per_s"], default=None)
   ratios = {}
@@ -268,9 +283,23 @@ def main(argv):
   plain_p = next((r for r in profiles if r["kind"] == "plain"), None)
   compared = None
   if ours_p and plain_p:
-    from bench import profile
     compared = profile.compare(ours_p["profile"], plain_p["profile"],
                                names=(ours_p["name"], plain_p["name"]))
+  return peer_best, ratios, plain, to_plain, compared
+
+
+def main(argv):
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  cfg = apply_overrides(config_lib.load_config_file(os.path.join(REPO, args.config)
+                                                    if not os.path.isabs(args.config)
+                                                    else args.config), args.overrides)
+  variants, peers, plains, profiled = check_choices(args, cfg)
+  jobs = variant_jobs(args, variants, profiled)
+  plain_jobs, torch_jobs = peer_jobs(args, cfg, peers, plains, profiled)
+  jobs[1:1] = plain_jobs[:1] + torch_jobs + plain_jobs[1:]  # floors right after the first variant
+  results = run_jobs(jobs, args, t_start)
+  peer_best, ratios, plain, to_plain, compared = comparisons(results)
   report = {"date": bench.now_utc(), "commit": bench.commit(), "versions": bench.versions(),
             "config": args.config, "overrides": args.overrides, "variants": args.variants,
             "settings": {"steps": args.steps, "warmup": args.warmup, "window": args.window,
@@ -294,7 +323,6 @@ def main(argv):
   print(f"wrote {out}")
   ok = [r for r in results if "error" not in r and "skipped" not in r]
   return 0 if ok and len(ok) + sum("skipped" in r for r in results) == len(results) else 1
-
 
 if __name__ == "__main__":
   cli.exit_on_error(lambda: sys.exit(main(sys.argv[1:])))

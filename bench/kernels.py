@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax import kernels
+from tinyllama_jax.kernels import cross_entropy as ce
 import bench as bench_lib  # `bench` below is the Bench in hand
 from tinyllama_jax.kernels import flash_attention as fa
 
@@ -219,7 +220,6 @@ def bench_cross_entropy(bench, N, Dm, V, chunks):
   t = jax.random.randint(kt, (N,), 0, V)
   cot = jnp.ones((N,), jnp.float32) / N
   mm = 2 * N * Dm * V
-  from tinyllama_jax.kernels import cross_entropy as ce
   bench.run("cross_entropy", f"N{N} d{Dm} V{V}", "xla",
             lambda x, w: ce.cross_entropy_ref(x, w, t), (x, w), cot, flops=(mm, 3 * mm),
             memory=True, extra=dict(flops_note="model FLOPs: 1 matmul fwd, 3 fwd+bwd"))

@@ -17,6 +17,7 @@ processes, so neither holds the other's GPU memory.
 import argparse
 import json
 import time
+import traceback
 
 _T_START = time.perf_counter()
 
@@ -110,7 +111,6 @@ def main():
                  steps=a.steps, warmup=a.warmup, window=a.window, compile_=a.compile,
                  peak_flops=a.peak_flops or None)
   except Exception as e:  # noqa: BLE001  the matrix goes on without this peer
-    import traceback
     traceback.print_exc()
     result = {"name": f"torch_{a.variant}", "kind": "torch",
               "error": f"{type(e).__name__}: {e}"[:2000]}

@@ -24,9 +24,11 @@ Prints one BENCH_RESULT line (kind "plain").
 """
 
 import argparse
+import gzip
 import json
 import os
 import time
+import traceback
 
 _T_START = time.perf_counter()
 
@@ -36,18 +38,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bench  # noqa: E402
+from bench import profile  # noqa: E402
+from tinyllama_jax.kernels.cross_entropy import cross_entropy_chunked  # noqa: E402
+from tinyllama_jax.training import metrics  # noqa: E402
 
 VARIANTS = ("plain", "stacked", "chunked_ce")
 
 
-def make(m, batch, seq_len, variant):
-  """(init_params, tx, train_step) of the plain step at the model config `m` (our field names)."""
+def make_init_params(m, stacked):
+  """init_params(key) -> the plain step's fp32 parameters (layers a list, or stacked [L, ...])."""
   V, D, FF, L, H, KV, HD = (m["vocab_size"], m["d_model"], m["ffn_dim"], m["n_layers"],
                             m["n_heads"], m["n_kv_heads"], m["head_dim"])
-  T, B, EPS, THETA = seq_len, batch, m["norm_eps"], m["rope_theta"]
-  CDT = jnp.bfloat16
-  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  stacked = variant == "stacked"
 
   def init_layer(key):
     ks = jax.random.split(key, 7)
@@ -69,6 +70,18 @@ def make(m, batch, seq_len, variant):
             "layers": layers,
             "final_norm": jnp.ones((D,), jnp.float32),
             "lm_head": 0.02 * jax.random.normal(k_head, (D, V), jnp.float32)}
+
+  return init_params
+
+
+def make(m, batch, seq_len, variant):
+  """(init_params, tx, train_step) of the plain step at the model config `m` (our field names)."""
+  D, L, H, KV, HD = m["d_model"], m["n_layers"], m["n_heads"], m["n_kv_heads"], m["head_dim"]
+  T, B, EPS, THETA = seq_len, batch, m["norm_eps"], m["rope_theta"]
+  CDT = jnp.bfloat16
+  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  stacked = variant == "stacked"
+  init_params = make_init_params(m, stacked)
 
   def rms_norm(x, w):
     xf = x.astype(jnp.float32)
@@ -109,7 +122,6 @@ def make(m, batch, seq_len, variant):
     for lp in layers:
       h = block(h, lp, cos, sin)
     if variant == "chunked_ce":
-      from tinyllama_jax.kernels.cross_entropy import cross_entropy_chunked
       x = rms_norm(h, p16["final_norm"])
       return jnp.mean(cross_entropy_chunked(x.reshape(B * T, D), p16["lm_head"],
                                             y_ids.reshape(B * T)))
@@ -158,7 +170,6 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
                                 + x["temp_size_in_bytes"] - x["alias_size_in_bytes"])
     out["xla_memory"] = x
   if profile_dir:
-    import gzip
     os.makedirs(profile_dir, exist_ok=True)
     with gzip.open(os.path.join(profile_dir, "step.hlo.txt.gz"), "wt") as f:
       f.write(compiled.as_text())
@@ -170,7 +181,6 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
     if i == 0:
       out["launch_to_first_step_s"] = time.perf_counter() - _T_START
   if profile_dir:
-    from bench import profile
 
     def three_steps(carry):
       params, opt_state = carry
@@ -193,7 +203,6 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"plain step {variant}: loss went non-finite: {losses}")
   out["loss_first"], out["loss_last"] = losses[0], losses[-1]
-  from tinyllama_jax.training import metrics
   out.update(bench.timing_summary(windows, window, batch * seq_len, 1,
                                   bench.flops_per_token(m, seq_len),
                                   metrics.peak_flops_per_device(0.0)))
@@ -218,7 +227,6 @@ def main():
     result = run(json.loads(a.model_json), batch=a.batch, seq_len=a.seq_len, variant=a.variant,
                  steps=a.steps, warmup=a.warmup, window=a.window, profile_dir=a.profile_dir)
   except Exception as e:  # noqa: BLE001  the matrix goes on without this row
-    import traceback
     traceback.print_exc()
     result = {"name": "plain" if a.variant == "plain" else f"plain_{a.variant}", "kind": "plain",
               "error": f"{type(e).__name__}: {e}"[:2000]}

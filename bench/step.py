@@ -8,6 +8,7 @@ tokens, one document a row) and sits on the devices before timing starts, so the
 are the step's alone; the data pipeline has its own benchmark. Prints one BENCH_RESULT line.
 """
 
+import gzip
 import os
 import time
 
@@ -18,6 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import bench
+from bench import profile
 from tinyllama_jax import cli, distributed, sharding
 from tinyllama_jax.training import metrics, program
 
@@ -81,7 +83,6 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
   out["compile_s"] = time.perf_counter() - t0
   out["xla_memory"] = program.memory_report(compiled)
   if profile_dir:  # the optimized HLO beside the trace: kernel names in the profile map to it
-    import gzip
     os.makedirs(profile_dir, exist_ok=True)
     with gzip.open(os.path.join(profile_dir, "step.hlo.txt.gz"), "wt") as f:
       f.write(compiled.as_text())
@@ -103,7 +104,6 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
     if i == 0:
       out["launch_to_first_step_s"] = time.perf_counter() - _T_START
   if profile_dir:
-    from bench import profile
 
     def three_steps(state):
       for _ in range(3):

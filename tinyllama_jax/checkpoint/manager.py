@@ -26,6 +26,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -118,7 +119,6 @@ def _all_data_states(data_state):
   One process keeps the plain state (the single-process format, unchanged)."""
   if jax.process_count() == 1:
     return data_state
-  from jax.experimental import multihost_utils
   raw = np.frombuffer(json.dumps(data_state, sort_keys=True).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.int32(raw.size))
   padded = np.zeros(int(sizes.max()), np.uint8)
@@ -309,7 +309,6 @@ class Checkpointer:
         shutil.move(os.path.join(self.directory, str(step)), target)
         logging.warning("moved damaged checkpoint %d to %s", step, target)
     if jax.process_count() > 1:  # every process must list the steps without the moved ones
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("tinyllama_jax.checkpoint.quarantine")
     self.manager.reload()
 

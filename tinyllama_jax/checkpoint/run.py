@@ -11,12 +11,14 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.interop import hf
 from tinyllama_jax.training import program
 from tinyllama_jax.data import corpus, tokenizer as tokenizer_lib
+from tinyllama_jax.data import pipeline
 
 
 
@@ -44,7 +46,6 @@ def resolve_step(workdir, step=None):
 
 def read_meta(workdir, step):
   """The checkpoint's `meta` item: config, versions, checksums."""
-  import orbax.checkpoint as ocp
   with _readable(workdir, step):
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
         os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "meta")),
@@ -97,7 +98,6 @@ def _tokenizer_candidates(cfg, workdir):
   if cfg.data.get("tokenizer"):
     yield cfg.data.tokenizer, "the config's data.tokenizer"
     return
-  from tinyllama_jax.data import pipeline  # grain loads only for this fallback
   try:
     manifest_path = pipeline.tokenizer_manifest(cfg.data)
     if manifest_path is None:
@@ -136,7 +136,6 @@ def iter_params(workdir, step, cfg_model, *, verify=True):
   """Yields (path, fp32 numpy array) for each parameter, one restored at a time on the host;
   with `verify`, each is checked (in the dtype it was saved in) against its stored checksum: orbax
   restores flipped bits without complaint."""
-  import orbax.checkpoint as ocp
   state_dir = os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "state"))
   checkpointer = ocp.PyTreeCheckpointer()
   sums = param_checksums(workdir, step) if verify else None

@@ -21,13 +21,12 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
+from tinyllama_jax import model as model_lib
 from tinyllama_jax.data import pipeline
-from tinyllama_jax.model import Llama
+from tinyllama_jax.training import program
 
 
 def read_documents(spec, text_field="text"):
@@ -102,19 +101,9 @@ def row_batches(rows, batch_size, seq_len):
     yield batch
 
 
-def loss_sums(params, batch, *, graphdef, use_segments):
-  """(sum of masked token losses, number of counted tokens) of one batch, logits in fp32."""
-  model = nnx.merge(graphdef, params)
-  segment_ids = batch["segment_ids"] if use_segments else None
-  logits_BTV = model(batch["inputs"], batch["positions"], segment_ids)
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-  return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
-
-
 def evaluate_batches(params, cfg, batches, *, use_segments=False):
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(params=0))))
-  fn = jax.jit(functools.partial(loss_sums, graphdef=graphdef, use_segments=use_segments))
+  fn = jax.jit(functools.partial(program.loss_sums, graphdef=model_lib.graphdef(cfg.model),
+                                 cfg=cfg, use_segments=use_segments))
   loss_sum, count, n = 0.0, 0.0, 0
   for batch in batches:
     s, c = fn(params, batch)

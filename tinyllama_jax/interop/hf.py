@@ -19,6 +19,7 @@ RoPE is rotate-half on both sides, so q/k need no permutation.
 
 import json
 import os
+import shutil
 
 import ml_dtypes
 import numpy as np
@@ -377,7 +378,6 @@ def tokenizer_json(sp_model_path, *, add_bos, add_eos):
 def write_tokenizer(directory, sp_model_path, *, add_bos, add_eos, max_len, log):
   """tokenizer.model, tokenizer.json (when exact), tokenizer_config.json and
   special_tokens_map.json; returns (bos_id, eos_id)."""
-  import shutil
   shutil.copyfile(sp_model_path, os.path.join(directory, "tokenizer.model"))
   proto = _sp_proto(sp_model_path)
   t = proto.trainer_spec

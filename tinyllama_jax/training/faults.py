@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
@@ -154,7 +155,6 @@ class Preemption:
     """True once any process got a signal; processes agree, so all of them save the same step."""
     stop = self.signum is not None
     if jax.process_count() > 1:  # a tiny all-gather per step: noise next to a real step
-      from jax.experimental import multihost_utils
       stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
     return stop
 

@@ -139,24 +139,57 @@ def train(cfg, workdir, dry_run=False):
     run.release()
 
 
-def _train(run, cfg, workdir, dry_run):
-  t, prog = cfg.train, run.program
+def _log_model(run, cfg):
+  """Logs the model's size and the step's shape; returns the parameter count."""
   n_params = param_count(cfg.model)
   logging.info("model: %s parameters (%s without the input embedding); mesh %s; %d x %d "
                "sequences per step (accumulation x micro-batch)", f"{n_params:,}",
                f"{param_count(cfg.model, with_embedding=False):,}", dict(run.mesh.shape),
-               prog.accum, prog.micro_batch)
-  if not dry_run:  # missing, unreadable or too little data fails now, not after the compile
-    tokenizer = load_tokenizer(cfg, workdir)
-    check_eval_split(cfg, tokenizer, prog.micro_batch)
-    data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
-    train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
+               run.program.accum, run.program.micro_batch)
+  return n_params
+
+
+def _compile_step(prog):
+  """(the compiled train step, XLA's per-device memory plan), the plan logged."""
   logging.info("compiling the train step (first compile takes a while)...")
   compiled = prog.compile_step()
   memory = program.memory_report(compiled)
   if memory:
     logging.info("per-device memory plan (XLA): %s",
                  {k: f"{v / 2**30:.2f} GiB" for k, v in memory.items()})
+  return compiled, memory
+
+
+def _eval_at(step, eval_fn, params, cfg, tokenizer, prog, *, save):
+  """The eval loss at `step`. `save`: saves checkpoint `step` before a failing eval raises (the
+  steps since the last checkpoint stay trained); None when `step` is already saved."""
+  logging.info("evaluating on %d held-out batches...", cfg.train.eval_batches)
+  try:
+    loss = evaluate(eval_fn, params, cfg, tokenizer, prog.micro_batch, prog.eval_sharding)
+  except Exception:
+    if save is not None:
+      logging.error("eval failed at step %d: saving checkpoint %d first", step, step)
+      save(step)
+    raise
+  logging.info("step %d: eval loss %.4f", step, loss)
+  return loss
+
+
+def _log_sample(params, cfg, tokenizer, writer, step):
+  sample = greedy_sample(params, cfg.model, tokenizer, "def ", cfg.train.sample_tokens)
+  logging.info("sample (greedy): %r", sample)
+  writer.text(step, "sample", sample)
+
+
+def _train(run, cfg, workdir, dry_run):
+  t, prog = cfg.train, run.program
+  n_params = _log_model(run, cfg)
+  if not dry_run:  # missing, unreadable or too little data fails now, not after the compile
+    tokenizer = load_tokenizer(cfg, workdir)
+    check_eval_split(cfg, tokenizer, prog.micro_batch)
+    data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
+    train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
+  compiled, memory = _compile_step(prog)
   if dry_run:
     print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
     return {}
@@ -205,16 +238,8 @@ def _train(run, cfg, workdir, dry_run):
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or preempted:
           saved_step = save(step)
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and not preempted:
-          logging.info("evaluating on %d held-out batches...", t.eval_batches)
-          try:
-            last["eval/loss"] = evaluate(eval_fn, state["params"], cfg, tokenizer,
-                                         prog.micro_batch, prog.eval_sharding)
-          except Exception:
-            if saved_step != step:  # the steps since the last checkpoint stay trained
-              logging.error("eval failed at step %d: saving checkpoint %d first", step, step)
-              save(step)
-            raise
-          logging.info("step %d: eval loss %.4f", step, last["eval/loss"])
+          last["eval/loss"] = _eval_at(step, eval_fn, state["params"], cfg, tokenizer, prog,
+                                       save=save if saved_step != step else None)
           writer.scalars(step, {"eval/loss": last["eval/loss"]})
           throughput.start(step)
         if preempted:
@@ -224,9 +249,7 @@ def _train(run, cfg, workdir, dry_run):
           break
       run.ckpt.wait()
     if t.sample_tokens and tokenizer is not None and jax.process_index() == 0 and not preempted:
-      sample = greedy_sample(state["params"], cfg.model, tokenizer, "def ", t.sample_tokens)
-      logging.info("sample (greedy): %r", sample)
-      writer.text(step, "sample", sample)
+      _log_sample(state["params"], cfg, tokenizer, writer, step)
   finally:
     run.ckpt.close()
     writer.close()

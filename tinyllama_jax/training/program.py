@@ -47,10 +47,14 @@ def state_tree(cfg):
   return jax.eval_shape(make_init_fn(cfg, tx), jax.random.key(0))
 
 
-def loss_sums(params, batch, *, graphdef, cfg):
-  """(sum of masked token losses, number of counted tokens) for one micro-batch."""
+def loss_sums(params, batch, *, graphdef, cfg, use_segments=None):
+  """(sum of masked token losses, number of counted tokens) for one micro-batch: the one loss of
+  training, its eval and `evaluate`. use_segments: attend within the batch's segment_ids; None =
+  as cfg.data.packing packs (first/best fit do, concat does not)."""
   model = nnx.merge(graphdef, params)
-  segment_ids = batch["segment_ids"] if cfg.data.packing != "concat" else None
+  if use_segments is None:
+    use_segments = cfg.data.packing != "concat"
+  segment_ids = batch["segment_ids"] if use_segments else None
   h_BTD = model.hidden(batch["inputs"], batch["positions"], segment_ids)
   B, T, D = h_BTD.shape
   cross_entropy = kernels.get("cross_entropy", cfg.model.kernels.cross_entropy)
