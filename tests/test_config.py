@@ -55,7 +55,7 @@ def test_shipped_configs_are_valid(name):
     ({"model.vocab_size": 0}, "model.vocab_size=0 must be >= 1"),
     ({"model.n_kv_heads": 3}, "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
     ({"model.head_dim": 33}, "model.head_dim (33) must be even for RoPE"),
-    ({"model.remat": "some"}, "model.remat='some' must be one of full, none, save_all_but_mlp"),
+    ({"model.remat": "some"}, "model.remat='some' must be one of none, full, save_dots"),
     ({"model.compute_dtype": "fp8"}, "model.compute_dtype='fp8' must be one of auto, bfloat16"),
     ({"model.kernels.attention": "flash"}, "model.kernels.attention='flash' must be one of auto, "
                                            "cudnn, pallas"),  # + plan's stand-in once registered

@@ -2,7 +2,9 @@
 
 Config files (configs/*.py) start from `base_config()` and change fields; the command line
 overrides any dotted key (`--config.optim.lr=3e-4`). Configs are locked, so a typo is an
-error, and `check_override_keys` names the closest valid keys before anything starts.
+error, and `check_override_keys` names the closest valid keys before anything starts. A key
+with a fixed set of values declares them beside its default (`choice(default, VALUES)`), and the
+comment beside a default is its help: `python -m tinyllama_jax.config --config=F` lists them all.
 """
 
 import difflib
@@ -12,6 +14,23 @@ import math
 import os
 
 import ml_collections
+
+from tinyllama_jax import kernels
+from tinyllama_jax.choices import Choice, choice, declaring
+from tinyllama_jax.data.config import data_config  # the data package owns its defaults
+
+# The choices of keys below, plain tuples so this module needs no jax. REMATS names
+# model.REMAT_POLICIES' policies (tests/test_config.py checks the two agree).
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 on GPU/TPU, float32 on CPU
+REMATS = ("none", "full", "save_dots", "save_attn", "save_qkv_attn", "save_all_but_mlp")
+AUTO_KERNELS = ("attention", "swiglu")  # the ops whose backend 'auto' picks per device (model.py)
+NAN_POLICIES = ("stop", "skip")
+
+
+def _backends(op):
+  """model.kernels.<op>'s choices when asked: the backends registered then (plan registers a
+  stand-in), and 'auto' for the ops the model resolves."""
+  return lambda: (("auto",) if op in AUTO_KERNELS else ()) + tuple(kernels.backends(op))
 
 
 def model_config():
@@ -27,9 +46,9 @@ def model_config():
   c.rope_theta = 10000.0
   c.norm_eps = 1e-5
   c.init_std = 0.0  # 0: TinyLlama's sqrt(2 / (5 d))
-  c.compute_dtype = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+  c.compute_dtype = choice("auto", COMPUTE_DTYPES)  # auto: bfloat16 on GPU/TPU, float32 on CPU
   c.scan_layers = False  # unrolled ran 15% faster on one H200 at 1b (bench/NOTES.md)
-  c.remat = "none"  # see model.REMAT_POLICIES
+  c.remat = choice("none", REMATS)  # which activations the backward recomputes (model.py)
   # One [D, (H + 2K) Dh] matmul for q, k, v and one [D, 2F] for gate and up (weights concatenated
   # in bf16 each step; the stored layout does not change): fewer, larger GEMMs.
   c.fuse_projections = True
@@ -37,13 +56,13 @@ def model_config():
   # a layer (3.8 GiB at 1b, 8 x 2048) for one elementwise pass more per layer.
   c.recompute_mlp_act = False
   c.kernels = ml_collections.ConfigDict()
-  c.kernels.attention = "auto"  # auto | xla | cudnn | pallas
+  c.kernels.attention = choice("auto", _backends("attention"))  # auto: cudnn, pallas if packed
   # XLA's own fusions matched or beat the Pallas RMSNorm/RoPE/SwiGLU kernels on the H200 over
   # forward + backward; the chunked cross-entropy was 1.24x faster and 4.6x leaner (bench/NOTES.md).
-  c.kernels.rms_norm = "xla"  # xla | pallas (also the norm fused with the residual add)
-  c.kernels.rope = "xla"  # xla | pallas (q and k in one pass)
-  c.kernels.swiglu = "auto"  # auto (Pallas for the fused gate/up on GPU, else xla) | xla | pallas
-  c.kernels.cross_entropy = "chunked"  # chunked | xla (materialises the [tokens, vocab] logits)
+  c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
+  c.kernels.rope = choice("xla", _backends("rope"))  # pallas: q and k in one pass
+  c.kernels.swiglu = choice("auto", _backends("swiglu"))  # auto: Pallas for fused gate/up on GPU
+  c.kernels.cross_entropy = choice("chunked", _backends("cross_entropy"))  # xla: whole logits
   return c
 
 
@@ -82,7 +101,7 @@ def train_config():
   c.grace_period_s = 60.0
   # Non-finite loss or gradients: 'stop' (exit with an error) or 'skip' (drop that update, count
   # it, stop once more than max_nan_skips were dropped). Either way the state stays finite.
-  c.nan_policy = "stop"
+  c.nan_policy = choice("stop", NAN_POLICIES)
   c.max_nan_skips = 20
   # Resume onto data that changed since the checkpoint (another prepare into the same folder,
   # files added): restart the data stream from its beginning, with a warning, instead of refusing.
@@ -99,7 +118,6 @@ def mesh_config():
 
 
 def base_config():
-  from tinyllama_jax.data.config import data_config  # the data package owns its defaults
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config()
@@ -111,14 +129,16 @@ def base_config():
   return c
 
 
-def flat_keys(cfg, prefix=""):
-  keys = []
+def flat_keys(cfg):
+  return [key for key, _ in _flat_items(cfg)]
+
+
+def _flat_items(cfg, prefix=""):
   for k, v in cfg.items():
     if isinstance(v, ml_collections.ConfigDict):
-      keys += flat_keys(v, f"{prefix}{k}.")
+      yield from _flat_items(v, f"{prefix}{k}.")
     else:
-      keys.append(f"{prefix}{k}")
-  return keys
+      yield f"{prefix}{k}", v
 
 
 def unknown_key_message(key, cfg):
@@ -186,70 +206,69 @@ _MESH_AXIS = (lambda v: v == -1 or v >= 1, "must be -1 (all remaining devices) o
 
 
 def _one_of(choices):
-  choices = tuple(choices)
   return (lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
 
 
+def choices():
+  """{dotted key: its allowed values} for every key declared with choice(), as they are now."""
+  with declaring():
+    declared = base_config()
+  return {key: value.allowed() for key, value in _flat_items(declared)
+          if isinstance(value, Choice)}
+
+
+# The bounds of the numbers; the keys with choices are checked against their declared choices.
+_BOUNDS = [
+    ("seed", _NON_NEGATIVE, ""),
+    ("model.vocab_size", _POSITIVE, ""),
+    ("model.d_model", _POSITIVE, ""),
+    ("model.n_layers", _POSITIVE, ""),
+    ("model.n_heads", _POSITIVE, ""),
+    ("model.n_kv_heads", _POSITIVE, ""),
+    ("model.head_dim", _POSITIVE, ""),
+    ("model.ffn_dim", _POSITIVE, ""),
+    ("model.max_seq_len", _POSITIVE, ""),
+    ("model.rope_theta", _POSITIVE_REAL, ""),
+    ("model.norm_eps", _POSITIVE_REAL, ""),
+    ("model.init_std", _NON_NEGATIVE_REAL, "0 = TinyLlama's sqrt(2 / (5 d_model))"),
+    ("optim.lr", _POSITIVE_REAL, "the peak learning rate, e.g. 3e-4"),
+    ("optim.min_lr", _NON_NEGATIVE_REAL, "where the cosine ends"),
+    ("optim.warmup_steps", _NON_NEGATIVE, ""),
+    ("optim.decay_steps", _NON_NEGATIVE, "0 = the cosine ends at train.steps"),
+    ("optim.b1", _FRACTION, ""),
+    ("optim.b2", _FRACTION, ""),
+    ("optim.eps", _POSITIVE_REAL, ""),
+    ("optim.weight_decay", _NON_NEGATIVE_REAL, ""),
+    ("optim.clip_norm", _NON_NEGATIVE_REAL, "0 = no clipping"),
+    ("train.steps", _POSITIVE, "optimizer steps to train"),
+    ("train.seq_len", _POSITIVE, ""),
+    ("train.global_batch", _POSITIVE, "sequences per optimizer step"),
+    ("train.micro_batch_per_device", _POSITIVE, ""),
+    ("train.log_every", _POSITIVE, "train.log_every=train.steps logs only the last step"),
+    ("train.eval_every", _NON_NEGATIVE, "0 = no eval"),
+    ("train.eval_batches", _NON_NEGATIVE, ""),  # and >= 1 while eval is on: below
+    ("train.checkpoint_every", _NON_NEGATIVE, "0 = only the final checkpoint"),
+    ("train.keep_checkpoints", _POSITIVE, ""),
+    ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
+    ("train.grace_period_s", _POSITIVE_REAL,
+     "seconds a preempted run has to save; schedulers give 30 to 120"),
+    ("train.max_nan_skips", _NON_NEGATIVE, ""),
+    ("mesh.data", _MESH_AXIS, ""),
+    ("mesh.fsdp", _MESH_AXIS, ""),
+    ("mesh.tensor", _MESH_AXIS, ""),
+    ("data.num_packing_bins", _POSITIVE, ""),
+    ("data.tokenizer_vocab_size", _POSITIVE, ""),
+    ("data.tokenizer_train_bytes", _POSITIVE, ""),
+    ("data.eval_fraction", _FRACTION, ""),
+    ("data.num_workers", _NON_NEGATIVE, "0 = in-process"),
+    ("data.worker_buffer_size", _POSITIVE, ""),
+    ("peak_flops", _NON_NEGATIVE_REAL, "0 = from the device-kind table"),
+]
+
+
 def _rules():
-  from tinyllama_jax import kernels, model  # jax: only once a config is checked
-  from tinyllama_jax.training import faults
-  from tinyllama_jax.data.config import PACKINGS, SOURCES
-  kernel_rows = [(f"model.kernels.{op}",
-                  _one_of((["auto"] if op in model.AUTO_KERNELS else []) + kernels.backends(op)),
-                  "")
-                 for op in ("attention", "rms_norm", "rope", "swiglu", "cross_entropy")]
-  return [
-      ("seed", _NON_NEGATIVE, ""),
-      ("model.vocab_size", _POSITIVE, ""),
-      ("model.d_model", _POSITIVE, ""),
-      ("model.n_layers", _POSITIVE, ""),
-      ("model.n_heads", _POSITIVE, ""),
-      ("model.n_kv_heads", _POSITIVE, ""),
-      ("model.head_dim", _POSITIVE, ""),
-      ("model.ffn_dim", _POSITIVE, ""),
-      ("model.max_seq_len", _POSITIVE, ""),
-      ("model.rope_theta", _POSITIVE_REAL, ""),
-      ("model.norm_eps", _POSITIVE_REAL, ""),
-      ("model.init_std", _NON_NEGATIVE_REAL, "0 = TinyLlama's sqrt(2 / (5 d_model))"),
-      ("model.compute_dtype", _one_of(model.COMPUTE_DTYPES), ""),
-      ("model.remat", _one_of(sorted(model.REMAT_POLICIES)), ""),
-      *kernel_rows,
-      ("optim.lr", _POSITIVE_REAL, "the peak learning rate, e.g. 3e-4"),
-      ("optim.min_lr", _NON_NEGATIVE_REAL, "where the cosine ends"),
-      ("optim.warmup_steps", _NON_NEGATIVE, ""),
-      ("optim.decay_steps", _NON_NEGATIVE, "0 = the cosine ends at train.steps"),
-      ("optim.b1", _FRACTION, ""),
-      ("optim.b2", _FRACTION, ""),
-      ("optim.eps", _POSITIVE_REAL, ""),
-      ("optim.weight_decay", _NON_NEGATIVE_REAL, ""),
-      ("optim.clip_norm", _NON_NEGATIVE_REAL, "0 = no clipping"),
-      ("train.steps", _POSITIVE, "optimizer steps to train"),
-      ("train.seq_len", _POSITIVE, ""),
-      ("train.global_batch", _POSITIVE, "sequences per optimizer step"),
-      ("train.micro_batch_per_device", _POSITIVE, ""),
-      ("train.log_every", _POSITIVE, "train.log_every=train.steps logs only the last step"),
-      ("train.eval_every", _NON_NEGATIVE, "0 = no eval"),
-      ("train.eval_batches", _NON_NEGATIVE, ""),  # and >= 1 while eval is on: below
-      ("train.checkpoint_every", _NON_NEGATIVE, "0 = only the final checkpoint"),
-      ("train.keep_checkpoints", _POSITIVE, ""),
-      ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
-      ("train.grace_period_s", _POSITIVE_REAL,
-       "seconds a preempted run has to save; schedulers give 30 to 120"),
-      ("train.nan_policy", _one_of(faults.NAN_POLICIES), ""),
-      ("train.max_nan_skips", _NON_NEGATIVE, ""),
-      ("mesh.data", _MESH_AXIS, ""),
-      ("mesh.fsdp", _MESH_AXIS, ""),
-      ("mesh.tensor", _MESH_AXIS, ""),
-      ("data.source", _one_of(SOURCES), ""),
-      ("data.packing", _one_of(PACKINGS), ""),
-      ("data.num_packing_bins", _POSITIVE, ""),
-      ("data.tokenizer_vocab_size", _POSITIVE, ""),
-      ("data.tokenizer_train_bytes", _POSITIVE, ""),
-      ("data.eval_fraction", _FRACTION, ""),
-      ("data.num_workers", _NON_NEGATIVE, "0 = in-process"),
-      ("data.worker_buffer_size", _POSITIVE, ""),
-      ("peak_flops", _NON_NEGATIVE_REAL, "0 = from the device-kind table"),
-  ]
+  """(key, rule, hint) rows: the bounds, and every declared choice."""
+  return _BOUNDS + [(key, _one_of(allowed), "") for key, allowed in choices().items()]
 
 
 def _cross_field_problems(cfg):

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-NAN_POLICIES = ("stop", "skip")
 EXIT_GRACE_EXPIRED = 124  # the grace period ran out before the checkpoint was written
 
 
