@@ -7,15 +7,21 @@ with a fixed set of values declares them beside its default (`choice(default, VA
 comment beside a default is its help: `python -m tinyllama_jax.config --config=F` lists them all.
 """
 
+import ast
 import difflib
 import importlib.util
+import inspect
+import io
 import json
 import math
 import os
+import textwrap
+import tokenize
 
 import ml_collections
+from absl import flags
 
-from tinyllama_jax import kernels
+from tinyllama_jax import cli, kernels
 from tinyllama_jax.choices import Choice, choice, declaring
 from tinyllama_jax.data.config import data_config  # the data package owns its defaults
 
@@ -55,14 +61,18 @@ def model_config():
   # Keep gate and up, not also their SwiGLU product, for the backward: 5632 bf16 values a token
   # a layer (3.8 GiB at 1b, 8 x 2048) for one elementwise pass more per layer.
   c.recompute_mlp_act = False
+  # The backend of each fused op. XLA's own fusions matched or beat the Pallas RMSNorm/RoPE/SwiGLU
+  # kernels on the H200 over forward + backward; the chunked cross-entropy was 1.24x faster and
+  # 4.6x leaner (bench/NOTES.md).
   c.kernels = ml_collections.ConfigDict()
-  c.kernels.attention = choice("auto", _backends("attention"))  # auto: cudnn, pallas if packed
-  # XLA's own fusions matched or beat the Pallas RMSNorm/RoPE/SwiGLU kernels on the H200 over
-  # forward + backward; the chunked cross-entropy was 1.24x faster and 4.6x leaner (bench/NOTES.md).
+  # auto: cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows, else xla
+  c.kernels.attention = choice("auto", _backends("attention"))
   c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
   c.kernels.rope = choice("xla", _backends("rope"))  # pallas: q and k in one pass
-  c.kernels.swiglu = choice("auto", _backends("swiglu"))  # auto: Pallas for fused gate/up on GPU
-  c.kernels.cross_entropy = choice("chunked", _backends("cross_entropy"))  # xla: whole logits
+  # auto: Pallas for the fused gate/up projection on GPU, else xla
+  c.kernels.swiglu = choice("auto", _backends("swiglu"))
+  # xla materialises the [tokens, vocab] logits; chunked never holds them whole
+  c.kernels.cross_entropy = choice("chunked", _backends("cross_entropy"))
   return c
 
 
@@ -331,3 +341,91 @@ def validate(cfg, n_batch_devices=None, n_processes=1):
     problem = next(_batch_problems(cfg, n_batch_devices, n_processes), None)
   if problem is not None:
     raise ValueError(problem)
+
+
+# ----------------------------------------------------------------------------- the listing
+#
+# `python -m tinyllama_jax.config --config=F [--config.a.b=v]`: every key, its value in F, its
+# default where F changes it, its choices, and its help: the comments beside its default in the
+# section functions above (the one on its line, after the block right above it).
+
+
+def key_comments():
+  """{dotted key: its comment in the source of base_config() and the sections it calls}."""
+  comments = {}
+  _section_comments(base_config, "", comments)
+  return comments
+
+
+def _section_comments(function, prefix, out):
+  lines, first = inspect.getsourcelines(function)
+  source = textwrap.dedent("".join(lines))
+  own_line, trailing = {}, {}  # line number -> comment text
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      text = tok.string.lstrip("#").strip()
+      (own_line if tok.line.lstrip().startswith("#") else trailing)[tok.start[0]] = text
+  for node in ast.walk(ast.parse(source)):
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+      continue
+    key = _attribute_key(node.targets[0])
+    if key is None:
+      continue
+    value = node.value
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
+      section = function.__globals__.get(value.func.id)
+      if section is not None and section.__name__.endswith("_config"):
+        _section_comments(section, f"{prefix}{key}.", out)
+        continue
+    above, line = [], node.lineno - 1
+    while line in own_line:
+      above.insert(0, own_line[line])
+      line -= 1
+    text = " ".join(above + [trailing[n] for n in range(node.lineno, node.end_lineno + 1)
+                             if n in trailing])
+    if text:
+      out[prefix + key] = text
+
+
+def _attribute_key(target):
+  """'a.b' for the target `c.a.b`; None for any other."""
+  parts = []
+  while isinstance(target, ast.Attribute):
+    parts.insert(0, target.attr)
+    target = target.value
+  return ".".join(parts) if parts and isinstance(target, ast.Name) else None
+
+
+def listing(cfg):
+  """One entry a key: `key = value`, `(default X)` where cfg changes it, what validate holds it
+  to (its choices, its bound), and below, the comment beside its default."""
+  defaults = dict(_flat_items(base_config()))
+  requirements = {key: requirement for key, (_, requirement), _ in _rules()}
+  comments = key_comments()
+  out = []
+  for key, value in _flat_items(cfg):
+    line = f"{key} = {value!r}"
+    if key in defaults and defaults[key] != value:
+      line += f"  (default {defaults[key]!r})"
+    if key in requirements:
+      line += f"  [{requirements[key]}]"
+    out.append(line)
+    if key in comments:
+      out += textwrap.wrap(comments[key], 100, initial_indent="    # ",
+                           subsequent_indent="    # ")
+  return "\n".join(out)
+
+
+def run_cli():
+  cli.define_run_flags()
+
+  def main(argv):
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments {argv[1:]}: give --config=F and --config.a.b=v")
+    print(listing(flags.FLAGS.config))
+
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()
