@@ -203,8 +203,9 @@ def to_json(cfg):
 
 # ----------------------------------------------------------------------------- validation
 #
-# Every bound and cross-field rule of a config, checked by `validate` before a run touches data,
-# a tokenizer or the compiler: train, plan and sweep call it. One row per key: (key, rule, hint).
+# Every bound, choice and cross-field rule of a config, checked by `validate` before a run
+# touches data, a tokenizer or the compiler: train, plan and sweep call it. One row per key:
+# (key, rule, hint), from the bounds below and the choices each key declares beside its default.
 
 # A rule: (test of the value, what the value must be).
 _POSITIVE = (lambda v: v >= 1, "must be >= 1")
