@@ -130,7 +130,7 @@ def test_names_stable_safe_unique():
   a = {"optim.lr": 1e-3, "seed": 2}
   # a function of the binding alone: the same in any sweep, in any process
   assert sweep.run_names([a, {"seed": 5}])[0] == sweep.run_names([{"seed": 9}, a])[1] == "lr1e-03_seed2"
-  out = subprocess.run([sys.executable, "-c", "from tinyllama_jax import sweep; "
+  out = subprocess.run([sys.executable, "-c", "from tinyllama_jax.sweeps import grid as sweep; "
                         "print(sweep.run_name({'optim.lr': 1e-3, 'seed': 2}))"],
                        cwd=REPO, capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "lr1e-03_seed2"

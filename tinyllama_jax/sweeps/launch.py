@@ -16,7 +16,7 @@ import time
 from tinyllama_jax.sweeps.summary import (RUN_FILE, latest_checkpoint_step, read_run_file,
                                          write_json_atomic)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_MODULE = ["-m", "tinyllama_jax.train"]
 SLURM_SCRIPT = "sweep.sbatch"
 
