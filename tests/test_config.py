@@ -1,9 +1,14 @@
-"""config.validate (every bound and cross-field rule, one line naming the key) and the loading of
-config files (whatever goes wrong in one is one line naming the file). Unit calls: no process."""
+"""config.validate (every bound, declared choice and cross-field rule, one line naming the key),
+the loading of config files (whatever goes wrong in one is one line naming the file), the flag
+checks every command shares, and the key listing. Unit calls, but for the listing command's run."""
 
 import os
+import subprocess
+import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from tinyllama_jax import cli, config as config_lib
 
@@ -55,7 +60,7 @@ def test_shipped_configs_are_valid(name):
     ({"model.vocab_size": 0}, "model.vocab_size=0 must be >= 1"),
     ({"model.n_kv_heads": 3}, "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
     ({"model.head_dim": 33}, "model.head_dim (33) must be even for RoPE"),
-    ({"model.remat": "some"}, "model.remat='some' must be one of full, none, save_all_but_mlp"),
+    ({"model.remat": "some"}, "model.remat='some' must be one of none, full, save_dots"),
     ({"model.compute_dtype": "fp8"}, "model.compute_dtype='fp8' must be one of auto, bfloat16"),
     ({"model.kernels.attention": "flash"}, "model.kernels.attention='flash' must be one of auto, "
                                            "cudnn, pallas"),  # + plan's stand-in once registered
@@ -80,6 +85,51 @@ def test_validate_names_the_key_and_the_bound(overrides, fragment):
     config_lib.validate(tiny(**overrides))
   assert fragment in str(e.value)
   assert "\n" not in str(e.value)
+
+
+# A value out of each kind of bound, typed as the key's default is.
+_OUT_OF_BOUNDS = {config_lib._POSITIVE: 0, config_lib._NON_NEGATIVE: -1,
+                  config_lib._POSITIVE_REAL: 0.0, config_lib._NON_NEGATIVE_REAL: -1.0,
+                  config_lib._FRACTION: 1.0, config_lib._MESH_AXIS: 0}
+
+
+@pytest.mark.parametrize("key, rule, hint", config_lib._BOUNDS, ids=[r[0] for r in config_lib._BOUNDS])
+def test_every_bound_names_the_key_the_bound_and_the_hint(key, rule, hint):
+  bad = _OUT_OF_BOUNDS[rule]
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(tiny(**{key: bad}))
+  assert str(e.value) == f"{key}={bad!r} {rule[1]}" + (f" ({hint})" if hint else "")
+
+
+def test_every_declared_choice_is_checked_and_its_default_is_one_of_them():
+  defaults = dict(config_lib._flat_items(config_lib.base_config()))
+  declared = config_lib.choices()
+  assert {"model.remat", "model.compute_dtype", "model.kernels.attention", "train.nan_policy",
+          "data.source", "data.packing"} <= declared.keys()
+  for key, allowed in declared.items():
+    assert defaults[key] in allowed, key
+    with pytest.raises(ValueError) as e:
+      config_lib.validate(tiny(**{key: "nope"}))
+    assert str(e.value) == f"{key}='nope' must be one of {', '.join(allowed)}"
+
+
+def test_declared_choices_are_the_ones_the_code_acts_on():
+  from tinyllama_jax import kernels, model
+  assert set(config_lib.REMATS) == set(model.REMAT_POLICIES)
+  assert config_lib.choices()["model.kernels.rope"] == tuple(kernels.backends("rope"))
+  kernels.register("rope", "test_backend", "tinyllama_jax.kernels.rope:rope_ref")
+  try:  # a backend registered later (plan's attention stand-in) is a choice from then on
+    assert "test_backend" in config_lib.choices()["model.kernels.rope"]
+    config_lib.validate(tiny(**{"model.kernels.rope": "test_backend"}))
+  finally:
+    del kernels._TABLE["rope"]["test_backend"]
+
+
+def test_a_plain_config_holds_plain_values():
+  """choice() returns the default itself: config.json and checkpoint metadata see plain values."""
+  cfg = config_lib.base_config()
+  assert type(cfg.model.remat) is str and type(cfg.data.packing) is str
+  assert '"remat": "none"' in config_lib.to_json(cfg)
 
 
 def test_a_tokenizer_that_is_not_trained_is_not_held_to_tokenizer_vocab_size():
@@ -157,3 +207,55 @@ def test_a_broken_sweep_file_is_one_line_naming_it(tmp_path):
   path.write_text("def get_sweep():\n  return 1 / 0\n")
   with pytest.raises(ValueError, match=f"sweep file {path} failed: ZeroDivisionError: division by"):
     sweep.load_sweep_file(str(path))
+
+
+def test_an_unknown_flag_names_the_closest(monkeypatch):
+  cli.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])  # absl's own
+  own = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "", flag_values=own)
+  monkeypatch.setattr(flags, "FLAGS", own)
+  with pytest.raises(ValueError, match=r"unknown flag --workdr; did you mean --workdir\?"):
+    cli.check_flags(["x", "--workdr=runs/x"])
+
+
+def test_a_value_absl_cannot_parse_is_one_line_and_exit_2(monkeypatch, capsys):
+  argv = ["x", f"--config={REPO}/configs/tiny.py", "--config.train.steps=abc"]
+  own = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=own, lock_config=True, sys_argv=argv)
+  monkeypatch.setattr(flags, "FLAGS", own)
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--config.train.steps=abc" in err[0], err
+  assert "invalid literal for int()" in err[0]
+
+
+def test_the_listing_has_every_key_its_choices_and_its_comment():
+  cfg = tiny(**{"optim.lr": 1e-3})
+  text = config_lib.listing(cfg)
+  keys = [line.split(" = ")[0] for line in text.splitlines() if not line.startswith(" ")]
+  assert keys == config_lib.flat_keys(cfg)
+  lines = text.splitlines()
+  lr = lines.index("optim.lr = 0.001  (default 0.0004)  [must be a finite number > 0]")
+  assert lines.index("data.packing = 'concat'  [must be one of concat, first_fit, best_fit]") > 0
+  comments = config_lib.key_comments()
+  assert comments["train.nan_policy"].startswith("Non-finite loss or gradients: 'stop'")
+  assert comments["model.kernels.rope"] == "pallas: q and k in one pass"
+  assert comments["data.packing"].startswith("'concat' is TinyLlama's concat-then-split")
+  assert "seed" not in comments  # a key without a comment has none
+  assert not lines[lr + 1].startswith(" ")  # optim.lr has no comment either
+
+
+def test_the_listing_command():
+  """The one run of the command: its exit status and what it prints."""
+  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.config",
+                         "--config=configs/1b.py", "--config.model.remat=full"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert ("model.remat = 'full'  (default 'none')  [must be one of none, full, save_dots, "
+          "save_attn, save_qkv_attn, save_all_but_mlp]") in lines
+  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, pallas, xla]")
+  assert lines[i + 1].startswith("    # auto: cuDNN on GPU")
+  assert "train.grace_period_s = 60.0  [must be a finite number > 0]" in lines

@@ -1,7 +1,8 @@
 """What every command shares: its common flags, and one way to start that turns bad input into
 one line and exit 2, and a fault into one line and exit 3 (docs/reliability.md's exit statuses).
 
-The commands are the top-level modules (train, plan, export, generate, evaluate, sweep, prepare):
+The commands are the top-level modules (train, plan, export, generate, evaluate, sweep, prepare;
+and config, whose listing of the keys runs as `python -m tinyllama_jax.config`):
 each defines its flags when it runs as a command, never on import, so any module can import any
 other, and calls `run`.
 """

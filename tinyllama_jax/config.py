@@ -2,16 +2,41 @@
 
 Config files (configs/*.py) start from `base_config()` and change fields; the command line
 overrides any dotted key (`--config.optim.lr=3e-4`). Configs are locked, so a typo is an
-error, and `check_override_keys` names the closest valid keys before anything starts.
+error, and `check_override_keys` names the closest valid keys before anything starts. A key
+with a fixed set of values declares them beside its default (`choice(default, VALUES)`), and the
+comment beside a default is its help: `python -m tinyllama_jax.config --config=F` lists them all.
 """
 
+import ast
 import difflib
 import importlib.util
+import inspect
+import io
 import json
 import math
 import os
+import textwrap
+import tokenize
 
 import ml_collections
+from absl import flags
+
+from tinyllama_jax import cli, kernels
+from tinyllama_jax.choices import Choice, choice, declaring
+from tinyllama_jax.data.config import data_config  # the data package owns its defaults
+
+# The choices of keys below, plain tuples so this module needs no jax. REMATS names
+# model.REMAT_POLICIES' policies (tests/test_config.py checks the two agree).
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 on GPU/TPU, float32 on CPU
+REMATS = ("none", "full", "save_dots", "save_attn", "save_qkv_attn", "save_all_but_mlp")
+AUTO_KERNELS = ("attention", "swiglu")  # the ops whose backend 'auto' picks per device (model.py)
+NAN_POLICIES = ("stop", "skip")
+
+
+def _backends(op):
+  """model.kernels.<op>'s choices when asked: the backends registered then (plan registers a
+  stand-in), and 'auto' for the ops the model resolves."""
+  return lambda: (("auto",) if op in AUTO_KERNELS else ()) + tuple(kernels.backends(op))
 
 
 def model_config():
@@ -27,23 +52,27 @@ def model_config():
   c.rope_theta = 10000.0
   c.norm_eps = 1e-5
   c.init_std = 0.0  # 0: TinyLlama's sqrt(2 / (5 d))
-  c.compute_dtype = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+  c.compute_dtype = choice("auto", COMPUTE_DTYPES)  # auto: bfloat16 on GPU/TPU, float32 on CPU
   c.scan_layers = False  # unrolled ran 15% faster on one H200 at 1b (bench/NOTES.md)
-  c.remat = "none"  # see model.REMAT_POLICIES
+  c.remat = choice("none", REMATS)  # which activations the backward recomputes (model.py)
   # One [D, (H + 2K) Dh] matmul for q, k, v and one [D, 2F] for gate and up (weights concatenated
   # in bf16 each step; the stored layout does not change): fewer, larger GEMMs.
   c.fuse_projections = True
   # Keep gate and up, not also their SwiGLU product, for the backward: 5632 bf16 values a token
   # a layer (3.8 GiB at 1b, 8 x 2048) for one elementwise pass more per layer.
   c.recompute_mlp_act = False
+  # The backend of each fused op. XLA's own fusions matched or beat the Pallas RMSNorm/RoPE/SwiGLU
+  # kernels on the H200 over forward + backward; the chunked cross-entropy was 1.24x faster and
+  # 4.6x leaner (bench/NOTES.md).
   c.kernels = ml_collections.ConfigDict()
-  c.kernels.attention = "auto"  # auto | xla | cudnn | pallas
-  # XLA's own fusions matched or beat the Pallas RMSNorm/RoPE/SwiGLU kernels on the H200 over
-  # forward + backward; the chunked cross-entropy was 1.24x faster and 4.6x leaner (bench/NOTES.md).
-  c.kernels.rms_norm = "xla"  # xla | pallas (also the norm fused with the residual add)
-  c.kernels.rope = "xla"  # xla | pallas (q and k in one pass)
-  c.kernels.swiglu = "auto"  # auto (Pallas for the fused gate/up on GPU, else xla) | xla | pallas
-  c.kernels.cross_entropy = "chunked"  # chunked | xla (materialises the [tokens, vocab] logits)
+  # auto: cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows, else xla
+  c.kernels.attention = choice("auto", _backends("attention"))
+  c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
+  c.kernels.rope = choice("xla", _backends("rope"))  # pallas: q and k in one pass
+  # auto: Pallas for the fused gate/up projection on GPU, else xla
+  c.kernels.swiglu = choice("auto", _backends("swiglu"))
+  # xla materialises the [tokens, vocab] logits; chunked never holds them whole
+  c.kernels.cross_entropy = choice("chunked", _backends("cross_entropy"))
   return c
 
 
@@ -82,7 +111,7 @@ def train_config():
   c.grace_period_s = 60.0
   # Non-finite loss or gradients: 'stop' (exit with an error) or 'skip' (drop that update, count
   # it, stop once more than max_nan_skips were dropped). Either way the state stays finite.
-  c.nan_policy = "stop"
+  c.nan_policy = choice("stop", NAN_POLICIES)
   c.max_nan_skips = 20
   # Resume onto data that changed since the checkpoint (another prepare into the same folder,
   # files added): restart the data stream from its beginning, with a warning, instead of refusing.
@@ -99,7 +128,6 @@ def mesh_config():
 
 
 def base_config():
-  from tinyllama_jax.data.config import data_config  # the data package owns its defaults
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config()
@@ -111,14 +139,16 @@ def base_config():
   return c
 
 
-def flat_keys(cfg, prefix=""):
-  keys = []
+def flat_keys(cfg):
+  return [key for key, _ in _flat_items(cfg)]
+
+
+def _flat_items(cfg, prefix=""):
   for k, v in cfg.items():
     if isinstance(v, ml_collections.ConfigDict):
-      keys += flat_keys(v, f"{prefix}{k}.")
+      yield from _flat_items(v, f"{prefix}{k}.")
     else:
-      keys.append(f"{prefix}{k}")
-  return keys
+      yield f"{prefix}{k}", v
 
 
 def unknown_key_message(key, cfg):
@@ -173,8 +203,9 @@ def to_json(cfg):
 
 # ----------------------------------------------------------------------------- validation
 #
-# Every bound and cross-field rule of a config, checked by `validate` before a run touches data,
-# a tokenizer or the compiler: train, plan and sweep call it. One row per key: (key, rule, hint).
+# Every bound, choice and cross-field rule of a config, checked by `validate` before a run
+# touches data, a tokenizer or the compiler: train, plan and sweep call it. One row per key:
+# (key, rule, hint), from the bounds below and the choices each key declares beside its default.
 
 # A rule: (test of the value, what the value must be).
 _POSITIVE = (lambda v: v >= 1, "must be >= 1")
@@ -186,70 +217,69 @@ _MESH_AXIS = (lambda v: v == -1 or v >= 1, "must be -1 (all remaining devices) o
 
 
 def _one_of(choices):
-  choices = tuple(choices)
   return (lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
 
 
+def choices():
+  """{dotted key: its allowed values} for every key declared with choice(), as they are now."""
+  with declaring():
+    declared = base_config()
+  return {key: value.allowed() for key, value in _flat_items(declared)
+          if isinstance(value, Choice)}
+
+
+# The bounds of the numbers; the keys with choices are checked against their declared choices.
+_BOUNDS = [
+    ("seed", _NON_NEGATIVE, ""),
+    ("model.vocab_size", _POSITIVE, ""),
+    ("model.d_model", _POSITIVE, ""),
+    ("model.n_layers", _POSITIVE, ""),
+    ("model.n_heads", _POSITIVE, ""),
+    ("model.n_kv_heads", _POSITIVE, ""),
+    ("model.head_dim", _POSITIVE, ""),
+    ("model.ffn_dim", _POSITIVE, ""),
+    ("model.max_seq_len", _POSITIVE, ""),
+    ("model.rope_theta", _POSITIVE_REAL, ""),
+    ("model.norm_eps", _POSITIVE_REAL, ""),
+    ("model.init_std", _NON_NEGATIVE_REAL, "0 = TinyLlama's sqrt(2 / (5 d_model))"),
+    ("optim.lr", _POSITIVE_REAL, "the peak learning rate, e.g. 3e-4"),
+    ("optim.min_lr", _NON_NEGATIVE_REAL, "where the cosine ends"),
+    ("optim.warmup_steps", _NON_NEGATIVE, ""),
+    ("optim.decay_steps", _NON_NEGATIVE, "0 = the cosine ends at train.steps"),
+    ("optim.b1", _FRACTION, ""),
+    ("optim.b2", _FRACTION, ""),
+    ("optim.eps", _POSITIVE_REAL, ""),
+    ("optim.weight_decay", _NON_NEGATIVE_REAL, ""),
+    ("optim.clip_norm", _NON_NEGATIVE_REAL, "0 = no clipping"),
+    ("train.steps", _POSITIVE, "optimizer steps to train"),
+    ("train.seq_len", _POSITIVE, ""),
+    ("train.global_batch", _POSITIVE, "sequences per optimizer step"),
+    ("train.micro_batch_per_device", _POSITIVE, ""),
+    ("train.log_every", _POSITIVE, "train.log_every=train.steps logs only the last step"),
+    ("train.eval_every", _NON_NEGATIVE, "0 = no eval"),
+    ("train.eval_batches", _NON_NEGATIVE, ""),  # and >= 1 while eval is on: below
+    ("train.checkpoint_every", _NON_NEGATIVE, "0 = only the final checkpoint"),
+    ("train.keep_checkpoints", _POSITIVE, ""),
+    ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
+    ("train.grace_period_s", _POSITIVE_REAL,
+     "seconds a preempted run has to save; schedulers give 30 to 120"),
+    ("train.max_nan_skips", _NON_NEGATIVE, ""),
+    ("mesh.data", _MESH_AXIS, ""),
+    ("mesh.fsdp", _MESH_AXIS, ""),
+    ("mesh.tensor", _MESH_AXIS, ""),
+    ("data.num_packing_bins", _POSITIVE, ""),
+    ("data.tokenizer_vocab_size", _POSITIVE, ""),
+    ("data.tokenizer_train_bytes", _POSITIVE, ""),
+    ("data.eval_fraction", _FRACTION, ""),
+    ("data.num_workers", _NON_NEGATIVE, "0 = in-process"),
+    ("data.worker_buffer_size", _POSITIVE, ""),
+    ("peak_flops", _NON_NEGATIVE_REAL, "0 = from the device-kind table"),
+]
+
+
 def _rules():
-  from tinyllama_jax import kernels, model  # jax: only once a config is checked
-  from tinyllama_jax.training import faults
-  from tinyllama_jax.data.config import PACKINGS, SOURCES
-  kernel_rows = [(f"model.kernels.{op}",
-                  _one_of((["auto"] if op in model.AUTO_KERNELS else []) + kernels.backends(op)),
-                  "")
-                 for op in ("attention", "rms_norm", "rope", "swiglu", "cross_entropy")]
-  return [
-      ("seed", _NON_NEGATIVE, ""),
-      ("model.vocab_size", _POSITIVE, ""),
-      ("model.d_model", _POSITIVE, ""),
-      ("model.n_layers", _POSITIVE, ""),
-      ("model.n_heads", _POSITIVE, ""),
-      ("model.n_kv_heads", _POSITIVE, ""),
-      ("model.head_dim", _POSITIVE, ""),
-      ("model.ffn_dim", _POSITIVE, ""),
-      ("model.max_seq_len", _POSITIVE, ""),
-      ("model.rope_theta", _POSITIVE_REAL, ""),
-      ("model.norm_eps", _POSITIVE_REAL, ""),
-      ("model.init_std", _NON_NEGATIVE_REAL, "0 = TinyLlama's sqrt(2 / (5 d_model))"),
-      ("model.compute_dtype", _one_of(model.COMPUTE_DTYPES), ""),
-      ("model.remat", _one_of(sorted(model.REMAT_POLICIES)), ""),
-      *kernel_rows,
-      ("optim.lr", _POSITIVE_REAL, "the peak learning rate, e.g. 3e-4"),
-      ("optim.min_lr", _NON_NEGATIVE_REAL, "where the cosine ends"),
-      ("optim.warmup_steps", _NON_NEGATIVE, ""),
-      ("optim.decay_steps", _NON_NEGATIVE, "0 = the cosine ends at train.steps"),
-      ("optim.b1", _FRACTION, ""),
-      ("optim.b2", _FRACTION, ""),
-      ("optim.eps", _POSITIVE_REAL, ""),
-      ("optim.weight_decay", _NON_NEGATIVE_REAL, ""),
-      ("optim.clip_norm", _NON_NEGATIVE_REAL, "0 = no clipping"),
-      ("train.steps", _POSITIVE, "optimizer steps to train"),
-      ("train.seq_len", _POSITIVE, ""),
-      ("train.global_batch", _POSITIVE, "sequences per optimizer step"),
-      ("train.micro_batch_per_device", _POSITIVE, ""),
-      ("train.log_every", _POSITIVE, "train.log_every=train.steps logs only the last step"),
-      ("train.eval_every", _NON_NEGATIVE, "0 = no eval"),
-      ("train.eval_batches", _NON_NEGATIVE, ""),  # and >= 1 while eval is on: below
-      ("train.checkpoint_every", _NON_NEGATIVE, "0 = only the final checkpoint"),
-      ("train.keep_checkpoints", _POSITIVE, ""),
-      ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
-      ("train.grace_period_s", _POSITIVE_REAL,
-       "seconds a preempted run has to save; schedulers give 30 to 120"),
-      ("train.nan_policy", _one_of(faults.NAN_POLICIES), ""),
-      ("train.max_nan_skips", _NON_NEGATIVE, ""),
-      ("mesh.data", _MESH_AXIS, ""),
-      ("mesh.fsdp", _MESH_AXIS, ""),
-      ("mesh.tensor", _MESH_AXIS, ""),
-      ("data.source", _one_of(SOURCES), ""),
-      ("data.packing", _one_of(PACKINGS), ""),
-      ("data.num_packing_bins", _POSITIVE, ""),
-      ("data.tokenizer_vocab_size", _POSITIVE, ""),
-      ("data.tokenizer_train_bytes", _POSITIVE, ""),
-      ("data.eval_fraction", _FRACTION, ""),
-      ("data.num_workers", _NON_NEGATIVE, "0 = in-process"),
-      ("data.worker_buffer_size", _POSITIVE, ""),
-      ("peak_flops", _NON_NEGATIVE_REAL, "0 = from the device-kind table"),
-  ]
+  """(key, rule, hint) rows: the bounds, and every declared choice."""
+  return _BOUNDS + [(key, _one_of(allowed), "") for key, allowed in choices().items()]
 
 
 def _cross_field_problems(cfg):
@@ -312,3 +342,91 @@ def validate(cfg, n_batch_devices=None, n_processes=1):
     problem = next(_batch_problems(cfg, n_batch_devices, n_processes), None)
   if problem is not None:
     raise ValueError(problem)
+
+
+# ----------------------------------------------------------------------------- the listing
+#
+# `python -m tinyllama_jax.config --config=F [--config.a.b=v]`: every key, its value in F, its
+# default where F changes it, its choices, and its help: the comments beside its default in the
+# section functions above (the one on its line, after the block right above it).
+
+
+def key_comments():
+  """{dotted key: its comment in the source of base_config() and the sections it calls}."""
+  comments = {}
+  _section_comments(base_config, "", comments)
+  return comments
+
+
+def _section_comments(function, prefix, out):
+  lines, first = inspect.getsourcelines(function)
+  source = textwrap.dedent("".join(lines))
+  own_line, trailing = {}, {}  # line number -> comment text
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      text = tok.string.lstrip("#").strip()
+      (own_line if tok.line.lstrip().startswith("#") else trailing)[tok.start[0]] = text
+  for node in ast.walk(ast.parse(source)):
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+      continue
+    key = _attribute_key(node.targets[0])
+    if key is None:
+      continue
+    value = node.value
+    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
+      section = function.__globals__.get(value.func.id)
+      if section is not None and section.__name__.endswith("_config"):
+        _section_comments(section, f"{prefix}{key}.", out)
+        continue
+    above, line = [], node.lineno - 1
+    while line in own_line:
+      above.insert(0, own_line[line])
+      line -= 1
+    text = " ".join(above + [trailing[n] for n in range(node.lineno, node.end_lineno + 1)
+                             if n in trailing])
+    if text:
+      out[prefix + key] = text
+
+
+def _attribute_key(target):
+  """'a.b' for the target `c.a.b`; None for any other."""
+  parts = []
+  while isinstance(target, ast.Attribute):
+    parts.insert(0, target.attr)
+    target = target.value
+  return ".".join(parts) if parts and isinstance(target, ast.Name) else None
+
+
+def listing(cfg):
+  """One entry a key: `key = value`, `(default X)` where cfg changes it, what validate holds it
+  to (its choices, its bound), and below, the comment beside its default."""
+  defaults = dict(_flat_items(base_config()))
+  requirements = {key: requirement for key, (_, requirement), _ in _rules()}
+  comments = key_comments()
+  out = []
+  for key, value in _flat_items(cfg):
+    line = f"{key} = {value!r}"
+    if key in defaults and defaults[key] != value:
+      line += f"  (default {defaults[key]!r})"
+    if key in requirements:
+      line += f"  [{requirements[key]}]"
+    out.append(line)
+    if key in comments:
+      out += textwrap.wrap(comments[key], 100, initial_indent="    # ",
+                           subsequent_indent="    # ")
+  return "\n".join(out)
+
+
+def run_cli():
+  cli.define_run_flags()
+
+  def main(argv):
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments {argv[1:]}: give --config=F and --config.a.b=v")
+    print(listing(flags.FLAGS.config))
+
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -50,17 +50,10 @@ REMAT_POLICIES = {
 LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
 
-COMPUTE_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 on GPU/TPU, float32 on CPU
-
-
 def compute_dtype(cfg_model):
   if cfg_model.compute_dtype == "auto":
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   return jnp.dtype(cfg_model.compute_dtype)
-
-
-# The ops whose model.kernels key may say 'auto': the backend is picked per device and case here.
-AUTO_KERNELS = ("attention", "swiglu")
 
 
 def resolve_attention(name, uses_segments):

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from tinyllama_jax.choices import choice
+
 SOURCES = ("stdlib", "synthetic", "text", "prepared", "litpkds", "mixture")
 PACKINGS = ("concat", "first_fit", "best_fit")
 
@@ -12,11 +14,11 @@ def data_config() -> ml_collections.ConfigDict:
   # 'synthetic': uniform random tokens (benchmarks). 'text': raw .txt/.jsonl/.parquet files.
   # 'prepared': token shards + manifest written by `python -m tinyllama_jax.data.prepare`.
   # 'litpkds': TinyLlama's prepared .bin files. 'mixture': weighted mix of `mixture` entries.
-  c.source = "stdlib"
+  c.source = choice("stdlib", SOURCES)
   # 'concat' is TinyLlama's concat-then-split (documents run into each other, no masking) and works
   # with every attention backend. 'first_fit' / 'best_fit' pack whole documents with segment ids,
   # so attention and loss respect document boundaries (needs a segment-aware attention backend).
-  c.packing = "concat"
+  c.packing = choice("concat", PACKINGS)
   c.num_packing_bins = 64  # first/best fit: more bins, less padding
   c.paths = ""  # glob(s), comma separated, for 'text' / 'prepared' / 'litpkds'
   # 'litpkds': the eval split's files (TinyLlama kept validation files apart); '' = eval_fraction

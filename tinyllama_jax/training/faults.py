@@ -21,7 +21,6 @@ from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
-NAN_POLICIES = ("stop", "skip")
 EXIT_GRACE_EXPIRED = 124  # the grace period ran out before the checkpoint was written
 
 
