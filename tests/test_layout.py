@@ -70,10 +70,9 @@ def import_time_flag_definitions(sources):
 
 # Function-level project imports allowed: the kernels' Pallas helpers (Pallas loads only when a
 # config asks for a Pallas backend; the reference and Pallas versions share a module). For now also
-# config.py (its choices are being reworked, imports moved to the top, on another branch) and
-# generate.py (being rewritten on another branch): remove them from here when those land.
+# generate.py (being rewritten on another branch): remove it from here when that lands.
 FUNCTION_IMPORTS_ALLOWED = {"tinyllama_jax.kernels._pallas"}
-FUNCTION_IMPORTS_PENDING = {"tinyllama_jax/config.py", "tinyllama_jax/generate.py"}
+FUNCTION_IMPORTS_PENDING = {"tinyllama_jax/generate.py"}
 
 
 def _project_modules(node):
