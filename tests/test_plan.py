@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tinyllama_jax import config as config_lib, model as model_lib
+from tinyllama_jax import config as config_lib, params
 from tinyllama_jax.training import plan as plan_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def config_1b(**model):
 
 def test_state_bytes_are_exact_and_split_by_fsdp():
   cfg = config_1b()
-  n = model_lib.param_count(cfg.model)
+  n = params.param_count(cfg.model)
   _, (one,) = plan_lib.plan(cfg, 1, ["none"], source="analytic")
   _, (eight,) = plan_lib.plan(cfg, 8, ["none"], source="analytic")
   assert one.params_gib * GIB == 4 * n
