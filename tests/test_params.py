@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from tinyllama_jax import config as config_lib, optim, params, sharding
+from tinyllama_jax.interop import hf
 from tinyllama_jax.model import Llama
 from tinyllama_jax.training import program as program_lib
 
@@ -100,3 +101,20 @@ def test_table_shardings_equal_the_regex_rules(name, mesh_sizes):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new), jax.tree.leaves(old)):
     assert a == b, jax.tree_util.keystr(path)
   assert jax.tree.structure(new) == jax.tree.structure(old)
+
+
+def test_hf_names_and_shapes_are_llamas():
+  """The table's HF rows spell transformers' LlamaForCausalLM state dict (as hf.py listed it
+  before the table), in the file order export writes."""
+  m = load("1b").model
+  D, H, K, Dh, F, V = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim, m.vocab_size
+  layer = {"input_layernorm": (D,), "self_attn.q_proj": (H * Dh, D),
+           "self_attn.k_proj": (K * Dh, D), "self_attn.v_proj": (K * Dh, D),
+           "self_attn.o_proj": (D, H * Dh), "post_attention_layernorm": (D,),
+           "mlp.gate_proj": (F, D), "mlp.up_proj": (F, D), "mlp.down_proj": (D, F)}
+  want = {"model.embed_tokens.weight": (V, D)}
+  for name, s in layer.items():
+    want.update({f"model.layers.{i}.{name}.weight": s for i in range(m.n_layers)})
+  want.update({"model.norm.weight": (D,), "lm_head.weight": (V, D)})
+  got = hf.hf_shapes(m)
+  assert list(got.items()) == list(want.items())

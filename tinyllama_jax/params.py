@@ -71,6 +71,11 @@ def shape(param, cfg_model):
   return tuple(_dim(cfg_model, d) for d in param.dims)
 
 
+def shapes(cfg_model):
+  """[(path, shape)] of every parameter, in the table's order (also the HF files' order)."""
+  return [(p.path, shape(p, cfg_model)) for p in PARAMS]
+
+
 def lookup(path):
   """The row whose path ends `path` (a tuple of keys: parameters, and trees that mirror them,
   such as gradients and Adam's moments under their own prefix), or None."""

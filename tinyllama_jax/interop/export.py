@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from tinyllama_jax import config as config_lib, sharding
+from tinyllama_jax import config as config_lib, params as param_table, sharding
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.interop import hf
 from tinyllama_jax.training import program
@@ -251,7 +251,7 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
     prog = program.build_program(cfg, sharding.make_mesh(cfg.mesh))
     init, tx, shardings = prog.init, prog.tx, prog.state_shardings
     params = {}
-    for path, shape in hf.param_paths(cfg.model):
+    for path, shape in param_table.shapes(cfg.model):
       target, node = shardings["params"], params
       for key in path[:-1]:
         target, node = target[key], node.setdefault(key, {})
