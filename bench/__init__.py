@@ -72,15 +72,6 @@ def parse_result(stdout):
   return None
 
 
-def flops_per_token(m, seq_len):
-  """The reference's model FLOPs per token, 6N + 12*L*d*T, N without the input embedding, from
-  plain numbers so the torch worker needs no jax (model.flops_per_token is the same formula)."""
-  D, L, H, K, Dh, F, V = (m["d_model"], m["n_layers"], m["n_heads"], m["n_kv_heads"],
-                          m["head_dim"], m["ffn_dim"], m["vocab_size"])
-  n = L * (2 * D + D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + D + D * V
-  return 6 * n + 12 * L * D * seq_len
-
-
 def timing_summary(window_times_s, steps_per_window, tokens_per_step, n_devices, flops_token,
                    peak_flops):
   """Throughput from timed windows of steps (one device sync per window, none inside)."""

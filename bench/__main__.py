@@ -29,13 +29,10 @@ import subprocess
 import sys
 import time
 
-from tinyllama_jax import cli, config as config_lib
+from tinyllama_jax import cli, config as config_lib, peak_flops
 import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PEAK_FLOPS_BY_NAME = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12))
-
-
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,13 +131,6 @@ def run_worker(cmd, timeout, env=None):
     result = {"error": f"worker exited {proc.returncode} without a result: "
                        f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
   return result, proc.stderr[-3000:], time.perf_counter() - t0
-
-
-def peak_flops_for(device_kind):
-  for name, flops in PEAK_FLOPS_BY_NAME:
-    if name in (device_kind or ""):
-      return flops
-  return 0.0
 
 
 def fmt(v, spec, scale=1.0):
@@ -248,7 +238,7 @@ def main(argv):
       result["stderr_tail"] = stderr
       print(f"[bench] {name} failed: {result['error'][:300]}\n{stderr[-1500:]}", flush=True)
     if kind == "torch" and result.get("tokens_per_s") and not result.get("mfu"):
-      peak = peak_flops_for(result.get("device_kind"))
+      peak = peak_flops.peak_flops(result.get("device_kind"))
       result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak if peak else None
     results.append(result)
 
