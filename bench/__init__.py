@@ -20,14 +20,6 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "libtpu",
             "orbax-checkpoint", "torch", "transformers", "numpy")
 
 
-def write_json(path, obj):
-  """obj as indented JSON at path, via a temporary file: a reader never sees half a file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def versions():
   out = {}
   for pkg in PACKAGES:

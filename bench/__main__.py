@@ -30,6 +30,7 @@ import sys
 import time
 
 from tinyllama_jax import cli, config as config_lib, peak_flops
+from tinyllama_jax.data import formats
 import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -280,7 +281,7 @@ def main(argv):
     print(f"vs plain = tokens/s per device / the plain JAX step's "
           f"({plain['tokens_per_s']:,.0f} tokens/s)")
   out = args.out if os.path.isabs(args.out) else os.path.join(os.getcwd(), args.out)
-  bench.write_json(out, report)
+  formats.write_json_atomic(out, report)
   print(f"wrote {out}")
   ok = [r for r in results if "error" not in r and "skipped" not in r]
   return 0 if ok and len(ok) + sum("skipped" in r for r in results) == len(results) else 1

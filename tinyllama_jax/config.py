@@ -111,14 +111,18 @@ def base_config():
   return c
 
 
-def flat_keys(cfg, prefix=""):
-  keys = []
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      keys += flat_keys(v, f"{prefix}{k}.")
+def flat_items(tree, prefix=""):
+  """('a.b.c', value) for each leaf of a nested ConfigDict, or of its to_dict() (a checkpoint's
+  saved config), in the tree's order."""
+  for k, v in tree.items():
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      yield from flat_items(v, f"{prefix}{k}.")
     else:
-      keys.append(f"{prefix}{k}")
-  return keys
+      yield f"{prefix}{k}", v
+
+
+def flat_keys(cfg):
+  return [k for k, _ in flat_items(cfg)]
 
 
 def unknown_key_message(key, cfg):

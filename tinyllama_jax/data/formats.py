@@ -52,6 +52,13 @@ def atomic_write(path: str, write_fn, mode="wb"):
     raise
 
 
+def write_json_atomic(path, obj, sort_keys=False):
+  """obj as indented JSON at path (its folder made if missing), through atomic_write: a reader
+  never sees half a file, and concurrent writers never share a temp file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=sort_keys), mode="w")
+
+
 def write_litpkds(path: str, tokens: np.ndarray):
   tokens = np.ascontiguousarray(tokens)
   if tokens.dtype not in _CODES:

@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import jax
-import ml_collections
 import ml_dtypes
 import numpy as np
 from absl import logging
@@ -33,7 +32,7 @@ from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.interop import hf
 from tinyllama_jax.training import program
 from tinyllama_jax.checkpoint import run as run_lib
-from tinyllama_jax.data import tokenizer as tokenizer_lib
+from tinyllama_jax.data import formats, tokenizer as tokenizer_lib
 
 # ----------------------------------------------------------------------------- output dirs
 
@@ -113,10 +112,10 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
   else:
     logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
                     cfg.data.source)
-  _write_json(os.path.join(tmp, "config.json"),
+  formats.write_json_atomic(os.path.join(tmp, "config.json"),
               hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
   # No max_length: transformers warns when it meets max_new_tokens, the usual argument.
-  _write_json(os.path.join(tmp, "generation_config.json"),
+  formats.write_json_atomic(os.path.join(tmp, "generation_config.json"),
               {"bos_token_id": bos_id, "eos_token_id": eos_id})
   writer = hf.ShardWriter(tmp, plan, np_dtype)
   try:
@@ -144,11 +143,6 @@ def _write_error(out, error, plan, np_dtype):
 
 def _gib(n):
   return f"{n / 2**30:.2f} GiB"
-
-
-def _write_json(path, obj):
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- import
@@ -207,22 +201,14 @@ def import_config(fields, base_config_path, tokenizer_file):
 
 def config_py(cfg, source):
   """A config file whose get_config() rebuilds `cfg`: base_config() plus the differing keys."""
-  base = dict(_flat_items(config_lib.base_config()))
-  lines = [f"c.{k} = {v!r}" for k, v in _flat_items(cfg) if base.get(k, object()) != v]
+  base = dict(config_lib.flat_items(config_lib.base_config()))
+  lines = [f"c.{k} = {v!r}" for k, v in config_lib.flat_items(cfg) if base.get(k, object()) != v]
   body = "\n".join(f"  {line}" for line in lines)
   return (f'"""Written by `python -m tinyllama_jax.export --from_hf={source}`: the imported\n'
           'architecture and tokenizer on top of the defaults. Edit the training fields freely;\n'
           'the model fields must stay as they are to continue from the imported checkpoint."""\n\n'
           "from tinyllama_jax.config import base_config\n\n\n"
           f"def get_config():\n  c = base_config()\n{body}\n  return c\n")
-
-
-def _flat_items(cfg, prefix=""):
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _flat_items(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
 
 
 def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
@@ -274,7 +260,7 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
       f.write(config_py(cfg, hf_dir))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-    _write_json(os.path.join(tmp, "imported_from.json"),
+    formats.write_json_atomic(os.path.join(tmp, "imported_from.json"),
                 {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
     commit_output_dir(tmp, final)
   except BaseException:
