@@ -107,7 +107,7 @@ def base_config():
   c.train = train_config()
   c.mesh = mesh_config()
   c.data = data_config()
-  c.peak_flops = 0.0  # per device, for MFU; 0: from the device-kind table in metrics.py
+  c.peak_flops = 0.0  # per device, for MFU; 0: from the device-kind table in peak_flops.py
   return c
 
 

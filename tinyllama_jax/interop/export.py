@@ -112,11 +112,11 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
   else:
     logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
                     cfg.data.source)
-  formats.write_json_atomic(os.path.join(tmp, "config.json"),
-              hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
+  hf_cfg = hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name)
+  formats.write_json_atomic(os.path.join(tmp, "config.json"), hf_cfg)
   # No max_length: transformers warns when it meets max_new_tokens, the usual argument.
   formats.write_json_atomic(os.path.join(tmp, "generation_config.json"),
-              {"bos_token_id": bos_id, "eos_token_id": eos_id})
+                            {"bos_token_id": bos_id, "eos_token_id": eos_id})
   writer = hf.ShardWriter(tmp, plan, np_dtype)
   try:
     for path, x in run_lib.iter_params(workdir, step, cfg.model):
@@ -261,7 +261,7 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
     formats.write_json_atomic(os.path.join(tmp, "imported_from.json"),
-                {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
+                              {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
     commit_output_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
