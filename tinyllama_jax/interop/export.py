@@ -167,10 +167,11 @@ def check_tensors(reader, cfg_model, hf_cfg, hf_dir):
   expected = hf.hf_shapes(cfg_model)
   have = set(reader.names())
   alias = {}
-  if "lm_head.weight" not in have and hf_cfg.get("tie_word_embeddings"):
+  lm_head, embed = param_table.BY_NAME["lm_head"].hf_name, param_table.BY_NAME["embed"].hf_name
+  if lm_head not in have and hf_cfg.get("tie_word_embeddings"):
     logging.info("%s ties lm_head to the input embedding: importing it as two untied copies",
                  hf_dir)
-    alias["lm_head.weight"] = "model.embed_tokens.weight"
+    alias[lm_head] = embed
   missing = [n for n in expected if n not in have and n not in alias]
   if missing:
     raise ValueError(f"{hf_dir} lacks tensor {missing[0]} ({len(missing)} missing): not a "
