@@ -1,8 +1,8 @@
 """Sample text from a run: `python -m tinyllama_jax.generate --workdir=DIR --prompt="def fib(n):"`.
 
-A jitted decoder over the model's own forward with a KV cache (model.Llama.forward, the same
+A compiled decoder over the model's own forward with a KV cache (model.Llama.forward, the same
 code that trains, with the config's kernels and fused projections): one prefill over the prompts,
-then one compiled step per new token. Prompts of different lengths share a batch without left
+then the decode loop on the device, CHUNK tokens a call (inference/decode.py). Prompts of different lengths share a batch without left
 padding: each row writes its keys/values at its own positions and attends to cache slots up to
 its own position, so every row sees exactly what it would see alone (and greedy decoding equals
 transformers' token for token). Greedy (temperature 0), temperature, and top-p (nucleus)
@@ -13,77 +13,12 @@ the end.
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 from tinyllama_jax import config as config_lib
-from tinyllama_jax import model as model_lib
-
-
-def logits_of(params, h_BD):
-  return jnp.einsum("bd,dv->bv", h_BD, params["lm_head"].astype(h_BD.dtype),
-                    preferred_element_type=jnp.float32)
-
-
-def sample(logits_BV, key, temperature, top_p):
-  """softmax(logits / temperature) cut to the top-p nucleus (both may be traced scalars)."""
-  logits_BV = logits_BV / temperature
-  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-  # Keep a token while the probability mass before it is below top_p (the first always stays).
-  n_keep_B = jnp.maximum(jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p, axis=-1), 1)
-  cutoff_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
-  logits_BV = jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
-  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
-
-
-class Decoder:
-  """Compiled prefill and step for one (model, batch, cache length, greedy or not); sampling
-  settings are arguments, so changing them recompiles nothing."""
-
-  def __init__(self, cfg_model, *, batch, length, greedy):
-    self.dtype = model_lib.compute_dtype(cfg_model)
-    graphdef = model_lib.graphdef(cfg_model)
-
-    def fwd(params, tokens_BT, positions_BT, cache):
-      return nnx.merge(graphdef, params).forward(tokens_BT, positions_BT, cache=cache)
-
-    def pick(logits_BV, knobs):
-      # Ids past the tokenizer's pieces have untrained embeddings and no text: never emit them.
-      valid_V = jnp.arange(logits_BV.shape[-1]) < knobs["n_valid"]
-      logits_BV = jnp.where(valid_V, logits_BV, -jnp.inf)
-      if greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-      return sample(logits_BV, knobs["key"], knobs["temperature"], knobs["top_p"])
-
-    def prefill(params, tokens_BT, lengths_B, knobs):
-      B, T = tokens_BT.shape
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      cache = model_lib.init_cache(cfg_model, B, length, self.dtype)
-      h_BTD, cache = fwd(params, tokens_BT, positions_BT, cache)
-      h_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-      return pick(logits_of(params, h_BD), knobs), cache
-
-    def step(params, cache, tokens_B, positions_B, knobs):
-      h_B1D, cache = fwd(params, tokens_B[:, None], positions_B[:, None], cache)
-      return pick(logits_of(params, h_B1D[:, 0]), knobs), cache
-
-    self.prefill = jax.jit(prefill)
-    self.step = jax.jit(step, donate_argnums=1)
-
-
-_DECODERS = {}
-
-
-def decoder_for(cfg_model, batch, length, greedy):
-  key = (cfg_model.to_json(), batch, length, greedy)
-  if key not in _DECODERS:
-    if len(_DECODERS) >= 4:  # keep compiled code bounded: drop the oldest
-      _DECODERS.pop(next(iter(_DECODERS)))
-    _DECODERS[key] = Decoder(cfg_model, batch=batch, length=length, greedy=greedy)
-  return _DECODERS[key]
+from tinyllama_jax.inference import decode
+from tinyllama_jax.inference.decode import logits_of, sample  # noqa: F401 (the API)
 
 
 def check_settings(*, max_new_tokens, temperature, top_p):
@@ -116,40 +51,14 @@ def generate(params, cfg_model, prompts, *, max_new_tokens, eos_id=None, tempera
   """New tokens for each prompt (lists of ids), stopping after eos_id (kept) or max_new_tokens.
   n_valid: the tokenizer's vocab size when it is below the model's (only those ids are sampled).
 
-  on_token(i, token) is called as soon as row i's next token is known (for streaming).
+  on_token(i, token) is called as soon as row i's next token is on the host (for streaming:
+  once a chunk of decode.CHUNK tokens, which the device runs without the host).
   """
   lengths = check_request(cfg_model, prompts, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p)
-  limit = cfg_model.max_seq_len
-  B = len(prompts)
-  # Cache and prompt lengths round up to multiples of 64, so similar requests reuse compiles.
-  length = min(-(-int(lengths.max() + max_new_tokens) // 64) * 64, limit)
-  T = min(-(-int(lengths.max()) // 64) * 64, length)
-  tokens_BT = np.zeros((B, T), np.int32)
-  for i, p in enumerate(prompts):
-    tokens_BT[i, :len(p)] = p
-  decoder = decoder_for(cfg_model, B, length, temperature == 0.0)
-  key = jax.random.key(seed)
-  knobs = {"temperature": jnp.float32(temperature or 1.0), "top_p": jnp.float32(top_p),
-           "n_valid": jnp.int32(n_valid or cfg_model.vocab_size)}
-  out = [[] for _ in range(B)]
-  done = np.zeros(B, bool)
-  positions_B = lengths.copy()
-  next_B, cache = decoder.prefill(params, tokens_BT, lengths,
-                                  {**knobs, "key": jax.random.fold_in(key, 0)})
-  for n in range(max_new_tokens):
-    next_np = np.asarray(next_B)
-    for i in np.flatnonzero(~done):
-      out[i].append(int(next_np[i]))
-      if on_token is not None:
-        on_token(i, int(next_np[i]))
-      done[i] = eos_id is not None and next_np[i] == eos_id
-    if done.all() or n == max_new_tokens - 1:
-      break
-    next_B, cache = decoder.step(params, cache, next_B, positions_B,
-                                 {**knobs, "key": jax.random.fold_in(key, n + 1)})
-    positions_B = positions_B + 1
-  return out
+  return decode.decode(params, cfg_model, prompts, lengths, max_new_tokens=max_new_tokens,
+                       eos_id=eos_id, temperature=temperature, top_p=top_p, seed=seed,
+                       n_valid=n_valid, on_token=on_token)
 
 
 class Streamer:
