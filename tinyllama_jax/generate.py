@@ -10,7 +10,9 @@ sampling. One prompt streams to the console as it is decoded; a batch prints eac
 the end.
 """
 
+import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -97,6 +99,30 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
                       "(WORKDIR/tokenizer/tokenizer.model).")
+  flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a smaller run (same tokenizer "
+                      "and vocab) whose drafts --workdir's model checks; same output, faster.")
+  flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens the draft proposes a "
+                       "round (the target scores them in one call).")
+
+
+def load_draft(cfg, tok_path, prompt_ids):
+  """(params, config) of --draft_workdir's latest checkpoint, once it can draft for the target."""
+  from tinyllama_jax import run as run_lib
+  from tinyllama_jax.data import tokenizer as tokenizer_lib
+  from tinyllama_jax.inference import speculative
+  if not os.path.isdir(FLAGS.draft_workdir):
+    raise ValueError(f"--draft_workdir={FLAGS.draft_workdir!r} does not exist: pass a run "
+                     "directory (train's --workdir, or an import)")
+  step = run_lib.resolve_step(FLAGS.draft_workdir)
+  cfg_d = run_lib.run_config(FLAGS.draft_workdir, step)
+  draft_tok = run_lib.tokenizer_path(cfg_d, FLAGS.draft_workdir)
+  speculative.check_draft(cfg.model, cfg_d.model, draft_tokens=FLAGS.draft_tokens,
+                          same_tokenizer=draft_tok is not None and
+                          tokenizer_lib.file_sha256(draft_tok) == tokenizer_lib.file_sha256(tok_path))
+  check_request(cfg_d.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
+                temperature=FLAGS.temperature, top_p=FLAGS.top_p)
+  params = run_lib.load_params(FLAGS.draft_workdir, step, cfg_d.model)
+  return decode.cast_params(jax.device_put(params), cfg_d.model), cfg_d
 
 
 def main(argv):
@@ -129,18 +155,34 @@ def main(argv):
   prompt_ids = [([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(p) for p in prompts]
   check_request(cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
                 temperature=FLAGS.temperature, top_p=FLAGS.top_p)
-  params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
+  draft = load_draft(cfg, tok_path, prompt_ids) if FLAGS.draft_workdir else None
+  # In the compute dtype once, at load: the decode loop then reads each weight once a token.
+  params = decode.cast_params(jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model)),
+                              cfg.model)
   stream = Streamer(tok, prompt_ids[0]) if len(prompts) == 1 else None
   if stream:
     sys.stdout.write(prompts[0])
-  outs = generate(params, cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
-                  eos_id=tok.eos_id, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                  seed=FLAGS.seed, n_valid=tok.vocab_size, on_token=stream)
+  settings = dict(max_new_tokens=FLAGS.max_new_tokens, eos_id=tok.eos_id,
+                  temperature=FLAGS.temperature, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                  n_valid=tok.vocab_size, on_token=stream)
+  start = time.perf_counter()
+  if draft:
+    from tinyllama_jax.inference import speculative
+    outs, stats = speculative.decode(params, cfg.model, *draft, prompt_ids,
+                                     np.array([len(p) for p in prompt_ids], np.int32),
+                                     draft_tokens=FLAGS.draft_tokens, **settings)
+  else:
+    outs = generate(params, cfg.model, prompt_ids, **settings)
+  seconds = time.perf_counter() - start
   if stream:
     sys.stdout.write("\n")
-    return
-  for i, (prompt, ids) in enumerate(zip(prompts, outs)):
-    print(f"--- [{i}]\n{prompt}{tok.decode([t for t in ids if t != tok.eos_id])}")
+  else:
+    for i, (prompt, ids) in enumerate(zip(prompts, outs)):
+      print(f"--- [{i}]\n{prompt}{tok.decode([t for t in ids if t != tok.eos_id])}")
+  if draft:
+    print(f"speculative: {stats['acceptance']:.1%} of draft tokens accepted, "
+          f"{stats['tokens_per_call']:.2f} tokens per target call, "
+          f"{sum(map(len, outs)) / seconds:.1f} tokens/s (compiles included)")
 
 
 def run_cli():
