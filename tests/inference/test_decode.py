@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import REPO, random_prompts, tiny_model
+from decoding_models import REPO, random_prompts, tiny_model
 from tinyllama_jax.inference import decode
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, random_prompts, tiny_model
+from decoding_models import REPO, random_prompts, tiny_model
 from test_export import make_hf_llama
 from tinyllama_jax import export
 from tinyllama_jax import model as model_lib
