@@ -122,7 +122,7 @@ def load_draft(cfg, tok_path, prompt_ids):
   check_request(cfg_d.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
                 temperature=FLAGS.temperature, top_p=FLAGS.top_p)
   params = run_lib.load_params(FLAGS.draft_workdir, step, cfg_d.model)
-  return decode.cast_params(jax.device_put(params), cfg_d.model), cfg_d
+  return decode.cast_params(jax.device_put(params), cfg_d.model), cfg_d.model
 
 
 def main(argv):

@@ -126,14 +126,15 @@ def test_cli_speculative(imported, draft_workdir, tmp_path):  # noqa: F811
     text, stats = spec.stdout.rsplit("speculative: ", 1)
     assert text == plain.stdout and "tokens per target call" in stats and "tokens/s" in stats
   bad_tokens = generate_cli(f"--workdir={workdir}", f"--draft_workdir={draft_workdir}",
-                            "--draft_tokens=0", prompts[0])
+                            "--draft_tokens=0", prompts[0], "--max_new_tokens=4")
   missing = generate_cli(f"--workdir={workdir}", f"--draft_workdir={tmp_path / 'nope'}",
-                         prompts[0])
+                         prompts[0], "--max_new_tokens=4")
   other_tok = str(tmp_path / "other")
   shutil.copytree(draft_workdir, other_tok)
   with open(os.path.join(other_tok, "tokenizer", "tokenizer.model"), "ab") as f:
     f.write(b"\0")
-  changed = generate_cli(f"--workdir={workdir}", f"--draft_workdir={other_tok}", prompts[0])
+  changed = generate_cli(f"--workdir={workdir}", f"--draft_workdir={other_tok}", prompts[0],
+                         "--max_new_tokens=4")
   long = generate_cli(f"--workdir={workdir}", f"--draft_workdir={draft_workdir}",
                       "--prompt=" + "x " * 200, "--max_new_tokens=4")
   for proc, start in ((bad_tokens, "error: --draft_tokens=0: draft at least 1"),
