@@ -65,7 +65,8 @@ def test_bench_smoke(tmp_path):
   spec.loader.exec_module(bench)
   out = tmp_path / "decode.json"
   bench.main(["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2",
-              "--prompt_len=8", "--batches=1,2", "--no_torch", f"--out={out}"])
+              "--prompt_len=8", "--batches=1,2", "--dtypes=float32", "--no_torch",
+              f"--out={out}"])
   result = json.loads(out.read_text())
   names = {row["name"] for row in result["rows"]}
   assert {"ours", "speculative"} <= {n.split(" ")[0] for n in names}
