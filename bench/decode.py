@@ -115,6 +115,7 @@ def ours_rows(args, cfg_model, clock, rows):
       name = "ours"
       if clock.left() < 0:
         rows.append({"name": name, "batch": batch, "dtype": dtype, "skipped": "deadline"})
+        print_row(rows[-1])
         continue
       prompts, lengths = prompt_batch(args, cfg_d, batch)
       seconds, _ = best_of(lambda: decode.decode(params, cfg_d, prompts, lengths,
@@ -150,6 +151,7 @@ def speculative_rows(args, cfg_model, params32, clock, rows):
   for batch in map(int, args.batches.split(",")):
     if clock.left() < 0:
       rows.append({"name": label, "batch": batch, "dtype": dtype, "skipped": "deadline"})
+      print_row(rows[-1])
       continue
     prompts, lengths = prompt_batch(args, cfg_t, batch)
     seconds, (_, stats) = best_of(lambda: speculative.decode(
@@ -171,6 +173,7 @@ def hf_rows(args, cfg_model, clock, rows):
     import transformers
   except ImportError as e:
     rows.append({"name": "hf", "skipped": f"torch/transformers do not import ({e})"})
+    print_row(rows[-1])
     return
   device = "cuda" if torch.cuda.is_available() else "cpu"
   m = cfg_model
@@ -190,6 +193,7 @@ def hf_rows(args, cfg_model, clock, rows):
     for batch in map(int, args.batches.split(",")):
       if clock.left() < (120 if compiled else 0):
         rows.append({"name": name, "batch": batch, "dtype": "bfloat16", "skipped": "deadline"})
+        print_row(rows[-1])
         continue
       ids = torch.as_tensor(np.random.default_rng(batch).integers(
           0, m.vocab_size, (batch, args.prompt_len)), device=device)

@@ -2,12 +2,13 @@
 
 A compiled decoder over the model's own forward with a KV cache (model.Llama.forward, the same
 code that trains, with the config's kernels and fused projections): one prefill over the prompts,
-then the decode loop on the device, CHUNK tokens a call (inference/decode.py). Prompts of different lengths share a batch without left
-padding: each row writes its keys/values at its own positions and attends to cache slots up to
-its own position, so every row sees exactly what it would see alone (and greedy decoding equals
-transformers' token for token). Greedy (temperature 0), temperature, and top-p (nucleus)
-sampling. One prompt streams to the console as it is decoded; a batch prints each completion at
-the end.
+then the decode loop on the device, CHUNK tokens a call (inference/decode.py). Prompts of
+different lengths share a batch without left padding: each row writes its keys/values at its own
+positions and attends to cache slots up to its own position, so every row sees exactly what it
+would see alone (and greedy decoding equals transformers' token for token). Greedy (temperature
+0), temperature, and top-p (nucleus) sampling. One prompt streams to the console as it is
+decoded (a chunk at a time); a batch prints each completion at the end. With --draft_workdir,
+speculative decoding (inference/speculative.py): the same output, fewer target calls.
 """
 
 import os
@@ -116,9 +117,10 @@ def load_draft(cfg, tok_path, prompt_ids):
   step = run_lib.resolve_step(FLAGS.draft_workdir)
   cfg_d = run_lib.run_config(FLAGS.draft_workdir, step)
   draft_tok = run_lib.tokenizer_path(cfg_d, FLAGS.draft_workdir)
+  same = (draft_tok is not None
+          and tokenizer_lib.file_sha256(draft_tok) == tokenizer_lib.file_sha256(tok_path))
   speculative.check_draft(cfg.model, cfg_d.model, draft_tokens=FLAGS.draft_tokens,
-                          same_tokenizer=draft_tok is not None and
-                          tokenizer_lib.file_sha256(draft_tok) == tokenizer_lib.file_sha256(tok_path))
+                          same_tokenizer=same)
   check_request(cfg_d.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
                 temperature=FLAGS.temperature, top_p=FLAGS.top_p)
   params = run_lib.load_params(FLAGS.draft_workdir, step, cfg_d.model)
