@@ -85,15 +85,15 @@ class Speculator:
               "round": jnp.int32(0), "drafted": zeros_B, "accepted": zeros_B, "calls": zeros_B}
 
     def draft(params_d, s, knobs, key):
-      """K draft tokens d_BK and their distributions q_BKV (zeros when greedy)."""
-      B, V = s["last"].shape[0], cfg_draft.vocab_size
+      """K draft tokens d_BK and their distributions q_BKV (none, [B, K, 0], when greedy)."""
+      B, V = s["last"].shape[0], 0 if greedy else cfg_draft.vocab_size
       keys = jax.random.split(key, k)
 
       def propose(logits_BV, j):
         logits_BV = decode_lib.only_valid(logits_BV, knobs["n_valid"])
         token_B = pick(logits_BV, knobs, keys[j])
         if greedy:
-          return token_B, jnp.zeros((B, V), jnp.float32)
+          return token_B, jnp.zeros((B, 0), jnp.float32)
         return token_B, jax.nn.softmax(
             decode_lib.nucleus(logits_BV, knobs["temperature"], knobs["top_p"]), axis=-1)
 
