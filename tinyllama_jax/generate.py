@@ -155,8 +155,8 @@ def main(argv):
                      "decode text with (--tokenizer=PATH names one)")
   tok = tokenizer_lib.Tokenizer(tok_path)
   prompt_ids = [([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(p) for p in prompts]
-  check_request(cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
-                temperature=FLAGS.temperature, top_p=FLAGS.top_p)
+  lengths = check_request(cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
+                          temperature=FLAGS.temperature, top_p=FLAGS.top_p)
   draft = load_draft(cfg, tok_path, prompt_ids) if FLAGS.draft_workdir else None
   # In the compute dtype once, at load: the decode loop then reads each weight once a token.
   params = decode.cast_params(jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model)),
@@ -170,8 +170,7 @@ def main(argv):
   start = time.perf_counter()
   if draft:
     from tinyllama_jax.inference import speculative
-    outs, stats = speculative.decode(params, cfg.model, *draft, prompt_ids,
-                                     np.array([len(p) for p in prompt_ids], np.int32),
+    outs, stats = speculative.decode(params, cfg.model, *draft, prompt_ids, lengths,
                                      draft_tokens=FLAGS.draft_tokens, **settings)
   else:
     outs = generate(params, cfg.model, prompt_ids, **settings)
