@@ -203,7 +203,7 @@ def hf_rows(args, cfg_model, clock, rows):
           out = model.generate(ids, max_new_tokens=args.new_tokens,
                                min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         return out.cpu()
-      seconds, _ = best_of(generate, clock)
+      seconds, _ = best_of(generate, clock, reps=1)  # eager takes ~20 s a call at batch 1
       rows.append(row(name, batch, "bfloat16", seconds, args.new_tokens,
                       torch=torch.__version__, transformers=transformers.__version__))
       print_row(rows[-1])
