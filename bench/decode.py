@@ -1,8 +1,11 @@
 """Decoding speed: our on-device decode loop (tinyllama_jax/inference/decode.py) against
 transformers' generate, and speculative decoding, on one device.
 
-    BENCH_COMMIT=$(git rev-parse --short HEAD) python bench/decode.py --out=decode.json
-    python bench/decode.py --config=configs/tiny.py --new_tokens=16 --out=/tmp/d.json  # CPU smoke
+    BENCH_COMMIT=$(git rev-parse --short HEAD) python -m bench.decode --out=decode.json
+    python -m bench.decode --config=configs/tiny.py --new_tokens=16 --out=/tmp/d.json  # CPU smoke
+
+(As `python -m`, from the checkout: run as a script, bench/ would come first on sys.path and its
+profile.py would hide the standard library's, which torch imports.)
 
 Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
   ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing);
@@ -25,16 +28,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from tinyllama_jax import config as config_lib  # noqa: E402
-from tinyllama_jax import model as model_lib  # noqa: E402
-from tinyllama_jax.checkpoint import run as run_lib  # noqa: E402
-from tinyllama_jax.inference import decode, speculative  # noqa: E402
+from bench import profile
+from tinyllama_jax import config as config_lib
+from tinyllama_jax import model as model_lib
+from tinyllama_jax.checkpoint import run as run_lib
+from tinyllama_jax.inference import decode, speculative
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +53,9 @@ def parse(argv):
   ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
   ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
   ap.add_argument("--no_torch", action="store_true", help="Skip the transformers rows.")
+  ap.add_argument("--profile_dir", default="",
+                  help="Trace one batch-1 call of the first dtype here; per-token kernel table.")
+  ap.add_argument("--only_ours", action="store_true", help="Only the ours rows (flag studies).")
   ap.add_argument("--deadline_s", type=float, default=400.0,
                   help="Start no row after this many seconds.")
   return ap.parse_args(argv)
@@ -123,6 +128,16 @@ def ours_rows(args, cfg_model, clock, rows):
       rows.append(row(name, batch, dtype, seconds, args.new_tokens))
       print_row(rows[-1])
   return params32
+
+
+def profile_ours(args, cfg_model, params32):
+  """The kernels of one batch-1 decode call (already compiled), per new token."""
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0])
+  params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
+  prompts, lengths = prompt_batch(args, cfg_d, 1)
+  run = lambda _: decode.decode(params, cfg_d, prompts, lengths, max_new_tokens=args.new_tokens)
+  _, summary = profile.capture(args.profile_dir, run, None, steps=args.new_tokens)
+  return summary
 
 
 def prompt_batch(args, cfg_model, batch):
@@ -231,11 +246,14 @@ def main(argv=None):
   print(f"{'row':<32} {'batch':>5} {'dtype':>9} {'tokens/s':>11} {'ms/token':>9}", flush=True)
   rows = []
   params32 = ours_rows(args, cfg_model, clock, rows)
-  speculative_rows(args, cfg_model, params32, clock, rows)
+  profile_summary = profile_ours(args, cfg_model, params32) if args.profile_dir else None
+  if not args.only_ours:
+    speculative_rows(args, cfg_model, params32, clock, rows)
   del params32
-  if not args.no_torch:
+  if not args.no_torch and not args.only_ours:
     hf_rows(args, cfg_model, clock, rows)
-  result = {"rows": rows, "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
+  result = {"rows": rows, "profile_per_token": profile_summary,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": os.environ.get("BENCH_COMMIT"), "config": args.config,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

@@ -1,7 +1,6 @@
 """The on-device decode loop: chunks of any size give the same tokens, rows stop at their own
 EOS, weights cast once, compiled programs reused; the decode bench's smoke run."""
 
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoding_models import REPO, random_prompts, tiny_model
+from bench import decode as bench_decode
 from tinyllama_jax.inference import decode
 
 
@@ -59,12 +59,8 @@ def test_compiled_programs_are_reused(target):
 
 
 def test_bench_smoke(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench_decode", os.path.join(REPO, "bench",
-                                                                             "decode.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
   out = tmp_path / "decode.json"
-  bench.main(["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2",
+  bench_decode.main(["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2",
               "--prompt_len=8", "--batches=1,2", "--dtypes=float32", "--no_torch",
               f"--out={out}"])
   result = json.loads(out.read_text())
