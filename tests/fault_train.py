@@ -24,10 +24,9 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tinyllama_jax import train
 from tinyllama_jax.checkpoint import manager as checkpoint
-from tinyllama_jax.training import faults
-from tinyllama_jax.training import program
-from tinyllama_jax.training import loop as train
+from tinyllama_jax.training import faults, program
 
 
 def inject_nan(steps):
