@@ -54,6 +54,13 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
+  def encode_proto(self, text: str):
+    """sentencepiece's SentencePieceText of `text`: each piece's id and byte span (begin, end)."""
+    return self._sp.encode(text, out_type="proto")
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
+
   def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
     return self._sp.encode(texts, num_threads=num_threads)
 
