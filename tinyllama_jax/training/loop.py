@@ -67,8 +67,8 @@ class Run:
       return self.program.jit_init()(jax.random.key(self.cfg.seed)), None, None
     step, state, data_state, meta = found
     if self.cfg.train.init_from:
-      logging.info("train.init_from=%s is ignored: %s has checkpoints, resuming them",
-                   self.cfg.train.init_from, self.workdir)
+      logging.warning("train.init_from=%s is ignored: %s has checkpoints, resuming them",
+                      self.cfg.train.init_from, self.workdir)
     logging.info("resuming from %s/checkpoints/%d", self.workdir, step)
     if not checkpoint.same_data(meta, data_identity):  # allowed by train.allow_data_change
       data_state = None
