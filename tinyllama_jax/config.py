@@ -309,7 +309,10 @@ def _cross_field_problems(cfg):
   if t.global_batch % t.micro_batch_per_device:
     yield (f"train.global_batch ({t.global_batch}) must be a multiple of "
            f"train.micro_batch_per_device ({t.micro_batch_per_device})")
-  if d.source in ("text", "prepared", "litpkds", "chat") and not d.paths:
+  if d.source == "chat" and not d.paths:
+    yield ("data.source='chat' needs data.paths: the chat files (.jsonl/.jsonl.zst/.parquet rows "
+           "with a 'messages' list), e.g. --config.data.paths='/data/ultrachat/*.parquet'")
+  if d.source in ("text", "prepared", "litpkds") and not d.paths:
     yield f"data.source={d.source!r} needs data.paths (a glob, or the prepared folder)"
   if d.source == "chat" and d.packing == "concat":
     yield ("data.source='chat' packs whole conversations with their loss masks: set "

@@ -149,3 +149,30 @@ def test_config_rules_for_chat():
   with pytest.raises(ValueError, match="data.chat_overflow='wrap' must be one of drop, truncate"):
     config_lib.validate(cfg)
   assert json.loads(config_lib.to_json(cfg))["data"]["chat_template"] == ""
+
+
+def test_sft_1b_config_names_its_missing_data_in_one_line():
+  cfg = config_lib.load_config_file(os.path.join(os.path.dirname(sft_helpers.__file__), "..",
+                                                 "configs", "sft_1b.py"))
+  with pytest.raises(ValueError, match=r"data.source='chat' needs data.paths: the chat files"):
+    config_lib.validate(cfg)
+  cfg.data.paths, cfg.train.init_from = "/data/ultrachat/*.parquet", "runs/1b"
+  config_lib.validate(cfg)
+  assert (cfg.optim.lr, cfg.train.global_batch, cfg.train.seq_len) == (2e-5, 128, 2048)
+
+
+def test_parquet_and_zstd_chat_files(tmp_path, tok):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  rows = [{"messages": CONV[1:3]}, {"messages": CONV}]
+  pq.write_table(pa.table({"messages": [r["messages"] for r in rows]}), tmp_path / "c.parquet")
+  raw = "".join(json.dumps(r) + "\n" for r in rows).encode()
+  (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+  fmt = chat.ChatFormat("", tok)
+  a, _ = chat.load_conversations([str(tmp_path / "c.parquet")], fmt, 1000, "drop")
+  b, _ = chat.load_conversations([str(tmp_path / "c.jsonl.zst")], fmt, 1000, "drop")
+  assert len(a) == len(b) == 2
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x[1], y[1])
+    np.testing.assert_array_equal(x[2], y[2])
