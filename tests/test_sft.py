@@ -155,3 +155,32 @@ def test_exported_chat_template_tokenizes_as_ours_in_transformers(data, sft, tmp
     whole = whole["input_ids"] if not isinstance(whole, list) else whole
     assert whole == fmt.conversation(messages)[0].tolist()
   assert theirs.chat_template == chat.ZEPHYR_TEMPLATE
+
+
+def test_generate_chat_one_reply_and_a_session(data, sft):
+  import io
+  from tinyllama_jax import generate
+  cfg, workdir, _ = sft
+  tok = data[3]
+  params = jax.device_put(run_lib.load_params(workdir, 40, cfg.model))
+  out = io.StringIO()
+  question = sft_helpers.conversations()[0][1]["content"]
+  messages = generate.chat(params, cfg, tok, prompt=question, system="Answer from the docs.",
+                           out=out, max_new_tokens=24)
+  assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+  assert out.getvalue() == messages[-1]["content"] + "\n" and messages[-1]["content"]
+  # the reply is the greedy continuation of exactly the template's prompt
+  fmt = chat.ChatFormat("", tok)
+  ids = fmt.prompt(messages[:2])
+  want = generate.generate(params, cfg.model, [ids], max_new_tokens=24, eos_id=tok.eos_id,
+                           n_valid=tok.vocab_size)[0]
+  assert messages[-1]["content"] == tok.decode([t for t in want if t != tok.eos_id])
+  lines = iter(["What does json.dumps do?", "And json.loads?"])
+
+  def read(_):
+    try:
+      return next(lines)
+    except StopIteration:
+      raise EOFError from None
+  session = generate.chat(params, cfg, tok, read=read, out=io.StringIO(), max_new_tokens=8)
+  assert [m["role"] for m in session] == ["user", "assistant", "user", "assistant"]

@@ -20,6 +20,7 @@ from flax import nnx
 
 from tinyllama_jax import cli
 from tinyllama_jax import model as model_lib
+from tinyllama_jax.data import chat as chat_lib
 
 
 def logits_of(params, h_BD):
@@ -171,6 +172,34 @@ class Streamer:
       self.printed = len(text)
 
 
+def chat(params, cfg, tok, *, prompt=None, system=None, read=input, out=sys.stdout, **sampling):
+  """A conversation in the run's chat template (data.chat_template; '' = Zephyr's): one reply to
+  `prompt`, or, without one, a session reading user lines from `read` until EOF (Ctrl-D), the
+  history kept. Each reply streams until </s>; returns the messages."""
+  fmt = chat_lib.ChatFormat(cfg.data.get("chat_template", ""), tok)
+  messages = [{"role": "system", "content": system}] if system else []
+  while True:
+    try:
+      text = prompt if prompt is not None else read("> ")
+    except EOFError:
+      out.write("\n")
+      return messages
+    messages.append({"role": "user", "content": text})
+    ids = fmt.prompt(messages)
+    room = cfg.model.max_seq_len - len(ids)
+    if room < 1:
+      raise ValueError(f"the conversation ({len(ids)} tokens) no longer fits the model's context "
+                       f"of {cfg.model.max_seq_len} tokens: start a new one")
+    new = generate(params, cfg.model, [ids], eos_id=tok.eos_id, n_valid=tok.vocab_size,
+                   on_token=Streamer(tok, ids, out),
+                   **{**sampling, "max_new_tokens": min(sampling["max_new_tokens"], room)})[0]
+    out.write("\n")
+    messages.append({"role": "assistant",
+                     "content": tok.decode([t for t in new if t != tok.eos_id])})
+    if prompt is not None:
+      return messages
+
+
 # ----------------------------------------------------------------------------- CLI
 
 FLAGS = flags.FLAGS
@@ -188,6 +217,9 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
                       "(WORKDIR/tokenizer/tokenizer.model).")
+  flags.DEFINE_bool("chat", False, "Chat in the run's template (data.chat_template): a reply to "
+                    "--prompt, or, without one on a terminal, a session (Ctrl-D ends it).")
+  flags.DEFINE_string("system", None, "With --chat: a system message first.")
 
 
 def main(argv):
@@ -206,7 +238,9 @@ def main(argv):
         prompts += [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
       raise ValueError(f"--prompts_file={FLAGS.prompts_file!r} cannot be read ({e.strerror})")
-  if not prompts:
+  if FLAGS.chat and (len(prompts) > 1 or (not prompts and not sys.stdin.isatty())):
+    raise ValueError("--chat takes one --prompt=TEXT, or none for a session on a terminal")
+  if not prompts and not FLAGS.chat:
     raise ValueError("give --prompt=TEXT (repeatable) or --prompts_file=FILE")
   check_settings(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                  top_p=FLAGS.top_p)
@@ -217,6 +251,12 @@ def main(argv):
     raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): nothing to "
                      "decode text with (--tokenizer=PATH names one)")
   tok = tokenizer_lib.Tokenizer(tok_path)
+  if FLAGS.chat:
+    chat(jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model)), cfg, tok,
+         prompt=prompts[0] if prompts else None, system=FLAGS.system,
+         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+         seed=FLAGS.seed)
+    return
   prompt_ids = [([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(p) for p in prompts]
   check_request(cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
                 temperature=FLAGS.temperature, top_p=FLAGS.top_p)
