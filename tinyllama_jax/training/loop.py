@@ -17,6 +17,7 @@ from absl import logging
 from tinyllama_jax import config as config_lib, generate, sharding
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.data import pipeline
+from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.model import flops_per_token, param_count
 from tinyllama_jax.training import faults, init_from, metrics, program
 
@@ -88,7 +89,8 @@ def load_tokenizer(cfg, workdir):
   data = cfg.data
   if cfg.train.init_from and not data.tokenizer and data.source in ("chat", "stdlib", "text"):
     data = data.copy_and_resolve_references()
-    data.tokenizer = init_from.tokenizer_path(cfg)
+    own = os.path.join(workdir, tokenizer_lib.RUN_COPY)  # a resume needs no init_from run
+    data.tokenizer = own if os.path.isfile(own) else init_from.tokenizer_path(cfg)
   tokenizer = _data_errors_as_one_line(lambda: pipeline.load_tokenizer(data, workdir))
   if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than "
