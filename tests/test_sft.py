@@ -145,7 +145,9 @@ def test_exported_chat_template_tokenizes_as_ours_in_transformers(data, sft, tmp
   theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
   fmt = chat.ChatFormat(cfg.data.chat_template, tok)
   convs = sft_helpers.conversations()[:40] + [[{"role": "user", "content": " leading  spaces"},
-                                               {"role": "assistant", "content": "ünï 中文\n\nok"}]]
+                                               {"role": "assistant", "content": "ünï 中文\n\nok"}],
+                                              [{"role": "user", "content": "say <s>, <unk>, </s>"},
+                                               {"role": "assistant", "content": "<s><unk></s> x"}]]
   for messages in convs:
     prompt = messages[:-1]
     ids = theirs.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)

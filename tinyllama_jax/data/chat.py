@@ -114,7 +114,9 @@ class ChatFormat:
     self.tokenizer = tokenizer
     self.bos_token = tokenizer.id_to_piece(tokenizer.bos_id)
     self.eos_token = tokenizer.id_to_piece(tokenizer.eos_id)
-    self._specials = {self.bos_token: tokenizer.bos_id, self.eos_token: tokenizer.eos_id}
+    # transformers reads these pieces in text as their ids (split_special_tokens off): so do we
+    self._specials = {tokenizer.id_to_piece(i): i for i in
+                      (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) if i >= 0}
     self._render = None
 
   def render(self, messages, add_generation_prompt=False) -> str:

@@ -50,6 +50,7 @@ class Tokenizer:
     self.vocab_size = self._sp.vocab_size()
     self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
+    self.unk_id = self._sp.unk_id()
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
