@@ -186,3 +186,25 @@ def test_generate_chat_one_reply_and_a_session(data, sft):
       raise EOFError from None
   session = generate.chat(params, cfg, tok, read=read, out=io.StringIO(), max_new_tokens=8)
   assert [m["role"] for m in session] == ["user", "assistant", "user", "assistant"]
+
+
+def test_init_from_an_hf_import_starts_from_its_parameters(data, tmp_path):
+  """A workdir that `export --from_hf` wrote is an init_from like any run: its parameters, step
+  0, a fresh (zero) optimizer state, and its tokenizer."""
+  from test_export import make_hf_llama
+  tok = data[3]
+  hf_dir, imported = str(tmp_path / "hf"), str(tmp_path / "imported")
+  make_hf_llama(hf_dir, tok.path, intermediate_size=128, max_position_embeddings=T)
+  export.import_hf(hf_dir, imported)
+  cfg = sft_config(data, imported)
+  run = train_lib.Run(cfg, str(tmp_path / "w"))
+  try:
+    state, data_state, step = run.initial_state()
+  finally:
+    run.release()
+  assert step is None and data_state is None and int(state["step"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]),
+               run_lib.load_params(imported, 0, cfg.model))
+  assert all(not np.asarray(x).any() for x in jax.tree.leaves(state["opt_state"])
+             if np.asarray(x).ndim)
+  assert train_lib.load_tokenizer(cfg, str(tmp_path / "w")).sha256 == tok.sha256
