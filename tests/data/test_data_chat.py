@@ -71,7 +71,7 @@ def test_prompt_ends_with_the_generation_header(tok):
   assert full[:len(ids)].tolist() == ids  # the prompt is a prefix of the trained conversation
 
 
-def test_custom_jinja_template_masks_its_assistant_turns(tok):
+def test_custom_jinja_template_masks_its_assistant_turns(tok, tmp_path):
   chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
             "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant"
             "\n' }}{% endif %}")
@@ -79,6 +79,11 @@ def test_custom_jinja_template_masks_its_assistant_turns(tok):
   ids, mask = fmt.conversation(CONV[1:3])
   (s, e), = runs(mask)
   assert tok.decode(ids[s:e]) == CONV[2]["content"] + "<|im_end|>"
+  no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+               "{% endif %}" + chatml)
+  path = sft_helpers.write_jsonl(tmp_path / "c.jsonl", [{"messages": CONV}, {"messages": CONV[1:]}])
+  convs, stats = chat.load_conversations([path], chat.ChatFormat(no_system, tok), 1000, "drop")
+  assert (len(convs), stats.skipped_template_error) == (1, 1)
   with pytest.raises(ValueError, match="not prefix-stable"):
     chat.ChatFormat("{{ messages | length }}{% for m in messages %}{{ m['content'] }}"
                     "{% endfor %}", tok).conversation(CONV[1:3])

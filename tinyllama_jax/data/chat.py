@@ -30,9 +30,9 @@ import numpy as np
 from absl import logging
 
 from tinyllama_jax.data import formats
+from tinyllama_jax.data.config import CHAT_OVERFLOWS as OVERFLOWS
 
 ROLES = ("system", "user", "assistant")
-OVERFLOWS = ("drop", "truncate")
 CHAT_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
 
 # TinyLlama-1.1B-Chat-v1.0's tokenizer_config.json chat_template (Zephyr's), character for
@@ -63,6 +63,7 @@ class ChatStats:
   skipped_unknown_role: int = 0
   skipped_not_string: int = 0  # a content that is not a string
   skipped_no_assistant: int = 0
+  skipped_template_error: int = 0  # a custom template's raise_exception() refused the row
   overflow_dropped: int = 0  # longer than seq_len + 1 tokens, data.chat_overflow='drop'
   overflow_truncated: int = 0  # ... 'truncate': cut to seq_len + 1 tokens
   boundary_tokens: int = 0  # tokens straddling a prompt/assistant boundary (see the docstring)
@@ -101,9 +102,17 @@ def _jinja_renderer(template):
     compiled = env.from_string(template)
   except jinja2.exceptions.TemplateError as e:
     raise ValueError(f"data.chat_template is not a valid Jinja template ({e})") from None
-  return lambda messages, bos_token, eos_token, add_generation_prompt: compiled.render(
-      messages=messages, bos_token=bos_token, eos_token=eos_token,
-      add_generation_prompt=add_generation_prompt)
+  def render(messages, bos_token, eos_token, add_generation_prompt):
+    try:
+      return compiled.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                             add_generation_prompt=add_generation_prompt)
+    except jinja2.exceptions.TemplateError as e:
+      raise TemplateRefused(f"data.chat_template refused the conversation: {e}") from None
+  return render
+
+
+class TemplateRefused(ValueError):
+  """A custom template refused a conversation (its raise_exception): that row is skipped."""
 
 
 class ChatFormat:
@@ -285,8 +294,13 @@ def load_conversations(files, fmt, max_tokens, overflow):
     stats = ChatStats()
     found = 0
     for lineno, messages in iter_conversations(f, stats):
+      try:
+        ids, mask = fmt.conversation(messages, stats)
+      except TemplateRefused:
+        stats.skipped_template_error += 1
+        continue
       found += 1
-      kept = fit(*fmt.conversation(messages, stats), max_tokens, overflow, stats)
+      kept = fit(ids, mask, max_tokens, overflow, stats)
       if kept is None:
         continue
       stats.conversations += 1
@@ -302,10 +316,10 @@ def load_conversations(files, fmt, max_tokens, overflow):
   logging.info("chat data: %d files, %s", len(files), total)
   if total.skipped() or total.overflow_dropped or total.overflow_truncated:
     logging.warning("chat data: skipped %d malformed rows (invalid JSON %d, no messages list %d, "
-                    "unknown role %d, content not a string %d, no assistant turn %d); longer than "
-                    "%d tokens: %d dropped, %d truncated", total.skipped(),
-                    total.skipped_invalid_json, total.skipped_not_a_list,
+                    "unknown role %d, content not a string %d, no assistant turn %d, refused by "
+                    "the template %d); longer than %d tokens: %d dropped, %d truncated",
+                    total.skipped(), total.skipped_invalid_json, total.skipped_not_a_list,
                     total.skipped_unknown_role, total.skipped_not_string,
-                    total.skipped_no_assistant, max_tokens, total.overflow_dropped,
-                    total.overflow_truncated)
+                    total.skipped_no_assistant, total.skipped_template_error, max_tokens,
+                    total.overflow_dropped, total.overflow_truncated)
   return out, total

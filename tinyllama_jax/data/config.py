@@ -6,7 +6,7 @@ from tinyllama_jax.choices import choice
 
 SOURCES = ("stdlib", "synthetic", "text", "prepared", "litpkds", "mixture", "chat")
 PACKINGS = ("concat", "first_fit", "best_fit")
-CHAT_OVERFLOWS = ("drop", "truncate")  # data/chat.py's OVERFLOWS
+CHAT_OVERFLOWS = ("drop", "truncate")  # what data/chat.py does with a conversation too long
 
 
 def data_config() -> ml_collections.ConfigDict:
