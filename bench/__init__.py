@@ -20,14 +20,6 @@ PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "libtpu",
             "orbax-checkpoint", "torch", "transformers", "numpy")
 
 
-def write_json(path, obj):
-  """obj as indented JSON at path, via a temporary file: a reader never sees half a file."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def versions():
   out = {}
   for pkg in PACKAGES:
@@ -70,15 +62,6 @@ def parse_result(stdout):
     if line.startswith(RESULT_PREFIX):
       return json.loads(line[len(RESULT_PREFIX):])
   return None
-
-
-def flops_per_token(m, seq_len):
-  """The reference's model FLOPs per token, 6N + 12*L*d*T, N without the input embedding, from
-  plain numbers so the torch worker needs no jax (model.flops_per_token is the same formula)."""
-  D, L, H, K, Dh, F, V = (m["d_model"], m["n_layers"], m["n_heads"], m["n_kv_heads"],
-                          m["head_dim"], m["ffn_dim"], m["vocab_size"])
-  n = L * (2 * D + D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F) + D + D * V
-  return 6 * n + 12 * L * D * seq_len
 
 
 def timing_summary(window_times_s, steps_per_window, tokens_per_step, n_devices, flops_token,

@@ -29,12 +29,12 @@ import subprocess
 import sys
 import time
 
-from tinyllama_jax import cli, config as config_lib
+from tinyllama_jax import cli, config as config_lib, peak_flops
+from tinyllama_jax.data import formats
 import bench
 from bench import profile  # imports jax only where a trace is taken or read
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEAK_FLOPS_BY_NAME = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12))
 
 
 def parse_args(argv):
@@ -135,13 +135,6 @@ def run_worker(cmd, timeout, env=None):
     result = {"error": f"worker exited {proc.returncode} without a result: "
                        f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
   return result, proc.stderr[-3000:], time.perf_counter() - t0
-
-
-def peak_flops_for(device_kind):
-  for name, flops in PEAK_FLOPS_BY_NAME:
-    if name in (device_kind or ""):
-      return flops
-  return 0.0
 
 
 def fmt(v, spec, scale=1.0):
@@ -258,7 +251,7 @@ def run_jobs(jobs, args, t_start):
       result["stderr_tail"] = stderr
       print(f"[bench] {name} failed: {result['error'][:300]}\n{stderr[-1500:]}", flush=True)
     if kind == "torch" and result.get("tokens_per_s") and not result.get("mfu"):
-      peak = peak_flops_for(result.get("device_kind"))
+      peak = peak_flops.peak_flops(result.get("device_kind"))
       result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak if peak else None
     results.append(result)
   return results
@@ -319,7 +312,7 @@ def main(argv):
     print(f"vs plain = tokens/s per device / the plain JAX step's "
           f"({plain['tokens_per_s']:,.0f} tokens/s)")
   out = args.out if os.path.isabs(args.out) else os.path.join(os.getcwd(), args.out)
-  bench.write_json(out, report)
+  formats.write_json_atomic(out, report)
   print(f"wrote {out}")
   ok = [r for r in results if "error" not in r and "skipped" not in r]
   return 0 if ok and len(ok) + sum("skipped" in r for r in results) == len(results) else 1

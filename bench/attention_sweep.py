@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax import kernels
+from tinyllama_jax.data import formats
 from bench import kernels as kb
 import bench
 from tinyllama_jax.kernels import flash_attention as fa
@@ -67,7 +68,7 @@ class Sweep:
     self.rows, self.meta, self.refs = [], {}, {}
 
   def save(self):
-    bench.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
+    formats.write_json_atomic(self.out_path, dict(meta=self.meta, results=self.rows))
 
   def inputs(self, B, T, H, K, D):
     ks = jax.random.split(jax.random.key(0), 4)  # as bench/kernels.py's bench_attention

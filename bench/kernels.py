@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax import kernels
+from tinyllama_jax.data import formats
 from tinyllama_jax.kernels import cross_entropy as ce
 import bench as bench_lib  # `bench` below is the Bench in hand
 from tinyllama_jax.kernels import flash_attention as fa
@@ -121,7 +122,7 @@ class Bench:
         r[f"fwd_bwd_speedup_vs_{base}"] = b["fwd_bwd_ms"] / r["fwd_bwd_ms"]
 
   def save(self):
-    bench_lib.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
+    formats.write_json_atomic(self.out_path, dict(meta=self.meta, results=self.rows))
 
 
 def _documents(rng, B, T, mean_len):

@@ -24,6 +24,7 @@ _T_START = time.perf_counter()
 import torch  # noqa: E402
 
 import bench  # noqa: E402  (imports neither jax nor torch)
+from tinyllama_jax import params  # noqa: E402  (nor does this)
 
 
 def build(m, variant, device):
@@ -86,7 +87,7 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, compile_, peak_flo
   losses.append(float(loss.detach()))
   out["loss_first"], out["loss_last"] = losses[0], losses[-1]
   out.update(bench.timing_summary(windows, window, batch * seq_len, 1,
-                                  bench.flops_per_token(m, seq_len), peak_flops))
+                                  params.flops_per_token(m, seq_len), peak_flops))
   if device == "cuda":
     out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
   out["versions"] = {"torch": torch.__version__, "cuda": torch.version.cuda,

@@ -39,6 +39,7 @@ import optax  # noqa: E402
 
 import bench  # noqa: E402
 from bench import profile  # noqa: E402
+from tinyllama_jax import params as param_table  # noqa: E402
 from tinyllama_jax.kernels.cross_entropy import cross_entropy_chunked  # noqa: E402
 from tinyllama_jax.training import metrics  # noqa: E402
 
@@ -204,7 +205,7 @@ def run(m, *, batch, seq_len, variant, steps, warmup, window, profile_dir=""):
     raise FloatingPointError(f"plain step {variant}: loss went non-finite: {losses}")
   out["loss_first"], out["loss_last"] = losses[0], losses[-1]
   out.update(bench.timing_summary(windows, window, batch * seq_len, 1,
-                                  bench.flops_per_token(m, seq_len),
+                                  param_table.flops_per_token(m, seq_len),
                                   metrics.peak_flops_per_device(0.0)))
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:

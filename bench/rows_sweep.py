@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from bench.kernels import _fwd_bwd, _time
 import bench
+from tinyllama_jax.data import formats
 from tinyllama_jax.kernels import rms_norm as rn
 from tinyllama_jax.kernels import rope
 
@@ -91,7 +92,7 @@ class Sweep:
     return row
 
   def save(self):
-    bench.write_json(self.out_path, dict(meta=self.meta, results=self.rows))
+    formats.write_json_atomic(self.out_path, dict(meta=self.meta, results=self.rows))
 
 
 def _fmt(r):

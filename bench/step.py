@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 import bench
 from bench import profile
-from tinyllama_jax import cli, distributed, sharding
+from tinyllama_jax import cli, distributed, params, sharding
 from tinyllama_jax.training import metrics, program
 
 
@@ -125,7 +125,7 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
   out["loss_first"], out["loss_last"] = losses[0], losses[-1]
   out.update(bench.timing_summary(
       windows, window, out["tokens_per_step"], mesh.size,
-      bench.flops_per_token(cfg.model.to_dict(), cfg.train.seq_len),
+      params.flops_per_token(cfg.model, cfg.train.seq_len),
       metrics.peak_flops_per_device(cfg.peak_flops)))
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:

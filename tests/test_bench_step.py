@@ -152,3 +152,18 @@ def test_profile_compare_lines_up_families_and_buckets():
   assert fam == [["loop_add_fusion", "elementwise", "3.00", "2", "0.00", "0", "+3.00"],
                  ["input_reduce_fusion", "reduction", "0.00", "0", "1.00", "2", "-1.00"],
                  ["gemm", "matmul", "5.00", "2", "5.00", "2", "+0.00"]]
+
+
+def test_peak_flops_one_table_for_jax_kinds_and_torch_names():
+  from tinyllama_jax import peak_flops
+  assert peak_flops.peak_flops("NVIDIA H200") == 989e12
+  assert peak_flops.peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM part's
+  assert peak_flops.peak_flops("NVIDIA H200 NVL") == 989e12  # a spelling the table lacks
+  assert peak_flops.peak_flops("cpu") is None and peak_flops.peak_flops(None) is None
+
+
+def test_the_parent_and_the_tables_load_no_jax():
+  """The parent process and the torch worker count FLOPs and look peaks up without jax."""
+  code = ("import sys, bench.__main__, tinyllama_jax.params, tinyllama_jax.peak_flops; "
+          "assert 'jax' not in sys.modules, 'jax loaded'")
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

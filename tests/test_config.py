@@ -102,7 +102,7 @@ def test_every_bound_names_the_key_the_bound_and_the_hint(key, rule, hint):
 
 
 def test_every_declared_choice_is_checked_and_its_default_is_one_of_them():
-  defaults = dict(config_lib._flat_items(config_lib.base_config()))
+  defaults = dict(config_lib.flat_items(config_lib.base_config()))
   declared = config_lib.choices()
   assert {"model.remat", "model.compute_dtype", "model.kernels.attention", "train.nan_policy",
           "data.source", "data.packing"} <= declared.keys()

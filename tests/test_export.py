@@ -22,7 +22,7 @@ import torch
 import transformers
 from flax import nnx
 
-from tinyllama_jax import config as config_lib
+from tinyllama_jax import cli, config as config_lib
 from tinyllama_jax.interop import export
 from tinyllama_jax.interop import hf
 from tinyllama_jax.checkpoint import run as run_lib
@@ -367,8 +367,8 @@ def test_full_disk_is_one_line_exit_3_and_leaves_nothing(imported, tmp_path, mon
     export.export(workdir, out)
   assert os.listdir(tmp_path) == []
   written.clear()
-  with pytest.raises(SystemExit) as exit_:
-    export.run_cli(["export", f"--workdir={workdir}", f"--out={out}"])
+  with pytest.raises(SystemExit) as exit_:  # as the command runs it (export.py: faults=WriteError)
+    cli.run(lambda argv: export.export(workdir, out), faults=(export.WriteError,), argv=["export"])
   assert exit_.value.code == 3
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith("error: could not write the export to") and "Traceback" not in err

@@ -13,7 +13,8 @@ import torch
 from flax import nnx
 
 from test_export import REPO, exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
-from tinyllama_jax import generate
+from tinyllama_jax import generate as generate_cli
+from tinyllama_jax.inference import decode, generate
 from tinyllama_jax import model as model_lib
 
 
@@ -48,10 +49,10 @@ def test_cached_forward_equals_model(model):
   forward = jax.jit(lambda p, t, pos, c: nnx.merge(graphdef, p).forward(t, pos, cache=c))
   cache = model_lib.init_cache(cfg.model, 1, 16, jnp.float32)
   h, cache = forward(params, tokens[:, :5], jnp.arange(5)[None], cache)
-  steps = [generate.logits_of(params, h[:, i]) for i in range(5)]
+  steps = [decode.logits_of(params, h[:, i]) for i in range(5)]
   for t in range(5, 12):
     h, cache = forward(params, tokens[:, t:t + 1], jnp.array([[t]]), cache)
-    steps.append(generate.logits_of(params, h[:, 0]))
+    steps.append(decode.logits_of(params, h[:, 0]))
   np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4)
 
 
@@ -75,7 +76,7 @@ def test_sampling(model):
 
 def test_top_p_keeps_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  sample = jax.jit(jax.vmap(lambda key: generate.sample(logits, key, 1.0, 0.7)[0]))
+  sample = jax.jit(jax.vmap(lambda key: decode.sample(logits, key, 1.0, 0.7)[0]))
   draws = sample(jax.random.split(jax.random.key(0), 400))
   assert set(np.asarray(draws).tolist()) == {0, 1}  # 0.5 < 0.7 needs the second token, not a third
 
@@ -86,7 +87,7 @@ def test_stops_at_eos_and_streams(model):
   free = generate.generate(params, cfg.model, ids, max_new_tokens=10)[0]
   stop = free[3]  # pretend the 4th generated token is EOS
   out = io.StringIO()
-  streamer = generate.Streamer(tok, ids[0], out=out)
+  streamer = generate_cli.Streamer(tok, ids[0], out=out)
   streamer.tok = type("T", (), {"decode": tok.decode, "eos_id": stop})()
   got = generate.generate(params, cfg.model, ids, max_new_tokens=10, eos_id=stop,
                           on_token=streamer)[0]

@@ -6,7 +6,8 @@ from flax import nnx
 
 from tinyllama_jax import config as config_lib
 from tinyllama_jax.kernels import attention as attn
-from tinyllama_jax.model import Llama, graphdef, init_cache, param_count
+from tinyllama_jax.model import Llama, graphdef, init_cache
+from tinyllama_jax.params import param_count
 
 
 def small_model_config(**overrides):

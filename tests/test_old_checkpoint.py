@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tinyllama_jax import config as config_lib
+from tinyllama_jax import config as config_lib, params as params_table
 from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.interop import export, hf
 from tinyllama_jax.training import loop as train_lib
@@ -45,7 +45,7 @@ def test_old_checkpoint_restores(workdir):
   cfg = run_lib.run_config(workdir, STEP)
   params = run_lib.load_params(workdir, STEP, cfg.model)  # verifies every stored checksum
   old = load_file(os.path.join(FIXTURE, "export", "hf_fp32", "model.safetensors"))
-  for path, _ in hf.param_paths(cfg.model):
+  for path, _ in params_table.shapes(cfg.model):
     node = params
     for key in path:
       node = node[key]

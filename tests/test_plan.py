@@ -13,7 +13,7 @@ import pytest
 
 from absl import flags
 
-from tinyllama_jax import config as config_lib, model as model_lib, plan as plan_cli
+from tinyllama_jax import config as config_lib, params, plan as plan_cli
 from tinyllama_jax.training import plan as plan_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +29,7 @@ def config_1b(**model):
 
 def test_state_bytes_are_exact_and_split_by_fsdp():
   cfg = config_1b()
-  n = model_lib.param_count(cfg.model)
+  n = params.param_count(cfg.model)
   _, (one,) = plan_lib.plan(cfg, 1, ["none"], source="analytic")
   _, (eight,) = plan_lib.plan(cfg, 8, ["none"], source="analytic")
   assert one.params_gib * GIB == 4 * n

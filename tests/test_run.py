@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from test_export import REPO, STDLIB, make_tokenizer
-from tinyllama_jax import config as config_lib, generate
+from tinyllama_jax import config as config_lib
+from tinyllama_jax.inference import generate
 from tinyllama_jax.inference import evaluate
 from tinyllama_jax.interop import export
 from tinyllama_jax.checkpoint import run as run_lib

@@ -162,6 +162,7 @@ def test_exported_chat_template_tokenizes_as_ours_in_transformers(data, sft, tmp
 def test_generate_chat_one_reply_and_a_session(data, sft):
   import io
   from tinyllama_jax import generate
+  from tinyllama_jax.inference import generate as generate_lib
   cfg, workdir, _ = sft
   tok = data[3]
   params = jax.device_put(run_lib.load_params(workdir, 40, cfg.model))
@@ -174,7 +175,7 @@ def test_generate_chat_one_reply_and_a_session(data, sft):
   # the reply is the greedy continuation of exactly the template's prompt
   fmt = chat.ChatFormat("", tok)
   ids = fmt.prompt(messages[:2])
-  want = generate.generate(params, cfg.model, [ids], max_new_tokens=24, eos_id=tok.eos_id,
+  want = generate_lib.generate(params, cfg.model, [ids], max_new_tokens=24, eos_id=tok.eos_id,
                            n_valid=tok.vocab_size)[0]
   assert messages[-1]["content"] == tok.decode([t for t in want if t != tok.eos_id])
   lines = iter(["What does json.dumps do?", "And json.loads?"])

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from tinyllama_jax.data import formats
 from tinyllama_jax.training import metrics
 from tinyllama_jax.sweeps import grid as sweep
 from tinyllama_jax.sweeps import launch as sweep_launch
@@ -396,7 +397,7 @@ def test_summary_without_matplotlib_still_writes_the_table(tmp_path, capsys, mon
     run_dir = tmp_path / name
     _write_metrics(run_dir, {"train/loss": [(10, 6.0), (20, 5.5)], "eval/loss": evals,
                              "perf/tokens_per_s": [(10, 100.0), (20, 300.0)]})
-    sweep_summary.write_json_atomic(str(run_dir / sweep_summary.RUN_FILE), {
+    formats.write_json_atomic(str(run_dir / sweep_summary.RUN_FILE), {
         "binding": {"optim.lr": lr}, "config": {"train": {"steps": 20}}, "status": "failed"})
   os.makedirs(tmp_path / "lr1e-03" / "checkpoints" / "20")
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError

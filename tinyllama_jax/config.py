@@ -139,20 +139,22 @@ def base_config():
   c.train = train_config()
   c.mesh = mesh_config()
   c.data = data_config()
-  c.peak_flops = 0.0  # per device, for MFU; 0: from the device-kind table in metrics.py
+  c.peak_flops = 0.0  # per device, for MFU; 0: from the device-kind table in peak_flops.py
   return c
 
 
-def flat_keys(cfg):
-  return [key for key, _ in _flat_items(cfg)]
-
-
-def _flat_items(cfg, prefix=""):
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _flat_items(v, f"{prefix}{k}.")
+def flat_items(tree, prefix=""):
+  """('a.b.c', value) for each leaf of a nested ConfigDict, or of its to_dict() (a checkpoint's
+  saved config), in the tree's order."""
+  for k, v in tree.items():
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      yield from flat_items(v, f"{prefix}{k}.")
     else:
       yield f"{prefix}{k}", v
+
+
+def flat_keys(cfg):
+  return [k for k, _ in flat_items(cfg)]
 
 
 def unknown_key_message(key, cfg):
@@ -228,7 +230,7 @@ def choices():
   """{dotted key: its allowed values} for every key declared with choice(), as they are now."""
   with declaring():
     declared = base_config()
-  return {key: value.allowed() for key, value in _flat_items(declared)
+  return {key: value.allowed() for key, value in flat_items(declared)
           if isinstance(value, Choice)}
 
 
@@ -413,11 +415,11 @@ def _attribute_key(target):
 def listing(cfg):
   """One entry a key: `key = value`, `(default X)` where cfg changes it, what validate holds it
   to (its choices, its bound), and below, the comment beside its default."""
-  defaults = dict(_flat_items(base_config()))
+  defaults = dict(flat_items(base_config()))
   requirements = {key: requirement for key, (_, requirement), _ in _rules()}
   comments = key_comments()
   out = []
-  for key, value in _flat_items(cfg):
+  for key, value in flat_items(cfg):
     line = f"{key} = {value!r}"
     if key in defaults and defaults[key] != value:
       line += f"  (default {defaults[key]!r})"

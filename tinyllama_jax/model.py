@@ -1,22 +1,11 @@
 """The Llama-2 decoder (TinyLlama's architecture) as a Flax NNX module.
 
-Parameters are fp32 and always stored stacked over layers, whatever the execution mode:
+Its parameters are params.py's table (paths, shapes, logical axes, init); the module creates
+exactly those.
 
-  name               shape          logical axes (sharding.py maps them to the mesh)
-  embed              [V, D]         vocab, embed
-  layers.attn_norm   [L, D]         layers, norm
-  layers.wq          [L, D, H, Dh]  layers, embed, heads, head_dim
-  layers.wk, wv      [L, D, K, Dh]  layers, embed, kv_heads, head_dim
-  layers.wo          [L, H, Dh, D]  layers, heads, head_dim, embed
-  layers.mlp_norm    [L, D]         layers, norm
-  layers.w_gate/up   [L, D, F]      layers, embed, mlp
-  layers.w_down      [L, F, D]      layers, mlp, embed
-  final_norm         [D]            norm
-  lm_head            [D, V]         embed, vocab
-
-One layout means one checkpoint format: `scan_layers` only changes how the block runs (a
-`lax.scan` over the stack, or a Python loop over static slices, which XLA schedules better),
-never what is saved. The block itself is a pure function of one layer's parameters.
+`scan_layers` only changes how the block runs (a `lax.scan` over the stack, or a Python loop
+over static slices, which XLA schedules better), never what is saved. The block itself is a pure
+function of one layer's parameters.
 
 One forward serves training and decoding: `Llama.forward` takes an optional KV cache
 (`init_cache`). Without one it is the causal pass over whole rows that training runs; with one,
@@ -25,14 +14,13 @@ cache, which is prefill (a prompt) and decode (one token a row) alike.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tinyllama_jax import kernels, sharding
+from tinyllama_jax import kernels, params, sharding
 
 # Remat policies by name. The tags are the checkpoint_name()s in `block`; a policy saves the
 # tagged activations it names and recomputes everything else in the backward pass.
@@ -47,7 +35,6 @@ REMAT_POLICIES = {
         *_TAGS_QKV, "attn_out", "attn_proj"),
 }
 
-LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
 
 def compute_dtype(cfg_model):
@@ -224,7 +211,13 @@ def _unstack_bwd(_, cts):
 unstack_layers.defvjp(_unstack_fwd, _unstack_bwd)
 
 
-def _normal(rngs, shape, std):
+def _create(param, cfg, rngs):
+  """One table row's initial value: ones, or normal with init_stds' std for its kind."""
+  shape = params.shape(param, cfg)
+  if param.init == "ones":
+    return nnx.Param(jnp.ones(shape, jnp.float32))
+  std, out_std = params.init_stds(cfg)
+  std = out_std if param.init == "normal_out" else std
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
@@ -232,24 +225,9 @@ class Layers(nnx.Module):
   """All L blocks' parameters, stacked on a leading layer axis."""
 
   def __init__(self, cfg, *, rngs):
-    L, D, H, K, Dh, F = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                         cfg.ffn_dim)
-    std, out_std = init_stds(cfg)
-    self.attn_norm = nnx.Param(jnp.ones((L, D), jnp.float32))
-    self.wq = _normal(rngs, (L, D, H, Dh), std)
-    self.wk = _normal(rngs, (L, D, K, Dh), std)
-    self.wv = _normal(rngs, (L, D, K, Dh), std)
-    self.wo = _normal(rngs, (L, H, Dh, D), out_std)
-    self.mlp_norm = nnx.Param(jnp.ones((L, D), jnp.float32))
-    self.w_gate = _normal(rngs, (L, D, F), std)
-    self.w_up = _normal(rngs, (L, D, F), std)
-    self.w_down = _normal(rngs, (L, F, D), out_std)
-
-
-def init_stds(cfg):
-  """TinyLlama's init: N(0, sqrt(2/(5d))) everywhere, N(0, 1/sqrt(d)/L) on the output projections."""
-  std = cfg.init_std or math.sqrt(2.0 / (5 * cfg.d_model))
-  return std, 1.0 / math.sqrt(cfg.d_model) / cfg.n_layers
+    for param in params.PARAMS:
+      if param.path[0] == "layers":
+        setattr(self, param.path[1], _create(param, cfg, rngs))
 
 
 class Llama(nnx.Module):
@@ -261,11 +239,12 @@ class Llama(nnx.Module):
     if cfg.head_dim % 2:
       raise ValueError(f"model.head_dim ({cfg.head_dim}) must be even for RoPE")
     self.cfg = cfg
-    std, _ = init_stds(cfg)
-    self.embed = _normal(rngs, (cfg.vocab_size, cfg.d_model), std)
-    self.layers = Layers(cfg, rngs=rngs)
-    self.final_norm = nnx.Param(jnp.ones((cfg.d_model,), jnp.float32))
-    self.lm_head = _normal(rngs, (cfg.d_model, cfg.vocab_size), std)
+    # In the table's order, which the RNG draws follow (the layers' rows are consecutive).
+    for param in params.PARAMS:
+      if param.path[0] != "layers":
+        setattr(self, param.path[0], _create(param, cfg, rngs))
+      elif not hasattr(self, "layers"):
+        self.layers = Layers(cfg, rngs=rngs)
 
   def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     """The final-normed hidden states h_BTD in the compute dtype (the lm_head's input)."""
@@ -294,7 +273,7 @@ class Llama(nnx.Module):
       # quietly undo the remat; inside one it cannot, and the barrier only costs speed.
       layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat],
                                 prevent_cse=not cfg.scan_layers)
-    stacked = {name: getattr(self.layers, name)[...] for name in LAYER_PARAMS}
+    stacked = {name: getattr(self.layers, name)[...] for name in params.LAYER_PARAMS}
     if cfg.scan_layers:
       def scan_body(x, inputs):
         p, layer_cache = inputs
@@ -321,17 +300,3 @@ def graphdef(cfg):
   """The model's structure without arrays: nnx.merge(graphdef(cfg), params) is the model over a
   params tree (a checkpoint's, or the train state's)."""
   return nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0))))
-
-
-def param_count(cfg, with_embedding=True):
-  """Exact parameter count from the config (no arrays built)."""
-  D, L, H, K, Dh, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                          cfg.ffn_dim, cfg.vocab_size)
-  per_layer = 2 * D + D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F
-  return L * per_layer + D + D * V + (V * D if with_embedding else 0)
-
-
-def flops_per_token(cfg, seq_len):
-  """Model FLOPs per trained token: 6N + 12*L*d*T, N without the input embedding (the
-  reference's formula, which reproduces TinyLlama's stated 56% MFU)."""
-  return 6 * param_count(cfg, with_embedding=False) + 12 * cfg.n_layers * cfg.d_model * seq_len

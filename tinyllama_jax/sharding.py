@@ -4,19 +4,20 @@ Mesh axes: `data` (pure data parallel: replicas), `fsdp` (data parallel whose re
 split parameters, gradients and optimizer state), `tensor` (splits heads and the MLP width).
 Nothing outside this file names a mesh axis.
 
-Table 1 maps logical axes (model.py's docstring names them; `act_*` are activations') to mesh
-axes. Table 2 gives each parameter its logical axes. A dimension that does not divide by its mesh
-axes is replicated. FSDP: parameters split on `embed`, so every device stores 1/fsdp of each
-matrix and XLA all-gathers a layer's weights just before use (and reduce-scatters its gradients);
+Table 1 maps logical axes (params.py's table gives each parameter its own; `act_*` are
+activations') to mesh axes. Table 2 is params.py's: a tree leaf whose path ends in a parameter's
+path takes that parameter's logical axes. A dimension that does not divide by its mesh axes is
+replicated. FSDP: parameters split on `embed`, so every device stores 1/fsdp of each matrix and
+XLA all-gathers a layer's weights just before use (and reduce-scatters its gradients);
 activations split on the batch, never on `embed`.
 """
-
-import re
 
 import jax
 from absl import logging
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tinyllama_jax import params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,19 +37,6 @@ LOGICAL_TO_MESH = {
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
 }
-
-PARAM_LOGICAL_AXES = (  # (regex on the '/'-joined parameter path, logical axes)
-    (r"(^|/)embed$", ("vocab", "embed")),
-    (r"(^|/)layers/(attn_norm|mlp_norm)$", ("layers", "norm")),
-    (r"(^|/)layers/wq$", ("layers", "embed", "heads", "head_dim")),
-    (r"(^|/)layers/(wk|wv)$", ("layers", "embed", "kv_heads", "head_dim")),
-    (r"(^|/)layers/wo$", ("layers", "heads", "head_dim", "embed")),
-    (r"(^|/)layers/(w_gate|w_up)$", ("layers", "embed", "mlp")),
-    (r"(^|/)layers/w_down$", ("layers", "mlp", "embed")),
-    (r"(^|/)final_norm$", ("norm",)),
-    (r"(^|/)lm_head$", ("embed", "vocab")),
-)
-
 
 def make_mesh(cfg_mesh, devices=None):
   devices = jax.devices() if devices is None else devices
@@ -87,29 +75,18 @@ def logical_to_spec(logical_axes, shape, mesh):
   return P(*spec)
 
 
-def _path_str(path):
-  parts = []
-  for k in path:
-    name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-    parts.append(str(name))
-  return "/".join(parts)
-
-
-def param_logical_axes(path_str):
-  for pattern, axes in PARAM_LOGICAL_AXES:
-    if re.search(pattern, path_str):
-      return axes
-  return None
+def _path_keys(path):
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))) for k in path)
 
 
 def tree_shardings(tree, mesh):
   """NamedShardings for a tree of (abstract) arrays: parameters and anything that mirrors them
   (gradients, Adam's moments) by their path; everything else (step, counts, RNG) replicated."""
   def one(path, leaf):
-    axes = param_logical_axes(_path_str(path))
-    if axes is None or len(axes) != len(leaf.shape):
+    param = params.lookup(_path_keys(path))
+    if param is None or len(param.axes) != len(leaf.shape):  # e.g. a factored optimizer statistic
       return NamedSharding(mesh, P())
-    return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh))
+    return NamedSharding(mesh, logical_to_spec(param.axes, leaf.shape, mesh))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 

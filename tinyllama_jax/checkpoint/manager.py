@@ -31,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tinyllama_jax import config as config_lib
+
 # The fields that fix the parameter shapes: a checkpoint only continues a run that agrees on them.
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step not yet committed
@@ -326,18 +328,8 @@ def check_architecture(saved_cfg, cfg_model, directory):
                      f"({'; '.join(diffs)}): use a new --workdir or the config it was trained with")
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_differences(saved_cfg, cfg_dict):
-  saved, now = _flatten(saved_cfg), _flatten(cfg_dict)
+  saved, now = dict(config_lib.flat_items(saved_cfg)), dict(config_lib.flat_items(cfg_dict))
   return [f"{k}: {saved.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
           for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 

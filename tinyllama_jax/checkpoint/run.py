@@ -14,8 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tinyllama_jax import params as param_table
 from tinyllama_jax.checkpoint import manager as checkpoint
-from tinyllama_jax.interop import hf
 from tinyllama_jax.training import program
 from tinyllama_jax.data import corpus, tokenizer as tokenizer_lib
 from tinyllama_jax.data import pipeline
@@ -129,7 +129,7 @@ def param_checksums(workdir, step):
                     "parameters are not verified", step, workdir)
     return None
   keystr = lambda path: jax.tree_util.keystr(tuple(map(jax.tree_util.DictKey, path)))
-  return {path: by_path[keystr(("params",) + path)] for path, _ in hf.param_paths(cfg.model)}
+  return {path: by_path[keystr(("params",) + path)] for path, _ in param_table.shapes(cfg.model)}
 
 
 def iter_params(workdir, step, cfg_model, *, verify=True):
@@ -139,7 +139,7 @@ def iter_params(workdir, step, cfg_model, *, verify=True):
   state_dir = os.path.abspath(os.path.join(checkpoint_dir(workdir), str(step), "state"))
   checkpointer = ocp.PyTreeCheckpointer()
   sums = param_checksums(workdir, step) if verify else None
-  for path, shape in hf.param_paths(cfg_model):
+  for path, shape in param_table.shapes(cfg_model):
     item = {"params": _nest(path, 0)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     with _readable(workdir, step):

@@ -8,8 +8,8 @@ tokens actually in the file, never padding), so TinyLlama's loader reads them an
 import dataclasses
 import json
 import os
+import secrets
 import struct
-import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -24,9 +24,6 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
 MANIFEST = "manifest.json"  # written by `python -m tinyllama_jax.data.prepare`
 MANIFEST_FORMAT = "tinyllama_jax.prepared/1"
 _ZSTD_READ_BYTES = 1 << 20
-# Read once at import: os.umask can only be read by setting it, which races with other threads.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -36,20 +33,29 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def atomic_write(path: str, write_fn, mode="wb"):
   """Writes through a temp file in the same folder and renames: never a half-written `path`.
 
-  The file gets the mode a plain open() would give (0o666 less the umask), not mkstemp's 0o600:
-  prepared data and tokenizers are meant to be read by other users.
+  The temp file is created as a plain open() creates files, 0o666 less the umask in force (not
+  mkstemp's 0o600: prepared data, tokenizers and exports are meant to be read by other users),
+  under a fresh name (O_EXCL), so concurrent writers never share one. The kernel applies the
+  umask: reading it would mean setting it, which races with other threads.
   """
   folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, mode) as f:
       write_fn(f)
-    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_json_atomic(path, obj, sort_keys=False):
+  """obj as indented JSON at path (its folder made if missing), through atomic_write: a reader
+  never sees half a file, and concurrent writers never share a temp file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=sort_keys), mode="w")
 
 
 def write_litpkds(path: str, tokens: np.ndarray):

@@ -87,7 +87,7 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
                cfg.source, path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   # The record goes first: a crash between the two writes leaves no model, so the next run retrains.
-  _write_json(info_path, want)
+  formats.write_json_atomic(info_path, want)
   return tokenizer_lib.train_tokenizer(_tokenizer_sample(cfg), path, cfg.tokenizer_vocab_size)
 
 
@@ -139,13 +139,6 @@ def _read_json(path):
     return None
   with open(path) as f:
     return json.load(f)
-
-
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 # --- components: one (weight, source, paths) each; a mixture has several ------------------------

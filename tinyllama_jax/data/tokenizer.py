@@ -3,11 +3,12 @@
 import hashlib
 import io
 import os
-import tempfile
 from typing import Iterable
 
 from absl import logging
 import sentencepiece as spm
+
+from tinyllama_jax.data import formats
 
 # Llama-2's special ids: the model's embedding rows 0..2 keep the same meaning with our tokenizers.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -70,7 +71,7 @@ class Tokenizer:
 
   def save(self, path: str):
     """Writes the model atomically (a temp file renamed): never a half-written `path`."""
-    _atomic_write(path, self._proto)
+    formats.atomic_write(path, lambda f: f.write(self._proto))
 
   def __getstate__(self):
     return {"path": self.path, "proto": self._proto}
@@ -104,25 +105,7 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int) -> Tokeniz
       hard_vocab_limit=False, max_sentence_length=_MAX_TRAIN_LINE_BYTES,
       num_threads=os.cpu_count() or 1, minloglevel=2)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  _atomic_write(path, model.getvalue())
+  formats.atomic_write(path, lambda f: f.write(model.getvalue()))
   tok = Tokenizer(path)
   logging.info("trained %s", tok)
   return tok
-
-
-def _atomic_write(path: str, data: bytes):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would keep the model from colleagues
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask

@@ -23,18 +23,17 @@ import tempfile
 import time
 
 import jax
-import ml_collections
 import ml_dtypes
 import numpy as np
 from absl import logging
 
-from tinyllama_jax import config as config_lib, sharding
+from tinyllama_jax import config as config_lib, params as param_table, sharding
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.interop import hf
 from tinyllama_jax.training import program
 from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.data import chat
-from tinyllama_jax.data import tokenizer as tokenizer_lib
+from tinyllama_jax.data import formats, tokenizer as tokenizer_lib
 
 # ----------------------------------------------------------------------------- output dirs
 
@@ -115,11 +114,11 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
   else:
     logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
                     cfg.data.source)
-  _write_json(os.path.join(tmp, "config.json"),
-              hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name))
+  hf_cfg = hf.hf_config(cfg.model, bos_id=bos_id, eos_id=eos_id, dtype_name=dtype_name)
+  formats.write_json_atomic(os.path.join(tmp, "config.json"), hf_cfg)
   # No max_length: transformers warns when it meets max_new_tokens, the usual argument.
-  _write_json(os.path.join(tmp, "generation_config.json"),
-              {"bos_token_id": bos_id, "eos_token_id": eos_id})
+  formats.write_json_atomic(os.path.join(tmp, "generation_config.json"),
+                            {"bos_token_id": bos_id, "eos_token_id": eos_id})
   writer = hf.ShardWriter(tmp, plan, np_dtype)
   try:
     for path, x in run_lib.iter_params(workdir, step, cfg.model):
@@ -158,11 +157,6 @@ def _gib(n):
   return f"{n / 2**30:.2f} GiB"
 
 
-def _write_json(path, obj):
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-
-
 # ----------------------------------------------------------------------------- import
 
 
@@ -185,10 +179,11 @@ def check_tensors(reader, cfg_model, hf_cfg, hf_dir):
   expected = hf.hf_shapes(cfg_model)
   have = set(reader.names())
   alias = {}
-  if "lm_head.weight" not in have and hf_cfg.get("tie_word_embeddings"):
+  lm_head, embed = param_table.BY_NAME["lm_head"].hf_name, param_table.BY_NAME["embed"].hf_name
+  if lm_head not in have and hf_cfg.get("tie_word_embeddings"):
     logging.info("%s ties lm_head to the input embedding: importing it as two untied copies",
                  hf_dir)
-    alias["lm_head.weight"] = "model.embed_tokens.weight"
+    alias[lm_head] = embed
   missing = [n for n in expected if n not in have and n not in alias]
   if missing:
     raise ValueError(f"{hf_dir} lacks tensor {missing[0]} ({len(missing)} missing): not a "
@@ -219,22 +214,14 @@ def import_config(fields, base_config_path, tokenizer_file):
 
 def config_py(cfg, source):
   """A config file whose get_config() rebuilds `cfg`: base_config() plus the differing keys."""
-  base = dict(_flat_items(config_lib.base_config()))
-  lines = [f"c.{k} = {v!r}" for k, v in _flat_items(cfg) if base.get(k, object()) != v]
+  base = dict(config_lib.flat_items(config_lib.base_config()))
+  lines = [f"c.{k} = {v!r}" for k, v in config_lib.flat_items(cfg) if base.get(k, object()) != v]
   body = "\n".join(f"  {line}" for line in lines)
   return (f'"""Written by `python -m tinyllama_jax.export --from_hf={source}`: the imported\n'
           'architecture and tokenizer on top of the defaults. Edit the training fields freely;\n'
           'the model fields must stay as they are to continue from the imported checkpoint."""\n\n'
           "from tinyllama_jax.config import base_config\n\n\n"
           f"def get_config():\n  c = base_config()\n{body}\n  return c\n")
-
-
-def _flat_items(cfg, prefix=""):
-  for k, v in cfg.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _flat_items(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
 
 
 def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
@@ -263,7 +250,7 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
     prog = program.build_program(cfg, sharding.make_mesh(cfg.mesh))
     init, tx, shardings = prog.init, prog.tx, prog.state_shardings
     params = {}
-    for path, shape in hf.param_paths(cfg.model):
+    for path, shape in param_table.shapes(cfg.model):
       target, node = shardings["params"], params
       for key in path[:-1]:
         target, node = target[key], node.setdefault(key, {})
@@ -286,8 +273,8 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
       f.write(config_py(cfg, hf_dir))
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-    _write_json(os.path.join(tmp, "imported_from.json"),
-                {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
+    formats.write_json_atomic(os.path.join(tmp, "imported_from.json"),
+                              {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
     commit_output_dir(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,17 +2,10 @@
 
 No transformers or torch here: export and import run on machines that have neither.
 
-  ours (stacked over L)   HF, per layer i (PyTorch Linear weights are [out, in])
-  embed       [V, D]      model.embed_tokens.weight               [V, D]
-  attn_norm   [L, D]      model.layers.i.input_layernorm.weight    [D]
-  wq          [L, D, H, Dh]  model.layers.i.self_attn.q_proj.weight [H*Dh, D]
-  wk, wv      [L, D, K, Dh]  ...k_proj / v_proj.weight             [K*Dh, D]
-  wo          [L, H, Dh, D]  ...o_proj.weight                      [D, H*Dh]
-  mlp_norm    [L, D]      model.layers.i.post_attention_layernorm.weight
-  w_gate/up   [L, D, F]   model.layers.i.mlp.gate_proj/up_proj.weight [F, D]
-  w_down      [L, F, D]   model.layers.i.mlp.down_proj.weight      [D, F]
-  final_norm  [D]         model.norm.weight
-  lm_head     [D, V]      lm_head.weight                           [V, D]
+Names and layouts are params.py's table: each of our parameters (stacked over L) is one HF
+tensor a layer, a PyTorch Linear's weight [out, in] for the matrices (ours are [in, out], with
+heads as their own axes: wq [D, H, Dh] is q_proj's [H*Dh, D]), as ours for the norms and the
+embedding table.
 
 RoPE is rotate-half on both sides, so q/k need no permutation.
 """
@@ -24,70 +17,36 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "wq": "self_attn.q_proj",
-    "wk": "self_attn.k_proj",
-    "wv": "self_attn.v_proj",
-    "wo": "self_attn.o_proj",
-    "mlp_norm": "post_attention_layernorm",
-    "w_gate": "mlp.gate_proj",
-    "w_up": "mlp.up_proj",
-    "w_down": "mlp.down_proj",
-}
-TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-             "lm_head": "lm_head.weight"}
+from tinyllama_jax import params
+
 # Buffers older exports carry: recomputed by every loader, safe to skip (and counted in the log).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def layer_name(i, ours):
-  return f"model.layers.{i}.{LAYER_NAMES[ours]}.weight"
-
-
-def param_paths(cfg_model):
-  """Our parameter paths in HF file order, with their shapes."""
-  m = cfg_model
-  L, D, H, K, Dh, F, V = (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.ffn_dim,
-                          m.vocab_size)
-  layer_shapes = {"attn_norm": (L, D), "wq": (L, D, H, Dh), "wk": (L, D, K, Dh),
-                  "wv": (L, D, K, Dh), "wo": (L, H, Dh, D), "mlp_norm": (L, D),
-                  "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D)}
-  return ([(("embed",), (V, D))] + [(("layers", n), s) for n, s in layer_shapes.items()]
-          + [(("final_norm",), (D,)), (("lm_head",), (D, V))])
+def _to_torch(param, w):
+  """One layer's (or a top-level) array in HF's layout: [in..., out...] -> [out, in]."""
+  if param.hf_in_dims is None:
+    return w
+  return w.reshape(int(np.prod(w.shape[:param.hf_in_dims])), -1).T
 
 
 def to_hf(path, x):
   """One of our (stacked) parameters -> [(hf_name, array)], PyTorch layout."""
+  param = params.lookup(path)
   if path[0] != "layers":
-    return [(TOP_NAMES[path[0]], x.T if path[0] == "lm_head" else x)]
-  name = path[1]
-  out = []
-  for i in range(x.shape[0]):
-    w = x[i]
-    if name in ("wq", "wk", "wv"):  # [D, H, Dh] -> [H*Dh, D]
-      w = w.reshape(w.shape[0], -1).T
-    elif name == "wo":  # [H, Dh, D] -> [D, H*Dh]
-      w = w.reshape(-1, w.shape[-1]).T
-    elif name != "attn_norm" and name != "mlp_norm":  # [in, out] -> [out, in]
-      w = w.T
-    out.append((layer_name(i, name), w))
-  return out
+    return [(param.hf_name, _to_torch(param, x))]
+  return [(param.hf_name.format(i=i), _to_torch(param, x[i])) for i in range(x.shape[0])]
 
 
 def from_hf(path, shape, get):
   """The inverse of `to_hf`: builds our parameter of `shape` with `get(hf_name)` -> array."""
+  param = params.lookup(path)
+  ours = lambda w, shape: w if param.hf_in_dims is None else w.T.reshape(shape)
   if path[0] != "layers":
-    x = get(TOP_NAMES[path[0]])
-    return x.T if path[0] == "lm_head" else x
-  name = path[1]
+    return ours(get(param.hf_name), shape)
   out = None  # filled layer by layer: one copy of the parameter, not a list plus its stack
   for i in range(shape[0]):
-    w = get(layer_name(i, name))
-    if name in ("wq", "wk", "wv", "wo"):
-      w = w.T.reshape(shape[1:])
-    elif name not in ("attn_norm", "mlp_norm"):
-      w = w.T
+    w = ours(get(param.hf_name.format(i=i)), shape[1:])
     if out is None:
       out = np.empty((shape[0],) + w.shape, w.dtype)
     out[i] = w
@@ -97,7 +56,7 @@ def from_hf(path, shape, get):
 def hf_shapes(cfg_model):
   """{hf_name: shape} in file order, computed without any array."""
   out = {}
-  for path, shape in param_paths(cfg_model):
+  for path, shape in params.shapes(cfg_model):
     for name, x in to_hf(path, np.broadcast_to(np.zeros((), np.int8), shape)):
       out[name] = x.shape
   return out
@@ -122,7 +81,7 @@ def hf_config(cfg_model, *, bos_id, eos_id, dtype_name):
       "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
       "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
       "tie_word_embeddings": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
-      "initializer_range": m.init_std or float(np.sqrt(2.0 / (5 * m.d_model))),
+      "initializer_range": params.init_stds(m)[0],
       "pretraining_tp": 1, "use_cache": True, "torch_dtype": dtype_name, "dtype": dtype_name,
   }
 

@@ -20,9 +20,10 @@ import os
 import re
 
 from tinyllama_jax import config as config_lib
+from tinyllama_jax.data.formats import write_json_atomic
 from tinyllama_jax.sweeps.launch import train_command
 from tinyllama_jax.sweeps.summary import (RUN_FILE, format_value, latest_checkpoint_step,
-                                         read_run_file, write_json_atomic)
+                                         read_run_file)
 
 
 # ----------------------------------------------------------------------------- grids
@@ -267,4 +268,4 @@ def prepare_workdirs(runs, config_path, allow_config_change=False):
     record.update(name=run.name, binding=run.binding, overrides=run.overrides,
                   config=run.cfg.to_dict(), command=train_command(run, config_path, "python"))
     record.setdefault("status", "new")
-    write_json_atomic(os.path.join(run.workdir, RUN_FILE), record)
+    write_json_atomic(os.path.join(run.workdir, RUN_FILE), record, sort_keys=True)

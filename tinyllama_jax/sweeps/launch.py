@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-from tinyllama_jax.sweeps.summary import (RUN_FILE, latest_checkpoint_step, read_run_file,
-                                         write_json_atomic)
+from tinyllama_jax.data.formats import write_json_atomic
+from tinyllama_jax.sweeps.summary import RUN_FILE, latest_checkpoint_step, read_run_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_MODULE = ["-m", "tinyllama_jax.train"]
@@ -90,7 +90,7 @@ def _update_record(run, **fields):
   path = os.path.join(run.workdir, RUN_FILE)
   record = read_run_file(run.workdir)
   record.update(fields, updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-  write_json_atomic(path, record)
+  write_json_atomic(path, record, sort_keys=True)
 
 
 def _tail(path, n=15):

@@ -50,13 +50,6 @@ def read_run_file(run_dir):
     return json.load(f)
 
 
-def write_json_atomic(path, obj):
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def run_row(run_dir):
   """The summary of one run directory, or None when it is not a run (no metrics, no record)."""
   record = read_run_file(run_dir)

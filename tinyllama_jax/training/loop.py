@@ -14,11 +14,12 @@ import os
 import jax
 from absl import logging
 
-from tinyllama_jax import config as config_lib, generate, sharding
+from tinyllama_jax import config as config_lib, sharding
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import tokenizer as tokenizer_lib
-from tinyllama_jax.model import flops_per_token, param_count
+from tinyllama_jax.inference import generate
+from tinyllama_jax.params import flops_per_token, param_count
 from tinyllama_jax.training import faults, init_from, metrics, program
 
 # ----------------------------------------------------------------------------- the run

@@ -7,35 +7,15 @@ import time
 import jax
 from absl import logging
 
+from tinyllama_jax import peak_flops
+
 METRICS_FILE = "metrics.jsonl"  # beside tb/ in every workdir: one JSON object of scalars a line
-
-# Dense bf16 peak FLOP/s per device, by jax's device_kind (datasheet numbers; MFU's denominator).
-PEAK_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA GeForce RTX 4090": 165e12,
-    "NVIDIA GeForce RTX 3090": 71e12,
-    "NVIDIA L40S": 362e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
 
 def peak_flops_per_device(override=0.0):
   """Peak from the config when set, else from the table; None when unknown (CPU): no MFU."""
   if override:
     return float(override)
-  return PEAK_FLOPS.get(jax.devices()[0].device_kind)
+  return peak_flops.peak_flops(jax.devices()[0].device_kind)
 
 
 def peak_memory_bytes():

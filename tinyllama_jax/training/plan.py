@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from tinyllama_jax import config as config_lib, kernels, model as model_lib, sharding
+from tinyllama_jax import config as config_lib, kernels, params, sharding
 from tinyllama_jax.training import program
 
 GIB = 2**30
@@ -185,7 +185,7 @@ def plan_one(cfg, mesh, remat, use_xla, stand_ins=True):
   act = analytic_activations_gib(cfg, micro, remat)
   # The step's arguments (state + batch), its gradients, activations; one layer's bf16 weights
   # gathered at a time (FSDP) and twice that in flight.
-  layer_w = (model_lib.param_count(cfg.model, with_embedding=False) / cfg.model.n_layers) * 2 * 2
+  layer_w = (params.param_count(cfg.model, with_embedding=False) / cfg.model.n_layers) * 2 * 2
   peak = (params_b * 2 + opt_b) / GIB + act + layer_w / GIB
   return Plan(remat, "analytic", activations_gib=act, peak_gib=peak, **fixed)
 
@@ -211,7 +211,7 @@ def plan(cfg, n_devices, remats, source="auto"):
 
 def format_table(cfg, mesh, plans, memory_gib):
   T, micro = cfg.train.seq_len, cfg.train.micro_batch_per_device
-  lines = [f"{model_lib.param_count(cfg.model):,} parameters; mesh {dict(mesh.shape)}; "
+  lines = [f"{params.param_count(cfg.model):,} parameters; mesh {dict(mesh.shape)}; "
            f"{micro} x {T} tokens per device; fp32 params, grads and Adam moments; bf16 compute",
            f"{'remat':<18}{'source':>9}{'params':>8}{'grads':>7}{'adam':>7}{'activ.':>8}"
            f"{'peak':>7}   fits {memory_gib:g} GiB (+{RUNTIME_RESERVE_GIB:g} runtime)?"]

@@ -1,0 +1,254 @@
+"""Decoding speed: our on-device decode loop (tinyllama_jax/inference/decode.py) against
+transformers' generate, and speculative decoding, on one device.
+
+    BENCH_COMMIT=$(git rev-parse --short HEAD) python bench/decode.py --out=decode.json
+    python bench/decode.py --config=configs/tiny.py --new_tokens=16 --out=/tmp/d.json  # CPU smoke
+
+Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
+  ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing);
+  speculative  the target with a draft of --draft_tokens a round. Random weights make acceptance
+               meaningless, so without --target_workdir/--draft_workdir the draft is the target
+               itself: ~100% acceptance, the machinery's overhead (K+1 tokens a target call, and
+               the draft's K steps, which cost a target step each here);
+  hf eager / hf static+compile  transformers' generate on a random LlamaForCausalLM of the same
+               shape in bf16 (only if torch and transformers import; only timing, other weights).
+Each row: a warm-up call (compiles), then the best of 3 timed calls, each ending on the host
+(the tokens are numpy), so nothing is left in flight. tokens_per_s counts every row's new
+tokens; ms_per_token is the wall time per decode step (a token of every row). The whole run
+stops starting rows after --deadline_s (skipped rows say so), to stay within ~7 minutes.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from tinyllama_jax import config as config_lib  # noqa: E402
+from tinyllama_jax import model as model_lib  # noqa: E402
+from tinyllama_jax.checkpoint import run as run_lib  # noqa: E402
+from tinyllama_jax.inference import decode, speculative  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(argv):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default=os.path.join(REPO, "configs/1b.py"))
+  ap.add_argument("--out", required=True, help="The JSON file to write.")
+  ap.add_argument("--batches", default="1,16")
+  ap.add_argument("--dtypes", default="bfloat16,float32")
+  ap.add_argument("--prompt_len", type=int, default=128)
+  ap.add_argument("--new_tokens", type=int, default=256)
+  ap.add_argument("--draft_tokens", type=int, default=4)
+  ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
+  ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
+  ap.add_argument("--no_torch", action="store_true", help="Skip the transformers rows.")
+  ap.add_argument("--deadline_s", type=float, default=400.0,
+                  help="Start no row after this many seconds.")
+  return ap.parse_args(argv)
+
+
+class Clock:
+  def __init__(self, deadline_s):
+    self.start, self.deadline_s = time.perf_counter(), deadline_s
+
+  def left(self):
+    return self.deadline_s - (time.perf_counter() - self.start)
+
+
+def with_dtype(cfg_model, dtype):
+  cfg_model = cfg_model.copy_and_resolve_references()
+  with cfg_model.unlocked():
+    cfg_model.compute_dtype = dtype
+  return cfg_model
+
+
+def random_params(cfg_model, seed=0):
+  """Random weights made on the device (a 1b model's init on the host takes minutes)."""
+  def init():
+    return nnx.to_pure_dict(nnx.state(model_lib.Llama(cfg_model, rngs=nnx.Rngs(params=seed)),
+                                      nnx.Param))
+  return jax.jit(init)()
+
+
+def load_run(workdir, cfg_like):
+  step = run_lib.resolve_step(workdir)
+  cfg_model = with_dtype(run_lib.run_config(workdir, step).model, cfg_like.compute_dtype)
+  return jax.device_put(run_lib.load_params(workdir, step, cfg_model)), cfg_model
+
+
+def best_of(fn, clock, reps=3):
+  """(the best wall time of up to `reps` calls after one warm-up, the warm-up's result)."""
+  result = fn()
+  times = []
+  for _ in range(reps):
+    if times and clock.left() < 0:
+      break
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times), result
+
+
+def row(name, batch, dtype, seconds, new_tokens, **extra):
+  return {"name": name, "batch": batch, "dtype": dtype,
+          "tokens_per_s": batch * new_tokens / seconds,
+          "ms_per_token": 1e3 * seconds / new_tokens, "seconds": seconds, **extra}
+
+
+def ours_rows(args, cfg_model, clock, rows):
+  params32 = None
+  for dtype in args.dtypes.split(","):
+    cfg_d = with_dtype(cfg_model, dtype)
+    if params32 is None:
+      params32 = random_params(cfg_model)
+    params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
+    for batch in map(int, args.batches.split(",")):
+      name = "ours"
+      if clock.left() < 0:
+        rows.append({"name": name, "batch": batch, "dtype": dtype, "skipped": "deadline"})
+        print_row(rows[-1])
+        continue
+      prompts, lengths = prompt_batch(args, cfg_d, batch)
+      seconds, _ = best_of(lambda: decode.decode(params, cfg_d, prompts, lengths,
+                                                 max_new_tokens=args.new_tokens), clock)
+      rows.append(row(name, batch, dtype, seconds, args.new_tokens))
+      print_row(rows[-1])
+  return params32
+
+
+def prompt_batch(args, cfg_model, batch):
+  rng = np.random.default_rng(batch)
+  prompts = rng.integers(0, cfg_model.vocab_size, (batch, args.prompt_len)).tolist()
+  return prompts, np.full(batch, args.prompt_len, np.int32)
+
+
+def speculative_rows(args, cfg_model, params32, clock, rows):
+  dtype = args.dtypes.split(",")[0]
+  cfg_t = with_dtype(cfg_model, dtype)
+  if args.target_workdir:
+    params_t, cfg_t = load_run(args.target_workdir, cfg_t)
+  else:
+    params_t = params32 if params32 is not None else random_params(cfg_model)
+  if args.draft_workdir:
+    params_d, cfg_d = load_run(args.draft_workdir, cfg_t)
+    label = f"speculative K={args.draft_tokens} (draft {os.path.basename(args.draft_workdir)})"
+  else:
+    params_d, cfg_d = params_t, cfg_t
+    label = (f"speculative K={args.draft_tokens} (draft = target: ~100% acceptance, the "
+             "machinery's overhead)")
+  speculative.check_draft(cfg_t, cfg_d, draft_tokens=args.draft_tokens, same_tokenizer=True)
+  params_t = jax.block_until_ready(decode.cast_params(params_t, cfg_t))
+  params_d = jax.block_until_ready(decode.cast_params(params_d, cfg_d))
+  for batch in map(int, args.batches.split(",")):
+    if clock.left() < 0:
+      rows.append({"name": label, "batch": batch, "dtype": dtype, "skipped": "deadline"})
+      print_row(rows[-1])
+      continue
+    prompts, lengths = prompt_batch(args, cfg_t, batch)
+    seconds, (_, stats) = best_of(lambda: speculative.decode(
+        params_t, cfg_t, params_d, cfg_d, prompts, lengths, draft_tokens=args.draft_tokens,
+        max_new_tokens=args.new_tokens), clock)
+    plain = [r for r in rows if r["name"] == "ours" and r["batch"] == batch
+             and r["dtype"] == dtype and "seconds" in r]
+    extra = {"acceptance": stats["acceptance"], "tokens_per_target_call": stats["tokens_per_call"]}
+    if plain:
+      extra["speedup_vs_ours"] = plain[0]["seconds"] / seconds
+    rows.append(row(label, batch, dtype, seconds, args.new_tokens, **extra))
+    print_row(rows[-1])
+
+
+def hf_rows(args, cfg_model, clock, rows):
+  """transformers' generate, eager and with a static cache + torch.compile, if they import."""
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    rows.append({"name": "hf", "skipped": f"torch/transformers do not import ({e})"})
+    print_row(rows[-1])
+    return
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  m = cfg_model
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_dim,
+      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+      num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim,
+      max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
+      tie_word_embeddings=False)
+  with torch.device(device):
+    model = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+  for name, compiled in (("hf eager", False), ("hf static+compile", True)):
+    if compiled:
+      # Compiling takes a minute or two: start only with room for it.
+      model.generation_config.cache_implementation = "static"
+      model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    for batch in map(int, args.batches.split(",")):
+      if clock.left() < (120 if compiled else 0):
+        rows.append({"name": name, "batch": batch, "dtype": "bfloat16", "skipped": "deadline"})
+        print_row(rows[-1])
+        continue
+      ids = torch.as_tensor(np.random.default_rng(batch).integers(
+          0, m.vocab_size, (batch, args.prompt_len)), device=device)
+
+      def generate():
+        with torch.no_grad():
+          out = model.generate(ids, max_new_tokens=args.new_tokens,
+                               min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        return out.cpu()
+      seconds, _ = best_of(generate, clock, reps=1)  # eager takes ~20 s a call at batch 1
+      rows.append(row(name, batch, "bfloat16", seconds, args.new_tokens,
+                      torch=torch.__version__, transformers=transformers.__version__))
+      print_row(rows[-1])
+
+
+def print_row(r):
+  if "skipped" in r:
+    print(f"{r['name']:<32} {r.get('batch', ''):>5} {r.get('dtype', ''):>9}  skipped: "
+          f"{r['skipped']}", flush=True)
+    return
+  extra = "".join(f"  {k}={r[k]:.3g}" for k in ("acceptance", "tokens_per_target_call",
+                                                "speedup_vs_ours") if k in r)
+  print(f"{r['name']:<32} {r['batch']:>5} {r['dtype']:>9} {r['tokens_per_s']:>11.1f} "
+        f"{r['ms_per_token']:>9.3f}{extra}", flush=True)
+
+
+def main(argv=None):
+  args = parse(argv)
+  cfg_model = config_lib.load_config_file(args.config).model
+  limit = cfg_model.max_seq_len
+  if args.prompt_len + args.new_tokens + args.draft_tokens + 1 > limit:
+    raise ValueError(f"--prompt_len + --new_tokens + --draft_tokens + 1 exceed the model's "
+                     f"context of {limit}: lower --new_tokens")
+  clock = Clock(args.deadline_s)
+  print(f"{'row':<32} {'batch':>5} {'dtype':>9} {'tokens/s':>11} {'ms/token':>9}", flush=True)
+  rows = []
+  params32 = ours_rows(args, cfg_model, clock, rows)
+  speculative_rows(args, cfg_model, params32, clock, rows)
+  del params32
+  if not args.no_torch:
+    hf_rows(args, cfg_model, clock, rows)
+  result = {"rows": rows, "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": os.environ.get("BENCH_COMMIT"), "config": args.config,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "wall_s": time.perf_counter() - clock.start}
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

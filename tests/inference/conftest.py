@@ -1,0 +1,22 @@
+"""Fixtures of the decoding tests: tiny random models, and test_export's HF-import fixtures (its
+helpers live in tests/, one folder up)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from decoding_models import tiny_model  # noqa: E402
+from test_export import imported, tokenizer_file  # noqa: E402, F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def target():
+  return tiny_model(0)
+
+
+@pytest.fixture(scope="module")
+def draft():
+  return tiny_model(1, n_layers=1, d_model=32, ffn_dim=64, n_heads=2, n_kv_heads=1)

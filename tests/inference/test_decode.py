@@ -1,0 +1,74 @@
+"""The on-device decode loop: chunks of any size give the same tokens, rows stop at their own
+EOS, weights cast once, compiled programs reused; the decode bench's smoke run."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decoding_models import REPO, random_prompts, tiny_model
+from tinyllama_jax.inference import decode
+
+
+def test_chunk_size_changes_nothing(target):
+  params, cfg = target
+  prompts, lengths = random_prompts([3, 11, 20])
+  for settings in (dict(), dict(temperature=1.0, top_p=0.9, seed=5)):
+    whole = decode.decode(params, cfg, prompts, lengths, max_new_tokens=13, **settings)
+    for chunk in (1, 5):
+      assert decode.decode(params, cfg, prompts, lengths, max_new_tokens=13, chunk=chunk,
+                           **settings) == whole
+    assert all(len(row) == 13 for row in whole) and len(set(map(tuple, whole))) == 3
+
+
+def test_each_row_stops_at_its_eos(target):
+  params, cfg = target
+  prompts, lengths = random_prompts([4, 9, 15])
+  free = decode.decode(params, cfg, prompts, lengths, max_new_tokens=12)
+  eos = free[0][6]
+  got = decode.decode(params, cfg, prompts, lengths, max_new_tokens=12, eos_id=eos, chunk=4)
+  for row, want in zip(got, free):
+    assert row == (want[:want.index(eos) + 1] if eos in want else want)
+  # Every row done: the loop ends there, not at max_new_tokens.
+  first = free[0][0]
+  assert decode.decode(params, cfg, prompts[:1], lengths[:1], max_new_tokens=50,
+                       eos_id=first) == [[first]]
+
+
+def test_params_cast_once_same_tokens():
+  params, cfg = tiny_model(0, compute_dtype="bfloat16")
+  cast = decode.cast_params(params, cfg)
+  assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+  prompts, lengths = random_prompts([5, 8])
+  # The forward casts fp32 weights to the compute dtype itself: casting first changes no value.
+  assert (decode.decode(cast, cfg, prompts, lengths, max_new_tokens=6)
+          == decode.decode(params, cfg, prompts, lengths, max_new_tokens=6))
+
+
+def test_compiled_programs_are_reused(target):
+  params, cfg = target
+  decode._DECODERS.clear()
+  for n in ([3, 7], [5, 2], [9, 9]):
+    prompts, lengths = random_prompts(n, seed=n[0])
+    decode.decode(params, cfg, prompts, lengths, max_new_tokens=40, chunk=8)
+  (decoder,) = decode._DECODERS.values()
+  assert decoder.run._cache_size() == 1 and decoder.prefill._cache_size() == 1
+
+
+def test_bench_smoke(tmp_path):
+  spec = importlib.util.spec_from_file_location("bench_decode", os.path.join(REPO, "bench",
+                                                                             "decode.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = tmp_path / "decode.json"
+  bench.main(["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2",
+              "--prompt_len=8", "--batches=1,2", "--dtypes=float32", "--no_torch",
+              f"--out={out}"])
+  result = json.loads(out.read_text())
+  names = {row["name"] for row in result["rows"]}
+  assert {"ours", "speculative"} <= {n.split(" ")[0] for n in names}
+  assert all(row["tokens_per_s"] > 0 for row in result["rows"])
+  assert result["jax"] == jax.__version__ and np.isfinite(result["rows"][0]["ms_per_token"])
