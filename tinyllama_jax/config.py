@@ -116,6 +116,10 @@ def train_config():
   # Resume onto data that changed since the checkpoint (another prepare into the same folder,
   # files added): restart the data stream from its beginning, with a warning, instead of refusing.
   c.allow_data_change = False
+  # A run's workdir (or an import from `export --from_hf`) to start from: its parameters, with a
+  # fresh optimizer, step 0 and schedule (fine-tuning); the model fields must match its. Only on
+  # a fresh start: a workdir with checkpoints resumes them. '' = a random init.
+  c.init_from = ""
   return c
 
 
@@ -307,8 +311,17 @@ def _cross_field_problems(cfg):
   if t.global_batch % t.micro_batch_per_device:
     yield (f"train.global_batch ({t.global_batch}) must be a multiple of "
            f"train.micro_batch_per_device ({t.micro_batch_per_device})")
+  if d.source == "chat" and not d.paths:
+    yield ("data.source='chat' needs data.paths: the chat files (.jsonl/.jsonl.zst/.parquet rows "
+           "with a 'messages' list), e.g. --config.data.paths='/data/ultrachat/*.parquet'")
   if d.source in ("text", "prepared", "litpkds") and not d.paths:
     yield f"data.source={d.source!r} needs data.paths (a glob, or the prepared folder)"
+  if d.source == "chat" and d.packing == "concat":
+    yield ("data.source='chat' packs whole conversations with their loss masks: set "
+           "data.packing=first_fit (or best_fit)")
+  if d.source == "chat" and not d.tokenizer and not t.init_from:
+    yield ("data.source='chat' needs a tokenizer: set train.init_from to the run to fine-tune "
+           "(its tokenizer is used) or data.tokenizer to a sentencepiece .model")
   if d.packing != "concat" and m.kernels.attention == "cudnn":
     yield (f"data.packing={d.packing!r} masks attention per document, which "
            "model.kernels.attention='cudnn' cannot: use auto, pallas or xla, or packing=concat")

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from tinyllama_jax import cli
 from tinyllama_jax.checkpoint import run as run_lib
+from tinyllama_jax.data import chat as chat_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.inference import decode, speculative
 from tinyllama_jax.inference import generate as generate_lib
@@ -41,6 +42,35 @@ class Streamer:
       self.printed = len(text)
 
 
+def chat(params, cfg, tok, *, prompt=None, system=None, read=input, out=sys.stdout, **sampling):
+  """A conversation in the run's chat template (data.chat_template; '' = Zephyr's): one reply to
+  `prompt`, or, without one, a session reading user lines from `read` until EOF (Ctrl-D), the
+  history kept. Each reply streams until </s>; returns the messages."""
+  fmt = chat_lib.ChatFormat(cfg.data.get("chat_template", ""), tok)
+  messages = [{"role": "system", "content": system}] if system else []
+  while True:
+    try:
+      text = prompt if prompt is not None else read("> ")
+    except EOFError:
+      out.write("\n")
+      return messages
+    messages.append({"role": "user", "content": text})
+    ids = fmt.prompt(messages)
+    room = cfg.model.max_seq_len - len(ids)
+    if room < 1:
+      raise ValueError(f"the conversation ({len(ids)} tokens) no longer fits the model's context "
+                       f"of {cfg.model.max_seq_len} tokens: start a new one")
+    new = generate_lib.generate(
+        params, cfg.model, [ids], eos_id=tok.eos_id, n_valid=tok.vocab_size,
+        on_token=Streamer(tok, ids, out),
+        **{**sampling, "max_new_tokens": min(sampling["max_new_tokens"], room)})[0]
+    out.write("\n")
+    messages.append({"role": "assistant",
+                     "content": tok.decode([t for t in new if t != tok.eos_id])})
+    if prompt is not None:
+      return messages
+
+
 def define_flags():
   flags.DEFINE_string("workdir", None, "Run directory (train's --workdir, or an import).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -57,6 +87,9 @@ def define_flags():
                       "and vocab) whose drafts --workdir's model checks; same output, faster.")
   flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens the draft proposes a "
                        "round (the target scores them in one call).")
+  flags.DEFINE_bool("chat", False, "Chat in the run's template (data.chat_template): a reply to "
+                    "--prompt, or, without one on a terminal, a session (Ctrl-D ends it).")
+  flags.DEFINE_string("system", None, "With --chat: a system message first.")
 
 
 def load_draft(cfg, tok_path, prompt_ids):
@@ -91,7 +124,9 @@ def main(argv):
         prompts += [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
       raise ValueError(f"--prompts_file={FLAGS.prompts_file!r} cannot be read ({e.strerror})")
-  if not prompts:
+  if FLAGS.chat and (len(prompts) > 1 or (not prompts and not sys.stdin.isatty())):
+    raise ValueError("--chat takes one --prompt=TEXT, or none for a session on a terminal")
+  if not prompts and not FLAGS.chat:
     raise ValueError("give --prompt=TEXT (repeatable) or --prompts_file=FILE")
   generate_lib.check_settings(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                  top_p=FLAGS.top_p)
@@ -102,6 +137,13 @@ def main(argv):
     raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): nothing to "
                      "decode text with (--tokenizer=PATH names one)")
   tok = tokenizer_lib.Tokenizer(tok_path)
+  if FLAGS.chat:
+    params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
+    chat(decode.cast_params(params, cfg.model), cfg, tok,
+         prompt=prompts[0] if prompts else None, system=FLAGS.system,
+         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+         seed=FLAGS.seed)
+    return
   prompt_ids = [([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(p) for p in prompts]
   lengths = generate_lib.check_request(cfg.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
                           temperature=FLAGS.temperature, top_p=FLAGS.top_p)

@@ -4,8 +4,9 @@ import ml_collections
 
 from tinyllama_jax.choices import choice
 
-SOURCES = ("stdlib", "synthetic", "text", "prepared", "litpkds", "mixture")
+SOURCES = ("stdlib", "synthetic", "text", "prepared", "litpkds", "mixture", "chat")
 PACKINGS = ("concat", "first_fit", "best_fit")
+CHAT_OVERFLOWS = ("drop", "truncate")  # what data/chat.py does with a conversation too long
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -14,6 +15,8 @@ def data_config() -> ml_collections.ConfigDict:
   # 'synthetic': uniform random tokens (benchmarks). 'text': raw .txt/.jsonl/.parquet files.
   # 'prepared': token shards + manifest written by `python -m tinyllama_jax.data.prepare`.
   # 'litpkds': TinyLlama's prepared .bin files. 'mixture': weighted mix of `mixture` entries.
+  # 'chat': .jsonl/.jsonl.zst/.parquet rows of {"messages": [{"role", "content"}]} for SFT
+  # (data/chat.py), loss on the assistant's tokens only; needs packing first_fit or best_fit.
   c.source = choice("stdlib", SOURCES)
   # 'concat' is TinyLlama's concat-then-split (documents run into each other, no masking) and works
   # with every attention backend. 'first_fit' / 'best_fit' pack whole documents with segment ids,
@@ -35,6 +38,12 @@ def data_config() -> ml_collections.ConfigDict:
   c.eval_fraction = 0.02  # held-out share of documents/files, chosen by a stable hash of the name
   c.num_workers = 0  # grain mp_prefetch worker processes; 0 = in-process
   c.worker_buffer_size = 4  # batches each worker keeps ready
-  c.add_bos = True
+  c.add_bos = True  # not for 'chat': its template writes the special tokens
   c.add_eos = True
+  # 'chat': the Jinja chat template, as transformers renders it; '' = TinyLlama-Chat's (Zephyr's)
+  # `<|role|>\n{content}</s>\n` turns. Export writes it into tokenizer_config.json.
+  c.chat_template = ""
+  # 'chat': a conversation longer than train.seq_len + 1 tokens is dropped, or cut to fit
+  # (counted and logged either way).
+  c.chat_overflow = choice("drop", CHAT_OVERFLOWS)
   return c

@@ -181,7 +181,7 @@ def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
     yield b"".join(parts)
 
 
-def _jsonl_lines(path: str) -> Iterator[bytes]:
+def jsonl_lines(path: str) -> Iterator[bytes]:
   if path.endswith(".zst"):
     yield from _split_lines(_zstd_chunks(path))
   else:
@@ -189,7 +189,7 @@ def _jsonl_lines(path: str) -> Iterator[bytes]:
       yield from f
 
 
-def _parquet_texts(path: str, text_field: str, text_field_flag: str) -> Iterator:
+def parquet_column(path: str, text_field: str, text_field_flag: str) -> Iterator:
   pa = _optional("pyarrow", path)
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   try:
@@ -220,13 +220,13 @@ def iter_documents(path: str, text_field: str, stats: ReadStats, *,
       stats.text_bytes += len(raw)
       yield text
   elif kind == ".parquet":
-    for text in _parquet_texts(path, text_field, text_field_flag):
+    for text in parquet_column(path, text_field, text_field_flag):
       if _check_text(text, stats):
         stats.documents += 1
         stats.text_bytes += len(text.encode("utf-8"))
         yield text
   else:
-    for lineno, line in enumerate(_jsonl_lines(path), 1):
+    for lineno, line in enumerate(jsonl_lines(path), 1):
       if not line.strip():
         continue
       try:

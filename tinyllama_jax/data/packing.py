@@ -23,7 +23,10 @@ class SplitIntoPairs(grain_x.FlatMapTransform):
 
   def flat_map(self, element):
     inputs, targets = element["tokens"][:-1], element["tokens"][1:]
-    return [{"inputs": inputs[s:s + self._seq_len], "targets": targets[s:s + self._seq_len]}
+    # A chat document's mask is per token; a pair trains when its target is the assistant's.
+    mask = element["loss_mask"][1:] if "loss_mask" in element else None
+    return [{"inputs": inputs[s:s + self._seq_len], "targets": targets[s:s + self._seq_len],
+             **({} if mask is None else {"loss_mask": mask[s:s + self._seq_len]})}
             for s in range(0, len(inputs), self._seq_len)]
 
 
@@ -50,12 +53,16 @@ def _tokens_only(row):
 
 
 def pack_documents(docs: grain.IterDataset, packing: str, seq_len: int, num_bins: int,
-                   seed: int) -> grain.IterDataset:
-  """Documents -> rows of {'inputs', 'targets', '*_segment_ids', '*_positions'} [seq_len]."""
+                   seed: int, with_loss_mask: bool = False) -> grain.IterDataset:
+  """Documents -> rows of {'inputs', 'targets', '*_segment_ids', '*_positions'} [seq_len]
+  (and 'loss_mask' when the documents carry one: chat data)."""
   pairs = grain_x.FlatMapIterDataset(docs, SplitIntoPairs(seq_len))
   pack_cls = {"first_fit": grain_x.FirstFitPackIterDataset,
               "best_fit": grain_x.BestFitPackIterDataset}[packing]
-  return pack_cls(pairs, length_struct={"inputs": seq_len, "targets": seq_len},
+  length_struct = {"inputs": seq_len, "targets": seq_len}
+  if with_loss_mask:
+    length_struct["loss_mask"] = seq_len
+  return pack_cls(pairs, length_struct=length_struct,
                   num_packing_bins=num_bins, seed=seed, shuffle_bins=True)
 
 
@@ -81,7 +88,10 @@ class Finalize:
       raise ValueError(f"token id {top} is beyond the model's vocab_size={self._vocab_size}: the "
                        "data was tokenized with a larger vocabulary; use a matching tokenizer, or "
                        "raise the model's vocab_size")
+    loss_mask_BT = segment_ids_BT != 0
+    if "loss_mask" in batch:  # chat: only the assistant's tokens
+      loss_mask_BT &= batch["loss_mask"] != 0
     return {"inputs": np.ascontiguousarray(inputs_BT, np.int32),
             "targets": np.ascontiguousarray(targets_BT, np.int32),
             "segment_ids": segment_ids_BT, "positions": positions_BT,
-            "loss_mask": (segment_ids_BT != 0).astype(np.float32)}
+            "loss_mask": loss_mask_BT.astype(np.float32)}

@@ -20,6 +20,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from tinyllama_jax.data import chat
 from tinyllama_jax.data import corpus
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import packing
@@ -37,7 +38,7 @@ def _check_cfg(cfg: ml_collections.ConfigDict):
     raise ValueError(f"unknown data.source {cfg.source!r}: use one of {', '.join(SOURCES)}")
   if cfg.packing not in PACKINGS:
     raise ValueError(f"unknown data.packing {cfg.packing!r}: use one of {', '.join(PACKINGS)}")
-  if cfg.source in ("text", "prepared", "litpkds") and not cfg.paths:
+  if cfg.source in ("text", "prepared", "litpkds", "chat") and not cfg.paths:
     raise ValueError(f"data.source={cfg.source!r} needs data.paths (a glob, or the prepared folder)")
 
 
@@ -57,6 +58,9 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     return None
   if cfg.tokenizer:
     return _keep_a_copy(tokenizer_lib.Tokenizer(cfg.tokenizer), workdir)
+  if cfg.source == "chat":  # fine-tuning keeps the tokenizer the model was trained with
+    raise ValueError("data.source='chat' needs a tokenizer: set data.tokenizer to a sentencepiece "
+                     ".model, or train.init_from to the run to fine-tune")
   manifest_path = tokenizer_manifest(cfg)
   if manifest_path is not None:  # the tokenizer the data was prepared with
     manifest, root = corpus.load_manifest(manifest_path)
@@ -220,6 +224,29 @@ class _TokenizeText(_Tokenize):
     return self._encode(name_text[1])
 
 
+@functools.lru_cache(maxsize=2)
+def _chat_conversations(paths, template, overflow, max_tokens, tokenizer):
+  """Every valid conversation of the chat files, tokenized once with its loss mask (in memory:
+  chat data sets are small next to pretraining corpora)."""
+  files = corpus.expand(paths, "chat file (.jsonl/.jsonl.zst/.parquet)")
+  convs, _ = chat.load_conversations(files, chat.ChatFormat(template, tokenizer), max_tokens,
+                                     overflow)
+  return tuple(convs)
+
+
+def _chat_documents(paths, cfg, split, tokenizer, seq_len):
+  convs = _chat_conversations(paths, cfg.chat_template, cfg.chat_overflow, seq_len + 1, tokenizer)
+  chosen = [c for c in convs if (sources.hash_fraction(c[0]) < cfg.eval_fraction) == (split == "eval")]
+  if not chosen:
+    raise ValueError(f"the {split!r} split of {paths!r} is empty ({len(convs)} conversations, "
+                     f"eval_fraction={cfg.eval_fraction}): change data.eval_fraction")
+  return chosen
+
+
+def _chat_row(name_ids_mask):
+  return {"tokens": name_ids_mask[1], "loss_mask": name_ids_mask[2]}
+
+
 def _token_files(source, paths, cfg, split, tokenizer):
   """(files, trim_token) of a tokenized source's split."""
   if source == "prepared":
@@ -238,7 +265,11 @@ def _token_files(source, paths, cfg, split, tokenizer):
 def _component(source, paths, cfg, *, split, seq_len, seed, process_index, process_count,
                tokenizer, repeat):
   """One source's stream: documents {'tokens': [n]} or, for concat, rows {'tokens': [T+1]}."""
-  if source in _TEXT_SOURCES:
+  if source == "chat":
+    items = _chat_documents(paths, cfg, split, tokenizer, seq_len)
+    items = sources.process_shard(items, process_index, process_count, f"chat {split!r}")
+    ds, map_fn = grain.MapDataset.source(items), _chat_row
+  elif source in _TEXT_SOURCES:
     items, tokenize = _documents(source, paths, cfg, split)
     items = sources.process_shard(items, process_index, process_count, f"{source} {split!r}")
     ds = grain.MapDataset.source(items)
@@ -388,6 +419,8 @@ def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, b
                  "batch_size": batch_size, "seed": seed, "process_index": process_index,
                  "process_count": process_count, "num_workers": cfg.num_workers,
                  "tokenizer_sha256": tokenizer.sha256 if tokenizer else None}
+  if cfg.source == "chat":  # another template or overflow rule is another stream
+    fingerprint["chat"] = [cfg.chat_template, cfg.chat_overflow]
   if cfg.source == "synthetic":
     return SyntheticIterator(seq_len=seq_len, batch_size=batch_size, seed=seed,
                              process_index=process_index, split=split, vocab_size=vocab_size,
@@ -406,7 +439,8 @@ def make_iterator(cfg: ml_collections.ConfigDict, *, split: str, seq_len: int, b
   ds = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
       streams, [w for w, _, _ in comps])
   if cfg.packing != "concat":
-    ds = packing.pack_documents(ds, cfg.packing, seq_len, cfg.num_packing_bins, seed)
+    ds = packing.pack_documents(ds, cfg.packing, seq_len, cfg.num_packing_bins, seed,
+                                with_loss_mask=cfg.source == "chat")
   ds = ds.batch(batch_size, drop_remainder=repeat).map(packing.Finalize(cfg.packing, seq_len,
                                                                       vocab_size))
   if cfg.num_workers > 0:

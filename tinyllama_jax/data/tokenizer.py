@@ -51,9 +51,17 @@ class Tokenizer:
     self.vocab_size = self._sp.vocab_size()
     self.bos_id = self._sp.bos_id()
     self.eos_id = self._sp.eos_id()
+    self.unk_id = self._sp.unk_id()
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
+
+  def encode_proto(self, text: str):
+    """sentencepiece's SentencePieceText of `text`: each piece's id and byte span (begin, end)."""
+    return self._sp.encode(text, out_type="proto")
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.id_to_piece(int(i))
 
   def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
     return self._sp.encode(texts, num_threads=num_threads)

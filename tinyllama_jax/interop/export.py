@@ -32,6 +32,7 @@ from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.interop import hf
 from tinyllama_jax.training import program
 from tinyllama_jax.checkpoint import run as run_lib
+from tinyllama_jax.data import chat
 from tinyllama_jax.data import formats, tokenizer as tokenizer_lib
 
 # ----------------------------------------------------------------------------- output dirs
@@ -108,7 +109,8 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
   bos_id, eos_id = 1, 2  # Llama-2's, which our tokenizers keep
   if tok_path is not None:
     bos_id, eos_id = hf.write_tokenizer(tmp, tok_path, add_bos=cfg.data.add_bos, add_eos=False,
-                                        max_len=cfg.model.max_seq_len, log=logging.warning)
+                                        max_len=cfg.model.max_seq_len, log=logging.warning,
+                                        extra=chat_tokenizer_config(cfg))
   else:
     logging.warning("the run has no tokenizer (data.source=%r): exporting the weights only",
                     cfg.data.source)
@@ -128,6 +130,16 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
   writer.check_complete()
   if len(plan) > 1:
     hf.write_index(tmp, plan, np_dtype)
+
+
+def chat_tokenizer_config(cfg):
+  """A chat run's keys for tokenizer_config.json: its template, and '</s>' written by the template
+  read as EOS (split_special_tokens off), as the run's chat data was tokenized (data/chat.py);
+  so `apply_chat_template(..., tokenize=True)` gives the run's own ids. None for other runs."""
+  if cfg.data.get("source") != "chat":
+    return None
+  return {"chat_template": cfg.data.get("chat_template") or chat.ZEPHYR_TEMPLATE,
+          "split_special_tokens": False}
 
 
 def _write_error(out, error, plan, np_dtype):

@@ -334,9 +334,9 @@ def tokenizer_json(sp_model_path, *, add_bos, add_eos):
   }, None
 
 
-def write_tokenizer(directory, sp_model_path, *, add_bos, add_eos, max_len, log):
-  """tokenizer.model, tokenizer.json (when exact), tokenizer_config.json and
-  special_tokens_map.json; returns (bos_id, eos_id)."""
+def write_tokenizer(directory, sp_model_path, *, add_bos, add_eos, max_len, log, extra=None):
+  """tokenizer.model, tokenizer.json (when exact), tokenizer_config.json (with `extra`'s keys on
+  top: a chat run's template) and special_tokens_map.json; returns (bos_id, eos_id)."""
   shutil.copyfile(sp_model_path, os.path.join(directory, "tokenizer.model"))
   proto = _sp_proto(sp_model_path)
   t = proto.trainer_spec
@@ -359,6 +359,7 @@ def write_tokenizer(directory, sp_model_path, *, add_bos, add_eos, max_len, log)
     config["tokenizer_class"] = "LlamaTokenizer"
     log(f"tokenizer.json not written ({why_not}): transformers will convert tokenizer.model "
         "itself, which may differ from sentencepiece on text that starts with a space")
+  config.update(extra or {})
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:

@@ -17,9 +17,10 @@ from absl import logging
 from tinyllama_jax import config as config_lib, sharding
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.data import pipeline
+from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.inference import generate
 from tinyllama_jax.params import flops_per_token, param_count
-from tinyllama_jax.training import faults, metrics, program
+from tinyllama_jax.training import faults, init_from, metrics, program
 
 # ----------------------------------------------------------------------------- the run
 
@@ -45,6 +46,8 @@ class Run:
       saved_cfg = self.ckpt.latest_config()
       if saved_cfg is not None:  # refuse another architecture before anything is written
         checkpoint.check_architecture(saved_cfg, cfg.model, workdir)
+      elif t.init_from:  # and the init_from run's, before the compile
+        init_from.source(cfg)
     except BaseException:
       self.release()
       raise
@@ -60,9 +63,14 @@ class Run:
     found = self.ckpt.restore_latest(
         self.program.abstract_state,
         lambda meta: checkpoint.check_resume(meta, self.cfg, self.workdir, data_identity))
+    if found is None and self.cfg.train.init_from:
+      return init_from.initial_state(self.program, self.cfg), None, None
     if found is None:
       return self.program.jit_init()(jax.random.key(self.cfg.seed)), None, None
     step, state, data_state, meta = found
+    if self.cfg.train.init_from:
+      logging.warning("train.init_from=%s is ignored: %s has checkpoints, resuming them",
+                      self.cfg.train.init_from, self.workdir)
     logging.info("resuming from %s/checkpoints/%d", self.workdir, step)
     if not checkpoint.same_data(meta, data_identity):  # allowed by train.allow_data_change
       data_state = None
@@ -77,8 +85,14 @@ def _data_errors_as_one_line(fn):
 
 
 def load_tokenizer(cfg, workdir):
-  """The run's tokenizer (None for synthetic data), trained and cached on first use."""
-  tokenizer = _data_errors_as_one_line(lambda: pipeline.load_tokenizer(cfg.data, workdir))
+  """The run's tokenizer (None for synthetic data), trained and cached on first use; a fine-tune
+  (train.init_from) of raw text or chat without data.tokenizer uses its init_from run's."""
+  data = cfg.data
+  if cfg.train.init_from and not data.tokenizer and data.source in ("chat", "stdlib", "text"):
+    data = data.copy_and_resolve_references()
+    own = os.path.join(workdir, tokenizer_lib.RUN_COPY)  # a resume needs no init_from run
+    data.tokenizer = own if os.path.isfile(own) else init_from.tokenizer_path(cfg)
+  tokenizer = _data_errors_as_one_line(lambda: pipeline.load_tokenizer(data, workdir))
   if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than "
                      f"model.vocab_size={cfg.model.vocab_size}: raise the model's vocab_size")
