@@ -192,7 +192,7 @@ def test_generate_chat_one_reply_and_a_session(data, sft):
 def test_init_from_an_hf_import_starts_from_its_parameters(data, tmp_path):
   """A workdir that `export --from_hf` wrote is an init_from like any run: its parameters, step
   0, a fresh (zero) optimizer state, and its tokenizer."""
-  from test_export import make_hf_llama
+  from hf_models import make_hf_llama
   tok = data[3]
   hf_dir, imported = str(tmp_path / "hf"), str(tmp_path / "imported")
   make_hf_llama(hf_dir, tok.path, intermediate_size=128, max_position_embeddings=T)

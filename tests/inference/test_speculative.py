@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from decoding_models import REPO, random_prompts, tiny_model
-from test_export import make_hf_llama
+from hf_models import make_hf_llama
 from tinyllama_jax.interop import export
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.inference import decode, speculative

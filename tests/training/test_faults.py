@@ -361,7 +361,7 @@ def test_a_workdir_takes_one_writer_and_a_killed_one_leaves_no_lock(tmp_path):
   lock.release()
   faults.WorkdirLock(workdir).release()
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time\nfrom tinyllama_jax import faults\n"
+      [sys.executable, "-c", "import sys, time\nfrom tinyllama_jax.training import faults\n"
        "lock = faults.WorkdirLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(300)", workdir],
       cwd=fh.REPO, stdout=subprocess.PIPE, text=True)
   try:

@@ -11,7 +11,7 @@ from tinyllama_jax.training import plan as plan_lib
 from tinyllama_jax.training import loop as train_lib
 from bench import step as bench_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config():

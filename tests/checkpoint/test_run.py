@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_export import REPO, STDLIB, make_tokenizer
+from hf_models import REPO, STDLIB, make_tokenizer
 from tinyllama_jax import config as config_lib
 from tinyllama_jax.inference import generate
 from tinyllama_jax.inference import evaluate

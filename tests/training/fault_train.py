@@ -1,6 +1,6 @@
 """The train command with faults injected from outside it, for the fault suite:
 
-  python tests/fault_train.py [--nan_steps=6,7] [--step_sleep_s=0.1] [--save_sleep_s=2] \
+  python tests/training/fault_train.py [--nan_steps=6,7] [--step_sleep_s=0.1] [--save_sleep_s=2] \
       --config=... --workdir=... [train's own flags]
 
 wraps production functions by module attribute, then runs train's normal CLI entry; the
@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import orbax.checkpoint as ocp

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_export import REPO, exported, STDLIB, imported, tokenizer_file  # noqa: F401 (fixtures)
+from hf_models import REPO, exported, STDLIB, imported, tokenizer_file  # noqa: F401 (fixtures)
 from tinyllama_jax.inference import evaluate
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from test_export import REPO, exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
+from hf_models import REPO, exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
 from tinyllama_jax import generate as generate_cli
 from tinyllama_jax.inference import decode, generate
 from tinyllama_jax import model as model_lib

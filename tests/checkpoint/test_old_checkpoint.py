@@ -16,7 +16,7 @@ from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.interop import export, hf
 from tinyllama_jax.training import loop as train_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59")
 STEP = 2
 # The overrides the fixture was trained with (README.txt's --config.* flags) on configs/tiny.py.

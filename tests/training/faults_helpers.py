@@ -1,4 +1,4 @@
-"""Drives the real train command for the fault suite (through tests/fault_train.py when faults
+"""Drives the real train command for the fault suite (through tests/training/fault_train.py when faults
 are injected): a micro model, one shared tokenizer and compilation cache, signals at a chosen
 step, and bitwise checkpoint comparisons."""
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY = 16, 4  # every run ends at step 16; checkpoints every 4 steps
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -56,10 +56,10 @@ class Train:
 
   def __init__(self, workdir, env, args=(), inject=None, **overrides):
     """args: more command-line flags (--coordinator, --process_id, ...). inject: the faults of
-    tests/fault_train.py ({"nan_steps": "6,7", "step_sleep_s": 0.1, "save_sleep_s": 2.0}),
+    tests/training/fault_train.py ({"nan_steps": "6,7", "step_sleep_s": 0.1, "save_sleep_s": 2.0}),
     which then runs the train command; without, it is `python -m tinyllama_jax.train` itself."""
     flags = {**MICRO, **overrides}
-    command = (["tests/fault_train.py", *(f"--{k}={v}" for k, v in inject.items())] if inject
+    command = (["tests/training/fault_train.py", *(f"--{k}={v}" for k, v in inject.items())] if inject
                else ["-m", "tinyllama_jax.train"])
     args = [sys.executable, *command, "--config=configs/tiny.py", f"--workdir={workdir}",
             *args] + [f"--config.{k}={v}" for k, v in flags.items()]

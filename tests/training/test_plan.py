@@ -16,7 +16,7 @@ from absl import flags
 from tinyllama_jax import config as config_lib, params, plan as plan_cli
 from tinyllama_jax.training import plan as plan_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 2**30
 
 

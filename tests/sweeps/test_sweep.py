@@ -17,7 +17,7 @@ from tinyllama_jax.sweeps import grid as sweep
 from tinyllama_jax.sweeps import launch as sweep_launch
 from tinyllama_jax.sweeps import summary as sweep_summary
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
