@@ -250,10 +250,11 @@ class Llama(nnx.Module):
     """The final-normed hidden states h_BTD in the compute dtype (the lm_head's input)."""
     return self.forward(tokens_BT, positions_BT, segment_ids_BT)[0]
 
-  def forward(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+  def forward(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, layers=None):
     """(h_BTD, cache): the final-normed hidden states in the compute dtype, and the KV cache
     (init_cache) with these tokens' keys and values written at their positions (None without a
-    cache). positions_BT default to 0..T-1; with a cache each row gives its own."""
+    cache). positions_BT default to 0..T-1; with a cache each row gives its own. layers: the
+    layers' weights already split (split_layers), used instead of slicing the stacked ones."""
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     B, T = tokens_BT.shape
@@ -280,11 +281,12 @@ class Llama(nnx.Module):
         return layer_fn(p, x, positions_BT, segment_ids_BT, layer_cache)
       x_BTD, cache = jax.lax.scan(scan_body, x_BTD, (stacked, cache))
     else:
-      per_layer = {k: unstack_layers(v) for k, v in stacked.items()}
+      if layers is None:
+        per_layer = {k: unstack_layers(v) for k, v in stacked.items()}
+        layers = [{k: v[i] for k, v in per_layer.items()} for i in range(cfg.n_layers)]
       for i in range(cfg.n_layers):
         layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
-        x_BTD, layer_cache = layer_fn({k: v[i] for k, v in per_layer.items()}, x_BTD, positions_BT,
-                                      segment_ids_BT, layer_cache)
+        x_BTD, layer_cache = layer_fn(layers[i], x_BTD, positions_BT, segment_ids_BT, layer_cache)
         if cache is not None:  # an in-place update of the (donated) stacked cache
           cache = {k: cache[k].at[i].set(layer_cache[k]) for k in cache}
     return ops.rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.norm_eps), cache
@@ -294,6 +296,15 @@ class Llama(nnx.Module):
     h_BTD = self.hidden(tokens_BT, positions_BT, segment_ids_BT)
     return jnp.einsum("btd,dv->btv", h_BTD, self.lm_head[...].astype(h_BTD.dtype),
                       preferred_element_type=jnp.float32)
+
+
+def split_layers(params):
+  """The layers' weights one dict a layer, from a params tree's stacked [L, ...] arrays. A loop
+  around the forward (decoding) splits them once, before it: a slice of a stacked weight inside
+  a loop body is a copy of that weight every iteration (1.1B decode: 0.9 of 2.6 ms a token)."""
+  stacked = params["layers"]
+  n_layers = next(iter(stacked.values())).shape[0]
+  return [{k: v[i] for k, v in stacked.items()} for i in range(n_layers)]
 
 
 def graphdef(cfg):

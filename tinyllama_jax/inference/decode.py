@@ -60,12 +60,19 @@ def only_valid(logits_BV, n_valid):
 
 
 def forward_fn(cfg_model):
-  """(params, tokens_BT, positions_BT, cache) -> (h_BTD, cache): the model's cached forward."""
+  """(params, tokens_BT, positions_BT, cache[, layers]) -> (h_BTD, cache): the model's cached
+  forward; a loop passes the layers' weights split once before it (model.split_layers)."""
   graphdef = model_lib.graphdef(cfg_model)
 
-  def forward(params, tokens_BT, positions_BT, cache):
-    return nnx.merge(graphdef, params).forward(tokens_BT, positions_BT, cache=cache)
+  def forward(params, tokens_BT, positions_BT, cache, layers=None):
+    return nnx.merge(graphdef, params).forward(tokens_BT, positions_BT, cache=cache,
+                                               layers=layers)
   return forward
+
+
+def split_for_loop(params, cfg_model):
+  """model.split_layers, where the forward slices per layer (not when it scans the layers)."""
+  return None if cfg_model.scan_layers else model_lib.split_layers(params)
 
 
 def prefill_fn(cfg_model, length):
@@ -114,13 +121,16 @@ class Decoder:
               "done": first_B == knobs["eos_id"], "n": jnp.int32(1)}
 
     def run(params, state, knobs):
+      layers = split_for_loop(params, cfg_model)
+
       def going(carry):
         i, s, _ = carry
         return (i < chunk) & (s["n"] < knobs["max_new"]) & ~jnp.all(s["done"])
 
       def step(carry):
         i, s, out_BC = carry
-        h_B1D, cache = forward(params, s["last"][:, None], s["positions"][:, None], s["cache"])
+        h_B1D, cache = forward(params, s["last"][:, None], s["positions"][:, None], s["cache"],
+                               layers)
         next_B = pick(logits_of(params, h_B1D[:, 0]), knobs,
                       jax.random.fold_in(knobs["key"], s["n"]))
         out_BC = out_BC.at[:, i].set(jnp.where(s["done"], NO_TOKEN, next_B))
@@ -128,8 +138,8 @@ class Decoder:
                        "done": s["done"] | (next_B == knobs["eos_id"]), "n": s["n"] + 1}, out_BC
 
       out_BC = jnp.full((state["last"].shape[0], chunk), NO_TOKEN, jnp.int32)
-      # Loop-invariant work on the weights (fused projections' concatenations) is hoisted out
-      # of the loop by XLA: once a chunk, not once a token (seen in the CPU HLO).
+      # Loop-invariant work on the weights (the layers' split, fused projections'
+      # concatenations) stays out of the loop: once a chunk, not once a token.
       _, state, out_BC = jax.lax.while_loop(going, step, (jnp.int32(0), state, out_BC))
       return state, out_BC
 

@@ -116,7 +116,7 @@ class Speculator:
               "done": (first_B == knobs["eos_id"]) | (knobs["max_new"] <= 1),
               "round": jnp.int32(0), "drafted": zeros_B, "accepted": zeros_B, "calls": zeros_B}
 
-    def draft(params_d, s, knobs, key):
+    def draft(params_d, s, knobs, key, layers_d):
       """K draft tokens d_BK and their distributions q_BKV (none, [B, K, 0], when greedy)."""
       B, V = s["last"].shape[0], 0 if greedy else cfg_draft.vocab_size
       keys = jax.random.split(key, k)
@@ -131,37 +131,42 @@ class Speculator:
 
       pos_B = s["positions"]
       h_B2D, cache = fwd_d(params_d, jnp.stack([s["prev"], s["last"]], 1),
-                           jnp.stack([pos_B - 1, pos_B], 1), s["cache_d"])
+                           jnp.stack([pos_B - 1, pos_B], 1), s["cache_d"], layers_d)
       token_B, q_BV = propose(logits_of(params_d, h_B2D[:, 1]), 0)
       d_BK = jnp.zeros((B, k), jnp.int32).at[:, 0].set(token_B)
       q_BKV = jnp.zeros((B, k, V), jnp.float32).at[:, 0].set(q_BV)
 
       def step(j, carry):
         d_BK, q_BKV, cache = carry
-        h_B1D, cache = fwd_d(params_d, d_BK[:, j - 1, None], (pos_B + j)[:, None], cache)
+        h_B1D, cache = fwd_d(params_d, d_BK[:, j - 1, None], (pos_B + j)[:, None], cache,
+                             layers_d)
         token_B, q_BV = propose(logits_of(params_d, h_B1D[:, 0]), j)
         return d_BK.at[:, j].set(token_B), q_BKV.at[:, j].set(q_BV), cache
       d_BK, q_BKV, cache = jax.lax.fori_loop(1, k, step, (d_BK, q_BKV, cache))
       return d_BK, q_BKV, cache
 
-    def one_round(params_t, params_d, s, knobs):
+    def one_round(params_t, params_d, s, knobs, layers_t, layers_d):
       key_d, key_a = jax.random.split(jax.random.fold_in(knobs["key"], s["round"] + 1))
-      d_BK, q_BKV, cache_d = draft(params_d, s, knobs, key_d)
+      d_BK, q_BKV, cache_d = draft(params_d, s, knobs, key_d, layers_d)
       tokens_BK1 = jnp.concatenate([s["last"][:, None], d_BK], axis=1)
       j_K1 = jnp.arange(k + 1, dtype=jnp.int32)
-      h_BK1D, cache_t = fwd_t(params_t, tokens_BK1, s["positions"][:, None] + j_K1, s["cache_t"])
+      h_BK1D, cache_t = fwd_t(params_t, tokens_BK1, s["positions"][:, None] + j_K1, s["cache_t"],
+                              layers_t)
       target_BK1V = decode_lib.only_valid(logits_of(params_t, h_BK1D), knobs["n_valid"])
       n_B, next_B = accept(target_BK1V, d_BK, q_BKV, key_a, knobs, greedy)
       return _advance(s, tokens_BK1, n_B, next_B, knobs, cache_t, cache_d)
 
     def run(params_t, params_d, state, knobs):
+      layers_t = decode_lib.split_for_loop(params_t, cfg_target)  # once, outside the loop
+      layers_d = decode_lib.split_for_loop(params_d, cfg_draft)
+
       def going(carry):
         i, s = carry
         return (i < rounds) & ~jnp.all(s["done"])
 
       def body(carry):
         i, s = carry
-        return i + 1, one_round(params_t, params_d, s, knobs)
+        return i + 1, one_round(params_t, params_d, s, knobs, layers_t, layers_d)
       return jax.lax.while_loop(going, body, (jnp.int32(0), state))[1]
 
     self.prefill = jax.jit(prefill)
