@@ -53,8 +53,14 @@ class Run:
       raise
 
   def release(self):
-    if self.lock is not None:
-      self.lock.release()
+    """Closes the checkpointer (orbax's writer thread ends before the process does: a run that
+    stops on bad data says so in one line, not beside an orbax traceback), frees the lock."""
+    try:
+      if getattr(self, "ckpt", None) is not None:
+        self.ckpt.close()
+    finally:
+      if self.lock is not None:
+        self.lock.release()
 
   def initial_state(self, data_identity=None):
     """(state, data state or None, step of the checkpoint or None): the newest checkpoint that
@@ -266,7 +272,6 @@ def _train(run, cfg, workdir, dry_run):
     if t.sample_tokens and tokenizer is not None and jax.process_index() == 0 and not preempted:
       _log_sample(state["params"], cfg, tokenizer, writer, step)
   finally:
-    run.ckpt.close()
     writer.close()
     train_it.close()
   last["step"] = step
