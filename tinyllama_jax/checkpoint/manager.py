@@ -175,6 +175,10 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(directory, options=options)
+    # orbax removes old temporary dirs on a thread of its own: waited for here, so a run that
+    # stops right after (bad data) exits after it, not while it runs (a traceback of orbax's at
+    # interpreter shutdown under our one-line error). Private in orbax 0.12: skipped if gone.
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     self._saving = None  # the step an async save may still be writing
 
   def all_steps(self):
