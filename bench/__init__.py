@@ -14,6 +14,9 @@ import json
 import os
 import subprocess
 
+# The checkout: the bench runs its workers and reads configs/ from here (bench/ is not installed).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 RESULT_PREFIX = "BENCH_RESULT "  # a worker's one line of JSON on stdout
 
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "libtpu", "flax", "optax",
@@ -35,12 +38,11 @@ def commit():
   else the checkout's commit (+ '-dirty'), else None."""
   if os.environ.get("BENCH_COMMIT"):
     return os.environ["BENCH_COMMIT"]
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           timeout=10)
     if head.returncode == 0:
-      dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+      dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                              capture_output=True, text=True, timeout=10).stdout.strip()
       return head.stdout.strip() + ("-dirty" if dirty else "")
   except (OSError, subprocess.SubprocessError):

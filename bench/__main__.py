@@ -34,7 +34,7 @@ from tinyllama_jax.data import formats
 import bench
 from bench import profile  # imports jax only where a trace is taken or read
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = bench.REPO
 
 
 def parse_args(argv):

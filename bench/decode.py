@@ -32,18 +32,18 @@ import jax
 import numpy as np
 from flax import nnx
 
+import bench
 from bench import profile
 from tinyllama_jax import config as config_lib
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.inference import decode, speculative
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(argv):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default=os.path.join(REPO, "configs/1b.py"))
+  ap.add_argument("--config", default=os.path.join(bench.REPO, "configs/1b.py"))
   ap.add_argument("--out", required=True, help="The JSON file to write.")
   ap.add_argument("--batches", default="1,16")
   ap.add_argument("--dtypes", default="bfloat16,float32")

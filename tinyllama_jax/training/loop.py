@@ -40,6 +40,7 @@ class Run:
     # incomplete saves: a live run's); process 0 writes for all processes.
     self.lock = (faults.WorkdirLock(workdir)
                  if jax.process_index() == 0 and "://" not in workdir else None)
+    self.ckpt = None
     try:
       self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                           keep=t.keep_checkpoints, async_save=t.async_checkpoint)
@@ -56,7 +57,7 @@ class Run:
     """Closes the checkpointer (orbax's writer thread ends before the process does: a run that
     stops on bad data says so in one line, not beside an orbax traceback), frees the lock."""
     try:
-      if getattr(self, "ckpt", None) is not None:
+      if self.ckpt is not None:
         self.ckpt.close()
     finally:
       if self.lock is not None:
