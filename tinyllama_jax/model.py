@@ -44,10 +44,12 @@ def compute_dtype(cfg_model):
 
 
 def resolve_attention(name, uses_segments):
-  """'auto': cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows
-  where it is registered, the jnp reference otherwise."""
+  """'auto': splash attention on TPU; on GPU cuDNN for one document a row and the Pallas flash
+  kernel for packed rows where it is registered; the jnp reference otherwise."""
   if name != "auto":
     return name
+  if jax.default_backend() == "tpu":
+    return "splash"
   if jax.default_backend() == "gpu":
     if not uses_segments:
       return "cudnn"
@@ -72,7 +74,7 @@ def _per_device(op, backend, fn):
   devices"); `block` now pins q, k, v to the batch split, so the shard_map boundary moves
   nothing (same collectives as the jnp reference without it) and only keeps cuDNN's
   partitioner out of the way."""
-  if backend not in ("pallas", "cudnn"):
+  if backend not in ("pallas", "cudnn", "splash"):
     return fn
   local = sharding.shard_map_local
   if op == "attention":

@@ -23,6 +23,7 @@ _TABLE = {
         "xla": "tinyllama_jax.kernels.attention:attention_xla",
         "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
         "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
+        "splash": "tinyllama_jax.kernels.splash_attention:attention_splash",
     },
     "attention_cache": {
         "xla": "tinyllama_jax.kernels.attention:attention_cache_xla",
