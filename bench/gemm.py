@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import datetime
 import itertools
-import json
 import platform
 import statistics
 import sys
@@ -29,7 +28,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tinyllama_jax.data import formats
 import bench
