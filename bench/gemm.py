@@ -11,6 +11,9 @@ speed of the one XLA calls. Per shape of the step (8 x 2048 tokens, d 2048, ffn 
                  fold the add into cuBLAS's beta = 1 epilogue);
   xla+norm       dot(rms_norm(x) * w, b): the norm in front of the q/k/v and gate/up GEMMs (does
                  XLA fuse the scaling into its Triton GEMM's prologue, or write the normed copy?);
+  fp8            e4m3 operands (pre-quantized) through XLA's cuBLASLt FP8 rewrite, the per-tensor
+                 scales applied: issue 19's ceiling; fp8+quantize also quantizes both operands
+                 (amax + convert) in the timed call, as a step with current scaling must;
   mgpu(+residual) jax's Pallas Mosaic GPU Hopper matmul (wgmma, TMA, warp-specialised; its
                  epilogue adds c), over a small sweep of its tile configs, the best kept.
 Each row: ms (median of loop-timed calls), TFLOP/s, and the ratio to xla. Errors are rows.
@@ -62,6 +65,28 @@ def rms_norm_dot(x, w, b):
   x32 = x.astype(jnp.float32)
   h = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-5) * w
   return jnp.dot(h.astype(x.dtype), b)
+
+
+E4M3 = jnp.float8_e4m3fn
+
+
+def quantize(x):
+  """(x in e4m3, its per-tensor scale): current scaling, amax / e4m3's largest value."""
+  scale = jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), 1e-12) / float(jnp.finfo(E4M3).max)
+  return (x.astype(jnp.float32) / scale).astype(E4M3), scale
+
+
+def fp8_dot(a8, b8, sa, sb):
+  """The dequantize-then-dot pattern XLA's GEMM rewriter turns into one cuBLASLt FP8 GEMM."""
+  a = a8.astype(jnp.bfloat16) * sa.astype(jnp.bfloat16)
+  b = b8.astype(jnp.bfloat16) * sb.astype(jnp.bfloat16)
+  return jnp.dot(a, b, preferred_element_type=jnp.bfloat16)
+
+
+def fp8_dot_quantizing(a, b):
+  """Both operands quantized in the timed call, as a training step must (current scaling)."""
+  (a8, sa), (b8, sb) = quantize(a), quantize(b)
+  return fp8_dot(a8, b8, sa, sb)
 
 
 def mgpu_configs(quick):
@@ -116,6 +141,14 @@ def bench_shape(name, m, k, n, residual, quick, on_gpu):
     row("xla+residual", loop_time_ms(jax.jit(lambda a, b, c: jnp.dot(a, b) + c), (a, b, c)))
   if name.endswith("fwd") and not residual:
     row("xla+norm", loop_time_ms(jax.jit(rms_norm_dot), (a, w, b)))
+  (a8, sa), (b8, sb) = quantize(a), quantize(b)
+  fp8 = jax.jit(fp8_dot)
+  rel = float(jnp.linalg.norm((fp8(a8, b8, sa, sb) - ref).astype(jnp.float32)) /
+              jnp.linalg.norm(ref.astype(jnp.float32)))
+  hlo = fp8.lower(a8, b8, sa, sb).compile().as_text()
+  row("fp8", loop_time_ms(fp8, (a8, b8, sa, sb)),
+      f"rel err {rel:.3f}; f8 GEMM in the HLO: {'f8e4m3' in hlo and 'cublas' in hlo}")
+  row("fp8+quantize", loop_time_ms(jax.jit(fp8_dot_quantizing), (a, b)))
   if on_gpu or quick:
     try:
       for cc, impl in ((None, "mgpu"), (c, "mgpu+residual")) if residual else ((None, "mgpu"),):
