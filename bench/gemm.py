@@ -147,7 +147,7 @@ def bench_shape(name, m, k, n, residual, quick, on_gpu):
               jnp.linalg.norm(ref.astype(jnp.float32)))
   hlo = fp8.lower(a8, b8, sa, sb).compile().as_text()
   row("fp8", loop_time_ms(fp8, (a8, b8, sa, sb)),
-      f"rel err {rel:.3f}; f8 GEMM in the HLO: {'f8e4m3' in hlo and 'cublas' in hlo}")
+      f"rel err {rel:.3f}; cuBLASLt FP8 GEMM in the HLO: {'__cublas$lt$matmul$f8' in hlo}")
   row("fp8+quantize", loop_time_ms(jax.jit(fp8_dot_quantizing), (a, b)))
   if on_gpu or quick:
     try:
