@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from tinyllama_jax.data import formats
 import bench
-from bench.gemm import loop_time_ms
+from bench.kernels import loop_time_ms
 
 SHAPES = [(8, 2048, 32, 4, 64), (8, 2048, 16, 2, 128)]
 

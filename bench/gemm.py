@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import itertools
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 
 from tinyllama_jax.data import formats
 import bench
+from bench.kernels import loop_time_ms
 
 N_TOKENS, D, F, QKV = 8 * 2048, 2048, 5632, 2560
 # (name, m, k, n, residual: the forward adds the residual stream to this GEMM's output)
@@ -46,19 +46,6 @@ SHAPES = [
     ("down wgrad (A^T dY)", F, N_TOKENS, D, False),
     ("gate_up dgrad", N_TOKENS, 2 * F, D, False),
 ]
-
-
-def loop_time_ms(fn, args, reps=5, inner=10):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  per_call = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - t0) / inner)
-  return statistics.median(per_call) * 1e3
 
 
 def rms_norm_dot(x, w, b):

@@ -3,7 +3,7 @@
   python -m bench.rows_sweep [--out bench/results/rows_sweep.json] [--quick]
                                            [--budget SECONDS]
 
-Times and bytes as bench/kernels.py (its `_time` and `_fwd_bwd`; the same byte counts), but the
+Times and bytes as bench/kernels.py (its `loop_time_ms` and `_fwd_bwd`; the same byte counts), but the
 percentages are of the copy ceiling measured in this run (1 GiB fp32 `x + 1`, read + write). The
 forward sweeps vary the forward kernel; the fwd+bwd sweeps vary the backward kernel with the
 forward at its default; the order (XLA, defaults and old kernels of every op first, then the
@@ -23,7 +23,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from bench.kernels import _fwd_bwd, _time
+from bench.kernels import _fwd_bwd, loop_time_ms
 import bench
 from tinyllama_jax.data import formats
 from tinyllama_jax.kernels import rms_norm as rn
@@ -75,9 +75,9 @@ class Sweep:
       return row
     try:
       if "fwd" in parts:
-        row["fwd_ms"] = _time(jax.jit(fn), args, self.reps, self.inner)
+        row["fwd_ms"] = loop_time_ms(jax.jit(fn), args, self.reps, self.inner)
       if "fwd_bwd" in parts:
-        row["fwd_bwd_ms"] = _time(_fwd_bwd(fn), (cot,) + tuple(args), self.reps, self.inner)
+        row["fwd_bwd_ms"] = loop_time_ms(_fwd_bwd(fn), (cot,) + tuple(args), self.reps, self.inner)
       for part, b in (("fwd", bytes_fwd), ("fwd_bwd", bytes_fb)):
         if f"{part}_ms" in row:
           row[f"{part}_gbs"] = b / (row[f"{part}_ms"] * 1e-3) / 1e9
@@ -109,7 +109,7 @@ def _fmt(r):
 
 def measure_copy_ceiling(sweep, n_f32):
   big = jnp.ones((n_f32,), jnp.float32)
-  t = _time(jax.jit(lambda x: x + 1), (big,), 5, 10)
+  t = loop_time_ms(jax.jit(lambda x: x + 1), (big,), 5, 10)
   sweep.ceil_bps = 2 * big.size * 4 / (t * 1e-3)
   sweep.meta["copy_ceiling_tbs"] = sweep.ceil_bps / 1e12
   sweep.meta["copy_ceiling_bytes"] = 2 * big.size * 4
