@@ -70,6 +70,13 @@ def fp8_dot(a8, b8, sa, sb):
   return jnp.dot(a, b, preferred_element_type=jnp.bfloat16)
 
 
+def fp8_gemm_kind(hlo):
+  """Whether the compiled FP8 dot became cuBLASLt's FP8 GEMM (else: see the saved HLO)."""
+  if "__cublas$lt$matmul$f8" in hlo:
+    return "cuBLASLt f8 GEMM"
+  return "no cuBLASLt f8 call" + (" (a Triton GEMM fusion)" if "__triton_gemm" in hlo else "")
+
+
 def fp8_dot_quantizing(a, b):
   """Both operands quantized in the timed call, as a training step must (current scaling)."""
   (a8, sa), (b8, sb) = quantize(a), quantize(b)
@@ -109,7 +116,7 @@ def best_mgpu(a, b, c, ref, quick):
   return best if best[0] is not None else (None, err)
 
 
-def bench_shape(name, m, k, n, residual, quick, on_gpu):
+def bench_shape(name, m, k, n, residual, quick, on_gpu, hlo_dir=""):
   keys = jax.random.split(jax.random.key(0), 4)
   a = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
   b = (jax.random.normal(keys[1], (k, n), jnp.float32) * k ** -0.5).astype(jnp.bfloat16)
@@ -133,8 +140,10 @@ def bench_shape(name, m, k, n, residual, quick, on_gpu):
   rel = float(jnp.linalg.norm((fp8(a8, b8, sa, sb) - ref).astype(jnp.float32)) /
               jnp.linalg.norm(ref.astype(jnp.float32)))
   hlo = fp8.lower(a8, b8, sa, sb).compile().as_text()
-  row("fp8", loop_time_ms(fp8, (a8, b8, sa, sb)),
-      f"rel err {rel:.3f}; cuBLASLt FP8 GEMM in the HLO: {'__cublas$lt$matmul$f8' in hlo}")
+  row("fp8", loop_time_ms(fp8, (a8, b8, sa, sb)), f"rel err {rel:.3f}; {fp8_gemm_kind(hlo)}")
+  if hlo_dir:
+    with open(f"{hlo_dir}/fp8-{name.split()[0]}-{name.split()[1]}.hlo.txt", "w") as f:
+      f.write(hlo)
   row("fp8+quantize", loop_time_ms(jax.jit(fp8_dot_quantizing), (a, b)))
   if on_gpu or quick:
     try:
@@ -154,6 +163,7 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   ap.add_argument("--quick", action="store_true", help="tiny shapes, one config (script check)")
   ap.add_argument("--deadline_s", type=float, default=240.0)
+  ap.add_argument("--hlo_dir", default="", help="Write each FP8 dot's compiled HLO here.")
   args = ap.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   shapes = [(n, 256, 256, 256, r) for n, *_, r in SHAPES[:2]] if args.quick else SHAPES
@@ -163,7 +173,7 @@ def main(argv=None):
       rows.append({"shape": shape[0], "impl": "-", "ms": None, "note": "skipped: deadline"})
       continue
     try:
-      rows += bench_shape(*shape, quick=args.quick, on_gpu=on_gpu)
+      rows += bench_shape(*shape, quick=args.quick, on_gpu=on_gpu, hlo_dir=args.hlo_dir)
     except Exception:
       rows.append({"shape": shape[0], "impl": "-", "ms": None,
                    "note": traceback.format_exc().splitlines()[-1][:300]})

@@ -6,7 +6,7 @@ set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 TF_CPP_MIN_LOG_LEVEL=2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-timeout 260 python3 -m bench.gemm --out="$OUT/gemm.json" --deadline_s=200 2>&1 | grep -v "^I[0-9]\|^W[0-9]" | tail -40 | tee "$OUT/gemm.txt"
+mkdir -p "$OUT/hlo"; timeout 260 python3 -m bench.gemm --out="$OUT/gemm.json" --deadline_s=200 --hlo_dir="$OUT/hlo" 2>&1 | grep -v "^I[0-9]\|^W[0-9]" | tail -40 | tee "$OUT/gemm.txt"
 timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/cudnn-api.txt"
 import inspect, jax
 from jax._src.cudnn import fused_attention_stablehlo as f
