@@ -14,6 +14,7 @@ speed of the one XLA calls. Per shape of the step (8 x 2048 tokens, d 2048, ffn 
   fp8            e4m3 operands (pre-quantized) through XLA's cuBLASLt FP8 rewrite, the per-tensor
                  scales applied: issue 19's ceiling; fp8+quantize also quantizes both operands
                  (amax + convert) in the timed call, as a step with current scaling must;
+                 fp8 direct: the f8 operands into the dot itself, the scales on its output;
   mgpu(+residual) jax's Pallas Mosaic GPU Hopper matmul (wgmma, TMA, warp-specialised; its
                  epilogue adds c), over a small sweep of its tile configs, the best kept.
 Each row: ms (median of loop-timed calls), TFLOP/s, and the ratio to xla. Errors are rows.
@@ -68,6 +69,12 @@ def fp8_dot(a8, b8, sa, sb):
   a = a8.astype(jnp.bfloat16) * sa.astype(jnp.bfloat16)
   b = b8.astype(jnp.bfloat16) * sb.astype(jnp.bfloat16)
   return jnp.dot(a, b, preferred_element_type=jnp.bfloat16)
+
+
+def fp8_dot_direct(a8, b8, sa, sb):
+  """The f8 operands straight into the dot, the scales on the output (no dequantize pattern)."""
+  out = jnp.dot(a8, b8, preferred_element_type=jnp.float32)
+  return (out * (sa * sb)).astype(jnp.bfloat16)
 
 
 def fp8_gemm_kind(hlo):
@@ -144,6 +151,11 @@ def bench_shape(name, m, k, n, residual, quick, on_gpu, hlo_dir=""):
   if hlo_dir:
     with open(f"{hlo_dir}/fp8-{name.split()[0]}-{name.split()[1]}.hlo.txt", "w") as f:
       f.write(hlo)
+  direct = jax.jit(fp8_dot_direct)
+  rel = float(jnp.linalg.norm((direct(a8, b8, sa, sb) - ref).astype(jnp.float32)) /
+              jnp.linalg.norm(ref.astype(jnp.float32)))
+  row("fp8 direct", loop_time_ms(direct, (a8, b8, sa, sb)),
+      f"rel err {rel:.3f}; {fp8_gemm_kind(direct.lower(a8, b8, sa, sb).compile().as_text())}")
   row("fp8+quantize", loop_time_ms(jax.jit(fp8_dot_quantizing), (a, b)))
   if on_gpu or quick:
     try:

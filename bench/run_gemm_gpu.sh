@@ -15,3 +15,4 @@ print("jax.nn.dot_product_attention", inspect.signature(jax.nn.dot_product_atten
 print("fused_attention_stablehlo.dot_product_attention", inspect.signature(f.dot_product_attention))
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gemm.txt"
+timeout 150 python3 -m bench.attention_mgpu --out="$OUT/attention-mgpu.json" 2>&1 | grep -v "^I[0-9]\|^W[0-9]" | tail -30 | tee "$OUT/attention-mgpu.txt"
