@@ -256,8 +256,7 @@ def test_matmul_dtype_is_a_model_key_bf16_by_default_listed_with_its_choices():
   lines = config_lib.listing(cfg).splitlines()
   i = lines.index("model.matmul_dtype = 'fp8'  (default 'bf16')  [must be one of bf16, fp8]")
   assert lines[i + 1].startswith("    # The block's dense GEMMs")
-  keys = config_lib.flat_keys(cfg)  # beside the other model keys
-  assert keys.index("model.matmul_dtype") == keys.index("model.compute_dtype") + 1
+  assert "model.matmul_dtype" in config_lib.flat_keys(cfg)  # a model key (the checkpoint's)
 
 
 def test_the_listing_command():
