@@ -8,9 +8,10 @@ the e5m2 gradient and the e4m3 tensors saved from the forward (which are also th
 
 Each GEMM is written as XLA's GPU GemmRewriter expects an FP8 GEMM:
 `dot(convert(q_a) * s_a, convert(q_b) * s_b)` with q_* in an fp8 type and s_* scalars; on
-Hopper it becomes one cuBLASLt FP8 GEMM (custom call `__cublas$lt$matmul$f8`), the scales passed
-as its alpha, accumulated in fp32. Elsewhere (CPU) the same program runs as written: a dot of the
-dequantized values, which emulates the rounding exactly (ml_dtypes gives jnp the fp8 types).
+Hopper it is meant to become one cuBLASLt FP8 GEMM (custom call `__cublas$lt$matmul$f8`), the
+scales folded into its alpha, accumulated in fp32 (bench/fp8_check.py counts them in the optimized
+HLO). Elsewhere (CPU) the same program runs as written: a dot of the dequantized values, which
+emulates the fp8 rounding of the operands (ml_dtypes gives jnp the fp8 types).
 
 Scaling is current (just-in-time) scaling: s = amax(|x|) / finfo(fp8).max, computed in the step
 from the tensor being quantized. Nothing is carried between steps, so fp8 adds no train state
@@ -48,7 +49,9 @@ def quantize(x, q_dtype, scale):
 
 
 def dequantize(q, dtype, scale):
-  """convert(q) * scale: the form GemmRewriter folds into an FP8 GEMM's operand."""
+  """convert(q) * scale: the form GemmRewriter folds into an FP8 GEMM's operand (it matches a
+  multiply of convert(fp8) by a broadcast scalar). The scale is rounded to dtype here (bf16 on
+  GPU: 2^-9 relative, one factor for the whole tensor, far below fp8's own rounding)."""
   return q.astype(dtype) * scale.astype(dtype)
 
 
