@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19, FP8 on Hopper (model.matmul_dtype=fp8), in one device call (<= 8 min on one H200):
 #   run(command="BENCH_COMMIT=<sha> bash bench/run_fp8_gpu.sh", carry=[".whl"])
-# The caps add up to 480 s (STEP_S=180 CHECK_S=60 BF16_S=125 FP8_S=100 + 15); raise one with its
+# The caps (STEP_S=120 CHECK_S=60 BF16_S=150 FP8_S=120 + 15 = 465); raise one with its
 # variable when running fewer parts. PARTS picks the parts (default "step check parity"):
 #   step    the 1b step, base vs fp8 rows (bench, 2 workers)              -> $OUT/fp8-step.json/.log
 #   check   one fp8 GEMM at [16384,2048]x[2048,5632] vs bf16 (ms, TFLOP/s) and one 1b layer's
@@ -21,10 +21,10 @@ PARTS=${PARTS:-"step check parity"}
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
 
-if has step; then  # ~2 x 85 s: start, compile, 18 steps a worker
-  timeout ${STEP_S:-180} python3 -m bench --config=configs/1b.py --config.train.seq_len=2048 \
+if has step; then  # ~2 x 35 s: a worker was 30-36 s in session 4 (start, 14 s compile, 23 steps)
+  timeout ${STEP_S:-120} python3 -m bench --config=configs/1b.py --config.train.seq_len=2048 \
     --config.train.micro_batch_per_device=8 --variants='base;fp8:model.matmul_dtype=fp8' \
-    --plain= --peer= --steps=15 --warmup=3 --window=5 --worker_timeout_s=${WORKER_S:-95} --deadline_s=${DEADLINE_S:-100} \
+    --plain= --peer= --steps=15 --warmup=3 --window=5 --worker_timeout_s=${WORKER_S:-75} --deadline_s=${DEADLINE_S:-60} \
     --out="$OUT/fp8-step.json" 2>&1 | grep -v "^I[0-9]\|^W[0-9]" | tail -40 > "$OUT/fp8-step.log"
   cat "$OUT/fp8-step.log"
 fi
@@ -42,10 +42,10 @@ if has parity; then  # ~2 x 80 s: tokenizer (bf16 only), compile, 400 steps at ~
     --config.train.eval_every=100 --config.train.eval_batches=8 --config.train.checkpoint_every=0
     --config.train.async_checkpoint=false --config.optim.warmup_steps=40 --config.optim.decay_steps=400
     --config.seed=0"
-  timeout ${BF16_S:-125} python3 -m tinyllama_jax.train $common --config.model.matmul_dtype=bf16 --workdir="$W/bf16" \
+  timeout ${BF16_S:-150} python3 -m tinyllama_jax.train $common --config.model.matmul_dtype=bf16 --workdir="$W/bf16" \
     > "$OUT/parity-bf16.log" 2>&1; echo "bf16 run exit $?"
   TOK="$W/bf16/tokenizer/tokenizer.model"  # the same tokenizer, so the same token stream
-  timeout ${FP8_S:-100} python3 -m tinyllama_jax.train $common --config.model.matmul_dtype=fp8 \
+  timeout ${FP8_S:-120} python3 -m tinyllama_jax.train $common --config.model.matmul_dtype=fp8 \
     --config.data.tokenizer="$TOK" --workdir="$W/fp8" > "$OUT/parity-fp8.log" 2>&1; echo "fp8 run exit $?"
   for r in bf16 fp8; do
     cp "$W/$r/metrics.jsonl" "$OUT/metrics-$r.jsonl" 2>/dev/null
