@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19, FP8 on Hopper (model.matmul_dtype=fp8), in one device call (<= 8 min on one H200):
 #   run(command="BENCH_COMMIT=<sha> bash bench/run_fp8_gpu.sh", carry=[".whl"])
-# The caps (STEP_S=120 CHECK_S=60 BF16_S=150 FP8_S=120 + 15 = 465); raise one with its
+# Time caps in s: STEP_S=120 CHECK_S=60 BF16_S=150 FP8_S=120, + 15 = 465; raise one with its
 # variable when running fewer parts. PARTS picks the parts (default "step check parity"):
 #   step    the 1b step, base vs fp8 rows (bench, 2 workers)              -> $OUT/fp8-step.json/.log
 #   check   one fp8 GEMM at [16384,2048]x[2048,5632] vs bf16 (ms, TFLOP/s) and one 1b layer's
