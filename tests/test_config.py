@@ -62,6 +62,7 @@ def test_shipped_configs_are_valid(name):
     ({"model.head_dim": 33}, "model.head_dim (33) must be even for RoPE"),
     ({"model.remat": "some"}, "model.remat='some' must be one of none, full, save_dots"),
     ({"model.compute_dtype": "fp8"}, "model.compute_dtype='fp8' must be one of auto, bfloat16"),
+    ({"model.matmul_dtype": "fp16"}, "model.matmul_dtype='fp16' must be one of bf16, fp8"),
     ({"model.kernels.attention": "flash"}, "model.kernels.attention='flash' must be one of auto, "
                                            "cudnn, pallas"),  # + plan's stand-in once registered
     ({"model.kernels.cross_entropy": "x"}, "model.kernels.cross_entropy='x' must be one of "
@@ -245,6 +246,17 @@ def test_the_listing_has_every_key_its_choices_and_its_comment():
   assert comments["data.packing"].startswith("'concat' is TinyLlama's concat-then-split")
   assert "seed" not in comments  # a key without a comment has none
   assert not lines[lr + 1].startswith(" ")  # optim.lr has no comment either
+
+
+def test_matmul_dtype_is_a_model_key_bf16_by_default_listed_with_its_choices():
+  assert config_lib.base_config().model.matmul_dtype == "bf16"
+  assert config_lib.choices()["model.matmul_dtype"] == ("bf16", "fp8")
+  cfg = tiny(**{"model.matmul_dtype": "fp8"})
+  config_lib.validate(cfg)
+  lines = config_lib.listing(cfg).splitlines()
+  i = lines.index("model.matmul_dtype = 'fp8'  (default 'bf16')  [must be one of bf16, fp8]")
+  assert lines[i + 1].startswith("    # The block's dense GEMMs")
+  assert "model.matmul_dtype" in config_lib.flat_keys(cfg)  # a model key (the checkpoint's)
 
 
 def test_the_listing_command():

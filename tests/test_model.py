@@ -204,3 +204,53 @@ def test_mlp_recompute_keeps_gate_and_up_not_their_product():
   assert sizes[True] == 3 * (2 * 16 * 96)  # n_layers x the fused gate_up
   assert sizes[False] >= 3 * (2 * 16 * (96 + 48))  # also the product (and, at jax's level,
   # elementwise intermediates that XLA's fusions recompute anyway)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fp8_matmuls_stay_close_to_fp32(fuse):
+  """matmul_dtype='fp8' (emulated on CPU): loss and gradients within a loose band of fp32's,
+  and really different (the block's GEMMs are rounded to fp8, the rest is untouched)."""
+  x = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
+  _, _, (l_ref, g_ref) = _loss_and_grads(small_model_config(fuse_projections=fuse), x)
+  _, _, (l, g) = _loss_and_grads(small_model_config(fuse_projections=fuse, matmul_dtype="fp8"), x)
+  assert 1e-5 < abs(float(l) / float(l_ref) - 1) < 0.05
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    rel = np.linalg.norm(np.asarray(a - b)) / np.linalg.norm(np.asarray(b))
+    # ~0.1 for most; ~0.2 for wq/wk, whose small gradients (near-uniform attention at init)
+    # share one e5m2 scale with the larger ones around them
+    assert rel < 0.3, (path, rel)
+
+
+def test_fp8_matmuls_leave_the_embedding_and_lm_head_alone_and_the_remat_tags_in_place():
+  """Exactly the block's four projections quantize: two e4m3 operands each a layer in the
+  forward (the embedding gather and the lm_head's logits dot take none), and their backward
+  one e5m2 gradient each. Every remat policy saves the same named tensors with fp8 as without."""
+  from jax._src.ad_checkpoint import saved_residuals  # no public name in jax 0.10
+  x = jax.random.randint(jax.random.key(3), (2, 16), 0, 97)
+  cfg = small_model_config(matmul_dtype="fp8")
+  f, params, _ = _loss_and_grads(cfg, x)
+
+  def fp8_casts(jaxpr, counts):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "convert_element_type":
+        name = jnp.dtype(eqn.params["new_dtype"]).name
+        counts[name] = counts.get(name, 0) + 1
+      for value in eqn.params.values():  # sub-jaxprs (jit, custom_vjp, remat), open or closed
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            fp8_casts(sub, counts)
+    return counts
+
+  forward = fp8_casts(jax.make_jaxpr(f)(params).jaxpr, {})
+  assert forward.get("float8_e4m3fn") == 4 * 2 * cfg.n_layers and "float8_e5m2" not in forward
+  both = fp8_casts(jax.make_jaxpr(jax.grad(f))(params).jaxpr, {})
+  assert both.get("float8_e5m2") == 4 * cfg.n_layers
+  assert both.get("float8_e4m3fn") == 4 * 2 * cfg.n_layers  # saved, not quantized again
+  for remat in ("save_qkv_attn", "save_all_but_mlp", "save_attn"):
+    names = {}
+    for matmul_dtype in ("bf16", "fp8"):
+      f, params, _ = _loss_and_grads(small_model_config(remat=remat, matmul_dtype=matmul_dtype), x)
+      names[matmul_dtype] = sorted((why, a.shape) for a, why in saved_residuals(f, params)
+                                   if why.startswith("named"))
+    assert names["fp8"] == names["bf16"] and names["bf16"], remat

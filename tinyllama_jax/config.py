@@ -31,6 +31,7 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 on GPU/TPU, f
 REMATS = ("none", "full", "save_dots", "save_attn", "save_qkv_attn", "save_all_but_mlp")
 AUTO_KERNELS = ("attention", "swiglu")  # the ops whose backend 'auto' picks per device (model.py)
 NAN_POLICIES = ("stop", "skip")
+MATMUL_DTYPES = ("bf16", "fp8")
 
 
 def _backends(op):
@@ -53,6 +54,11 @@ def model_config():
   c.norm_eps = 1e-5
   c.init_std = 0.0  # 0: TinyLlama's sqrt(2 / (5 d))
   c.compute_dtype = choice("auto", COMPUTE_DTYPES)  # auto: bfloat16 on GPU/TPU, float32 on CPU
+  # The block's dense GEMMs (qkv, o-proj, gate/up, down). bf16: in the compute dtype. fp8: FP8
+  # GEMMs (cuBLASLt on Hopper, emulated elsewhere): e4m3 activations and weights, e5m2 output
+  # gradients, per-tensor scales from each step's amax (no state: resume stays exact). The
+  # embedding, lm_head and loss, the master weights and the optimizer do not change.
+  c.matmul_dtype = choice("bf16", MATMUL_DTYPES)
   c.scan_layers = False  # unrolled ran 15% faster on one H200 at 1b (bench/NOTES.md)
   c.remat = choice("none", REMATS)  # which activations the backward recomputes (model.py)
   # One [D, (H + 2K) Dh] matmul for q, k, v and one [D, 2F] for gate and up (weights concatenated

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tinyllama_jax import kernels, params, sharding
+from tinyllama_jax.kernels import fp8
 
 # Remat policies by name. The tags are the checkpoint_name()s in `block`; a policy saves the
 # tagged activations it names and recomputes everything else in the backward pass.
@@ -122,14 +123,22 @@ class Ops:
     self.attention_cache = kernels.get("attention_cache", "xla")
 
 
-def _swiglu_down(w_down_FD, *gate_up, ops):
+def projection(cfg_model):
+  """The einsum of the block's dense projections: jnp's in the compute dtype, or with
+  matmul_dtype='fp8' the FP8 GEMM of kernels/fp8.py (e4m3 forward, e5m2 gradients, current
+  per-tensor scaling; no state). The embedding and the lm_head never take this path."""
+  # .get: the saved config of a run from before the key (generate, evaluate) reads as bf16
+  return fp8.einsum if cfg_model.get("matmul_dtype", "bf16") == "fp8" else jnp.einsum
+
+
+def _swiglu_down(w_down_FD, *gate_up, ops, proj):
   """down(swiglu(gate, up)); gate and up as one fused [.., 2F] array or as two."""
   if len(gate_up) == 1:
     act_BTF = ops.swiglu_packed(checkpoint_name(gate_up[0], "mlp_gate_up"))
   else:
     act_BTF = ops.swiglu(checkpoint_name(gate_up[0], "mlp_gate"),
                          checkpoint_name(gate_up[1], "mlp_up"))
-  return jnp.einsum("btf,fd->btd", act_BTF, w_down_FD)
+  return proj("btf,fd->btd", act_BTF, w_down_FD)
 
 
 def init_cache(cfg, batch, length, dtype):
@@ -154,19 +163,20 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype
   layer's updated KV cache, or None without one)."""
   w = {k: v.astype(dtype) for k, v in p.items()}
   H, K = cfg.n_heads, cfg.n_kv_heads
+  proj = projection(cfg)
   # Concatenating tensor-split weights would interleave shards: fuse only without a tensor split.
   fuse = cfg.fuse_projections and sharding.shards("heads") == 1 and sharding.shards("mlp") == 1
   x_BTD = sharding.constrain(x_BTD, _BTX)  # batch-split, whatever the weights' FSDP split
   h_BTD = ops.rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
   if fuse:
     w_qkv = jnp.concatenate([w["wq"], w["wk"], w["wv"]], axis=1)  # [D, H + 2K, Dh]
-    qkv_BTNK = jnp.einsum("btd,dnk->btnk", h_BTD, w_qkv)
+    qkv_BTNK = proj("btd,dnk->btnk", h_BTD, w_qkv)
     q_BTHK, k_BTGK, v_BTGK = (qkv_BTNK[:, :, :H], qkv_BTNK[:, :, H:H + K],
                               qkv_BTNK[:, :, H + K:])
   else:
-    q_BTHK = jnp.einsum("btd,dhk->bthk", h_BTD, w["wq"])
-    k_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, w["wk"])
-    v_BTGK = jnp.einsum("btd,dgk->btgk", h_BTD, w["wv"])
+    q_BTHK = proj("btd,dhk->bthk", h_BTD, w["wq"])
+    k_BTGK = proj("btd,dgk->btgk", h_BTD, w["wk"])
+    v_BTGK = proj("btd,dgk->btgk", h_BTD, w["wv"])
   q_BTHK = checkpoint_name(q_BTHK, "query_proj")
   k_BTGK = checkpoint_name(k_BTGK, "key_proj")
   v_BTGK = checkpoint_name(v_BTGK, "value_proj")
@@ -176,15 +186,15 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype
   k_BTGK, v_BTGK = sharding.constrain(k_BTGK, _BTKD), sharding.constrain(v_BTGK, _BTKD)
   o_BTHK, cache = _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops)
   o_BTHK = checkpoint_name(o_BTHK, "attn_out")
-  attn_BTD = checkpoint_name(jnp.einsum("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
+  attn_BTD = checkpoint_name(proj("bthk,hkd->btd", o_BTHK, w["wo"]), "attn_proj")
 
   x_BTD, h_BTD = ops.add_rms_norm(x_BTD, attn_BTD, w["mlp_norm"], cfg.norm_eps)
   if fuse:
-    gate_up = (jnp.einsum("btd,df->btf", h_BTD, jnp.concatenate([w["w_gate"], w["w_up"]], 1)),)
+    gate_up = (proj("btd,df->btf", h_BTD, jnp.concatenate([w["w_gate"], w["w_up"]], 1)),)
   else:
-    gate_up = (jnp.einsum("btd,df->btf", h_BTD, w["w_gate"]),
-               jnp.einsum("btd,df->btf", h_BTD, w["w_up"]))
-  mlp_down = functools.partial(_swiglu_down, ops=ops)
+    gate_up = (proj("btd,df->btf", h_BTD, w["w_gate"]),
+               proj("btd,df->btf", h_BTD, w["w_up"]))
+  mlp_down = functools.partial(_swiglu_down, ops=ops, proj=proj)
   if cfg.recompute_mlp_act:
     # Residuals: gate, up and the weight; the product is rebuilt in the backward for dW_down.
     mlp_down = jax.checkpoint(mlp_down, policy=jax.checkpoint_policies.nothing_saveable)

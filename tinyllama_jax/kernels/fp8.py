@@ -1,0 +1,115 @@
+"""FP8 matmuls for the block's dense projections (model.matmul_dtype='fp8'), Hopper-style.
+
+Forward: the activation and the weight are quantized to float8_e4m3fn, each with one scale for
+the whole tensor; backward: the output gradient to float8_e5m2 (more range, less precision: the
+gradients' spread), and both gradient GEMMs, dgrad = g @ w^T and wgrad = x^T @ g, run in fp8 on
+the e5m2 gradient and the e4m3 tensors saved from the forward (which are also the residuals:
+1 byte an element instead of bf16's 2).
+
+Each GEMM is written as XLA's GPU GemmRewriter expects an FP8 GEMM:
+`dot(convert(q_a) * s_a, convert(q_b) * s_b)` with q_* in an fp8 type and s_* scalars; on
+Hopper it is meant to become one cuBLASLt FP8 GEMM (custom call `__cublas$lt$matmul$f8`), the
+scales folded into its alpha, accumulated in fp32 (bench/fp8_check.py counts them in the optimized
+HLO). Elsewhere (CPU) the same program runs as written: a dot of the dequantized values, which
+emulates the fp8 rounding of the operands (ml_dtypes gives jnp the fp8 types).
+
+Scaling is current (just-in-time) scaling: s = amax(|x|) / finfo(fp8).max, computed in the step
+from the tensor being quantized. Nothing is carried between steps, so fp8 adds no train state
+and a resumed run continues bitwise, by construction. Delayed scaling (the scale from an amax
+history of past steps, one pass less over each tensor) would need that history threaded through
+the train state and its checkpoints: not built.
+
+Why not flax.linen.fp8_ops: its in_qdq / out_qdq / quantized_dot take a scale and an amax
+history as inputs and return the updated ones as their "gradients" (delayed scaling, the meta
+living in the params tree). With current scaling only its quantize/dequantize would be left, and
+those are the three lines each below (with the zero-amax guard ours needs).
+"""
+
+import jax
+import jax.numpy as jnp
+
+E4M3 = jnp.float8_e4m3fn
+E5M2 = jnp.float8_e5m2
+
+
+def scale_of(x, q_dtype):
+  """The per-tensor scale that maps amax(|x|) onto q_dtype's largest finite value, as fp32. An
+  all-zero tensor gets scale 1 (any scale quantizes zeros exactly; 0 would divide by zero)."""
+  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+  fmax = jnp.float32(jnp.finfo(q_dtype).max)
+  return jnp.where(amax > 0, amax / fmax, jnp.float32(1))
+
+
+def quantize(x, q_dtype, scale):
+  """x / scale, clipped to q_dtype's finite range (the fp8 casts do not saturate: e4m3fn has no
+  inf, an overflow would be NaN), in q_dtype. The division runs in fp32, fused into the one pass
+  that reads x and writes 1 byte an element."""
+  fmax = jnp.float32(jnp.finfo(q_dtype).max)
+  return jnp.clip(x.astype(jnp.float32) / scale, -fmax, fmax).astype(q_dtype)
+
+
+def dequantize(q, dtype, scale):
+  """convert(q) * scale: the form GemmRewriter folds into an FP8 GEMM's operand (it matches a
+  multiply of convert(fp8) by a broadcast scalar). The scale is rounded to dtype here (bf16 on
+  GPU: 2^-9 relative, one factor for the whole tensor, far below fp8's own rounding)."""
+  return q.astype(dtype) * scale.astype(dtype)
+
+
+def quantize_current(x, q_dtype):
+  """(q, scale): x quantized with its own current per-tensor scale."""
+  scale = scale_of(x, q_dtype)
+  return quantize(x, q_dtype, scale), scale
+
+
+def _qdot(qa, sa, qb, sb, dtype, contract=(1, 0)):
+  """The 2D product of two quantized operands contracting qa's axis contract[0] with qb's
+  contract[1], in dtype (fp32 accumulation inside). The transposes of the backward stay dimension
+  numbers: GemmRewriter picks the operand layouts cuBLASLt's FP8 GEMM takes."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return jax.lax.dot_general(dequantize(qa, dtype, sa), dequantize(qb, dtype, sb), dims,
+                             preferred_element_type=dtype)
+
+
+@jax.custom_vjp
+def dot(x_NK, w_KM):
+  """x_NK @ w_KM as an FP8 GEMM (e4m3 operands, current scaling), in their (one) dtype."""
+  return _dot_fwd(x_NK, w_KM)[0]
+
+
+def _dot_fwd(x_NK, w_KM):
+  dtype = x_NK.dtype
+  qx_NK, sx = quantize_current(x_NK, E4M3)
+  qw_KM, sw = quantize_current(w_KM, E4M3)
+  return _qdot(qx_NK, sx, qw_KM, sw, dtype), (qx_NK, sx, qw_KM, sw)
+
+
+def _dot_bwd(res, g_NM):
+  qx_NK, sx, qw_KM, sw = res
+  dtype = g_NM.dtype
+  qg_NM, sg = quantize_current(g_NM, E5M2)
+  dx_NK = _qdot(qg_NM, sg, qw_KM, sw, dtype, (1, 1))  # e5m2 x e4m3: a pair cuBLASLt takes
+  dw_KM = _qdot(qx_NK, sx, qg_NM, sg, dtype, (0, 0))
+  return dx_NK, dw_KM
+
+
+dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def einsum(spec, x, w):
+  """jnp.einsum(spec, x, w) for a dense projection, through `dot`: spec is
+  'LEAD CONTRACT, CONTRACT OUT -> LEAD OUT' (e.g. 'btd,dnk->btnk', 'bthk,hkd->btd'), so x and w
+  reshape to one 2D [N, K] x [K, M] GEMM and the result back."""
+  inputs, out = spec.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  contract = "".join(c for c in lhs if c in rhs)
+  lead, rest = lhs[:len(lhs) - len(contract)], rhs[len(contract):]
+  if lhs != lead + contract or rhs != contract + rest or out != lead + rest:
+    raise ValueError(f"fp8 einsum {spec!r} is not a dense projection 'ab...k,k...o->ab...o': "
+                     "write it so x's trailing axes contract with w's leading ones")
+  n_lead = len(lead)
+  lead_shape, out_shape = x.shape[:n_lead], w.shape[len(contract):]
+  k = 1
+  for d in x.shape[n_lead:]:
+    k *= d
+  y = dot(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype))
+  return y.reshape(*lead_shape, *out_shape)
