@@ -6,12 +6,10 @@ gradients' spread), and both gradient GEMMs, dgrad = g @ w^T and wgrad = x^T @ g
 the e5m2 gradient and the e4m3 tensors saved from the forward (which are also the residuals:
 1 byte an element instead of bf16's 2).
 
-Each GEMM is written as XLA's GPU GemmRewriter expects an FP8 GEMM:
-`dot(convert(q_a) * s_a, convert(q_b) * s_b)` with q_* in an fp8 type and s_* scalars; on
-Hopper it is meant to become one cuBLASLt FP8 GEMM (custom call `__cublas$lt$matmul$f8`), the
-scales folded into its alpha, accumulated in fp32 (bench/fp8_check.py counts them in the optimized
-HLO). Elsewhere (CPU) the same program runs as written: a dot of the dequantized values, which
-emulates the fp8 rounding of the operands (ml_dtypes gives jnp the fp8 types).
+Each GEMM is a dot of the fp8 operands themselves, accumulated in fp32, with the two scales on
+its output: on Hopper XLA makes it one cuBLASLt FP8 GEMM (`__cublas$lt$matmul$f8`, the scales
+folded into its alpha; bench/fp8_check.py counts them in the optimized HLO). Elsewhere (CPU) XLA
+upcasts the fp8 operands, which emulates the fp8 rounding exactly (ml_dtypes gives jnp the types).
 
 Scaling is current (just-in-time) scaling: s = amax(|x|) / finfo(fp8).max, computed in the step
 from the tensor being quantized. Nothing is carried between steps, so fp8 adds no train state
@@ -22,7 +20,7 @@ the train state and its checkpoints: not built.
 Why not flax.linen.fp8_ops: its in_qdq / out_qdq / quantized_dot take a scale and an amax
 history as inputs and return the updated ones as their "gradients" (delayed scaling, the meta
 living in the params tree). With current scaling only its quantize/dequantize would be left, and
-those are the three lines each below (with the zero-amax guard ours needs).
+those are a few lines each (with the zero-amax guard ours needs).
 """
 
 import jax
@@ -48,13 +46,6 @@ def quantize(x, q_dtype, scale):
   return jnp.clip(x.astype(jnp.float32) / scale, -fmax, fmax).astype(q_dtype)
 
 
-def dequantize(q, dtype, scale):
-  """convert(q) * scale: the form GemmRewriter folds into an FP8 GEMM's operand (it matches a
-  multiply of convert(fp8) by a broadcast scalar). The scale is rounded to dtype here (bf16 on
-  GPU: 2^-9 relative, one factor for the whole tensor, far below fp8's own rounding)."""
-  return q.astype(dtype) * scale.astype(dtype)
-
-
 def quantize_current(x, q_dtype):
   """(q, scale): x quantized with its own current per-tensor scale."""
   scale = scale_of(x, q_dtype)
@@ -63,11 +54,14 @@ def quantize_current(x, q_dtype):
 
 def _qdot(qa, sa, qb, sb, dtype, contract=(1, 0)):
   """The 2D product of two quantized operands contracting qa's axis contract[0] with qb's
-  contract[1], in dtype (fp32 accumulation inside). The transposes of the backward stay dimension
-  numbers: GemmRewriter picks the operand layouts cuBLASLt's FP8 GEMM takes."""
+  contract[1], in dtype: the fp8 operands go into the dot itself (fp32 accumulation) and both
+  scales multiply its output. That is the form jax 0.11.2's XLA turns into cuBLASLt's FP8 GEMM
+  (`__cublas$lt$matmul$f8`, the scales as its alpha); the dequantize-then-dot form
+  (`convert(q) * s` operands) compiles to a dequantize pass and a bf16 GEMM on that XLA
+  (bench/NOTES.md, session 5, measured). The backward's transposes stay dimension numbers."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
-  return jax.lax.dot_general(dequantize(qa, dtype, sa), dequantize(qb, dtype, sb), dims,
-                             preferred_element_type=dtype)
+  out = jax.lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32)
+  return (out * (sa * sb)).astype(dtype)
 
 
 @jax.custom_vjp
