@@ -63,7 +63,7 @@ def test_shipped_configs_are_valid(name):
     ({"model.remat": "some"}, "model.remat='some' must be one of none, full, save_dots"),
     ({"model.compute_dtype": "fp8"}, "model.compute_dtype='fp8' must be one of auto, bfloat16"),
     ({"model.kernels.attention": "flash"}, "model.kernels.attention='flash' must be one of auto, "
-                                           "cudnn, pallas"),  # + plan's stand-in once registered
+                                           "cudnn, cudnn_packed, pallas"),  # + plan's stand-in once registered
     ({"model.kernels.cross_entropy": "x"}, "model.kernels.cross_entropy='x' must be one of "
                                            "chunked, xla"),
     ({"data.tokenizer_vocab_size": 4096}, "data.tokenizer_vocab_size (4096) exceeds "
@@ -256,6 +256,6 @@ def test_the_listing_command():
   lines = proc.stdout.splitlines()
   assert ("model.remat = 'full'  (default 'none')  [must be one of none, full, save_dots, "
           "save_attn, save_qkv_attn, save_all_but_mlp]") in lines
-  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, pallas, xla]")
+  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, cudnn_packed, pallas, xla]")
   assert lines[i + 1].startswith("    # auto: cuDNN on GPU")
   assert "train.grace_period_s = 60.0  [must be a finite number > 0]" in lines
