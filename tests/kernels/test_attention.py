@@ -30,10 +30,10 @@ def test_packed_segments_hand_built_rows():
 
 def test_packed_segments_exactly_full_and_overflowing_rows():
   rows = [[1, 1, 2, 2, 3, 3, 4, 0],   # 5 runs (padding counted) in 5 slots: exact
-          [1, 2, 3, 4, 5, 6, 0, 0]]   # 7 runs: overflow, the first 5 described
+          [1, 2, 3, 4, 5, 6, 0, 0]]   # 7 runs: overflow, the last slot takes the tail
   offsets, lengths, overflow = _convert(rows, 5)
   assert offsets[0] == [0, 2, 4, 6, 7, -1] and lengths[0] == [2, 2, 2, 1, 1]
-  assert offsets[1] == [0, 1, 2, 3, 4, -1] and lengths[1] == [1, 1, 1, 1, 1]
+  assert offsets[1] == [0, 1, 2, 3, 4, -1] and lengths[1] == [1, 1, 1, 1, 4]
   assert overflow == [False, True]
 
 
@@ -172,9 +172,16 @@ def test_cudnn_packed_one_document_a_row_and_no_gqa_gpu(on_gpu):
 
 @pytest.mark.gpu
 def test_cudnn_packed_overflowing_row_is_nan_gpu(on_gpu):
-  """Row 1 has 5 segments in 4 slots: NaN (a non-finite loss), never attended across documents."""
+  """Row 1 has 5 segments in 4 slots: its output and gradients are NaN (a non-finite step),
+  never attended across documents; row 0 stays exact."""
   seg = _rows(2, 256, [[100, 156], [50, 50, 50, 50, 56]])
-  q = jnp.ones((2, 256, 8, 64), jnp.bfloat16)
-  k = v = jnp.ones((2, 256, 2, 64), jnp.bfloat16)
-  o = attn.attention_cudnn_packed(q, k, v, seg, causal=True, max_segments=4)
-  assert bool(jnp.isfinite(o[0]).all()) and bool(jnp.isnan(o[1]).all())
+  ks = jax.random.split(jax.random.key(1), 3)
+  q = kernels_util.normal(ks[0], (2, 256, 8, 64), jnp.bfloat16)
+  k, v = (kernels_util.normal(x, (2, 256, 2, 64), jnp.bfloat16) for x in ks[1:])
+  f = lambda q, k, v: attn.attention_cudnn_packed(q, k, v, seg, causal=True, max_segments=4)
+  o, vjp = jax.vjp(f, q, k, v)
+  dq, dk, dv = vjp(jnp.ones_like(o))
+  for x in (o, dq, dk, dv):
+    assert bool(jnp.isfinite(x[0]).all()) and bool(jnp.isnan(x[1]).all())
+  kernels_util.assert_close(o[0], attn.attention_xla(q, k, v, seg, causal=True)[0],
+                            jnp.bfloat16, "row 0")

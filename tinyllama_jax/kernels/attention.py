@@ -68,7 +68,8 @@ def packed_segments(segment_ids_BT, max_segments):
   rows: ids 1, 2, ... in order, then 0s); an id split into two runs would not attend across the
   gap here, while the reference would. Slot m < runs holds run m's start (offsets) and length;
   unused slots hold -1, as does offsets' last column (cuDNN's [B, M + 1] form). A row with more
-  runs than slots sets overflow_B: only its first `max_segments` runs are described."""
+  runs than slots sets overflow_B; its last slot runs from run M - 1's start to the row's end,
+  across documents: the caller must not use that row (cudnn_packed makes it NaN)."""
   B, T = segment_ids_BT.shape
   starts_BT = jnp.concatenate([jnp.ones((B, 1), bool),
                                segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
@@ -78,7 +79,10 @@ def packed_segments(segment_ids_BT, max_segments):
   # bounds[b, m]: tokens before run m (run m's start; T when the row has no run m)
   bounds_BM1 = jnp.sum(run_BT[:, :, None] < slots_M1, axis=1, dtype=jnp.int32)
   used_BM = slots_M1[None, :-1] < runs_B[:, None]
-  lengths_BM = jnp.where(used_BM, bounds_BM1[:, 1:] - bounds_BM1[:, :-1], -1)
+  # The last slot ends at T: the same end for a row that fits; a row that overflows it has
+  # every token in some slot still (so nothing is left unwritten), its tail's runs in one.
+  ends_BM = bounds_BM1[:, 1:].at[:, -1].set(T)
+  lengths_BM = jnp.where(used_BM, ends_BM - bounds_BM1[:, :-1], -1)
   offsets_BM1 = jnp.concatenate([jnp.where(used_BM, bounds_BM1[:, :-1], -1),
                                  jnp.full((B, 1), -1, jnp.int32)], axis=1)
   return offsets_BM1, lengths_BM, runs_B > max_segments
@@ -106,7 +110,7 @@ def attention_cudnn_packed(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causa
 
   Segments come from packed_segments (its precondition: contiguous documents). max_segments
   (static; default default_max_segments(T)) bounds the segments a row; a row with more is not
-  attended across documents: its output is NaN, so the step's loss is non-finite and
+  attended across documents: its output and gradients are NaN, so the step is non-finite and
   train.nan_policy stops or skips it. Without segment ids this is the `cudnn` backend.
   """
   if segment_ids_BT is None:
@@ -123,11 +127,13 @@ def attention_cudnn_packed(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causa
     # This jax misplaces GQA kv offsets: one kv head per query head is exact (autodiff sums
     # the copies' gradients), at the cost of G-times larger K/V.
     k_BTKD, v_BTKD = (jnp.repeat(x, H // K, axis=2) for x in (k_BTKD, v_BTKD))
+  # A NaN query makes the row's output and gradients NaN; on q, the select fuses into the RoPE
+  # fusion that writes q (and its transpose into RoPE's backward): no pass of its own.
+  q_BTHD = jnp.where(overflow_B[:, None, None, None], jnp.nan, q_BTHD).astype(q_BTHD.dtype)
   mask = _cudnn_fa.MaskType.PADDING_CAUSAL if causal else _cudnn_fa.MaskType.NO_MASK
-  o_BTHD = _cudnn_fa.dot_product_attention(
+  return _cudnn_fa.dot_product_attention(
       q_BTHD, k_BTKD, v_BTKD, q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1,
       kv_offsets=offsets_BM1, scale=D ** -0.5, mask_type=mask, qkv_layout="BTNH")
-  return jnp.where(overflow_B[:, None, None, None], jnp.nan, o_BTHD).astype(q_BTHD.dtype)
 
 
 def attention_cache_xla(q_BTHD, k_BSKD, v_BSKD, positions_BT):
