@@ -4,8 +4,9 @@ without documents and the Pallas flash kernel with the same documents.
   python -m bench.attention_packed [--out DIR/attention_packed.json] [--quick] [--deadline_s 150]
 
 Shapes: B=8, T=2048, bf16, causal, 32 query / 4 kv heads d 64 and 16 / 2 d 128. Documents a row
-(LAYOUTS): four of fixed lengths (300, 900, 120, 728: no padding), stdlib-file-like (exponential
-lengths, mean 256, the row's tail padding), short (24 documents of 64-128 tokens, then padding), one a row.
+(`layouts`): four of fixed lengths (300, 900, 120, 728: no padding), stdlib-file-like
+(exponential lengths, mean 256, the row's tail padding), short (24 of 64-128 tokens, then
+padding), one a row.
 Rows: cudnn without ids (the concat step's attention), then per layout cudnn_packed (default
 slots) and pallas; on the four-document layout also cudnn_packed with 8 and 64 slots (what the
 slot count costs: cuDNN keeps per-slot softmax statistics). Every row with ids is checked
