@@ -106,7 +106,11 @@ class Ops:
   def __init__(self, cfg_kernels, uses_segments):
     def get(op, backend):
       return _per_device(op, backend, kernels.get(op, backend))
-    self.attention = get("attention", resolve_attention(cfg_kernels.attention, uses_segments))
+    attention = resolve_attention(cfg_kernels.attention, uses_segments)
+    attention_fn = kernels.get("attention", attention)
+    if attention == "cudnn_packed" and cfg_kernels.get("attention_slots", 0):
+      attention_fn = functools.partial(attention_fn, max_segments=cfg_kernels.attention_slots)
+    self.attention = _per_device("attention", attention, attention_fn)
     self.rms_norm = get("rms_norm", cfg_kernels.rms_norm)
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)

@@ -74,7 +74,8 @@ def test_default_max_segments():
 
 def test_gqa_offsets_probe(monkeypatch):
   """The probe reads jax's own conversion: a fixed one (kv offsets strided by kv heads) says
-  True, one striding both by the query heads (jax <= 0.11.0) says False."""
+  True, one striding both by the query heads (jax <= 0.11.0) says False, and so does one whose
+  API changed (repeating kv heads is exact either way)."""
   def conversion(kv_stride_heads):
     def fix(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
       heads = key.shape[2] if kv_stride_heads else query.shape[2]
@@ -84,6 +85,9 @@ def test_gqa_offsets_probe(monkeypatch):
     monkeypatch.setattr(attn._cudnn_fa, "_fix_seqlen_offsets", conversion(fixed))
     attn.packed_gqa_offsets_fixed.cache_clear()
     assert attn.packed_gqa_offsets_fixed() is fixed
+  monkeypatch.setattr(attn._cudnn_fa, "_fix_seqlen_offsets", lambda *a: None)  # a changed API
+  attn.packed_gqa_offsets_fixed.cache_clear()
+  assert attn.packed_gqa_offsets_fixed() is False
   attn.packed_gqa_offsets_fixed.cache_clear()
   monkeypatch.undo()
   if jax.__version__ in ("0.10.2", "0.11.0"):  # the installed copies known to lack the fix

@@ -10,10 +10,15 @@ queries at their own positions against a KV cache of S slots (slot s holds posit
 import functools
 
 import jax
-# The public jax.nn.dot_product_attention takes no per-document offsets; this private module is
-# what it calls, and its packed ("ragged") layout attends within segments given by offsets.
-from jax._src.cudnn import fused_attention_stablehlo as _cudnn_fa
 import jax.numpy as jnp
+
+try:
+  # The public jax.nn.dot_product_attention takes no per-document offsets; this private module
+  # is what it calls, and its packed ("ragged") layout attends within segments given by offsets.
+  # Private, so a jax that moves it costs only the cudnn_packed backend.
+  from jax._src.cudnn import fused_attention_stablehlo as _cudnn_fa
+except ImportError:
+  _cudnn_fa = None
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -95,13 +100,14 @@ def packed_gqa_offsets_fixed():
   error (fixed on jax's main on 2026-07-30, PR 39521). Asked of jax's own conversion, on one
   2-query-head / 1-kv-head case: the second segment's kv offset must be 2 tokens x 1 head x 8."""
   fix = getattr(_cudnn_fa, "_fix_seqlen_offsets", None)
-  if fix is None:  # renamed: assume the old behaviour; repeating kv heads is exact either way
+  try:
+    with jax.ensure_compile_time_eval():
+      q, k = jnp.zeros((1, 4, 2, 8), jnp.bfloat16), jnp.zeros((1, 4, 1, 8), jnp.bfloat16)
+      offsets, lengths = jnp.array([[0, 2, -1]], jnp.int32), jnp.array([[2, 2]], jnp.int32)
+      kv_offsets = fix(lengths, lengths, offsets, offsets, q, k)[3]
+      return int(kv_offsets.reshape(-1)[1]) == 2 * 1 * 8
+  except Exception:  # renamed or reshaped: assume the old behaviour (repeating kv stays exact)
     return False
-  with jax.ensure_compile_time_eval():
-    q, k = jnp.zeros((1, 4, 2, 8), jnp.bfloat16), jnp.zeros((1, 4, 1, 8), jnp.bfloat16)
-    offsets, lengths = jnp.array([[0, 2, -1]], jnp.int32), jnp.array([[2, 2]], jnp.int32)
-    kv_offsets = fix(lengths, lengths, offsets, offsets, q, k)[3]
-    return int(kv_offsets.reshape(-1)[1]) == 2 * 1 * 8
 
 
 def attention_cudnn_packed(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causal=True,
@@ -109,12 +115,17 @@ def attention_cudnn_packed(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causa
   """cuDNN flash attention within packed documents (its packed layout; Hopper or later, bf16/fp16).
 
   Segments come from packed_segments (its precondition: contiguous documents). max_segments
-  (static; default default_max_segments(T)) bounds the segments a row; a row with more is not
+  (static; model.kernels.attention_slots, default default_max_segments(T)) bounds the segments
+  a row; a row with more is not
   attended across documents: its output and gradients are NaN, so the step is non-finite and
   train.nan_policy stops or skips it. Without segment ids this is the `cudnn` backend.
   """
   if segment_ids_BT is None:
     return attention_cudnn(q_BTHD, k_BTKD, v_BTKD, None, causal=causal)
+  if _cudnn_fa is None:
+    raise ValueError(f"attention backend 'cudnn_packed' needs jax's cuDNN attention module, which "
+                     f"jax {jax.__version__} does not have where it was; set "
+                     "--config.model.kernels.attention=pallas or auto")
   B, T, H, D = q_BTHD.shape
   K = k_BTKD.shape[2]
   if H % K:
