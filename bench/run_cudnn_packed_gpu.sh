@@ -8,9 +8,12 @@
 # Part 2: bench.attention_packed: fwd and fwd+bwd at B8 T2048 bf16 causal, 32/4 d64 and 16/2 d128:
 #   cudnn without ids, cudnn_packed and pallas with documents (four a row of 300/900/120/728,
 #   stdlib-like, 24 short ones, one a row), slot counts 8/32/64; each against XLA fp32. Cap 140 s.
-# Part 3 (PARTS=step): the 1b step at T2048 x 8, rows holding 300/900/120/728-token documents:
-#   base (concat: cuDNN, no ids), first_fit (pallas with ids), first_fit_cudnn (cudnn_packed).
-# Results under $OUT: cudnn-packed-gpu-tests.txt, attention_packed.json/.txt, step-packed.json/.log.
+# Part 3 (PARTS=step): the 1b step at T2048 x 8, 10 steps, ~40 s a variant. One document a row
+#   (issue 15's 3.3% gap): base (concat: cuDNN, no ids), first_fit (pallas with ids),
+#   first_fit_cudnn (cudnn_packed); then rows of 300/900/120/728-token documents: first_fit,
+#   first_fit_cudnn (32 slots a row) and cudnn_slots8 (what the slot count costs in the step).
+# Results under $OUT: cudnn-packed-probe.txt, cudnn-packed-gpu-tests.txt,
+#   attention_packed.json/.txt, step-packed-{one_doc,four_docs}.json/.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -56,13 +59,19 @@ fi
 step_rc=0
 if has step; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-  timeout 280 python3 -m bench --config=configs/1b.py --config.train.seq_len=2048 \
-    --config.train.micro_batch_per_device=8 --doc_lengths=300,900,120,728 \
-    --variants='base;first_fit:data.packing=first_fit;first_fit_cudnn:data.packing=first_fit,model.kernels.attention=cudnn_packed' \
-    --plain= --peer= --steps=10 --warmup=3 --window=5 --worker_timeout_s=120 --deadline_s=240 \
-    --out="$OUT/step-packed.json" 2>&1 | grep -v "^I[0-9]\|^W[0-9]" | tail -40 > "$OUT/step-packed.log"
-  step_rc=${PIPESTATUS[0]}
-  cat "$OUT/step-packed.log"
+  FF=data.packing=first_fit CP=model.kernels.attention=cudnn_packed SL=model.kernels.attention_slots
+  # A: one document a row (the batch of issue 15's 3.3% gap); B: four documents a row.
+  for run in "one_doc||base;first_fit:$FF;first_fit_cudnn:$FF,$CP" \
+             "four_docs|300,900,120,728|first_fit:$FF;first_fit_cudnn:$FF,$CP;cudnn_slots8:$FF,$CP,$SL=8"; do
+    IFS='|' read -r name docs variants <<< "$run"
+    timeout 145 python3 -m bench --config=configs/1b.py --config.train.seq_len=2048 \
+      --config.train.micro_batch_per_device=8 --doc_lengths="$docs" --variants="$variants" \
+      --plain= --peer= --steps=10 --warmup=3 --window=5 --worker_timeout_s=70 --deadline_s=100 \
+      --out="$OUT/step-packed-$name.json" 2>&1 | grep -v "^I[0-9]\|^W[0-9]" | tail -30 \
+      > "$OUT/step-packed-$name.log"
+    rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && step_rc=$rc
+    echo "== step, $name (doc lengths '${docs}'): exit $rc"; cat "$OUT/step-packed-$name.log"
+  done
   echo "step bench exit $step_rc at $(( $(date +%s) - START ))s"
 fi
 echo "tests $tests_rc, kernel bench $bench_rc, step $step_rc, wall $(( $(date +%s) - START ))s"
