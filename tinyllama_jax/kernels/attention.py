@@ -116,9 +116,9 @@ def attention_cudnn_packed(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=None, *, causa
 
   Segments come from packed_segments (its precondition: contiguous documents). max_segments
   (static; model.kernels.attention_slots, default default_max_segments(T)) bounds the segments
-  a row; a row with more is not
-  attended across documents: its output and gradients are NaN, so the step is non-finite and
-  train.nan_policy stops or skips it. Without segment ids this is the `cudnn` backend.
+  a row; a row with more is not attended across documents: its output and gradients are NaN, so
+  the step is non-finite and train.nan_policy stops or skips it. Without segment ids this is the
+  `cudnn` backend.
   """
   if segment_ids_BT is None:
     return attention_cudnn(q_BTHD, k_BTKD, v_BTKD, None, causal=causal)
