@@ -56,6 +56,9 @@ def parse_args(argv):
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--window", type=int, default=5, help="steps between device syncs when timing")
   p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+  p.add_argument("--doc_lengths", default="", help="comma-separated document lengths each row "
+                 "of our variants' batch holds, the rest padding ('' = one document a row; only "
+                 "packed variants, data.packing=first_fit, attend within them)")
   p.add_argument("--out", default=None, help="JSON path (default bench/results/step.json)")
   p.add_argument("--cache_dir", default="", help="JAX persistent compilation cache for workers")
   p.add_argument("--deadline_s", type=float, default=0,
@@ -195,7 +198,7 @@ def variant_jobs(args, variants, profiled):
     cmd = [sys.executable, "-m", "bench.step", f"--config={args.config}",
            *args.overrides, *args.distributed, f"--name={name}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--window={args.window}", f"--accum={args.accum}",
-           *overrides]  # last: the variant's own settings win
+           f"--doc_lengths={args.doc_lengths}", *overrides]  # last: the variant's own settings win
     if args.cache_dir:
       cmd.append(f"--cache_dir={args.cache_dir}")
     if args.profile_dir and name in profiled:

@@ -4,7 +4,7 @@
 
 The step is training's own, built by program.py as train.py builds it and compiled the same way:
 ahead of time, explicit in/out shardings, the state donated. The batch is synthetic (uniform
-tokens, one document a row) and sits on the devices before timing starts, so the numbers
+tokens, one document a row, or --doc_lengths' documents a row) and sits on the devices before timing starts, so the numbers
 are the step's alone; the data pipeline has its own benchmark. Prints one BENCH_RESULT line.
 """
 
@@ -33,6 +33,10 @@ def define_flags():
                        "compilation is ahead of time and timed apart).")
   flags.DEFINE_integer("window", 5, "Steps between device syncs while timing.")
   flags.DEFINE_integer("accum", 1, "Micro-batches accumulated per optimizer step.")
+  flags.DEFINE_string("doc_lengths", "", "Comma-separated document lengths each batch row holds "
+                      "(ids 1, 2, ..., positions restart, the rest padding with loss mask 0); "
+                      "'' = one document a row. Only packed variants (data.packing != concat) "
+                      "attend within them.")
   flags.DEFINE_string("cache_dir", "", "Persistent compilation cache ('' = none).")
   flags.DEFINE_bool("compile_only", False, "Compile (fill the cache) and exit.")
   flags.DEFINE_string("profile_dir", "", "Write a profiler trace of 3 steps, its summary and the "
@@ -52,20 +56,35 @@ def variant_program(cfg, accum):
   return cfg, program.build_program(cfg, mesh, accum=accum)
 
 
-def synthetic_batch(cfg, accum, micro_batch, batch_sharding):
+def documents_row(T, doc_lengths=()):
+  """(segment_ids_T, positions_T) of one row: documents of doc_lengths (ids 1, 2, ..., cut at T),
+  then padding (id 0, position 0), as the first_fit packer lays a row out; () = one document."""
+  segment_ids_T, positions_T = np.zeros(T, np.int32), np.zeros(T, np.int32)
+  pos = 0
+  for i, n in enumerate(doc_lengths or (T,)):
+    n = min(int(n), T - pos)
+    segment_ids_T[pos:pos + n], positions_T[pos:pos + n] = i + 1, np.arange(n)
+    pos += n
+  return segment_ids_T, positions_T
+
+
+def synthetic_batch(cfg, accum, micro_batch, batch_sharding, doc_lengths=()):
   """This process's [A, M/P, T] slice of a uniform-token batch, as one global array."""
   T, V = cfg.train.seq_len, cfg.model.vocab_size
   rows = micro_batch // jax.process_count()
   rng = np.random.default_rng(jax.process_index())
   tokens = rng.integers(0, V, (accum, rows, T + 1), dtype=np.int32)
-  ones = np.ones((accum, rows, T), np.int32)
-  local = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:], "segment_ids": ones,
-           "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ones.shape).copy(),
-           "loss_mask": ones.astype(np.float32)}
+  segment_ids_T, positions_T = documents_row(T, doc_lengths)
+  shape = (accum, rows, T)
+  local = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+           "segment_ids": np.broadcast_to(segment_ids_T, shape).copy(),
+           "positions": np.broadcast_to(positions_T, shape).copy(),
+           "loss_mask": np.broadcast_to(segment_ids_T != 0, shape).astype(np.float32)}
   return sharding.global_batch_array(local, batch_sharding)
 
 
-def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, profile_dir=""):
+def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, profile_dir="",
+                doc_lengths=()):
   cfg, prog = variant_program(cfg, accum)
   mesh = prog.mesh
   out = {"name": name, "kind": "jax", "mesh": dict(mesh.shape), "n_devices": mesh.size,
@@ -95,7 +114,8 @@ def run_variant(cfg, *, name, steps, warmup, window, accum, compile_only=False, 
   state = init_jit(jax.random.key(cfg.seed))
   jax.block_until_ready(state)
   out["init_s"] = time.perf_counter() - t0
-  batch = synthetic_batch(cfg, accum, prog.micro_batch, prog.batch_sharding)
+  batch = synthetic_batch(cfg, accum, prog.micro_batch, prog.batch_sharding, doc_lengths)
+  out["doc_lengths"] = list(doc_lengths)
 
   losses = []
   for i in range(max(warmup, 1)):
@@ -145,7 +165,8 @@ def main(argv):
   try:
     # --config is train's flag: the same files and overrides.
     result = run_variant(f.config, name=f.name, steps=f.steps, warmup=f.warmup, window=f.window,
-                         accum=f.accum, compile_only=f.compile_only, profile_dir=f.profile_dir)
+                         accum=f.accum, compile_only=f.compile_only, profile_dir=f.profile_dir,
+                         doc_lengths=[int(n) for n in f.doc_lengths.split(",") if n])
   except Exception as e:  # the matrix goes on; the table shows why this variant has no numbers
     logging.exception("variant %s failed", f.name)
     result = {"name": f.name, "kind": "jax", "error": f"{type(e).__name__}: {e}"[:2000]}

@@ -82,6 +82,23 @@ def test_variants_parse_and_typos_fail_before_any_worker():
   assert "model.scan_layers" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_doc_lengths_lay_out_rows_as_first_fit_does():
+  """--doc_lengths: documents with ids 1, 2, ..., positions restarting, the rest padding; cut at T;
+  nothing given is one document a row. The parent passes the flag to every jax worker."""
+  import numpy as np
+  from bench import step
+  seg, pos = step.documents_row(10, [3, 2, 1])
+  assert seg.tolist() == [1, 1, 1, 2, 2, 3, 0, 0, 0, 0]
+  assert pos.tolist() == [0, 1, 2, 0, 1, 0, 0, 0, 0, 0]
+  seg, pos = step.documents_row(6, [4, 4])
+  assert seg.tolist() == [1, 1, 1, 1, 2, 2] and pos.tolist() == [0, 1, 2, 3, 0, 1]
+  seg, pos = step.documents_row(4)
+  assert seg.tolist() == [1] * 4 and np.array_equal(pos, np.arange(4))
+  args = bench_main.parse_args(["--doc_lengths=300,900"])
+  (_, _, cmd, _), = bench_main.variant_jobs(args, [("base", [])], set())
+  assert "--doc_lengths=300,900" in cmd
+
+
 def test_overrides_take_the_fields_type():
   from tinyllama_jax import config as config_lib
   cfg = config_lib.load_config_file(os.path.join(REPO, "configs/tiny.py"))
