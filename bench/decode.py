@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 import bench
-from bench import profile
+from bench import hlo_ops, profile
 from tinyllama_jax import config as config_lib
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.checkpoint import run as run_lib
@@ -56,6 +56,8 @@ def parse(argv):
   ap.add_argument("--profile_dir", default="",
                   help="Trace one batch-1 call of the first dtype here; per-token kernel table.")
   ap.add_argument("--only_ours", action="store_true", help="Only the ours rows (flag studies).")
+  ap.add_argument("--count_ops", action="store_true",
+                  help="Print the ops of the compiled decode loop's body (a token) per batch.")
   ap.add_argument("--deadline_s", type=float, default=400.0,
                   help="Start no row after this many seconds.")
   return ap.parse_args(argv)
@@ -128,6 +130,35 @@ def ours_rows(args, cfg_model, clock, rows):
       rows.append(row(name, batch, dtype, seconds, args.new_tokens))
       print_row(rows[-1])
   return params32
+
+
+def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK):
+  """The optimized HLO text of the decode loop's compiled chunk (Decoder.run) for params in the
+  compute dtype, compiled from shapes alone (no weights made: a 1b model compiles on a CPU)."""
+  dtype = model_lib.compute_dtype(cfg_model)
+  shapes = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(
+      model_lib.Llama(cfg_model, rngs=nnx.Rngs(params=0)), nnx.Param)))
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+  decoder = decode.Decoder(cfg_model, length=length, greedy=True, chunk=chunk)
+  knobs = decode.knobs_for(cfg_model, max_new_tokens=chunk, eos_id=None, temperature=0.0,
+                           top_p=1.0, seed=0, n_valid=None)
+  tokens = jax.ShapeDtypeStruct((batch, prompt_len), np.int32)
+  state = jax.eval_shape(decoder.prefill, params, tokens,
+                         jax.ShapeDtypeStruct((batch,), np.int32), knobs)
+  return decoder.run.lower(params, state, knobs).compile().as_text()
+
+
+def count_ops(args, cfg_model):
+  """{batch: the loop body's op counts} for the first dtype, printed as tables."""
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0])
+  length = decode.round_up(args.prompt_len + args.new_tokens)
+  out = {}
+  for batch in map(int, args.batches.split(",")):
+    counts = hlo_ops.body_ops(loop_hlo(cfg_d, batch, length))
+    print(f"decode loop body, batch {batch}, cache {length}, {jax.default_backend()}:\n"
+          f"{hlo_ops.table(counts)}", flush=True)
+    out[batch] = dict(counts)
+  return out
 
 
 def profile_ours(args, cfg_model, params32):
@@ -245,6 +276,7 @@ def main(argv=None):
   clock = Clock(args.deadline_s)
   print(f"{'row':<32} {'batch':>5} {'dtype':>9} {'tokens/s':>11} {'ms/token':>9}", flush=True)
   rows = []
+  ops = count_ops(args, cfg_model) if args.count_ops else None
   params32 = ours_rows(args, cfg_model, clock, rows)
   profile_summary = profile_ours(args, cfg_model, params32) if args.profile_dir else None
   if not args.only_ours:
@@ -252,7 +284,7 @@ def main(argv=None):
   del params32
   if not args.no_torch and not args.only_ours:
     hf_rows(args, cfg_model, clock, rows)
-  result = {"rows": rows, "profile_per_token": profile_summary,
+  result = {"rows": rows, "profile_per_token": profile_summary, "loop_body_ops": ops,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": os.environ.get("BENCH_COMMIT"), "config": args.config,
