@@ -9,10 +9,13 @@ profile.py would hide the standard library's, which torch imports.)
 
 Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
   ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing);
-  speculative  the target with a draft of --draft_tokens a round. Random weights make acceptance
-               meaningless, so without --target_workdir/--draft_workdir the draft is the target
-               itself: ~100% acceptance, the machinery's overhead (K+1 tokens a target call, and
-               the draft's K steps, which cost a target step each here);
+  target alone the speculative rows' baseline and reference: the target's own loop on their prompts;
+  speculative  the target with a draft of K (--draft_tokens, one row each) tokens a round; the
+               output must equal the target's own (same_as_target). Random weights make acceptance
+               meaningless, so without --draft_workdir the draft is the target itself: ~100%
+               acceptance, the machinery's overhead (K+1 tokens a target call, and the draft's K
+               steps, which cost a target step each here). With --target_workdir the prompts are
+               real text (stdlib modules' openings, the run's tokenizer);
   hf eager / hf static+compile  transformers' generate on a random LlamaForCausalLM of the same
                shape in bf16 (only if torch and transformers import; only timing, other weights).
 Each row: a warm-up call (compiles), then the best of 3 timed calls, each ending on the host
@@ -37,6 +40,8 @@ from bench import hlo_ops, profile
 from tinyllama_jax import config as config_lib
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.checkpoint import run as run_lib
+from tinyllama_jax.data import sources
+from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.inference import decode, speculative
 
 
@@ -49,7 +54,7 @@ def parse(argv):
   ap.add_argument("--dtypes", default="bfloat16,float32")
   ap.add_argument("--prompt_len", type=int, default=128)
   ap.add_argument("--new_tokens", type=int, default=256)
-  ap.add_argument("--draft_tokens", type=int, default=4)
+  ap.add_argument("--draft_tokens", default="4", help="Tokens a draft round, one row each: 4,6")
   ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
   ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
   ap.add_argument("--no_torch", action="store_true", help="Skip the transformers rows.")
@@ -177,39 +182,70 @@ def prompt_batch(args, cfg_model, batch):
   return prompts, np.full(batch, args.prompt_len, np.int32)
 
 
-def speculative_rows(args, cfg_model, params32, clock, rows):
-  dtype = args.dtypes.split(",")[0]
-  cfg_t = with_dtype(cfg_model, dtype)
+def text_prompts(args, workdir, batch):
+  """Prompts of real text for trained models (random tokens would make acceptance meaningless):
+  --prompt_len tokens from the start of every 40th standard-library module (the stdlib source's
+  own text), encoded with the run's tokenizer."""
+  cfg = run_lib.run_config(workdir, run_lib.resolve_step(workdir))
+  tok = tokenizer_lib.Tokenizer(run_lib.tokenizer_path(cfg, workdir))
+  prompts = []
+  for path in sources.stdlib_files()[::40]:
+    with open(os.path.join(sources.stdlib_root(), path), encoding="utf-8") as f:
+      ids = tok.encode(f.read())
+    if len(ids) >= args.prompt_len:
+      prompts.append(ids[:args.prompt_len])
+    if len(prompts) == batch:
+      return prompts, np.full(batch, args.prompt_len, np.int32)
+  raise ValueError(f"too few stdlib modules of --prompt_len={args.prompt_len} tokens: lower it")
+
+
+def load_pair(args, cfg_t):
+  """(params_t, cfg_t, params_d, cfg_d, label): the trained runs, or without a draft run the
+  target (trained or random) drafting for itself."""
+  if args.draft_workdir and not args.target_workdir:
+    raise ValueError("--draft_workdir needs --target_workdir (the run it drafts for)")
   if args.target_workdir:
     params_t, cfg_t = load_run(args.target_workdir, cfg_t)
   else:
-    params_t = params32 if params32 is not None else random_params(cfg_model)
-  if args.draft_workdir:
-    params_d, cfg_d = load_run(args.draft_workdir, cfg_t)
-    label = f"speculative K={args.draft_tokens} (draft {os.path.basename(args.draft_workdir)})"
-  else:
-    params_d, cfg_d = params_t, cfg_t
-    label = (f"speculative K={args.draft_tokens} (draft = target: ~100% acceptance, the "
-             "machinery's overhead)")
-  speculative.check_draft(cfg_t, cfg_d, draft_tokens=args.draft_tokens, same_tokenizer=True)
+    params_t = random_params(cfg_t)
+  if not args.draft_workdir:
+    return params_t, cfg_t, params_t, cfg_t, "(draft = target: ~100% acceptance, the overhead)"
+  params_d, cfg_d = load_run(args.draft_workdir, cfg_t)
+  toks = [run_lib.tokenizer_path(run_lib.run_config(w, run_lib.resolve_step(w)), w)
+          for w in (args.target_workdir, args.draft_workdir)]
+  same = None not in toks and len({tokenizer_lib.file_sha256(t) for t in toks}) == 1
+  for k in map(int, args.draft_tokens.split(",")):
+    speculative.check_draft(cfg_t, cfg_d, draft_tokens=k, same_tokenizer=same)
+  return params_t, cfg_t, params_d, cfg_d, f"(draft {os.path.basename(args.draft_workdir)})"
+
+
+def speculative_rows(args, cfg_model, clock, rows):
+  """Per batch: the target's own loop (the baseline and the reference output), then each K."""
+  dtype = args.dtypes.split(",")[0]
+  params_t, cfg_t, params_d, cfg_d, label = load_pair(args, with_dtype(cfg_model, dtype))
   params_t = jax.block_until_ready(decode.cast_params(params_t, cfg_t))
   params_d = jax.block_until_ready(decode.cast_params(params_d, cfg_d))
   for batch in map(int, args.batches.split(",")):
     if clock.left() < 0:
-      rows.append({"name": label, "batch": batch, "dtype": dtype, "skipped": "deadline"})
+      rows.append({"name": f"speculative {label}", "batch": batch, "dtype": dtype,
+                   "skipped": "deadline"})
       print_row(rows[-1])
       continue
-    prompts, lengths = prompt_batch(args, cfg_t, batch)
-    seconds, (_, stats) = best_of(lambda: speculative.decode(
-        params_t, cfg_t, params_d, cfg_d, prompts, lengths, draft_tokens=args.draft_tokens,
-        max_new_tokens=args.new_tokens), clock)
-    plain = [r for r in rows if r["name"] == "ours" and r["batch"] == batch
-             and r["dtype"] == dtype and "seconds" in r]
-    extra = {"acceptance": stats["acceptance"], "tokens_per_target_call": stats["tokens_per_call"]}
-    if plain:
-      extra["speedup_vs_ours"] = plain[0]["seconds"] / seconds
-    rows.append(row(label, batch, dtype, seconds, args.new_tokens, **extra))
+    prompts, lengths = (text_prompts(args, args.target_workdir, batch) if args.target_workdir
+                        else prompt_batch(args, cfg_t, batch))
+    plain_s, want = best_of(lambda: decode.decode(params_t, cfg_t, prompts, lengths,
+                                                  max_new_tokens=args.new_tokens), clock)
+    rows.append(row("target alone", batch, dtype, plain_s, args.new_tokens))
     print_row(rows[-1])
+    for k in map(int, args.draft_tokens.split(",")):
+      seconds, (got, stats) = best_of(lambda: speculative.decode(
+          params_t, cfg_t, params_d, cfg_d, prompts, lengths, draft_tokens=k,
+          max_new_tokens=args.new_tokens), clock)
+      rows.append(row(f"speculative K={k} {label}", batch, dtype, seconds, args.new_tokens,
+                      acceptance=stats["acceptance"],
+                      tokens_per_target_call=stats["tokens_per_call"],
+                      speedup_vs_target=plain_s / seconds, same_as_target=got == want))
+      print_row(rows[-1])
 
 
 def hf_rows(args, cfg_model, clock, rows):
@@ -261,7 +297,8 @@ def print_row(r):
           f"{r['skipped']}", flush=True)
     return
   extra = "".join(f"  {k}={r[k]:.3g}" for k in ("acceptance", "tokens_per_target_call",
-                                                "speedup_vs_ours") if k in r)
+                                                "speedup_vs_target") if k in r)
+  extra += f"  same_as_target={r['same_as_target']}" if "same_as_target" in r else ""
   print(f"{r['name']:<32} {r['batch']:>5} {r['dtype']:>9} {r['tokens_per_s']:>11.1f} "
         f"{r['ms_per_token']:>9.3f}{extra}", flush=True)
 
@@ -270,7 +307,7 @@ def main(argv=None):
   args = parse(argv)
   cfg_model = config_lib.load_config_file(args.config).model
   limit = cfg_model.max_seq_len
-  if args.prompt_len + args.new_tokens + args.draft_tokens + 1 > limit:
+  if args.prompt_len + args.new_tokens + max(map(int, args.draft_tokens.split(","))) + 1 > limit:
     raise ValueError(f"--prompt_len + --new_tokens + --draft_tokens + 1 exceed the model's "
                      f"context of {limit}: lower --new_tokens")
   clock = Clock(args.deadline_s)
@@ -280,7 +317,7 @@ def main(argv=None):
   params32 = ours_rows(args, cfg_model, clock, rows)
   profile_summary = profile_ours(args, cfg_model, params32) if args.profile_dir else None
   if not args.only_ours:
-    speculative_rows(args, cfg_model, params32, clock, rows)
+    speculative_rows(args, cfg_model, clock, rows)
   del params32
   if not args.no_torch and not args.only_ours:
     hf_rows(args, cfg_model, clock, rows)
