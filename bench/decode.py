@@ -3,6 +3,12 @@ transformers' generate, and speculative decoding, on one device.
 
     BENCH_COMMIT=$(git rev-parse --short HEAD) python -m bench.decode --out=decode.json
     python -m bench.decode --config=configs/tiny.py --new_tokens=16 --out=/tmp/d.json  # CPU smoke
+    python -m bench.decode --count_ops --only_ours --dtypes=float32 --deadline_s=0 --out=/tmp/o.json
+
+--count_ops prints the ops of the compiled loop body (one token; bench/hlo_ops.py), compiled from
+shapes alone, so the 1b loop's count is a CPU proxy of its kernel count. On a CPU use float32:
+the CPU runs bf16 through f32 converts (a layer's cache converted and copied each token) that a
+GPU does not have.
 
 (As `python -m`, from the checkout: run as a script, bench/ would come first on sys.path and its
 profile.py would hide the standard library's, which torch imports.)
@@ -159,9 +165,15 @@ def count_ops(args, cfg_model):
   length = decode.round_up(args.prompt_len + args.new_tokens)
   out = {}
   for batch in map(int, args.batches.split(",")):
-    counts = hlo_ops.body_ops(loop_hlo(cfg_d, batch, length))
+    hlo = loop_hlo(cfg_d, batch, length)
+    counts = hlo_ops.body_ops(hlo)
     print(f"decode loop body, batch {batch}, cache {length}, {jax.default_backend()}:\n"
           f"{hlo_ops.table(counts)}", flush=True)
+    # What the suspects move: a weight-sized concatenate or convert would be loop-invariant work
+    # left in the body, a cache-sized copy the cache copied.
+    for label in sorted(counts):
+      if any(x in label for x in ("concatenate", "copy", "pad", "convert", "slice")):
+        print(f"  {label}: {dict(hlo_ops.body_shapes(hlo, label).most_common(3))}")
     out[batch] = dict(counts)
   return out
 
