@@ -67,6 +67,8 @@ def parse(argv):
   ap.add_argument("--profile_dir", default="",
                   help="Trace one batch-1 call of the first dtype here; per-token kernel table.")
   ap.add_argument("--only_ours", action="store_true", help="Only the ours rows (flag studies).")
+  ap.add_argument("--only_speculative", action="store_true",
+                  help="Skip the ours and transformers rows (the target alone is the baseline).")
   ap.add_argument("--count_ops", action="store_true",
                   help="Print the ops of the compiled decode loop's body (a token) per batch.")
   ap.add_argument("--deadline_s", type=float, default=400.0,
@@ -326,12 +328,12 @@ def main(argv=None):
   print(f"{'row':<32} {'batch':>5} {'dtype':>9} {'tokens/s':>11} {'ms/token':>9}", flush=True)
   rows = []
   ops = count_ops(args, cfg_model) if args.count_ops else None
-  params32 = ours_rows(args, cfg_model, clock, rows)
+  params32 = None if args.only_speculative else ours_rows(args, cfg_model, clock, rows)
   profile_summary = profile_ours(args, cfg_model, params32) if args.profile_dir else None
   if not args.only_ours:
     speculative_rows(args, cfg_model, clock, rows)
   del params32
-  if not args.no_torch and not args.only_ours:
+  if not (args.no_torch or args.only_ours or args.only_speculative):
     hf_rows(args, cfg_model, clock, rows)
   result = {"rows": rows, "profile_per_token": profile_summary, "loop_body_ops": ops,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,

@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; RUNS=${RUNS:-/tmp/spec-runs}; rm -rf "$RUNS"; mkdir -p "$RUNS"
 quiet() { grep -v "^[IW][0-9]\|^WARNING"; }
 
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout 80 python3 -m bench.decode --count_ops --only_ours \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout 90 python3 -m bench.decode --count_ops --only_ours \
   --batches=1,16 --dtypes=bfloat16 --deadline_s=0 --out="$OUT/ops.json" > "$OUT/ops.log" 2>&1
 quiet < "$OUT/ops.log" | grep -B1 -A14 "^decode loop body" | head -36
 
@@ -40,6 +40,6 @@ quiet < "$OUT/train-120m.log" | tail -4; grep "step .*/" "$OUT/train-120m.log" |
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
 BENCH_COMMIT=${BENCH_COMMIT:-} timeout 140 python3 -m bench.decode --target_workdir="$RUNS/1b" \
   --draft_workdir="$RUNS/120m" --batches=${SPEC_BATCHES:-1} --dtypes=bfloat16 --draft_tokens=4,6 \
-  --no_torch --deadline_s=100 --out="$OUT/spec.json" > "$OUT/spec.log" 2>&1; echo "bench: exit $?"
+  --only_speculative --deadline_s=100 --out="$OUT/spec.json" > "$OUT/spec.log" 2>&1; echo "bench: exit $?"
 quiet < "$OUT/spec.log" | tail -12
 nvidia-smi --query-gpu=name,driver_version --format=csv >> "$OUT/spec.log" 2>&1
