@@ -3,16 +3,25 @@ transformers' generate, and speculative decoding, on one device.
 
     BENCH_COMMIT=$(git rev-parse --short HEAD) python -m bench.decode --out=decode.json
     python -m bench.decode --config=configs/tiny.py --new_tokens=16 --out=/tmp/d.json  # CPU smoke
+    python -m bench.decode --count_ops --only_ours --dtypes=float32 --deadline_s=0 --out=/tmp/o.json
+
+--count_ops prints the ops of the compiled loop body (one token; bench/hlo_ops.py), compiled from
+shapes alone, so the 1b loop's count is a CPU proxy of its kernel count. On a CPU use float32:
+the CPU runs bf16 through f32 converts (a layer's cache converted and copied each token) that a
+GPU does not have.
 
 (As `python -m`, from the checkout: run as a script, bench/ would come first on sys.path and its
 profile.py would hide the standard library's, which torch imports.)
 
 Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
   ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing);
-  speculative  the target with a draft of --draft_tokens a round. Random weights make acceptance
-               meaningless, so without --target_workdir/--draft_workdir the draft is the target
-               itself: ~100% acceptance, the machinery's overhead (K+1 tokens a target call, and
-               the draft's K steps, which cost a target step each here);
+  target alone the speculative rows' baseline and reference: the target's own loop on their prompts;
+  speculative  the target with a draft of K (--draft_tokens, one row each) tokens a round; the
+               output must equal the target's own (same_as_target). Random weights make acceptance
+               meaningless, so without --draft_workdir the draft is the target itself: ~100%
+               acceptance, the machinery's overhead (K+1 tokens a target call, and the draft's K
+               steps, which cost a target step each here). With --target_workdir the prompts are
+               real text (stdlib modules' openings, the run's tokenizer);
   hf eager / hf static+compile  transformers' generate on a random LlamaForCausalLM of the same
                shape in bf16 (only if torch and transformers import; only timing, other weights).
 Each row: a warm-up call (compiles), then the best of 3 timed calls, each ending on the host
@@ -33,10 +42,12 @@ import numpy as np
 from flax import nnx
 
 import bench
-from bench import profile
+from bench import hlo_ops, profile
 from tinyllama_jax import config as config_lib
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.checkpoint import run as run_lib
+from tinyllama_jax.data import sources
+from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.inference import decode, speculative
 
 
@@ -49,13 +60,17 @@ def parse(argv):
   ap.add_argument("--dtypes", default="bfloat16,float32")
   ap.add_argument("--prompt_len", type=int, default=128)
   ap.add_argument("--new_tokens", type=int, default=256)
-  ap.add_argument("--draft_tokens", type=int, default=4)
+  ap.add_argument("--draft_tokens", default="4", help="Tokens a draft round, one row each: 4,6")
   ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
   ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
   ap.add_argument("--no_torch", action="store_true", help="Skip the transformers rows.")
   ap.add_argument("--profile_dir", default="",
                   help="Trace one batch-1 call of the first dtype here; per-token kernel table.")
   ap.add_argument("--only_ours", action="store_true", help="Only the ours rows (flag studies).")
+  ap.add_argument("--only_speculative", action="store_true",
+                  help="Skip the ours and transformers rows (the target alone is the baseline).")
+  ap.add_argument("--count_ops", action="store_true",
+                  help="Print the ops of the compiled decode loop's body (a token) per batch.")
   ap.add_argument("--deadline_s", type=float, default=400.0,
                   help="Start no row after this many seconds.")
   return ap.parse_args(argv)
@@ -130,6 +145,41 @@ def ours_rows(args, cfg_model, clock, rows):
   return params32
 
 
+def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK):
+  """The optimized HLO text of the decode loop's compiled chunk (Decoder.run) for params in the
+  compute dtype, compiled from shapes alone (no weights made: a 1b model compiles on a CPU)."""
+  dtype = model_lib.compute_dtype(cfg_model)
+  shapes = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(
+      model_lib.Llama(cfg_model, rngs=nnx.Rngs(params=0)), nnx.Param)))
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+  decoder = decode.Decoder(cfg_model, length=length, greedy=True, chunk=chunk)
+  knobs = decode.knobs_for(cfg_model, max_new_tokens=chunk, eos_id=None, temperature=0.0,
+                           top_p=1.0, seed=0, n_valid=None)
+  tokens = jax.ShapeDtypeStruct((batch, prompt_len), np.int32)
+  state = jax.eval_shape(decoder.prefill, params, tokens,
+                         jax.ShapeDtypeStruct((batch,), np.int32), knobs)
+  return decoder.run.lower(params, state, knobs).compile().as_text()
+
+
+def count_ops(args, cfg_model):
+  """{batch: the loop body's op counts} for the first dtype, printed as tables."""
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0])
+  length = decode.round_up(args.prompt_len + args.new_tokens)
+  out = {}
+  for batch in map(int, args.batches.split(",")):
+    hlo = loop_hlo(cfg_d, batch, length)
+    counts = hlo_ops.body_ops(hlo)
+    print(f"decode loop body, batch {batch}, cache {length}, {jax.default_backend()}:\n"
+          f"{hlo_ops.table(counts)}", flush=True)
+    # What the suspects move: a weight-sized concatenate or convert would be loop-invariant work
+    # left in the body, a cache-sized copy the cache copied.
+    for label in sorted(counts):
+      if any(x in label for x in ("concatenate", "copy", "pad", "convert", "slice")):
+        print(f"  {label}: {dict(hlo_ops.body_shapes(hlo, label).most_common(3))}")
+    out[batch] = dict(counts)
+  return out
+
+
 def profile_ours(args, cfg_model, params32):
   """The kernels of one batch-1 decode call (already compiled), per new token."""
   cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0])
@@ -146,39 +196,70 @@ def prompt_batch(args, cfg_model, batch):
   return prompts, np.full(batch, args.prompt_len, np.int32)
 
 
-def speculative_rows(args, cfg_model, params32, clock, rows):
-  dtype = args.dtypes.split(",")[0]
-  cfg_t = with_dtype(cfg_model, dtype)
+def text_prompts(args, workdir, batch):
+  """Prompts of real text for trained models (random tokens would make acceptance meaningless):
+  --prompt_len tokens from the start of every 40th standard-library module (the stdlib source's
+  own text), encoded with the run's tokenizer."""
+  cfg = run_lib.run_config(workdir, run_lib.resolve_step(workdir))
+  tok = tokenizer_lib.Tokenizer(run_lib.tokenizer_path(cfg, workdir))
+  prompts = []
+  for path in sources.stdlib_files()[::40]:
+    with open(os.path.join(sources.stdlib_root(), path), encoding="utf-8") as f:
+      ids = tok.encode(f.read())
+    if len(ids) >= args.prompt_len:
+      prompts.append(ids[:args.prompt_len])
+    if len(prompts) == batch:
+      return prompts, np.full(batch, args.prompt_len, np.int32)
+  raise ValueError(f"too few stdlib modules of --prompt_len={args.prompt_len} tokens: lower it")
+
+
+def load_pair(args, cfg_t):
+  """(params_t, cfg_t, params_d, cfg_d, label): the trained runs, or without a draft run the
+  target (trained or random) drafting for itself."""
+  if args.draft_workdir and not args.target_workdir:
+    raise ValueError("--draft_workdir needs --target_workdir (the run it drafts for)")
   if args.target_workdir:
     params_t, cfg_t = load_run(args.target_workdir, cfg_t)
   else:
-    params_t = params32 if params32 is not None else random_params(cfg_model)
-  if args.draft_workdir:
-    params_d, cfg_d = load_run(args.draft_workdir, cfg_t)
-    label = f"speculative K={args.draft_tokens} (draft {os.path.basename(args.draft_workdir)})"
-  else:
-    params_d, cfg_d = params_t, cfg_t
-    label = (f"speculative K={args.draft_tokens} (draft = target: ~100% acceptance, the "
-             "machinery's overhead)")
-  speculative.check_draft(cfg_t, cfg_d, draft_tokens=args.draft_tokens, same_tokenizer=True)
+    params_t = random_params(cfg_t)
+  if not args.draft_workdir:
+    return params_t, cfg_t, params_t, cfg_t, "(draft = target: ~100% acceptance, the overhead)"
+  params_d, cfg_d = load_run(args.draft_workdir, cfg_t)
+  toks = [run_lib.tokenizer_path(run_lib.run_config(w, run_lib.resolve_step(w)), w)
+          for w in (args.target_workdir, args.draft_workdir)]
+  same = None not in toks and len({tokenizer_lib.file_sha256(t) for t in toks}) == 1
+  for k in map(int, args.draft_tokens.split(",")):
+    speculative.check_draft(cfg_t, cfg_d, draft_tokens=k, same_tokenizer=same)
+  return params_t, cfg_t, params_d, cfg_d, f"(draft {os.path.basename(args.draft_workdir)})"
+
+
+def speculative_rows(args, cfg_model, clock, rows):
+  """Per batch: the target's own loop (the baseline and the reference output), then each K."""
+  dtype = args.dtypes.split(",")[0]
+  params_t, cfg_t, params_d, cfg_d, label = load_pair(args, with_dtype(cfg_model, dtype))
   params_t = jax.block_until_ready(decode.cast_params(params_t, cfg_t))
   params_d = jax.block_until_ready(decode.cast_params(params_d, cfg_d))
   for batch in map(int, args.batches.split(",")):
     if clock.left() < 0:
-      rows.append({"name": label, "batch": batch, "dtype": dtype, "skipped": "deadline"})
+      rows.append({"name": f"speculative {label}", "batch": batch, "dtype": dtype,
+                   "skipped": "deadline"})
       print_row(rows[-1])
       continue
-    prompts, lengths = prompt_batch(args, cfg_t, batch)
-    seconds, (_, stats) = best_of(lambda: speculative.decode(
-        params_t, cfg_t, params_d, cfg_d, prompts, lengths, draft_tokens=args.draft_tokens,
-        max_new_tokens=args.new_tokens), clock)
-    plain = [r for r in rows if r["name"] == "ours" and r["batch"] == batch
-             and r["dtype"] == dtype and "seconds" in r]
-    extra = {"acceptance": stats["acceptance"], "tokens_per_target_call": stats["tokens_per_call"]}
-    if plain:
-      extra["speedup_vs_ours"] = plain[0]["seconds"] / seconds
-    rows.append(row(label, batch, dtype, seconds, args.new_tokens, **extra))
+    prompts, lengths = (text_prompts(args, args.target_workdir, batch) if args.target_workdir
+                        else prompt_batch(args, cfg_t, batch))
+    plain_s, want = best_of(lambda: decode.decode(params_t, cfg_t, prompts, lengths,
+                                                  max_new_tokens=args.new_tokens), clock)
+    rows.append(row("target alone", batch, dtype, plain_s, args.new_tokens))
     print_row(rows[-1])
+    for k in map(int, args.draft_tokens.split(",")):
+      seconds, (got, stats) = best_of(lambda: speculative.decode(
+          params_t, cfg_t, params_d, cfg_d, prompts, lengths, draft_tokens=k,
+          max_new_tokens=args.new_tokens), clock)
+      rows.append(row(f"speculative K={k} {label}", batch, dtype, seconds, args.new_tokens,
+                      acceptance=stats["acceptance"],
+                      tokens_per_target_call=stats["tokens_per_call"],
+                      speedup_vs_target=plain_s / seconds, same_as_target=got == want))
+      print_row(rows[-1])
 
 
 def hf_rows(args, cfg_model, clock, rows):
@@ -230,7 +311,8 @@ def print_row(r):
           f"{r['skipped']}", flush=True)
     return
   extra = "".join(f"  {k}={r[k]:.3g}" for k in ("acceptance", "tokens_per_target_call",
-                                                "speedup_vs_ours") if k in r)
+                                                "speedup_vs_target") if k in r)
+  extra += f"  same_as_target={r['same_as_target']}" if "same_as_target" in r else ""
   print(f"{r['name']:<32} {r['batch']:>5} {r['dtype']:>9} {r['tokens_per_s']:>11.1f} "
         f"{r['ms_per_token']:>9.3f}{extra}", flush=True)
 
@@ -239,20 +321,21 @@ def main(argv=None):
   args = parse(argv)
   cfg_model = config_lib.load_config_file(args.config).model
   limit = cfg_model.max_seq_len
-  if args.prompt_len + args.new_tokens + args.draft_tokens + 1 > limit:
+  if args.prompt_len + args.new_tokens + max(map(int, args.draft_tokens.split(","))) + 1 > limit:
     raise ValueError(f"--prompt_len + --new_tokens + --draft_tokens + 1 exceed the model's "
                      f"context of {limit}: lower --new_tokens")
   clock = Clock(args.deadline_s)
   print(f"{'row':<32} {'batch':>5} {'dtype':>9} {'tokens/s':>11} {'ms/token':>9}", flush=True)
   rows = []
-  params32 = ours_rows(args, cfg_model, clock, rows)
+  ops = count_ops(args, cfg_model) if args.count_ops else None
+  params32 = None if args.only_speculative else ours_rows(args, cfg_model, clock, rows)
   profile_summary = profile_ours(args, cfg_model, params32) if args.profile_dir else None
   if not args.only_ours:
-    speculative_rows(args, cfg_model, params32, clock, rows)
+    speculative_rows(args, cfg_model, clock, rows)
   del params32
-  if not args.no_torch and not args.only_ours:
+  if not (args.no_torch or args.only_ours or args.only_speculative):
     hf_rows(args, cfg_model, clock, rows)
-  result = {"rows": rows, "profile_per_token": profile_summary,
+  result = {"rows": rows, "profile_per_token": profile_summary, "loop_body_ops": ops,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": os.environ.get("BENCH_COMMIT"), "config": args.config,

@@ -146,9 +146,28 @@ def _swiglu_down(w_down_FD, *gate_up, ops, proj):
 
 
 def init_cache(cfg, batch, length, dtype):
-  """An empty KV cache for `length` positions: keys and values of every layer, [L, B, S, K, Dh]."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  """An empty KV cache for `length` positions: one {"k", "v"} of [B, S, K, Dh] a layer (a tuple),
+  or, when the layers are scanned, every layer's stacked, [L, B, S, K, Dh]. Per layer, because a
+  loop over the stacked form reads layer i as a slice and writes it back with .at[i].set: inside
+  the decode loop that copied the whole cache every layer, every token (bench/NOTES.md,
+  Session 5); separate arrays are each updated in place."""
+  shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    shape = (cfg.n_layers,) + shape
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+               for _ in range(cfg.n_layers))
+
+
+def write_cache(cache_BSKD, x_BTKD, positions_BT):
+  """x written at its rows' positions. The positions of a row are consecutive (prefill, a decode
+  step, a speculative round), so a row is one dynamic_update_slice at its first position: with
+  one row, the update in place; with more, XLA makes the vmapped slices one scatter."""
+  x_BTKD = x_BTKD.astype(cache_BSKD.dtype)
+  write = lambda c_SKD, x_TKD, p: jax.lax.dynamic_update_slice(c_SKD, x_TKD, (p, 0, 0))
+  if cache_BSKD.shape[0] == 1:
+    return write(cache_BSKD[0], x_BTKD[0], positions_BT[0, 0])[None]
+  return jax.vmap(write)(cache_BSKD, x_BTKD, positions_BT[:, 0])
 
 
 def _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops):
@@ -156,9 +175,8 @@ def _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops):
   after writing these tokens' keys and values at their positions."""
   if cache is None:
     return ops.attention(q_BTHK, k_BTGK, v_BTGK, segment_ids_BT, causal=True), None
-  rows_B1 = jnp.arange(q_BTHK.shape[0])[:, None]
-  cache = {"k": cache["k"].at[rows_B1, positions_BT].set(k_BTGK.astype(cache["k"].dtype)),
-           "v": cache["v"].at[rows_B1, positions_BT].set(v_BTGK.astype(cache["v"].dtype))}
+  cache = {"k": write_cache(cache["k"], k_BTGK, positions_BT),
+           "v": write_cache(cache["v"], v_BTGK, positions_BT)}
   return ops.attention_cache(q_BTHK, cache["k"], cache["v"], positions_BT), cache
 
 
@@ -268,8 +286,8 @@ class Llama(nnx.Module):
 
   def forward(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, layers=None):
     """(h_BTD, cache): the final-normed hidden states in the compute dtype, and the KV cache
-    (init_cache) with these tokens' keys and values written at their positions (None without a
-    cache). positions_BT default to 0..T-1; with a cache each row gives its own. layers: the
+    (init_cache: per layer, or stacked with scan_layers) with these tokens' keys and values
+    written at their positions (None without a cache). positions_BT default to 0..T-1; with a cache each row gives its own. layers: the
     layers' weights already split (split_layers), used instead of slicing the stacked ones."""
     cfg = self.cfg
     dtype = compute_dtype(cfg)
@@ -300,11 +318,15 @@ class Llama(nnx.Module):
       if layers is None:
         per_layer = {k: unstack_layers(v) for k, v in stacked.items()}
         layers = [{k: v[i] for k, v in per_layer.items()} for i in range(cfg.n_layers)]
+      caches = [None] * cfg.n_layers if cache is None else cache
+      if isinstance(caches, dict) or len(caches) != cfg.n_layers:
+        raise ValueError("the forward's cache is stacked (scan_layers' layout): make it with "
+                         "model.init_cache for a config of scan_layers=False")
+      new_caches = []
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
-        x_BTD, layer_cache = layer_fn(layers[i], x_BTD, positions_BT, segment_ids_BT, layer_cache)
-        if cache is not None:  # an in-place update of the (donated) stacked cache
-          cache = {k: cache[k].at[i].set(layer_cache[k]) for k in cache}
+        x_BTD, layer_cache = layer_fn(layers[i], x_BTD, positions_BT, segment_ids_BT, caches[i])
+        new_caches.append(layer_cache)
+      cache = None if cache is None else tuple(new_caches)
     return ops.rms_norm(x_BTD, self.final_norm[...].astype(dtype), cfg.norm_eps), cache
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):

@@ -10,6 +10,7 @@ import numpy as np
 
 from decoding_models import REPO, random_prompts, tiny_model
 from bench import decode as bench_decode
+from bench import hlo_ops
 from tinyllama_jax.inference import decode
 
 
@@ -68,3 +69,19 @@ def test_bench_smoke(tmp_path):
   assert {"ours", "speculative"} <= {n.split(" ")[0] for n in names}
   assert all(row["tokens_per_s"] > 0 for row in result["rows"])
   assert result["jax"] == jax.__version__ and np.isfinite(result["rows"][0]["ms_per_token"])
+
+
+def test_loop_body_copies_no_cache():
+  """The compiled decode loop updates each layer's cache in place: no op of its body makes an
+  array the size of the whole (stacked) cache, and none copies a layer's cache (a stacked cache
+  sliced and set back per layer did both, every token: bench/NOTES.md, Session 5)."""
+  _, cfg = tiny_model(0)
+  B, S, L = 2, 64, cfg.n_layers
+  hlo = bench_decode.loop_hlo(cfg, batch=B, length=S, prompt_len=8)
+  ops = hlo_ops.body_ops(hlo)
+  assert ops["dot"] + ops["fusion:kCustom:dot"] + ops["fusion:kOutput:dot"] > 0  # the body parsed
+  layer = f"[{B},{S},{cfg.n_kv_heads},{cfg.head_dim}]"
+  stacked = f"[{L},{B},{S},{cfg.n_kv_heads},{cfg.head_dim}]"
+  shapes = [s for label in ops for s in hlo_ops.body_shapes(hlo, label)]
+  assert not [s for s in shapes if stacked in s]
+  assert not [s for s in hlo_ops.body_shapes(hlo, "copy") if layer in s]

@@ -1,0 +1,75 @@
+"""What a compiled while loop runs each iteration: the ops of its body in the optimized HLO text
+(`jax.jit(f).lower(...).compile().as_text()`), fusions named by their kind and root op.
+
+The decode loop is launch-bound on a GPU (bench/NOTES.md, Session 4: ~660 kernels a token, 1.6
+ms of gaps between them), so the body's op count is a proxy for its speed that a CPU can measure:
+after fusion, each op of the body is about one kernel (the CPU's fusion differs from the GPU's in
+detail, not in what a copy of the whole cache or a per-layer recomputation costs).
+"""
+
+import collections
+import re
+
+# Free ops: they name or forward values and launch nothing.
+FREE = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast"})
+_OP = re.compile(r"= (?:\([^()]*\)|\S+) ([a-z][\w\-]*)\(")
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+
+
+def computations(hlo_text):
+  """{name: [instruction lines]} of an HLO module's text."""
+  comps, name = {}, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      name, comps[header.group(1)] = header.group(1), []
+    elif line == "}":
+      name = None
+    elif name is not None:
+      comps[name].append(line.strip())
+  return comps
+
+
+def opcode(line):
+  match = _OP.search(line)
+  return match.group(1) if match else "?"
+
+
+def _label(line, comps):
+  op = opcode(line)
+  if op != "fusion":
+    return op
+  kind = re.search(r"kind=(\w+)", line).group(1)
+  called = comps[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
+  root = next(x for x in called if x.startswith("ROOT"))
+  return f"fusion:{kind}:{opcode(root)}"
+
+
+def while_bodies(comps):
+  """The body computations' names of every while loop, in the text's order."""
+  return [re.search(r"body=%?([\w.\-]+)", line).group(1)
+          for lines in comps.values() for line in lines if " while(" in line]
+
+
+def body_ops(hlo_text, which=-1):
+  """Counter of the ops one while body runs (the last loop by default: an outer loop's body
+  holds the inner loop as one `while` op), free ops left out."""
+  comps = computations(hlo_text)
+  bodies = while_bodies(comps)
+  if not bodies:
+    raise ValueError("the HLO has no while loop: pass a compiled program that loops")
+  return collections.Counter(_label(line, comps) for line in comps[bodies[which]]
+                             if opcode(line) not in FREE)
+
+
+def body_shapes(hlo_text, op, which=-1):
+  """The result shapes of one op (a label of body_ops) in a while body, counted."""
+  comps = computations(hlo_text)
+  body = comps[while_bodies(comps)[which]]
+  return collections.Counter(line.split("= ", 1)[1].split(" ", 1)[0] for line in body
+                             if opcode(line) not in FREE and _label(line, comps) == op)
+
+
+def table(counts, top=25):
+  lines = [f"{n:6d}  {label}" for label, n in counts.most_common(top)]
+  return "\n".join(lines + [f"{sum(counts.values()):6d}  total"])
