@@ -9,9 +9,9 @@
 #   cudnn without ids, cudnn_packed and pallas with documents (four a row of 300/900/120/728,
 #   stdlib-like, 24 short ones, one a row), slot counts 8/32/64; each against XLA fp32. Cap 140 s.
 # Part 3 (PARTS=step): the 1b step at T2048 x 8, 10 steps, ~40 s a variant. One document a row
-#   (issue 15's 3.3% gap): base (concat: cuDNN, no ids), first_fit (pallas with ids),
-#   first_fit_cudnn (cudnn_packed); then rows of 300/900/120/728-token documents: first_fit,
-#   first_fit_cudnn (32 slots a row) and cudnn_slots8 (what the slot count costs in the step).
+#   (issue 15's 3.3% gap): base (concat: cuDNN, no ids), fp8 (issue 19), first_fit_cudnn
+#   (cudnn_packed); then rows of 300/900/120/728-token documents: first_fit (pallas with ids),
+#   first_fit_cudnn (32 slots a row).
 # Results under $OUT: cudnn-packed-probe.txt, cudnn-packed-gpu-tests.txt,
 #   attention_packed.json/.txt, step-packed-{one_doc,four_docs}.json/.log.
 set -uo pipefail
@@ -59,14 +59,15 @@ fi
 step_rc=0
 if has step; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-  FF=data.packing=first_fit CP=model.kernels.attention=cudnn_packed SL=model.kernels.attention_slots
+  FF=data.packing=first_fit CP=model.kernels.attention=cudnn_packed
   # A: one document a row (the batch of issue 15's 3.3% gap); B: four documents a row.
-  for run in "one_doc||base;first_fit:$FF;first_fit_cudnn:$FF,$CP" \
-             "four_docs|300,900,120,728|first_fit:$FF;first_fit_cudnn:$FF,$CP;cudnn_slots8:$FF,$CP,$SL=8"; do
+  # (and the fp8 step of issue 19 beside base, in the same call)
+  for run in "one_doc||base;fp8:model.matmul_dtype=fp8;first_fit_cudnn:$FF,$CP" \
+             "four_docs|300,900,120,728|first_fit:$FF;first_fit_cudnn:$FF,$CP"; do
     IFS='|' read -r name docs variants <<< "$run"
-    timeout 145 python3 -m bench --config=configs/1b.py --config.train.seq_len=2048 \
+    timeout 160 python3 -m bench --config=configs/1b.py --config.train.seq_len=2048 \
       --config.train.micro_batch_per_device=8 --doc_lengths="$docs" --variants="$variants" \
-      --plain= --peer= --steps=10 --warmup=3 --window=5 --worker_timeout_s=70 --deadline_s=100 \
+      --plain= --peer= --steps=10 --warmup=3 --window=5 --worker_timeout_s=70 --deadline_s=115 \
       --out="$OUT/step-packed-$name.json" 2>&1 | grep -v "^I[0-9]\|^W[0-9]" | tail -30 \
       > "$OUT/step-packed-$name.log"
     rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && step_rc=$rc
