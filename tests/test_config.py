@@ -64,7 +64,7 @@ def test_shipped_configs_are_valid(name):
     ({"model.compute_dtype": "fp8"}, "model.compute_dtype='fp8' must be one of auto, bfloat16"),
     ({"model.matmul_dtype": "fp16"}, "model.matmul_dtype='fp16' must be one of bf16, fp8"),
     ({"model.kernels.attention": "flash"}, "model.kernels.attention='flash' must be one of auto, "
-                                           "cudnn, cudnn_packed, pallas"),  # + plan's stand-in once registered
+                                           "cudnn, pallas"),  # + plan's stand-in once registered
     ({"model.kernels.cross_entropy": "x"}, "model.kernels.cross_entropy='x' must be one of "
                                            "chunked, xla"),
     ({"data.tokenizer_vocab_size": 4096}, "data.tokenizer_vocab_size (4096) exceeds "
@@ -76,8 +76,6 @@ def test_shipped_configs_are_valid(name):
     ({"data.source": "text"}, "data.source='text' needs data.paths"),
     ({"data.eval_fraction": 1.0}, "data.eval_fraction=1.0 must be in [0, 1)"),
     ({"data.packing": "first_fit", "model.kernels.attention": "cudnn"}, "cannot"),
-    ({"model.kernels.attention_slots": 1}, "model.kernels.attention_slots=1 must be 0"),
-    ({"model.kernels.attention_slots": -2}, "model.kernels.attention_slots=-2 must be >= 0"),
     ({"mesh.fsdp": 0}, "mesh.fsdp=0 must be -1 (all remaining devices) or >= 1"),
     ({"seed": -1}, "seed=-1 must be >= 0"),
     ({"train.steps": None}, "train.steps=None must be >= 1"),
@@ -270,6 +268,6 @@ def test_the_listing_command():
   lines = proc.stdout.splitlines()
   assert ("model.remat = 'full'  (default 'none')  [must be one of none, full, save_dots, "
           "save_attn, save_qkv_attn, save_all_but_mlp]") in lines
-  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, cudnn_packed, pallas, splash, xla]")
+  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, pallas, splash, xla]")
   assert lines[i + 1].startswith("    # auto: cuDNN on GPU")
   assert "train.grace_period_s = 60.0  [must be a finite number > 0]" in lines

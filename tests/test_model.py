@@ -142,33 +142,6 @@ def test_cudnn_refuses_packed_documents():
     attn.attention_cudnn(q, q, q, jnp.ones((1, 4), jnp.int32))
 
 
-def test_cudnn_packed_runs_per_device_with_its_slots(monkeypatch):
-  """cudnn_packed gets the per-device wrapper cuDNN gets (XLA must not partition its custom call)
-  and model.kernels.attention_slots as max_segments (0: the backend's default): with the jnp
-  reference standing in for it (cuDNN needs a GPU), the packed model's logits are xla's."""
-  from tinyllama_jax import model as model_lib
-  ref = lambda q, k, v, s, *, causal: attn.attention_xla(q, k, v, s, causal=causal)
-  assert model_lib._per_device("attention", "cudnn_packed", ref) is not ref
-  assert model_lib._per_device("attention", "xla", ref) is ref
-  seen = []
-
-  def stand_in(q, k, v, s, *, causal, max_segments=None):
-    seen.append(max_segments)
-    return attn.attention_xla(q, k, v, s, causal=causal)
-  monkeypatch.setattr(attn, "attention_cudnn_packed", stand_in)
-  x = jax.random.randint(jax.random.key(4), (1, 16), 0, 97)
-  seg = jnp.array([[1] * 6 + [2] * 10])
-  pos = jnp.array([list(range(6)) + list(range(10))])
-  want = Llama(small_model_config(), rngs=nnx.Rngs(params=0))(x, pos, seg)
-  for slots in (0, 6):
-    c = small_model_config()
-    c.kernels.attention, c.kernels.attention_slots = "cudnn_packed", slots
-    got = Llama(c, rngs=nnx.Rngs(params=0))(x, pos, seg)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert seen and set(seen) == {slots or None}, seen
-    seen.clear()
-
-
 def test_sequence_longer_than_model_maximum_is_refused():
   m = Llama(small_model_config(max_seq_len=8), rngs=nnx.Rngs(params=0))
   with pytest.raises(ValueError, match="max_seq_len"):

@@ -73,9 +73,6 @@ def model_config():
   c.kernels = ml_collections.ConfigDict()
   # auto: cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows, else xla
   c.kernels.attention = choice("auto", _backends("attention"))
-  # cudnn_packed's segment slots a row (its documents and the padding run); 0: seq_len // 64.
-  # cuDNN keeps softmax statistics per slot; a row with more segments is a non-finite step.
-  c.kernels.attention_slots = 0
   c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
   c.kernels.rope = choice("xla", _backends("rope"))  # pallas: q and k in one pass
   # auto: Pallas for the fused gate/up projection on GPU, else xla
@@ -257,7 +254,6 @@ _BOUNDS = [
     ("model.rope_theta", _POSITIVE_REAL, ""),
     ("model.norm_eps", _POSITIVE_REAL, ""),
     ("model.init_std", _NON_NEGATIVE_REAL, "0 = TinyLlama's sqrt(2 / (5 d_model))"),
-    ("model.kernels.attention_slots", _NON_NEGATIVE, "0 = train.seq_len // 64; else >= 2"),
     ("optim.lr", _POSITIVE_REAL, "the peak learning rate, e.g. 3e-4"),
     ("optim.min_lr", _NON_NEGATIVE_REAL, "where the cosine ends"),
     ("optim.warmup_steps", _NON_NEGATIVE, ""),
@@ -332,9 +328,6 @@ def _cross_field_problems(cfg):
   if d.source == "chat" and not d.tokenizer and not t.init_from:
     yield ("data.source='chat' needs a tokenizer: set train.init_from to the run to fine-tune "
            "(its tokenizer is used) or data.tokenizer to a sentencepiece .model")
-  if m.kernels.attention_slots == 1:
-    yield ("model.kernels.attention_slots=1 must be 0 (train.seq_len // 64) or >= 2: one slot "
-           "is cuDNN's unpacked path, which ignores the documents")
   if d.packing != "concat" and m.kernels.attention == "cudnn":
     yield (f"data.packing={d.packing!r} masks attention per document, which "
            "model.kernels.attention='cudnn' cannot: use auto, pallas or xla, or packing=concat")

@@ -75,7 +75,7 @@ def _per_device(op, backend, fn):
   devices"); `block` now pins q, k, v to the batch split, so the shard_map boundary moves
   nothing (same collectives as the jnp reference without it) and only keeps cuDNN's
   partitioner out of the way."""
-  if backend not in ("pallas", "cudnn", "cudnn_packed", "splash"):
+  if backend not in ("pallas", "cudnn", "splash"):
     return fn
   local = sharding.shard_map_local
   if op == "attention":
@@ -109,11 +109,7 @@ class Ops:
   def __init__(self, cfg_kernels, uses_segments):
     def get(op, backend):
       return _per_device(op, backend, kernels.get(op, backend))
-    attention = resolve_attention(cfg_kernels.attention, uses_segments)
-    attention_fn = kernels.get("attention", attention)
-    if attention == "cudnn_packed" and cfg_kernels.get("attention_slots", 0):
-      attention_fn = functools.partial(attention_fn, max_segments=cfg_kernels.attention_slots)
-    self.attention = _per_device("attention", attention, attention_fn)
+    self.attention = get("attention", resolve_attention(cfg_kernels.attention, uses_segments))
     self.rms_norm = get("rms_norm", cfg_kernels.rms_norm)
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)

@@ -69,7 +69,7 @@ def test_packed_rows_never_cross_documents(packing, tok, small_cfg):
       used = int((seg != 0).sum())
       assert (seg[used:] == 0).all() and (seg[:used] > 0).all()  # padding only at the tail
       assert (x[used:] == 0).all() and (y[used:] == 0).all()     # and it is not BOS-filled
-      assert (np.diff(seg[:used]) >= 0).all()  # documents contiguous: cudnn_packed relies on it
+      assert (np.diff(seg[:used]) >= 0).all()
       for s in np.unique(seg[:used]):
         idx = np.flatnonzero(seg == s)
         np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))  # positions restart per doc

@@ -49,6 +49,17 @@ def test_params_cast_once_same_tokens():
           == decode.decode(params, cfg, prompts, lengths, max_new_tokens=6))
 
 
+def test_a_run_trained_in_fp8_decodes_with_bf16_matmuls():
+  """matmul_dtype=fp8 trains faster; decoding reads the same weights with bf16 matmuls (the
+  fp8 forward would quantize each weight again every token): the same program as bf16's."""
+  params, cfg = tiny_model(0, compute_dtype="bfloat16", matmul_dtype="fp8")
+  _, cfg_bf16 = tiny_model(0, compute_dtype="bfloat16")
+  assert decode.for_decoding(cfg).matmul_dtype == "bf16" and cfg.matmul_dtype == "fp8"
+  prompts, lengths = random_prompts([5, 8])
+  assert (decode.decode(params, cfg, prompts, lengths, max_new_tokens=6)
+          == decode.decode(params, cfg_bf16, prompts, lengths, max_new_tokens=6))
+
+
 def test_compiled_programs_are_reused(target):
   params, cfg = target
   decode._DECODERS.clear()

@@ -59,10 +59,24 @@ def only_valid(logits_BV, n_valid):
   return jnp.where(jnp.arange(logits_BV.shape[-1]) < n_valid, logits_BV, -jnp.inf)
 
 
+def for_decoding(cfg_model):
+  """The model config decoding runs: FP8 matmuls (model.matmul_dtype=fp8) are a training-speed
+  option whose per-tensor scales are computed from each tensor in the call; a decode step would
+  quantize every weight again each token (reading the weights twice), so decoding a run trained
+  in fp8 uses bf16 matmuls on the same master weights."""
+  if cfg_model.get("matmul_dtype", "bf16") == "bf16":
+    return cfg_model
+  cfg_model = cfg_model.copy_and_resolve_references()
+  with cfg_model.unlocked():
+    cfg_model.matmul_dtype = "bf16"
+  return cfg_model
+
+
 def forward_fn(cfg_model):
   """(params, tokens_BT, positions_BT, cache[, layers]) -> (h_BTD, cache): the model's cached
-  forward; a loop passes the layers' weights split once before it (model.split_layers)."""
-  graphdef = model_lib.graphdef(cfg_model)
+  forward (for_decoding's config); a loop passes the layers' weights split once before it
+  (model.split_layers)."""
+  graphdef = model_lib.graphdef(for_decoding(cfg_model))
 
   def forward(params, tokens_BT, positions_BT, cache, layers=None):
     return nnx.merge(graphdef, params).forward(tokens_BT, positions_BT, cache=cache,

@@ -22,7 +22,6 @@ _TABLE = {
     "attention": {
         "xla": "tinyllama_jax.kernels.attention:attention_xla",
         "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
-        "cudnn_packed": "tinyllama_jax.kernels.attention:attention_cudnn_packed",
         "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
         "splash": "tinyllama_jax.kernels.splash_attention:attention_splash",
     },
