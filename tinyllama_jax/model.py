@@ -283,8 +283,9 @@ class Llama(nnx.Module):
   def forward(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None, layers=None):
     """(h_BTD, cache): the final-normed hidden states in the compute dtype, and the KV cache
     (init_cache: per layer, or stacked with scan_layers) with these tokens' keys and values
-    written at their positions (None without a cache). positions_BT default to 0..T-1; with a cache each row gives its own. layers: the
-    layers' weights already split (split_layers), used instead of slicing the stacked ones."""
+    written at their positions (None without a cache). positions_BT default to 0..T-1; with a
+    cache each row gives its own. layers: the layers' weights already split (split_layers), used
+    instead of slicing the stacked ones."""
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     B, T = tokens_BT.shape
