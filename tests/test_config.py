@@ -76,6 +76,8 @@ def test_shipped_configs_are_valid(name):
     ({"data.source": "text"}, "data.source='text' needs data.paths"),
     ({"data.eval_fraction": 1.0}, "data.eval_fraction=1.0 must be in [0, 1)"),
     ({"data.packing": "first_fit", "model.kernels.attention": "cudnn"}, "cannot"),
+    ({"model.kernels.attention": "splash", "train.seq_len": 100}, "needs train.seq_len (100) to "
+                                                                 "be a multiple of 128"),
     ({"mesh.fsdp": 0}, "mesh.fsdp=0 must be -1 (all remaining devices) or >= 1"),
     ({"seed": -1}, "seed=-1 must be >= 0"),
     ({"train.steps": None}, "train.steps=None must be >= 1"),

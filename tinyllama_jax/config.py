@@ -305,6 +305,9 @@ def _cross_field_problems(cfg):
            f"({m.n_kv_heads})")
   if m.head_dim % 2:
     yield f"model.head_dim ({m.head_dim}) must be even for RoPE"
+  if m.kernels.attention == "splash" and t.seq_len % 128:
+    yield (f"model.kernels.attention='splash' needs train.seq_len ({t.seq_len}) to be a multiple "
+           "of 128: change the length or use attention=auto or xla")
   if o.min_lr > o.lr:
     yield f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}): lower min_lr or raise lr"
   if d.tokenizer_vocab_size > m.vocab_size and d.source in ("stdlib", "text") and not d.tokenizer:
