@@ -14,7 +14,8 @@ GPU does not have.
 profile.py would hide the standard library's, which torch imports.)
 
 Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
-  ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing);
+  ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing), for each
+               --attention_cache backend (xla, pallas: the decode-step kernel);
   target alone the speculative rows' baseline and reference: the target's own loop on their prompts;
   speculative  the target with a draft of K (--draft_tokens, one row each) tokens a round; the
                output must equal the target's own (same_as_target). Random weights make acceptance
@@ -32,6 +33,7 @@ stops starting rows after --deadline_s (skipped rows say so), to stay within ~7 
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -60,6 +62,8 @@ def parse(argv):
   ap.add_argument("--dtypes", default="bfloat16,float32")
   ap.add_argument("--prompt_len", type=int, default=128)
   ap.add_argument("--new_tokens", type=int, default=256)
+  ap.add_argument("--attention_cache", default="xla",
+                  help="Backends of the attention over the cache for the ours rows: xla,pallas")
   ap.add_argument("--draft_tokens", default="4", help="Tokens a draft round, one row each: 4,6")
   ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
   ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
@@ -124,15 +128,22 @@ def row(name, batch, dtype, seconds, new_tokens, **extra):
           "ms_per_token": 1e3 * seconds / new_tokens, "seconds": seconds, **extra}
 
 
+def with_attention_cache(cfg_model, backend):
+  cfg_model = cfg_model.copy_and_resolve_references()
+  with cfg_model.unlocked():
+    cfg_model.kernels.attention_cache = backend
+  return cfg_model
+
+
 def ours_rows(args, cfg_model, clock, rows):
   params32 = None
-  for dtype in args.dtypes.split(","):
-    cfg_d = with_dtype(cfg_model, dtype)
+  for dtype, backend in itertools.product(args.dtypes.split(","), args.attention_cache.split(",")):
+    cfg_d = with_attention_cache(with_dtype(cfg_model, dtype), backend)
     if params32 is None:
       params32 = random_params(cfg_model)
     params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
     for batch in map(int, args.batches.split(",")):
-      name = "ours"
+      name = "ours" if backend == "xla" else f"ours, attention_cache={backend}"
       if clock.left() < 0:
         rows.append({"name": name, "batch": batch, "dtype": dtype, "skipped": "deadline"})
         print_row(rows[-1])

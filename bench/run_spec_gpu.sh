@@ -41,10 +41,14 @@ timeout ${TRAIN_D_S:-60} python3 -m tinyllama_jax.train --config=configs/120m.py
 quiet < "$OUT/train-120m.log" | tail -4; grep "step .*/" "$OUT/train-120m.log" | tail -2 | cut -c30-
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
-# Issue 17's table: ours at batch 1 and 16 (random 1.1B weights: the speed of any), the draft =
-# target machinery row and transformers eager, in the same call.
+# Issue 17's table: ours at batch 1 and 16 (random 1.1B weights: the speed of any), with XLA's
+# and the Pallas kernel's attention over the cache, the draft = target machinery row and
+# transformers eager, in the same call. First: the Pallas kernel's GPU test.
+timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_decode_attention.py \
+  > "$OUT/decode-attention-gpu-test.txt" 2>&1; echo "decode attention gpu test: exit $?"
+tail -3 "$OUT/decode-attention-gpu-test.txt"
 BENCH_COMMIT=${BENCH_COMMIT:-} timeout ${TABLE_S:-160} python3 -m bench.decode --batches=1,16 \
-  --dtypes=bfloat16 --draft_tokens=4 --deadline_s=${TABLE_DEADLINE_S:-110} --out="$OUT/decode.json" \
+  --dtypes=bfloat16 --attention_cache=${ATTENTION_CACHE:-xla,pallas} --draft_tokens=4 --deadline_s=${TABLE_DEADLINE_S:-110} --out="$OUT/decode.json" \
   > "$OUT/decode.log" 2>&1; echo "decode table: exit $?"
 quiet < "$OUT/decode.log" | tail -12
 # The trained pair: the target alone, then speculative K=4 and K=6 (greedy, batch 1).

@@ -120,7 +120,9 @@ class Ops:
     # gate and up stay with XLA, whose fusions beat the Pallas pair.
     packed = ("pallas" if jax.default_backend() == "gpu" else "xla") if swiglu == "auto" else swiglu
     self.swiglu_packed = get("swiglu_packed", packed)
-    self.attention_cache = kernels.get("attention_cache", "xla")
+    # .get: configs saved before the key decode with the reference
+    self.attention_cache = kernels.get("attention_cache",
+                                       cfg_kernels.get("attention_cache", "xla"))
 
 
 def projection(cfg_model):

@@ -96,3 +96,15 @@ def test_loop_body_copies_no_cache():
   shapes = [s for label in ops for s in hlo_ops.body_shapes(hlo, label)]
   assert not [s for s in shapes if stacked in s]
   assert not [s for s in hlo_ops.body_shapes(hlo, "copy") if layer in s]
+
+
+def test_the_pallas_cache_attention_decodes_the_same_tokens():
+  """model.kernels.attention_cache=pallas (interpreted here) in the whole loop: the tokens of
+  the reference, rows of different lengths."""
+  params, cfg = tiny_model(0)
+  _, cfg_pallas = tiny_model(0)
+  with cfg_pallas.unlocked():
+    cfg_pallas.kernels.attention_cache = "pallas"
+  prompts, lengths = random_prompts([3, 17, 9])
+  assert (decode.decode(params, cfg_pallas, prompts, lengths, max_new_tokens=10)
+          == decode.decode(params, cfg, prompts, lengths, max_new_tokens=10))

@@ -27,6 +27,7 @@ _TABLE = {
     },
     "attention_cache": {
         "xla": "tinyllama_jax.kernels.attention:attention_cache_xla",
+        "pallas": "tinyllama_jax.kernels.decode_attention:attention_cache_pallas",
     },
     "rms_norm": {
         "xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref",
