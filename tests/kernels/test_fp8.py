@@ -94,12 +94,17 @@ def test_the_gradient_is_quantized_with_its_own_scale_at_any_magnitude():
                 == 0)
 
 
-def test_bf16_inputs_give_bf16_outputs_and_gradients():
+@pytest.mark.parametrize("gemm_dtype", [jnp.float32, jnp.bfloat16])
+def test_bf16_inputs_give_bf16_outputs_and_gradients(gemm_dtype):
+  """Both GEMM output types (fp8.dot's fp32, the bf16 candidate bench.fp8_check times): bf16
+  results within fp8's error of fp32's, forward and gradients."""
   x, w, g = (a.astype(jnp.bfloat16) for a in _inputs())
-  y, vjp = jax.vjp(fp8.dot, x, w)
+  y, vjp = jax.vjp(fp8.make_dot(gemm_dtype), x, w)
   dx, dw = vjp(g)
   assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
-  assert _rel(y, jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))) < 0.06
+  x32, w32, g32 = (a.astype(jnp.float32) for a in (x, w, g))
+  assert _rel(y, jnp.dot(x32, w32)) < 0.06
+  assert _rel(dx, g32 @ w32.T) < 0.10 and _rel(dw, x32.T @ g32) < 0.10
 
 
 @pytest.mark.parametrize("spec, x_shape, w_shape", [

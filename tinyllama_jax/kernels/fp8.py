@@ -52,41 +52,48 @@ def quantize_current(x, q_dtype):
   return quantize(x, q_dtype, scale), scale
 
 
-def _qdot(qa, sa, qb, sb, dtype, contract=(1, 0)):
+def _qdot(qa, sa, qb, sb, dtype, contract, gemm_dtype):
   """The 2D product of two quantized operands contracting qa's axis contract[0] with qb's
-  contract[1], in dtype: the fp8 operands go into the dot itself (fp32 accumulation) and both
-  scales multiply its output. That is the form jax 0.11.2's XLA turns into cuBLASLt's FP8 GEMM
-  (`__cublas$lt$matmul$f8`, the scales as its alpha); the dequantize-then-dot form
-  (`convert(q) * s` operands) compiles to a dequantize pass and a bf16 GEMM on that XLA
-  (bench/NOTES.md, session 5, measured). The backward's transposes stay dimension numbers."""
+  contract[1], in dtype: the fp8 operands go into the dot itself and both scales multiply its
+  output, which the GEMM writes in gemm_dtype. That is the form jax 0.11.2's XLA turns into
+  cuBLASLt's FP8 GEMM (`__cublas$lt$matmul$f8`, the scales folded into its scale operands); the
+  dequantize-then-dot form (`convert(q) * s` operands) compiles to a dequantize pass and a bf16
+  GEMM on that XLA (bench/NOTES.md, session 5, measured). The backward's transposes stay
+  dimension numbers."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
-  out = jax.lax.dot_general(qa, qb, dims, preferred_element_type=jnp.float32)
-  return (out * (sa * sb)).astype(dtype)
+  out = jax.lax.dot_general(qa, qb, dims, preferred_element_type=gemm_dtype)
+  return (out * (sa * sb).astype(gemm_dtype)).astype(dtype)
 
 
-@jax.custom_vjp
-def dot(x_NK, w_KM):
-  """x_NK @ w_KM as an FP8 GEMM (e4m3 operands, current scaling), in their (one) dtype."""
-  return _dot_fwd(x_NK, w_KM)[0]
+def make_dot(gemm_dtype):
+  """An FP8 `dot(x_NK, w_KM)` (e4m3 operands, e5m2 output gradient, current scaling) whose GEMMs
+  write gemm_dtype. fp32 is what the step measured (1.107x bf16 at 1b, session 5); its output
+  is converted to bf16 by a kernel of its own, ~18 ms of traffic a 1b step. bf16 would have
+  cuBLASLt write the compute dtype directly: bench.fp8_check times both (not yet on a GPU)."""
+
+  @jax.custom_vjp
+  def dot(x_NK, w_KM):
+    return dot_fwd(x_NK, w_KM)[0]
+
+  def dot_fwd(x_NK, w_KM):
+    qx_NK, sx = quantize_current(x_NK, E4M3)
+    qw_KM, sw = quantize_current(w_KM, E4M3)
+    y = _qdot(qx_NK, sx, qw_KM, sw, x_NK.dtype, (1, 0), gemm_dtype)
+    return y, (qx_NK, sx, qw_KM, sw)
+
+  def dot_bwd(res, g_NM):
+    qx_NK, sx, qw_KM, sw = res
+    qg_NM, sg = quantize_current(g_NM, E5M2)
+    # e5m2 x e4m3: a pair cuBLASLt's FP8 GEMM takes (two e5m2 operands it does not)
+    dx_NK = _qdot(qg_NM, sg, qw_KM, sw, g_NM.dtype, (1, 1), gemm_dtype)
+    dw_KM = _qdot(qx_NK, sx, qg_NM, sg, g_NM.dtype, (0, 0), gemm_dtype)
+    return dx_NK, dw_KM
+
+  dot.defvjp(dot_fwd, dot_bwd)
+  return dot
 
 
-def _dot_fwd(x_NK, w_KM):
-  dtype = x_NK.dtype
-  qx_NK, sx = quantize_current(x_NK, E4M3)
-  qw_KM, sw = quantize_current(w_KM, E4M3)
-  return _qdot(qx_NK, sx, qw_KM, sw, dtype), (qx_NK, sx, qw_KM, sw)
-
-
-def _dot_bwd(res, g_NM):
-  qx_NK, sx, qw_KM, sw = res
-  dtype = g_NM.dtype
-  qg_NM, sg = quantize_current(g_NM, E5M2)
-  dx_NK = _qdot(qg_NM, sg, qw_KM, sw, dtype, (1, 1))  # e5m2 x e4m3: a pair cuBLASLt takes
-  dw_KM = _qdot(qx_NK, sx, qg_NM, sg, dtype, (0, 0))
-  return dx_NK, dw_KM
-
-
-dot.defvjp(_dot_fwd, _dot_bwd)
+dot = make_dot(jnp.float32)  # x_NK @ w_KM as an FP8 GEMM, in their (one) dtype
 
 
 def einsum(spec, x, w):
