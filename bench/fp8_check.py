@@ -60,7 +60,7 @@ def one_gemm(n=16384, k=2048, m=5632):
   # fp8: the model's form (the FP8 GEMM writes fp32, a convert writes bf16); fp8_bf16_out: the
   # GEMM writes bf16 itself (a candidate: one activation-sized fp32 write and read fewer a GEMM)
   for name, dot in (("bf16", jnp.dot), ("fp8", fp8.dot),
-                    ("fp8_bf16_out", fp8.make_dot(jnp.bfloat16))):
+                    ("fp8_bf16_out", fp8.make_dot(jnp.dtype(jnp.bfloat16)))):
     fwd_ms, fwd_hlo = timed(dot, x, w)
     vjp = lambda x, w, g, dot=dot: jax.vjp(dot, x, w)[1](g)
     both_ms, both_hlo = timed(lambda x, w, g, vjp=vjp: (vjp(x, w, g), dot(x, w)), x, w, g)

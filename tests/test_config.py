@@ -63,6 +63,8 @@ def test_shipped_configs_are_valid(name):
     ({"model.remat": "some"}, "model.remat='some' must be one of none, full, save_dots"),
     ({"model.compute_dtype": "fp8"}, "model.compute_dtype='fp8' must be one of auto, bfloat16"),
     ({"model.matmul_dtype": "fp16"}, "model.matmul_dtype='fp16' must be one of bf16, fp8"),
+    ({"model.fp8_gemm_output": "fp16"}, "model.fp8_gemm_output='fp16' must be one of float32, "
+                                        "bfloat16"),
     ({"model.kernels.attention": "flash"}, "model.kernels.attention='flash' must be one of auto, "
                                            "cudnn, pallas"),  # + plan's stand-in once registered
     ({"model.kernels.cross_entropy": "x"}, "model.kernels.cross_entropy='x' must be one of "

@@ -206,13 +206,16 @@ def test_mlp_recompute_keeps_gate_and_up_not_their_product():
   # elementwise intermediates that XLA's fusions recompute anyway)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_fp8_matmuls_stay_close_to_fp32(fuse):
+@pytest.mark.parametrize("fuse,gemm_output", [(True, "float32"), (False, "float32"),
+                                               (True, "bfloat16")])
+def test_fp8_matmuls_stay_close_to_fp32(fuse, gemm_output):
   """matmul_dtype='fp8' (emulated on CPU): loss and gradients within a loose band of fp32's,
-  and really different (the block's GEMMs are rounded to fp8, the rest is untouched)."""
+  and really different (the block's GEMMs are rounded to fp8, the rest is untouched); with
+  either GEMM output type (model.fp8_gemm_output)."""
   x = jax.random.randint(jax.random.key(2), (2, 16), 0, 97)
   _, _, (l_ref, g_ref) = _loss_and_grads(small_model_config(fuse_projections=fuse), x)
-  _, _, (l, g) = _loss_and_grads(small_model_config(fuse_projections=fuse, matmul_dtype="fp8"), x)
+  _, _, (l, g) = _loss_and_grads(small_model_config(
+      fuse_projections=fuse, matmul_dtype="fp8", fp8_gemm_output=gemm_output), x)
   assert 1e-5 < abs(float(l) / float(l_ref) - 1) < 0.05
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
     rel = np.linalg.norm(np.asarray(a - b)) / np.linalg.norm(np.asarray(b))

@@ -32,6 +32,7 @@ REMATS = ("none", "full", "save_dots", "save_attn", "save_qkv_attn", "save_all_b
 AUTO_KERNELS = ("attention", "swiglu")  # the ops whose backend 'auto' picks per device (model.py)
 NAN_POLICIES = ("stop", "skip")
 MATMUL_DTYPES = ("bf16", "fp8")
+FP8_GEMM_OUTPUTS = ("float32", "bfloat16")
 
 
 def _backends(op):
@@ -59,6 +60,10 @@ def model_config():
   # gradients, per-tensor scales from each step's amax (no state: resume stays exact). The
   # embedding, lm_head and loss, the master weights and the optimizer do not change.
   c.matmul_dtype = choice("bf16", MATMUL_DTYPES)
+  # What fp8's GEMMs write: float32, then a convert kernel to the compute dtype (the form measured
+  # 1.107x bf16 at 1b on an H200), or bfloat16 from the GEMM itself (one fp32 write and read of
+  # each output fewer; not yet measured on a GPU: bench/NOTES.md, session 5).
+  c.fp8_gemm_output = choice("float32", FP8_GEMM_OUTPUTS)
   c.scan_layers = False  # unrolled ran 15% faster on one H200 at 1b (bench/NOTES.md)
   c.remat = choice("none", REMATS)  # which activations the backward recomputes (model.py)
   # One [D, (H + 2K) Dh] matmul for q, k, v and one [D, 2F] for gate and up (weights concatenated

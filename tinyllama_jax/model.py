@@ -129,8 +129,10 @@ def projection(cfg_model):
   """The einsum of the block's dense projections: jnp's in the compute dtype, or with
   matmul_dtype='fp8' the FP8 GEMM of kernels/fp8.py (e4m3 forward, e5m2 gradients, current
   per-tensor scaling; no state). The embedding and the lm_head never take this path."""
-  # .get: the saved config of a run from before the key (generate, evaluate) reads as bf16
-  return fp8.einsum if cfg_model.get("matmul_dtype", "bf16") == "fp8" else jnp.einsum
+  # .get: the saved config of a run from before the keys (generate, evaluate) reads as bf16
+  if cfg_model.get("matmul_dtype", "bf16") != "fp8":
+    return jnp.einsum
+  return functools.partial(fp8.einsum, gemm_dtype=cfg_model.get("fp8_gemm_output", "float32"))
 
 
 def _swiglu_down(w_down_FD, *gate_up, ops, proj):

@@ -99,7 +99,7 @@ def test_bf16_inputs_give_bf16_outputs_and_gradients(gemm_dtype):
   """Both GEMM output types (fp8.dot's fp32, the bf16 candidate bench.fp8_check times): bf16
   results within fp8's error of fp32's, forward and gradients."""
   x, w, g = (a.astype(jnp.bfloat16) for a in _inputs())
-  y, vjp = jax.vjp(fp8.make_dot(gemm_dtype), x, w)
+  y, vjp = jax.vjp(fp8.make_dot(jnp.dtype(gemm_dtype)), x, w)
   dx, dw = vjp(g)
   assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
   x32, w32, g32 = (a.astype(jnp.float32) for a in (x, w, g))

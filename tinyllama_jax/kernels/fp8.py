@@ -23,6 +23,8 @@ living in the params tree). With current scaling only its quantize/dequantize wo
 those are a few lines each (with the zero-amax guard ours needs).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -65,11 +67,12 @@ def _qdot(qa, sa, qb, sb, dtype, contract, gemm_dtype):
   return (out * (sa * sb).astype(gemm_dtype)).astype(dtype)
 
 
+@functools.cache
 def make_dot(gemm_dtype):
   """An FP8 `dot(x_NK, w_KM)` (e4m3 operands, e5m2 output gradient, current scaling) whose GEMMs
   write gemm_dtype. fp32 is what the step measured (1.107x bf16 at 1b, session 5); its output
   is converted to bf16 by a kernel of its own, ~18 ms of traffic a 1b step. bf16 would have
-  cuBLASLt write the compute dtype directly: bench.fp8_check times both (not yet on a GPU)."""
+  cuBLASLt write the compute dtype directly (model.fp8_gemm_output; not yet measured on a GPU)."""
 
   @jax.custom_vjp
   def dot(x_NK, w_KM):
@@ -93,11 +96,11 @@ def make_dot(gemm_dtype):
   return dot
 
 
-dot = make_dot(jnp.float32)  # x_NK @ w_KM as an FP8 GEMM, in their (one) dtype
+dot = make_dot(jnp.dtype(jnp.float32))  # x_NK @ w_KM as an FP8 GEMM, in their (one) dtype
 
 
-def einsum(spec, x, w):
-  """jnp.einsum(spec, x, w) for a dense projection, through `dot`: spec is
+def einsum(spec, x, w, gemm_dtype=jnp.float32):
+  """jnp.einsum(spec, x, w) for a dense projection, through make_dot(gemm_dtype): spec is
   'LEAD CONTRACT, CONTRACT OUT -> LEAD OUT' (e.g. 'btd,dnk->btnk', 'bthk,hkd->btd'), so x and w
   reshape to one 2D [N, K] x [K, M] GEMM and the result back."""
   inputs, out = spec.replace(" ", "").split("->")
@@ -112,5 +115,5 @@ def einsum(spec, x, w):
   k = 1
   for d in x.shape[n_lead:]:
     k *= d
-  y = dot(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype))
+  y = make_dot(jnp.dtype(gemm_dtype))(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype))
   return y.reshape(*lead_shape, *out_shape)
