@@ -88,10 +88,13 @@ class Clock:
     return self.deadline_s - (time.perf_counter() - self.start)
 
 
-def with_dtype(cfg_model, dtype):
+def with_dtype(cfg_model, dtype, attention_cache=None):
+  """A copy of the model config computing in dtype (and with that attention_cache backend)."""
   cfg_model = cfg_model.copy_and_resolve_references()
   with cfg_model.unlocked():
     cfg_model.compute_dtype = dtype
+    if attention_cache is not None:
+      cfg_model.kernels.attention_cache = attention_cache
   return cfg_model
 
 
@@ -128,17 +131,10 @@ def row(name, batch, dtype, seconds, new_tokens, **extra):
           "ms_per_token": 1e3 * seconds / new_tokens, "seconds": seconds, **extra}
 
 
-def with_attention_cache(cfg_model, backend):
-  cfg_model = cfg_model.copy_and_resolve_references()
-  with cfg_model.unlocked():
-    cfg_model.kernels.attention_cache = backend
-  return cfg_model
-
-
 def ours_rows(args, cfg_model, clock, rows):
   params32 = None
   for dtype, backend in itertools.product(args.dtypes.split(","), args.attention_cache.split(",")):
-    cfg_d = with_attention_cache(with_dtype(cfg_model, dtype), backend)
+    cfg_d = with_dtype(cfg_model, dtype, attention_cache=backend)
     if params32 is None:
       params32 = random_params(cfg_model)
     params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
@@ -224,15 +220,15 @@ def text_prompts(args, workdir, batch):
   raise ValueError(f"too few stdlib modules of --prompt_len={args.prompt_len} tokens: lower it")
 
 
-def load_pair(args, cfg_t):
+def load_pair(args, cfg_t, params32=None):
   """(params_t, cfg_t, params_d, cfg_d, label): the trained runs, or without a draft run the
-  target (trained or random) drafting for itself."""
+  target (trained, or random: the ours rows' params32 where they made them) drafting for itself."""
   if args.draft_workdir and not args.target_workdir:
     raise ValueError("--draft_workdir needs --target_workdir (the run it drafts for)")
   if args.target_workdir:
     params_t, cfg_t = load_run(args.target_workdir, cfg_t)
   else:
-    params_t = random_params(cfg_t)
+    params_t = params32 if params32 is not None else random_params(cfg_t)
   if not args.draft_workdir:
     return params_t, cfg_t, params_t, cfg_t, "(draft = target: ~100% acceptance, the overhead)"
   params_d, cfg_d = load_run(args.draft_workdir, cfg_t)
@@ -244,10 +240,10 @@ def load_pair(args, cfg_t):
   return params_t, cfg_t, params_d, cfg_d, f"(draft {os.path.basename(args.draft_workdir)})"
 
 
-def speculative_rows(args, cfg_model, clock, rows):
+def speculative_rows(args, cfg_model, clock, rows, params32=None):
   """Per batch: the target's own loop (the baseline and the reference output), then each K."""
   dtype = args.dtypes.split(",")[0]
-  params_t, cfg_t, params_d, cfg_d, label = load_pair(args, with_dtype(cfg_model, dtype))
+  params_t, cfg_t, params_d, cfg_d, label = load_pair(args, with_dtype(cfg_model, dtype), params32)
   params_t = jax.block_until_ready(decode.cast_params(params_t, cfg_t))
   params_d = jax.block_until_ready(decode.cast_params(params_d, cfg_d))
   for batch in map(int, args.batches.split(",")):
@@ -342,12 +338,13 @@ def main(argv=None):
   params32 = None if args.only_speculative else ours_rows(args, cfg_model, clock, rows)
   profile_summary = profile_ours(args, cfg_model, params32) if args.profile_dir else None
   if not args.only_ours:
-    speculative_rows(args, cfg_model, clock, rows)
+    speculative_rows(args, cfg_model, clock, rows, params32)
   del params32
   if not (args.no_torch or args.only_ours or args.only_speculative):
     hf_rows(args, cfg_model, clock, rows)
   result = {"rows": rows, "profile_per_token": profile_summary, "loop_body_ops": ops,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+            "device_kind": jax.devices()[0].device_kind,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": os.environ.get("BENCH_COMMIT"), "config": args.config,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

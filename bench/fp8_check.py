@@ -14,13 +14,14 @@ import json
 import os
 import re
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bench.kernels import loop_time_ms
 from tinyllama_jax import config as config_lib
+from tinyllama_jax.data import formats
 from tinyllama_jax.kernels import fp8
 from tinyllama_jax.model import Llama
 
@@ -40,14 +41,9 @@ def gemm_calls(hlo_text):
 
 
 def timed(fn, *args, iters=20):
-  """(ms a call, optimized HLO text) of jit(fn) on args, after a warm-up call."""
+  """(ms a call, optimized HLO text) of jit(fn) on args: the kernel benches' loop timer."""
   compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  start = time.perf_counter()
-  for _ in range(iters):
-    out = compiled(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / iters * 1e3, compiled.as_text()
+  return loop_time_ms(compiled, args, inner=iters), compiled.as_text()
 
 
 def one_gemm(n=16384, k=2048, m=5632):
@@ -100,8 +96,7 @@ def main(argv):
             "gemm": one_gemm(n=args.n), "layer": one_layer(args.tokens)}
   print(json.dumps(result, indent=1))
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    formats.write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ fp8 / bf16, and writes both runs' train and eval curves and their step rates to 
 """
 
 import argparse
-import json
 import sys
 
+from tinyllama_jax.data import formats
 from tinyllama_jax.training import metrics
 
 
@@ -41,9 +41,8 @@ def main(argv):
   print(f"final (step {final['step']}): bf16 {final['bf16']:.4f}, fp8 {final['fp8']:.4f}, "
         f"ratio {final['ratio']:.4f} ({100 * (final['ratio'] - 1):+.2f}%)")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"final": final, "evals": rows, "runs": runs,
-                 "workdirs": {"bf16": args.bf16, "fp8": args.fp8}}, f, indent=1)
+    formats.write_json_atomic(args.out, {"final": final, "evals": rows, "runs": runs,
+                                         "workdirs": {"bf16": args.bf16, "fp8": args.fp8}})
   return 0
 
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax.data import formats
+from tinyllama_jax.kernels import fp8 as fp8_lib
 import bench
 from bench.kernels import loop_time_ms
 
@@ -55,13 +56,9 @@ def rms_norm_dot(x, w, b):
   return jnp.dot(h.astype(x.dtype), b)
 
 
-E4M3 = jnp.float8_e4m3fn
-
-
-def quantize(x):
-  """(x in e4m3, its per-tensor scale): current scaling, amax / e4m3's largest value."""
-  scale = jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), 1e-12) / float(jnp.finfo(E4M3).max)
-  return (x.astype(jnp.float32) / scale).astype(E4M3), scale
+def e4m3(x):
+  """(x in e4m3, its scale): the model's current scaling (kernels/fp8.py)."""
+  return fp8_lib.quantize_current(x, fp8_lib.E4M3)
 
 
 def fp8_dot(a8, b8, sa, sb):
@@ -86,7 +83,7 @@ def fp8_gemm_kind(hlo):
 
 def fp8_dot_quantizing(a, b):
   """Both operands quantized in the timed call, as a training step must (current scaling)."""
-  (a8, sa), (b8, sb) = quantize(a), quantize(b)
+  (a8, sa), (b8, sb) = e4m3(a), e4m3(b)
   return fp8_dot(a8, b8, sa, sb)
 
 
@@ -94,7 +91,9 @@ def mgpu_configs(quick):
   """A small sweep of the Hopper kernel's tiles (its own example sweeps the same axes)."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
   dims = hm.MatmulDimension
-  grid = itertools.product((128,), (128, 256), (64,), (4,), (dims.M, dims.N), (8,), (dims.M, dims.N))
+  # tile_m, tile_n, tile_k, pipeline steps, grid minor dimension, grid tile width, warpgroups' split
+  grid = itertools.product((128,), (128, 256), (64,), (4,), (dims.M, dims.N), (8,),
+                           (dims.M, dims.N))
   if quick:
     grid = itertools.islice(grid, 1)
   for tm, tn, tk, steps, minor, width, wg in grid:
@@ -142,7 +141,7 @@ def bench_shape(name, m, k, n, residual, quick, on_gpu, hlo_dir=""):
     row("xla+residual", loop_time_ms(jax.jit(lambda a, b, c: jnp.dot(a, b) + c), (a, b, c)))
   if name.endswith("fwd") and not residual:
     row("xla+norm", loop_time_ms(jax.jit(rms_norm_dot), (a, w, b)))
-  (a8, sa), (b8, sb) = quantize(a), quantize(b)
+  (a8, sa), (b8, sb) = e4m3(a), e4m3(b)
   fp8 = jax.jit(fp8_dot)
   rel = float(jnp.linalg.norm((fp8(a8, b8, sa, sb) - ref).astype(jnp.float32)) /
               jnp.linalg.norm(ref.astype(jnp.float32)))

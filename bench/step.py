@@ -4,8 +4,9 @@
 
 The step is training's own, built by program.py as train.py builds it and compiled the same way:
 ahead of time, explicit in/out shardings, the state donated. The batch is synthetic (uniform
-tokens, one document a row, or --doc_lengths' documents a row) and sits on the devices before timing starts, so the numbers
-are the step's alone; the data pipeline has its own benchmark. Prints one BENCH_RESULT line.
+tokens, one document a row, or --doc_lengths' documents a row) and sits on the devices before
+timing starts, so the numbers are the step's alone; the data pipeline has its own benchmark.
+Prints one BENCH_RESULT line.
 """
 
 import gzip

@@ -8,8 +8,9 @@ the e5m2 gradient and the e4m3 tensors saved from the forward (which are also th
 
 Each GEMM is a dot of the fp8 operands themselves, accumulated in fp32, with the two scales on
 its output: on Hopper XLA makes it one cuBLASLt FP8 GEMM (`__cublas$lt$matmul$f8`, the scales
-folded into its alpha; bench/fp8_check.py counts them in the optimized HLO). Elsewhere (CPU) XLA
-upcasts the fp8 operands, which emulates the fp8 rounding exactly (ml_dtypes gives jnp the types).
+folded into its scale operands; bench/fp8_check.py counts them in the optimized HLO), writing
+model.fp8_gemm_output's type. Elsewhere (CPU) XLA upcasts the fp8 operands, which emulates the
+fp8 rounding exactly (ml_dtypes gives jnp the types).
 
 Scaling is current (just-in-time) scaling: s = amax(|x|) / finfo(fp8).max, computed in the step
 from the tensor being quantized. Nothing is carried between steps, so fp8 adds no train state
@@ -24,6 +25,7 @@ those are a few lines each (with the zero-amax guard ours needs).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -112,8 +114,6 @@ def einsum(spec, x, w, gemm_dtype=jnp.float32):
                      "write it so x's trailing axes contract with w's leading ones")
   n_lead = len(lead)
   lead_shape, out_shape = x.shape[:n_lead], w.shape[len(contract):]
-  k = 1
-  for d in x.shape[n_lead:]:
-    k *= d
+  k = math.prod(x.shape[n_lead:])
   y = make_dot(jnp.dtype(gemm_dtype))(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype))
   return y.reshape(*lead_shape, *out_shape)
