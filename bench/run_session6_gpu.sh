@@ -8,6 +8,9 @@
 #           attention_cache=xla,pallas, a per-token kernel profile (batch 1), the verify pass
 #           against the decode step (bench.spec_logits), the loop under WHILE command buffers
 #   mgpu    issue 16: jax's Mosaic GPU attention forward (f16) against cuDNN
+#   parity  issue 19: run_fp8_gpu.sh's parity part (120m, 400 steps, bf16 then fp8 at its defaults)
+#   hf      issue 17: ours, the draft = target speculative row and transformers eager generate at
+#           batch 1 (HF_BATCHES) in one process (the >= 10x eager target is a same-call ratio)
 # Everything lands in $OUT/session6.tgz (the device returns at most 8 files).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -55,6 +58,18 @@ if has mgpu; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout 80 python3 -m bench.attention_mgpu --out="$R/attention-mgpu.json" \
     > "$R/attention-mgpu.log" 2>&1; echo "attention mgpu: exit $?"
   quiet < "$R/attention-mgpu.log" | tail -14
+  pack
+fi
+if has parity; then
+  OUT="$R" PARTS=parity bash bench/run_fp8_gpu.sh 2>&1 | grep -v "^[IW][0-9]" | tail -24
+  pack
+fi
+
+if has hf; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout ${HF_S:-170} python3 -m bench.decode --batches=${HF_BATCHES:-1} \
+    --dtypes=bfloat16 --draft_tokens=4 --deadline_s=${HF_DEADLINE_S:-110} --out="$R/decode-hf.json" \
+    > "$R/decode-hf.log" 2>&1; echo "decode with hf: exit $?"
+  quiet < "$R/decode-hf.log" | tail -10
   pack
 fi
 ls -la "$R"

@@ -60,10 +60,10 @@ def model_config():
   # gradients, per-tensor scales from each step's amax (no state: resume stays exact). The
   # embedding, lm_head and loss, the master weights and the optimizer do not change.
   c.matmul_dtype = choice("bf16", MATMUL_DTYPES)
-  # What fp8's GEMMs write: float32, then a convert kernel to the compute dtype (the form measured
-  # 1.107x bf16 at 1b on an H200), or bfloat16 from the GEMM itself (one fp32 write and read of
-  # each output fewer; not yet measured on a GPU: bench/NOTES.md, session 5).
-  c.fp8_gemm_output = choice("float32", FP8_GEMM_OUTPUTS)
+  # What fp8's GEMMs write: bfloat16 from the GEMM itself (1.22x bf16 at 1b on an H200), or
+  # float32 and then a convert kernel to the compute dtype (1.10x: one fp32 write and read of each
+  # output more; bench/NOTES.md, session 6). Runs written before the key existed used float32.
+  c.fp8_gemm_output = choice("bfloat16", FP8_GEMM_OUTPUTS)
   c.scan_layers = False  # unrolled ran 15% faster on one H200 at 1b (bench/NOTES.md)
   c.remat = choice("none", REMATS)  # which activations the backward recomputes (model.py)
   # One [D, (H + 2K) Dh] matmul for q, k, v and one [D, 2F] for gate and up (weights concatenated

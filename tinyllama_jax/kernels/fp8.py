@@ -72,9 +72,9 @@ def _qdot(qa, sa, qb, sb, dtype, contract, gemm_dtype):
 @functools.cache
 def make_dot(gemm_dtype):
   """An FP8 `dot(x_NK, w_KM)` (e4m3 operands, e5m2 output gradient, current scaling) whose GEMMs
-  write gemm_dtype. fp32 is what the step measured (1.107x bf16 at 1b, session 5); its output
-  is converted to bf16 by a kernel of its own, ~18 ms of traffic a 1b step. bf16 would have
-  cuBLASLt write the compute dtype directly (model.fp8_gemm_output; not yet measured on a GPU)."""
+  write gemm_dtype (model.fp8_gemm_output). With bf16 cuBLASLt writes the compute dtype itself:
+  1.22x the bf16 step at 1b on an H200; with fp32 a kernel of its own converts each output, ~18
+  ms of traffic a 1b step (1.10x; bench/NOTES.md, session 6)."""
 
   @jax.custom_vjp
   def dot(x_NK, w_KM):
