@@ -11,6 +11,15 @@
 #   parity  issue 19: run_fp8_gpu.sh's parity part (120m, 400 steps, bf16 then fp8 at its defaults)
 #   hf      issue 17: ours, the draft = target speculative row and transformers eager generate at
 #           batch 1 (HF_BATCHES) in one process (the >= 10x eager target is a same-call ratio)
+#   pair    issue 17: run_spec_gpu.sh without its table: a 1b target and a shallow draft (4 layers,
+#           d 1024) trained on the stdlib text, then speculative K=4 and K=6 at batch 1
+#   kernels issues 16/17: bench.attention_backends (every training attention backend, tokamax's
+#           included, with and without stdlib documents), the attention kernels' GPU tests, the
+#           decode table with attention_cache=xla,pallas
+#   tokamax issue 16: bench.attention_backends (every training attention backend, tokamax's
+#           included, with and without stdlib documents), tokamax's GPU test, the 1b step with
+#           attention=tokamax beside base
+#   logits  bench.spec_logits in fp32 (does the verify pass agree with the decode step there?)
 # Everything lands in $OUT/session6.tgz (the device returns at most 8 files).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -70,6 +79,60 @@ if has hf; then
     --dtypes=bfloat16 --draft_tokens=4 --deadline_s=${HF_DEADLINE_S:-110} --out="$R/decode-hf.json" \
     > "$R/decode-hf.log" 2>&1; echo "decode with hf: exit $?"
   quiet < "$R/decode-hf.log" | tail -10
+  pack
+fi
+if has pair; then
+  OUT="$R" TABLE=0 STEPS_T=${STEPS_T:-600} TRAIN_T_S=${TRAIN_T_S:-100} STEPS_D=${STEPS_D:-1500} \
+    TRAIN_D_S=${TRAIN_D_S:-55} SPEC_S=${SPEC_S:-130} SPEC_DEADLINE_S=${SPEC_DEADLINE_S:-95} \
+    DRAFT_FLAGS="--config.model.n_layers=4 --config.model.d_model=1024 --config.model.n_heads=16
+      --config.model.n_kv_heads=4 --config.model.ffn_dim=2816" bash bench/run_spec_gpu.sh 2>&1 \
+    | grep -v "^WARNING: Target" | tail -30
+  rm -rf /tmp/spec-runs
+  pack
+fi
+
+if has tokamax; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
+  python3 -c "import tokamax; print('tokamax', tokamax.__version__)" 2>&1 | tail -2
+  timeout ${ATT_S:-150} python3 -m bench.attention_backends --out="$R/attention-backends.json" \
+    > "$R/attention-backends.log" 2>&1; echo "attention backends: exit $?"
+  quiet < "$R/attention-backends.log" | grep -v "^Traceback\|^  File\|^    [a-z]" | tail -30
+  pack
+  timeout ${TESTS_S:-60} python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/kernels/test_tokamax_attention.py > "$R/tokamax-gpu-test.txt" 2>&1
+  echo "tokamax gpu test: exit $?"; tail -4 "$R/tokamax-gpu-test.txt"
+  pack
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout ${STEP_S:-110} python3 -m bench --config=configs/1b.py \
+    --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
+    --variants='base;tokamax:model.kernels.attention=tokamax' --plain= --peer= --steps=12 \
+    --warmup=3 --window=5 --worker_timeout_s=70 --deadline_s=60 --out="$R/tokamax-step.json" \
+    > "$R/tokamax-step.log" 2>&1; echo "tokamax step: exit $?"
+  quiet < "$R/tokamax-step.log" | tail -5
+  pack
+fi
+
+if has kernels; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
+  timeout ${ATT_S:-140} python3 -m bench.attention_backends --out="$R/attention-backends.json" \
+    > "$R/attention-backends.log" 2>&1; echo "attention backends: exit $?"
+  quiet < "$R/attention-backends.log" | grep -v "^Traceback\|^  File\|^    " | tail -24
+  pack
+  GPU_TESTS=$(ls tests/kernels/test_decode_attention.py tests/kernels/test_tokamax_attention.py \
+    tests/kernels/test_flash_mgpu.py 2>/dev/null)
+  timeout ${TESTS_S:-50} python3 -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS \
+    > "$R/kernels-gpu-tests.txt" 2>&1; echo "kernel gpu tests: exit $?"
+  tail -4 "$R/kernels-gpu-tests.txt"
+  timeout ${DECODE_S:-70} python3 -m bench.decode --only_ours --batches=1,16 --dtypes=bfloat16 \
+    --attention_cache=xla,pallas --deadline_s=35 --out="$R/decode-kernels.json" \
+    > "$R/decode-kernels.log" 2>&1; echo "decode table: exit $?"
+  quiet < "$R/decode-kernels.log" | tail -5
+  pack
+fi
+
+if has logits; then
+  timeout ${LOGITS_S:-50} python3 -m bench.spec_logits --dtypes=float32 --batches=1 \
+    --out="$R/spec-logits-fp32.json" > "$R/spec-logits-fp32.log" 2>&1; echo "spec logits: exit $?"
+  quiet < "$R/spec-logits-fp32.log" | cut -c1-400 | tail -3
   pack
 fi
 ls -la "$R"

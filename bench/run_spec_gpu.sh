@@ -7,7 +7,9 @@
 #   3. bench.decode on the pair: the target alone (greedy, batch 1), then speculative K=4 and K=6:
 #      acceptance, tokens a target call, tokens/s, speedup vs the target alone, same_as_target.
 #   run(command="BENCH_COMMIT=<sha> bash bench/run_spec_gpu.sh", carry=[".whl"])
-# Env: STEPS_T (300), STEPS_D (600), TOKENS (4 rows of 1024 a step; BATCH_T/BATCH_D).
+# Env: STEPS_T (300), STEPS_D (600), TOKENS (4 rows of 1024 a step; BATCH_T/BATCH_D); DRAFT_FLAGS:
+# overrides of the draft's 120m config (a shallower draft: each of its steps costs a launch per
+# kernel, ~30 a layer, so its depth sets its cost at batch 1); TABLE=0 skips issue 17's table.
 # Results under $OUT: [ops.json/.log with COUNT_OPS=1], train-1b.log, train-120m.log,
 # decode.json/.log (issue 17's table), spec.json/.log (the trained pair).
 set -uo pipefail
@@ -36,7 +38,7 @@ quiet < "$OUT/train-1b.log" | tail -4; grep "step .*/" "$OUT/train-1b.log" | tai
 timeout ${TRAIN_D_S:-60} python3 -m tinyllama_jax.train --config=configs/120m.py --workdir="$RUNS/120m" $COMMON \
   --config.train.steps=${STEPS_D:-600} --config.train.global_batch=${BATCH_D:-4} \
   --config.train.micro_batch_per_device=${BATCH_D:-4} --config.optim.lr=1e-3 \
-  --config.data.tokenizer="$RUNS/1b/tokenizer/tokenizer.model" \
+  --config.data.tokenizer="$RUNS/1b/tokenizer/tokenizer.model" ${DRAFT_FLAGS:-} \
   > "$OUT/train-120m.log" 2>&1; echo "train 120m: exit $?"
 quiet < "$OUT/train-120m.log" | tail -4; grep "step .*/" "$OUT/train-120m.log" | tail -2 | cut -c30-
 
@@ -44,6 +46,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
 # Issue 17's table: ours at batch 1 and 16 (random 1.1B weights: the speed of any), with XLA's
 # and the Pallas kernel's attention over the cache, the draft = target machinery row and
 # transformers eager, in the same call. First: the Pallas kernel's GPU test.
+if [ "${TABLE:-1}" != 0 ]; then
 timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_decode_attention.py \
   > "$OUT/decode-attention-gpu-test.txt" 2>&1; echo "decode attention gpu test: exit $?"
 tail -3 "$OUT/decode-attention-gpu-test.txt"
@@ -51,6 +54,7 @@ BENCH_COMMIT=${BENCH_COMMIT:-} timeout ${TABLE_S:-160} python3 -m bench.decode -
   --dtypes=bfloat16 --attention_cache=${ATTENTION_CACHE:-xla,pallas} --draft_tokens=4 --deadline_s=${TABLE_DEADLINE_S:-110} --out="$OUT/decode.json" \
   > "$OUT/decode.log" 2>&1; echo "decode table: exit $?"
 quiet < "$OUT/decode.log" | tail -12
+fi
 # The trained pair: the target alone, then speculative K=4 and K=6 (greedy, batch 1).
 BENCH_COMMIT=${BENCH_COMMIT:-} timeout ${SPEC_S:-150} python3 -m bench.decode --target_workdir="$RUNS/1b" \
   --draft_workdir="$RUNS/120m" --batches=${SPEC_BATCHES:-1} --dtypes=bfloat16 --draft_tokens=4,6 \

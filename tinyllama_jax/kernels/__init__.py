@@ -24,6 +24,7 @@ _TABLE = {
         "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
         "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
         "splash": "tinyllama_jax.kernels.splash_attention:attention_splash",
+        "tokamax": "tinyllama_jax.kernels.tokamax_attention:attention_tokamax",
     },
     "attention_cache": {
         "xla": "tinyllama_jax.kernels.attention:attention_cache_xla",
