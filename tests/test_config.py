@@ -272,6 +272,6 @@ def test_the_listing_command():
   lines = proc.stdout.splitlines()
   assert ("model.remat = 'full'  (default 'none')  [must be one of none, full, save_dots, "
           "save_attn, save_qkv_attn, save_all_but_mlp]") in lines
-  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, pallas, splash, xla]")
+  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, pallas, splash, tokamax, xla]")
   assert lines[i + 1].startswith("    # auto: cuDNN on GPU")
   assert "train.grace_period_s = 60.0  [must be a finite number > 0]" in lines
