@@ -12,11 +12,13 @@ documents), each from the backend table (`kernels.get`), so the rows time what t
 Errors: relative L2 of the output and of dq, dk, dv against XLA's attention in fp32 on the same
 inputs (fresh random inputs per shape, the backward's cotangent random too); bf16's band is
 1e-3..1e-2. A backend that fails (not installed, a shape it cannot take) is a row with its error.
-The `winner` of each case is the fastest fwd+bwd among the rows within the error band: what
-`attention=auto` should pick there.
+Each case's backends within the error band, fastest fwd+bwd first, are what `attention=auto`
+picks from: `--write_table=PATH` writes kernels/attention_auto.json with this device kind's rows
+replaced by this run's (copy it into tinyllama_jax/kernels/ to commit it).
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,7 +29,7 @@ import numpy as np
 import bench as bench_lib
 from bench import kernels as kb
 from tinyllama_jax import kernels
-from tinyllama_jax.data import sources
+from tinyllama_jax.data import formats, sources
 
 SHAPES = [(8, 2048, 32, 4, 64), (8, 2048, 16, 2, 128)]
 BACKENDS = ("cudnn", "pallas", "tokamax", "mgpu")
@@ -80,6 +82,8 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   ap.add_argument("--backends", default=",".join(BACKENDS))
   ap.add_argument("--quick", action="store_true", help="tiny shapes: checks the script on CPU")
+  ap.add_argument("--write_table", default="",
+                  help="Write the auto table (kernels/attention_auto.json) with this run's rows here.")
   args = ap.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   shapes = [(1, 256, 4, 2, 64)] if args.quick else SHAPES
@@ -88,7 +92,7 @@ def main(argv=None):
   b.meta = dict(date=bench_lib.now_utc(), commit=bench_lib.commit(),
                 versions=bench_lib.versions(), device=jax.devices()[0].device_kind)
   registered = kernels.backends("attention")
-  winners = {}
+  ranked = {}  # (head_dim, case) -> [(fwd+bwd ms, backend)] within the band
   for B, T, H, K, D in shapes:
     ks = jax.random.split(jax.random.key(H * D), 4)
     q, k, v = (jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16),
@@ -99,6 +103,7 @@ def main(argv=None):
     flops = (causal_flops, 3.5 * causal_flops)
     for seg in (None, stdlib_rows(B, T)):
       case = f"B{B} T{T} H{H}/{K} d{D}" + ("" if seg is None else " stdlib docs")
+      key = (D, "no_documents" if seg is None else "documents")
       extra = {} if seg is None else dict(
           documents=int(sum(len(np.unique(r)) for r in np.asarray(seg))))
       ref = reference(q, k, v, seg, do)
@@ -118,15 +123,28 @@ def main(argv=None):
                   gpu_only=name in ("cudnn", "tokamax", "mgpu"), extra=row_extra)
         ok = "rel_l2" in r and max(r["rel_l2"].values()) < TOL and "fwd_bwd_ms" in r
         r["within_band"] = ok
-        if ok and (case not in winners or r["fwd_bwd_ms"] < winners[case][1]):
-          winners[case] = (name, r["fwd_bwd_ms"])
+        if ok:
+          ranked.setdefault(key, []).append((r["fwd_bwd_ms"], name))
         print(f"    errors {r.get('rel_l2', r.get('rel_l2_error'))}", flush=True)
   b.relate()
-  b.meta["winners"] = {case: name for case, (name, _) in winners.items()}
+  order = {f"d{dim} {case}": [name for _, name in sorted(rows)]
+           for (dim, case), rows in ranked.items()}
+  b.meta["ranked"] = order
   b.save()
-  for case, (name, ms) in winners.items():
-    print(f"winner {case:<34} {name} ({ms:.3f} ms fwd+bwd)")
+  for case, names in order.items():
+    print(f"auto {case:<22} {' > '.join(names)}")
   print(f"wrote {args.out}")
+  if args.write_table:
+    with open(kernels.AUTO_ATTENTION_TABLE) as f:
+      table = json.load(f)
+    dims = {}
+    for (dim, case), rows in sorted(ranked.items()):
+      dims.setdefault(str(dim), {})[case] = [name for _, name in sorted(rows)]
+    table["devices"][jax.devices()[0].device_kind] = dict(
+        measured=os.path.basename(args.out), commit=b.meta["commit"], date=b.meta["date"],
+        head_dims=dims)
+    formats.write_json_atomic(args.write_table, table)
+    print(f"wrote {args.write_table}")
 
 
 if __name__ == "__main__":

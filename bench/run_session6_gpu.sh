@@ -91,41 +91,30 @@ if has pair; then
   pack
 fi
 
-if has tokamax; then
+if has tokamax; then  # ~7 min: attention backends, the kernels' GPU tests, decode, step rows
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
   python3 -c "import tokamax; print('tokamax', tokamax.__version__)" 2>&1 | tail -2
-  timeout ${ATT_S:-150} python3 -m bench.attention_backends --out="$R/attention-backends.json" \
+  timeout ${ATT_S:-170} python3 -m bench.attention_backends --out="$R/attention-backends.json" --write_table="$R/attention_auto.json" \
     > "$R/attention-backends.log" 2>&1; echo "attention backends: exit $?"
-  quiet < "$R/attention-backends.log" | grep -v "^Traceback\|^  File\|^    [a-z]" | tail -30
+  grep -E "^(attention|auto)" "$R/attention-backends.log" | cut -c1-150
   pack
-  timeout ${TESTS_S:-60} python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/kernels/test_tokamax_attention.py > "$R/tokamax-gpu-test.txt" 2>&1
-  echo "tokamax gpu test: exit $?"; tail -4 "$R/tokamax-gpu-test.txt"
-  pack
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout ${STEP_S:-110} python3 -m bench --config=configs/1b.py \
-    --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
-    --variants='base;tokamax:model.kernels.attention=tokamax' --plain= --peer= --steps=12 \
-    --warmup=3 --window=5 --worker_timeout_s=70 --deadline_s=60 --out="$R/tokamax-step.json" \
-    > "$R/tokamax-step.log" 2>&1; echo "tokamax step: exit $?"
-  quiet < "$R/tokamax-step.log" | tail -5
-  pack
-fi
-
-if has kernels; then
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
-  timeout ${ATT_S:-140} python3 -m bench.attention_backends --out="$R/attention-backends.json" \
-    > "$R/attention-backends.log" 2>&1; echo "attention backends: exit $?"
-  quiet < "$R/attention-backends.log" | grep -v "^Traceback\|^  File\|^    " | tail -24
-  pack
-  GPU_TESTS=$(ls tests/kernels/test_decode_attention.py tests/kernels/test_tokamax_attention.py \
-    tests/kernels/test_flash_mgpu.py 2>/dev/null)
-  timeout ${TESTS_S:-50} python3 -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS \
+  GPU_TESTS=$(ls tests/kernels/test_tokamax_attention.py tests/kernels/test_flash_mgpu.py \
+    tests/kernels/test_decode_attention.py 2>/dev/null)
+  timeout ${TESTS_S:-70} python3 -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS \
     > "$R/kernels-gpu-tests.txt" 2>&1; echo "kernel gpu tests: exit $?"
-  tail -4 "$R/kernels-gpu-tests.txt"
-  timeout ${DECODE_S:-70} python3 -m bench.decode --only_ours --batches=1,16 --dtypes=bfloat16 \
-    --attention_cache=xla,pallas --deadline_s=35 --out="$R/decode-kernels.json" \
+  grep -E "passed|failed|FAILED" "$R/kernels-gpu-tests.txt" | tail -8
+  pack
+  timeout ${DECODE_S:-60} python3 -m bench.decode --only_ours --batches=1,16 --dtypes=bfloat16 \
+    --attention_cache=xla,pallas --deadline_s=30 --out="$R/decode-kernels.json" \
     > "$R/decode-kernels.log" 2>&1; echo "decode table: exit $?"
-  quiet < "$R/decode-kernels.log" | tail -5
+  quiet < "$R/decode-kernels.log" | grep -E "^ours|^row" | tail -5
+  pack
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout ${STEP_S:-130} python3 -m bench --config=configs/1b.py \
+    --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
+    --variants="${STEP_VARIANTS:-base;tokamax:model.kernels.attention=tokamax}" --plain= --peer= \
+    --steps=12 --warmup=3 --window=5 --worker_timeout_s=70 --deadline_s=80 \
+    --out="$R/step.json" > "$R/step.log" 2>&1; echo "step: exit $?"
+  quiet < "$R/step.log" | tail -6
   pack
 fi
 

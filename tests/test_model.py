@@ -1,10 +1,12 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from tinyllama_jax import config as config_lib
+from tinyllama_jax import config as config_lib, kernels, model
 from tinyllama_jax.kernels import attention as attn
 from tinyllama_jax.model import Llama, graphdef, init_cache
 from tinyllama_jax.params import param_count
@@ -257,3 +259,42 @@ def test_fp8_matmuls_leave_the_embedding_and_lm_head_alone_and_the_remat_tags_in
       names[matmul_dtype] = sorted((why, a.shape) for a, why in saved_residuals(f, params)
                                    if why.startswith("named"))
     assert names["fp8"] == names["bf16"] and names["bf16"], remat
+
+
+class _Device:
+  def __init__(self, kind):
+    self.device_kind = kind
+
+
+@pytest.mark.parametrize("kind,head_dim,documents,want", [
+    ("NVIDIA H200", 64, False, "cudnn"),  # the committed table's rows
+    ("NVIDIA H200", 64, True, "pallas"),
+    ("NVIDIA H200", 128, False, "cudnn"),
+    ("Some Other GPU", 64, False, "cudnn"),  # not measured: the fixed rule
+    ("Some Other GPU", 64, True, "pallas"),
+    ("NVIDIA H200", 96, True, "pallas"),
+])
+def test_auto_attention_on_a_gpu_takes_the_measured_table(monkeypatch, kind, head_dim,
+                                                          documents, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Device(kind)])
+  assert model.resolve_attention("auto", uses_segments=documents, head_dim=head_dim) == want
+
+
+def test_auto_attention_skips_a_measured_backend_that_is_not_installed(monkeypatch):
+  table = {"GPU X": {"head_dims": {"64": {"no_documents": ["tokamax", "pallas", "cudnn"]}}}}
+  monkeypatch.setattr(kernels, "_auto_attention", lambda: table)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Device("GPU X")])
+  monkeypatch.setattr(kernels, "usable", lambda op, b: b != "tokamax")
+  assert model.resolve_attention("auto", uses_segments=False, head_dim=64) == "pallas"
+
+
+def test_the_auto_attention_table_names_registered_backends_only():
+  with open(kernels.AUTO_ATTENTION_TABLE) as f:
+    devices = json.load(f)["devices"]
+  for kind, entry in devices.items():
+    for dim, cases in entry["head_dims"].items():
+      assert set(cases) <= {"documents", "no_documents"}, (kind, dim)
+      for backends in cases.values():
+        assert set(backends) <= set(kernels.backends("attention")), (kind, dim, backends)

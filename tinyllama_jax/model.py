@@ -44,19 +44,21 @@ def compute_dtype(cfg_model):
   return jnp.dtype(cfg_model.compute_dtype)
 
 
-def resolve_attention(name, uses_segments):
-  """'auto': splash attention on TPU; on GPU cuDNN for one document a row and the Pallas flash
-  kernel for packed rows where it is registered; the jnp reference otherwise."""
+def resolve_attention(name, uses_segments, head_dim):
+  """'auto': splash attention on TPU; on a GPU the first usable backend of the measured table
+  (kernels/attention_auto.json: per device kind, head dim and case, fastest first), else cuDNN
+  for one document a row and the Pallas flash kernel for packed rows; the reference otherwise."""
   if name != "auto":
     return name
   if jax.default_backend() == "tpu":
     return "splash"
-  if jax.default_backend() == "gpu":
-    if not uses_segments:
-      return "cudnn"
-    if "pallas" in kernels.backends("attention"):
-      return "pallas"
-  return "xla"
+  if jax.default_backend() != "gpu":
+    return "xla"
+  for backend in kernels.measured_attention(jax.devices()[0].device_kind, head_dim,
+                                            uses_segments):
+    if backend in kernels.backends("attention") and kernels.usable("attention", backend):
+      return backend
+  return "pallas" if uses_segments else "cudnn"
 
 
 # Activation layouts, for running a Pallas kernel per device (sharding.py maps the names).
@@ -106,10 +108,11 @@ class Ops:
   backend of both norm forms (alone, and fused with the residual add); `rope` rotates q and k
   in one pass."""
 
-  def __init__(self, cfg_kernels, uses_segments):
+  def __init__(self, cfg_kernels, uses_segments, head_dim):
     def get(op, backend):
       return _per_device(op, backend, kernels.get(op, backend))
-    self.attention = get("attention", resolve_attention(cfg_kernels.attention, uses_segments))
+    self.attention = get("attention",
+                         resolve_attention(cfg_kernels.attention, uses_segments, head_dim))
     self.rms_norm = get("rms_norm", cfg_kernels.rms_norm)
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)
@@ -297,7 +300,7 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    ops = Ops(cfg.kernels, uses_segments=segment_ids_BT is not None)
+    ops = Ops(cfg.kernels, uses_segments=segment_ids_BT is not None, head_dim=cfg.head_dim)
     x_BTD = sharding.constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), _BTX)
 
     layer_fn = functools.partial(block, cfg=cfg, ops=ops, dtype=dtype)

@@ -71,9 +71,9 @@ def test_length_not_a_multiple_of_128_is_refused_naming_the_backend_that_can():
 
 def test_auto_picks_splash_on_tpu(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert model.resolve_attention("auto", uses_segments=False) == "splash"
-  assert model.resolve_attention("auto", uses_segments=True) == "splash"
-  assert model.resolve_attention("xla", uses_segments=True) == "xla"
+  assert model.resolve_attention("auto", uses_segments=False, head_dim=64) == "splash"
+  assert model.resolve_attention("auto", uses_segments=True, head_dim=64) == "splash"
+  assert model.resolve_attention("xla", uses_segments=True, head_dim=64) == "xla"
 
 
 def test_the_model_runs_on_splash_as_on_the_reference():

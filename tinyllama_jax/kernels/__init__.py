@@ -16,7 +16,13 @@ Pallas (and its Triton/Mosaic lowering) loads only when a config asks for it.
   cross_entropy  (x_ND, w_DV, targets_N) -> loss_N fp32 (lm_head matmul + log-softmax NLL)
 """
 
+import functools
 import importlib
+import json
+import os
+
+# What attention=auto picks on a GPU, as bench/attention_backends.py measured it.
+AUTO_ATTENTION_TABLE = os.path.join(os.path.dirname(__file__), "attention_auto.json")
 
 _TABLE = {
     "attention": {
@@ -74,6 +80,28 @@ def get(op, backend):
                      f"(--config.model.kernels.{op}=...)")
   module, name = _TABLE[op][backend].split(":")
   return getattr(importlib.import_module(module), name)
+
+
+def usable(op, backend):
+  """Whether the backend can run here: its module imports, and its `available()` (where it
+  has one: an optional dependency) says so."""
+  module = importlib.import_module(_TABLE[op][backend].split(":")[0])
+  return getattr(module, "available", lambda: True)()
+
+
+@functools.cache
+def _auto_attention():
+  with open(AUTO_ATTENTION_TABLE) as f:
+    return json.load(f)["devices"]
+
+
+def measured_attention(device_kind, head_dim, documents):
+  """The attention backends measured within the bf16 band on this device kind at this head dim,
+  with (documents) or without packed documents, fastest forward + backward first; [] when
+  that case was not measured."""
+  case = "documents" if documents else "no_documents"
+  dims = _auto_attention().get(device_kind, {}).get("head_dims", {})
+  return list(dims.get(str(head_dim), {}).get(case, []))
 
 
 def register(op, backend, target):

@@ -15,6 +15,7 @@ would be needed too, which this backend does not pass: it refuses non-causal pac
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,11 @@ def document_starts(segment_ids_BT):
   new_BT = jnp.concatenate([jnp.ones((B, 1), bool),
                             segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
   return jax.lax.cummax(jnp.where(new_BT, t_T, 0), axis=1)
+
+
+def available():
+  """tokamax is installed (auto picks this backend only then)."""
+  return importlib.util.find_spec("tokamax") is not None
 
 
 @functools.cache

@@ -1,0 +1,28 @@
+"""bench/attention_backends.py: its documents are the stdlib modules, packed in order, ids from 1
+in every row; the auto table it writes keeps other devices' rows and ranks this run's."""
+
+import json
+
+import numpy as np
+
+from bench import attention_backends
+
+
+def test_documents_are_contiguous_runs_numbered_from_one_in_each_row():
+  seg = np.asarray(attention_backends.stdlib_rows(4, 2048))
+  assert seg.shape == (4, 2048)
+  assert (seg[:, 0] == 1).all()
+  steps = np.diff(seg, axis=1)
+  assert set(np.unique(steps)) <= {0, 1}  # each id one run, in order
+  assert sum(len(np.unique(r)) for r in seg) > 4  # real-text lengths: several documents
+
+
+def test_the_written_table_ranks_this_device_and_keeps_the_others(tmp_path):
+  out, table = tmp_path / "a.json", tmp_path / "auto.json"
+  attention_backends.main(["--quick", f"--out={out}", f"--write_table={table}",
+                           "--backends=pallas,xla"])
+  devices = json.loads(table.read_text())["devices"]
+  assert "NVIDIA H200" in devices  # the committed rows stay
+  cpu = devices["cpu"]["head_dims"]["64"]
+  assert set(cpu) == {"documents", "no_documents"}
+  assert set(cpu["no_documents"]) == {"pallas", "xla"}  # both within the band, ranked
