@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from tinyllama_jax.kernels import attention
+
 # Relative L2 error bounds from the issue: fp32 against an fp32 reference, bf16 against the
 # fp32 reference computed from the same bf16 values.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -41,6 +43,32 @@ def packed_segments(rng, B, T, with_padding=False):
       row[-max(1, T // 5):] = 0  # trailing padding, id 0
     rows.append(row)
   return jnp.asarray(np.stack(rows))
+
+
+def check_attention(fn, B, T, H, K, D, dtype, *, segmented, causal, seed):
+  """fn (the attention signature) against the fp32 reference on fresh random inputs, packed
+  documents (a length-1 one, trailing padding) if segmented: output and dq, dk, dv."""
+  rng = np.random.default_rng(seed)
+  kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (normal(kq, (B, T, H, D), dtype), normal(kk, (B, T, K, D), dtype),
+             normal(kv, (B, T, K, D), dtype))
+  do = normal(kd, (B, T, H, D), jnp.float32)
+  seg = packed_segments(rng, B, T, with_padding=True) if segmented else None
+
+  def loss(fn, q, k, v):
+    o = fn(q, k, v, seg, causal=causal)
+    return jnp.sum(o.astype(jnp.float32) * do), o
+
+  grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True))
+  (_, o), grads = grad(fn)(q, k, v)
+  with jax.default_matmul_precision("highest"):
+    (_, o_ref), grads_ref = grad(attention.attention_xla)(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+  assert o.dtype == dtype
+  assert_close(o, o_ref, dtype, "output")
+  for name, g, g_ref in zip("qkv", grads, grads_ref):
+    assert g.dtype == dtype
+    assert_close(g, g_ref, dtype, f"d{name}")
 
 
 def normal(key, shape, dtype):

@@ -7,35 +7,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from kernels_util import assert_close, normal, packed_segments
+from kernels_util import check_attention, normal, packed_segments
 from flax import nnx
 
 from tinyllama_jax import config as config_lib, model
-from tinyllama_jax.kernels import attention, splash_attention
-
-
-def _check(B, T, H, K, D, dtype, segmented, causal, seed):
-  rng = np.random.default_rng(seed)
-  kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
-  q, k, v = (normal(kq, (B, T, H, D), dtype), normal(kk, (B, T, K, D), dtype),
-             normal(kv, (B, T, K, D), dtype))
-  do = normal(kd, (B, T, H, D), jnp.float32)
-  seg = packed_segments(rng, B, T, with_padding=True) if segmented else None
-
-  def loss(fn, q, k, v):
-    o = fn(q, k, v, seg, causal=causal)
-    return jnp.sum(o.astype(jnp.float32) * do), o
-
-  grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True))
-  (_, o), grads = grad(splash_attention.attention_splash)(q, k, v)
-  with jax.default_matmul_precision("highest"):
-    (_, o_ref), grads_ref = grad(attention.attention_xla)(
-        *(x.astype(jnp.float32) for x in (q, k, v)))
-  assert o.dtype == dtype
-  assert_close(o, o_ref, dtype, "output")
-  for name, g, g_ref in zip("qkv", grads, grads_ref):
-    assert g.dtype == dtype
-    assert_close(g, g_ref, dtype, f"d{name}")
+from tinyllama_jax.kernels import splash_attention
 
 
 # (B, T, H, K, D, dtype, segmented, causal): GQA 2 and 4 query heads a kv head, MQA, MHA, packed
@@ -48,7 +24,8 @@ def _check(B, T, H, K, D, dtype, segmented, causal, seed):
     (1, 128, 2, 2, 128, jnp.float32, False, False),
 ])
 def test_matches_reference(B, T, H, K, D, dtype, segmented, causal):
-  _check(B, T, H, K, D, dtype, segmented, causal, seed=T + H)
+  check_attention(splash_attention.attention_splash, B, T, H, K, D, dtype, segmented=segmented,
+                  causal=causal, seed=T + H)
 
 
 def test_documents_do_not_attend_across():

@@ -7,11 +7,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
-from kernels_util import assert_close, normal, packed_segments
-from tinyllama_jax.kernels import attention, tokamax_attention
+from kernels_util import check_attention, packed_segments
+from tinyllama_jax.kernels import tokamax_attention
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -33,31 +32,9 @@ def test_without_tokamax_the_error_names_the_install_and_the_alternatives():
     tokamax_attention._impl()
 
 
-def _check(B, T, H, K, D, segmented, seed):
-  rng = np.random.default_rng(seed)
-  kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
-  q, k, v = (normal(kq, (B, T, H, D), jnp.bfloat16), normal(kk, (B, T, K, D), jnp.bfloat16),
-             normal(kv, (B, T, K, D), jnp.bfloat16))
-  do = normal(kd, (B, T, H, D), jnp.float32)
-  seg = packed_segments(rng, B, T, with_padding=True) if segmented else None
-
-  def loss(fn, q, k, v):
-    o = fn(q, k, v, seg, causal=True)
-    return jnp.sum(o.astype(jnp.float32) * do), o
-
-  grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1, 2), has_aux=True))
-  (_, o), grads = grad(tokamax_attention.attention_tokamax)(q, k, v)
-  with jax.default_matmul_precision("highest"):
-    (_, o_ref), grads_ref = grad(attention.attention_xla)(
-        *(x.astype(jnp.float32) for x in (q, k, v)))
-  assert o.dtype == jnp.bfloat16
-  assert_close(o, o_ref, jnp.bfloat16, "output")
-  for name, g, g_ref in zip("qkv", grads, grads_ref):
-    assert_close(g, g_ref, jnp.bfloat16, f"d{name}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("segmented", [False, True])
 @pytest.mark.parametrize("H,K,D", [(32, 4, 64), (16, 2, 128), (8, 8, 64)])
 def test_matches_the_reference_on_the_gpu(on_gpu, H, K, D, segmented):
-  _check(2, 1024, H, K, D, segmented, seed=H + D)
+  check_attention(tokamax_attention.attention_tokamax, 2, 1024, H, K, D, jnp.bfloat16,
+                  segmented=segmented, causal=True, seed=H + D)
