@@ -179,10 +179,11 @@ def count_ops(args, cfg_model):
     print(f"decode loop body, batch {batch}, cache {length}, {jax.default_backend()}:\n"
           f"{hlo_ops.table(counts)}", flush=True)
     # What the suspects move: a weight-sized concatenate or convert would be loop-invariant work
-    # left in the body, a cache-sized copy the cache copied.
+    # left in the body, a cache-sized copy the cache copied; and the lines they come from.
     for label in sorted(counts):
-      if any(x in label for x in ("concatenate", "copy", "pad", "convert", "slice")):
-        print(f"  {label}: {dict(hlo_ops.body_shapes(hlo, label).most_common(3))}")
+      if any(x in label for x in ("concatenate", "copy", "pad", "convert", "slice", "reduce")):
+        print(f"  {label}: {dict(hlo_ops.body_shapes(hlo, label).most_common(3))}\n"
+              f"    from {dict(hlo_ops.body_sources(hlo, label).most_common(4))}")
     out[batch] = dict(counts)
   return out
 
