@@ -169,20 +169,25 @@ def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK):
 
 
 def count_ops(args, cfg_model):
-  """{batch: the loop body's op counts} for the first dtype, printed as tables."""
-  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0])
+  """{batch: the loop body's op counts} for the first dtype and the first --attention_cache
+  backend, printed as tables (pallas only counts on a GPU: on a CPU it runs interpreted, as
+  loops of its own)."""
+  backend = args.attention_cache.split(",")[0]
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend)
   length = decode.round_up(args.prompt_len + args.new_tokens)
   out = {}
   for batch in map(int, args.batches.split(",")):
     hlo = loop_hlo(cfg_d, batch, length)
     counts = hlo_ops.body_ops(hlo)
-    print(f"decode loop body, batch {batch}, cache {length}, {jax.default_backend()}:\n"
+    print(f"decode loop body, batch {batch}, cache {length}, attention_cache={backend}, "
+          f"{jax.default_backend()}:\n"
           f"{hlo_ops.table(counts)}", flush=True)
     # What the suspects move: a weight-sized concatenate or convert would be loop-invariant work
-    # left in the body, a cache-sized copy the cache copied.
+    # left in the body, a cache-sized copy the cache copied; and the lines they come from.
     for label in sorted(counts):
-      if any(x in label for x in ("concatenate", "copy", "pad", "convert", "slice")):
-        print(f"  {label}: {dict(hlo_ops.body_shapes(hlo, label).most_common(3))}")
+      if any(x in label for x in ("concatenate", "copy", "pad", "convert", "slice", "reduce")):
+        print(f"  {label}: {dict(hlo_ops.body_shapes(hlo, label).most_common(3))}\n"
+              f"    from {dict(hlo_ops.body_sources(hlo, label).most_common(4))}")
     out[batch] = dict(counts)
   return out
 

@@ -70,6 +70,57 @@ def body_shapes(hlo_text, op, which=-1):
                              if opcode(line) not in FREE and _label(line, comps) == op)
 
 
+def _numbered(hlo_text, section):
+  """{id: text} of a numbered section of the HLO text (FileNames, FileLocations, ...)."""
+  out, inside = {}, False
+  for line in hlo_text.splitlines():
+    if line == section:
+      inside = True
+    elif inside:
+      match = re.match(r"^(\d+) (.*)$", line)
+      if not match:
+        return out
+      out[int(match.group(1))] = match.group(2)
+  return out
+
+
+def _frames(hlo_text):
+  """{stack frame id: "file:line function" of its innermost location}."""
+  files, funcs = _numbered(hlo_text, "FileNames"), _numbered(hlo_text, "FunctionNames")
+  locs, frames = _numbered(hlo_text, "FileLocations"), _numbered(hlo_text, "StackFrames")
+  field = lambda text, key: int(re.search(rf"{key}=(\d+)", text).group(1))
+  out = {}
+  for frame_id, frame in frames.items():
+    loc = locs[field(frame, "file_location_id")]
+    path = files[field(loc, "file_name_id")].strip('"')
+    out[frame_id] = (f"{'/'.join(path.split('/')[-2:])}:{field(loc, 'line')} "
+                     f"{funcs[field(loc, 'function_name_id')].strip(chr(34))}")
+  return out
+
+
+def _source(line, comps, frames):
+  """The frame of an instruction's metadata; a fusion without one: its root's, else the first
+  of its instructions that has one."""
+  lines = [line]
+  if opcode(line) == "fusion":
+    called = comps[re.search(r"calls=%?([\w.\-]+)", line).group(1)]
+    lines += sorted(called, key=lambda x: not x.startswith("ROOT"))
+  for x in lines:
+    match = re.search(r"stack_frame_id=(\d+)", x)
+    if match:
+      return frames.get(int(match.group(1)), "?")
+  return "?"
+
+
+def body_sources(hlo_text, op, which=-1):
+  """Where one op (a label of body_ops) of a while body comes from: the Python line of its
+  metadata (the innermost frame jax kept), counted; "?" where the text has none."""
+  comps, frames = computations(hlo_text), _frames(hlo_text)
+  body = comps[while_bodies(comps)[which]]
+  return collections.Counter(_source(line, comps, frames) for line in body
+                             if opcode(line) not in FREE and _label(line, comps) == op)
+
+
 def table(counts, top=25):
   lines = [f"{n:6d}  {label}" for label, n in counts.most_common(top)]
   return "\n".join(lines + [f"{sum(counts.values()):6d}  total"])

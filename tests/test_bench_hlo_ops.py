@@ -32,3 +32,13 @@ def test_no_loop_is_an_error():
   text = jax.jit(lambda x: x + 1).lower(jnp.ones(3)).compile().as_text()
   with pytest.raises(ValueError, match="no while loop"):
     hlo_ops.body_ops(text)
+
+
+def test_body_sources_name_the_python_lines():
+  text = loop(2)
+  ops = hlo_ops.body_ops(text)
+  tanh = [label for label in ops if "tanh" in label]
+  assert tanh, ops
+  sources = hlo_ops.body_sources(text, tanh[0])
+  assert sum(sources.values()) == ops[tanh[0]]
+  assert any("test_bench_hlo_ops.py:" in where for where in sources), sources

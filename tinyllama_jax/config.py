@@ -78,8 +78,9 @@ def model_config():
   c.kernels = ml_collections.ConfigDict()
   # auto: cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows, else xla
   c.kernels.attention = choice("auto", _backends("attention"))
-  # Decoding's attention over the KV cache. pallas: one kernel a decode step (T = 1) instead of
-  # XLA's ~5 (kernels/decode_attention.py); prefill stays on xla. Not measured on a GPU yet.
+  # Decoding's attention over the KV cache. pallas: flash-decoding, two kernels a decode step
+  # (T = 1) instead of XLA's ~5 (kernels/decode_attention.py); prefill stays on xla. Its first
+  # version (one serial program a kv head) was slower on an H200; this one is not measured yet.
   c.kernels.attention_cache = choice("xla", _backends("attention_cache"))
   c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
   c.kernels.rope = choice("xla", _backends("rope"))  # pallas: q and k in one pass

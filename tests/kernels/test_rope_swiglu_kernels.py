@@ -1,6 +1,7 @@
 """RoPE (q and k in one pass) and SwiGLU Pallas kernels against the references."""
 
 import functools
+import re
 from unittest import mock
 
 import pytest
@@ -103,7 +104,7 @@ def _check_swiglu(shape, dtype, seed):
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5, 176), jnp.float32), ((7, 96), jnp.bfloat16),
-                                         ((5, 45), jnp.float32)])
+                                         ((5, 45), jnp.float32), ((1, 1, 96), jnp.float32)])
 def test_swiglu(shape, dtype):
   _check_swiglu(shape, dtype, seed=shape[-1])
 
@@ -137,9 +138,24 @@ def _check_swiglu_packed(shape, dtype, seed):
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5, 2 * 176), jnp.float32),
-                                         ((7, 2 * 96), jnp.bfloat16), ((5, 2 * 45), jnp.float32)])
+                                         ((7, 2 * 96), jnp.bfloat16), ((5, 2 * 45), jnp.float32),
+                                         ((1, 1, 2 * 96), jnp.float32)])
 def test_swiglu_packed(shape, dtype):
   _check_swiglu_packed(shape, dtype, seed=shape[-1])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16])
+def test_swiglu_packed_pads_no_decode_step(rows):
+  """A decode step's rows (the 1b MLP at batch 1 and 16) go to the kernel unpadded: one Triton
+  call and no pad or slice around it (a pad kernel a layer at batch 1 before)."""
+  with mock.patch.object(_pallas, "interpret_default", lambda: False):
+    text = jax.jit(swiglu.swiglu_packed_pallas).trace(
+        jax.ShapeDtypeStruct((rows, 1, 2 * 5632), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 1 and "stablehlo.slice" not in text
+  # jnp.pad by nothing stays in the trace as a pad of zero widths: XLA drops it.
+  pads = re.findall(r"stablehlo\.pad .*low = \[([\d, ]*)\], high = \[([\d, ]*)\]", text)
+  assert all(set(w.replace(",", " ").split()) == {"0"} for pad in pads for w in pad), pads
 
 
 def test_swiglu_packed_refuses_an_odd_width():

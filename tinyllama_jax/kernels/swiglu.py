@@ -28,12 +28,20 @@ def _bwd_kernel(g_ref, u_ref, dy_ref, dg_ref, du_ref):
                  ).astype(dg_ref.dtype)
 
 
-def _tiles(F, N):
+def _tiles(F):
+  """(columns a block, F padded to them, rows a block of ~4096 elements)."""
   bf = min(1024, F & -F)
   F_pad = F if bf >= 16 else -(-F // 128) * 128
   bf = max(bf, 128) if bf < 16 else bf
-  bn = max(1, 4096 // bf)
-  return bf, F_pad, bn, -(-N // bn) * bn
+  return bf, F_pad, max(1, 4096 // bf)
+
+
+def _rows(bn, N):
+  """(rows a block, N padded to it): no more rows than N has (a power of two at most), so a
+  decode step's single row is not padded to a block of 4 or 8 (a pad kernel a layer, and a
+  slice, at batch 1); row blocks change no element's value."""
+  bn = min(bn, 1 << (max(N, 1).bit_length() - 1))
+  return bn, -(-N // bn) * bn
 
 
 def _elementwise(kernel, arrays, n_out, out_dtypes, name):
@@ -42,7 +50,8 @@ def _elementwise(kernel, arrays, n_out, out_dtypes, name):
   shape = arrays[0].shape
   F = shape[-1]
   N = arrays[0].size // F
-  bf, F_pad, bn, N_pad = _tiles(F, N)
+  bf, F_pad, bn = _tiles(F)
+  bn, N_pad = _rows(bn, N)
   ins = [jnp.pad(a.reshape(N, F), [(0, N_pad - N), (0, F_pad - F)]) for a in arrays]
   spec = pl.BlockSpec((bn, bf), lambda i, j: (i, j))
   outs = _pallas.call(kernel, grid=(N_pad // bn, F_pad // bf), in_specs=[spec] * len(ins),
@@ -118,9 +127,8 @@ def _packed_call(kernel, gate_up, dy, name):
   from tinyllama_jax.kernels import _pallas
   F = gate_up.shape[-1] // 2
   N = gate_up.size // (2 * F)
-  bf, F_pad, bn, N_pad = _tiles(F, N)
-  bn = max(1, bn // 2)  # a block holds gate and up
-  N_pad = -(-N // bn) * bn
+  bf, F_pad, bn = _tiles(F)
+  bn, N_pad = _rows(max(1, bn // 2), N)  # a block holds gate and up
   gu = jnp.pad(gate_up.reshape(N, 2, F), [(0, N_pad - N), (0, 0), (0, F_pad - F)])
   spec3 = pl.BlockSpec((bn, 2, bf), lambda i, j: (i, 0, j))
   spec2 = pl.BlockSpec((bn, bf), lambda i, j: (i, j))
