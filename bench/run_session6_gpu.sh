@@ -98,8 +98,8 @@ if has tokamax; then  # ~7 min: attention backends, the kernels' GPU tests, deco
     > "$R/attention-backends.log" 2>&1; echo "attention backends: exit $?"
   grep -E "^(attention|auto)" "$R/attention-backends.log" | cut -c1-150
   pack
-  GPU_TESTS=$(ls tests/kernels/test_tokamax_attention.py tests/kernels/test_flash_mgpu.py \
-    tests/kernels/test_decode_attention.py 2>/dev/null)
+  GPU_TESTS=$(ls tests/kernels/test_tokamax_attention.py tests/kernels/test_flash_mgpu*.py \
+    tests/kernels/test_decode_attention.py tests/kernels/test_rope_swiglu_kernels.py 2>/dev/null)
   timeout ${TESTS_S:-70} python3 -m pytest -q -p no:cacheprovider -m gpu $GPU_TESTS \
     > "$R/kernels-gpu-tests.txt" 2>&1; echo "kernel gpu tests: exit $?"
   grep -E "passed|failed|FAILED" "$R/kernels-gpu-tests.txt" | tail -8
