@@ -132,7 +132,9 @@ def run_worker(cmd, timeout, env=None):
   try:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
   except subprocess.TimeoutExpired as e:
-    return {"error": f"timed out after {timeout:.0f} s"}, (e.stderr or b"")[-3000:], timeout
+    # TimeoutExpired carries the output as bytes even with text=True: the JSON report needs str.
+    stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+    return {"error": f"timed out after {timeout:.0f} s"}, stderr[-3000:], timeout
   result = bench.parse_result(proc.stdout)
   if result is None:
     result = {"error": f"worker exited {proc.returncode} without a result: "

@@ -184,3 +184,13 @@ def test_the_parent_and_the_tables_load_no_jax():
   code = ("import sys, bench.__main__, tinyllama_jax.params, tinyllama_jax.peak_flops; "
           "assert 'jax' not in sys.modules, 'jax loaded'")
   subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_a_worker_that_times_out_reports_its_stderr_as_text():
+  """TimeoutExpired holds bytes even with text=True; the report is JSON, so it must be str."""
+  result, stderr, _ = bench_main.run_worker(
+      [sys.executable, "-c", "import sys, time; print('compiling', file=sys.stderr, flush=True);"
+       " time.sleep(30)"], timeout=2)
+  assert result == {"error": "timed out after 2 s"}
+  assert "compiling" in stderr
+  json.dumps({"stderr_tail": stderr})
