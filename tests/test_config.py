@@ -66,7 +66,7 @@ def test_shipped_configs_are_valid(name):
     ({"model.fp8_gemm_output": "fp16"}, "model.fp8_gemm_output='fp16' must be one of float32, "
                                         "bfloat16"),
     ({"model.kernels.attention": "flash"}, "model.kernels.attention='flash' must be one of auto, "
-                                           "cudnn, pallas"),  # + plan's stand-in once registered
+                                           "cudnn, mgpu, pallas"),  # + plan's stand-in once registered
     ({"model.kernels.cross_entropy": "x"}, "model.kernels.cross_entropy='x' must be one of "
                                            "chunked, xla"),
     ({"data.tokenizer_vocab_size": 4096}, "data.tokenizer_vocab_size (4096) exceeds "
@@ -80,6 +80,9 @@ def test_shipped_configs_are_valid(name):
     ({"data.packing": "first_fit", "model.kernels.attention": "cudnn"}, "cannot"),
     ({"model.kernels.attention": "splash", "train.seq_len": 100}, "needs train.seq_len (100) to "
                                                                  "be a multiple of 128"),
+    ({"model.kernels.attention": "mgpu", "train.seq_len": 100}, "'mgpu' needs train.seq_len "
+                                                               "(100) to be a multiple of 128"),
+    ({"data.packing": "first_fit", "model.kernels.attention": "mgpu"}, "'mgpu' cannot"),
     ({"mesh.fsdp": 0}, "mesh.fsdp=0 must be -1 (all remaining devices) or >= 1"),
     ({"seed": -1}, "seed=-1 must be >= 0"),
     ({"train.steps": None}, "train.steps=None must be >= 1"),
@@ -272,6 +275,7 @@ def test_the_listing_command():
   lines = proc.stdout.splitlines()
   assert ("model.remat = 'full'  (default 'none')  [must be one of none, full, save_dots, "
           "save_attn, save_qkv_attn, save_all_but_mlp]") in lines
-  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, pallas, splash, tokamax, xla]")
+  i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, mgpu, pallas, "
+                  "splash, tokamax, xla]")
   assert lines[i + 1].startswith("    # auto: cuDNN on GPU")
   assert "train.grace_period_s = 60.0  [must be a finite number > 0]" in lines

@@ -317,6 +317,9 @@ def _cross_field_problems(cfg):
   if m.kernels.attention == "splash" and t.seq_len % 128:
     yield (f"model.kernels.attention='splash' needs train.seq_len ({t.seq_len}) to be a multiple "
            "of 128: change the length or use attention=auto or xla")
+  if m.kernels.attention == "mgpu" and t.seq_len % 128:
+    yield (f"model.kernels.attention='mgpu' needs train.seq_len ({t.seq_len}) to be a multiple "
+           "of 128: change the length or use attention=pallas")
   if o.min_lr > o.lr:
     yield f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}): lower min_lr or raise lr"
   if d.tokenizer_vocab_size > m.vocab_size and d.source in ("stdlib", "text") and not d.tokenizer:
@@ -340,9 +343,10 @@ def _cross_field_problems(cfg):
   if d.source == "chat" and not d.tokenizer and not t.init_from:
     yield ("data.source='chat' needs a tokenizer: set train.init_from to the run to fine-tune "
            "(its tokenizer is used) or data.tokenizer to a sentencepiece .model")
-  if d.packing != "concat" and m.kernels.attention == "cudnn":
+  if d.packing != "concat" and m.kernels.attention in ("cudnn", "mgpu"):
     yield (f"data.packing={d.packing!r} masks attention per document, which "
-           "model.kernels.attention='cudnn' cannot: use auto, pallas or xla, or packing=concat")
+           f"model.kernels.attention={m.kernels.attention!r} cannot: use auto, pallas or xla, or "
+           "packing=concat")
 
 
 def _batch_problems(cfg, n_batch_devices, n_processes):

@@ -77,7 +77,7 @@ def _per_device(op, backend, fn):
   devices"); `block` now pins q, k, v to the batch split, so the shard_map boundary moves
   nothing (same collectives as the jnp reference without it) and only keeps cuDNN's
   partitioner out of the way."""
-  if backend not in ("pallas", "cudnn", "splash", "tokamax"):
+  if backend not in ("pallas", "cudnn", "splash", "tokamax", "mgpu"):
     return fn
   local = sharding.shard_map_local
   if op == "attention":

@@ -2,7 +2,7 @@
 
 The model asks `get(op, backend)` and calls the result with the op's reference signature, so a
 backend is a drop-in replacement for the reference. Importing this package imports no kernel:
-Pallas (and its Triton/Mosaic lowering) loads only when a config asks for it.
+Pallas (and its Triton/Mosaic/Mosaic GPU lowering) loads only when a config asks for it.
 
   op             signature                                              reference
   attention      (q_BTHD, k_BTKD, v_BTKD, segment_ids_BT|None, *, causal) -> o_BTHD
@@ -31,6 +31,7 @@ _TABLE = {
         "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
         "splash": "tinyllama_jax.kernels.splash_attention:attention_splash",
         "tokamax": "tinyllama_jax.kernels.tokamax_attention:attention_tokamax",
+        "mgpu": "tinyllama_jax.kernels.flash_mgpu:attention_mgpu",  # Hopper only, no segment ids
     },
     "attention_cache": {
         "xla": "tinyllama_jax.kernels.attention:attention_cache_xla",
