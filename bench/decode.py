@@ -15,7 +15,7 @@ profile.py would hide the standard library's, which torch imports.)
 
 Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
   ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing), for each
-               --attention_cache backend (xla, pallas: the decode-step kernel);
+               --attention_cache backend (xla, pallas: the decode-step kernel) and --kernels set;
   target alone the speculative rows' baseline and reference: the target's own loop on their prompts;
   speculative  the target with a draft of K (--draft_tokens, one row each) tokens a round; the
                output must equal the target's own (same_as_target). Random weights make acceptance
@@ -64,6 +64,9 @@ def parse(argv):
   ap.add_argument("--new_tokens", type=int, default=256)
   ap.add_argument("--attention_cache", default="xla",
                   help="Backends of the attention over the cache for the ours rows: xla,pallas")
+  ap.add_argument("--kernels", default="",
+                  help="Other model.kernels settings, a row set each, ';' between sets: "
+                       "'rms_norm=pallas,rope=pallas;' (an empty set: the config's)")
   ap.add_argument("--draft_tokens", default="4", help="Tokens a draft round, one row each: 4,6")
   ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
   ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
@@ -88,14 +91,36 @@ class Clock:
     return self.deadline_s - (time.perf_counter() - self.start)
 
 
-def with_dtype(cfg_model, dtype, attention_cache=None):
-  """A copy of the model config computing in dtype (and with that attention_cache backend)."""
+def with_dtype(cfg_model, dtype, attention_cache=None, kernels=""):
+  """A copy of the model config computing in dtype (and with that attention_cache backend and
+  the `op=backend,...` settings of `kernels`)."""
   cfg_model = cfg_model.copy_and_resolve_references()
   with cfg_model.unlocked():
     cfg_model.compute_dtype = dtype
     if attention_cache is not None:
       cfg_model.kernels.attention_cache = attention_cache
+    for op, backend in kernel_settings(kernels):
+      if op not in cfg_model.kernels:
+        raise ValueError(f"--kernels: no op {op!r}; ops: {', '.join(cfg_model.kernels)}")
+      cfg_model.kernels[op] = backend
   return cfg_model
+
+
+def kernel_settings(spec):
+  """'rms_norm=pallas,rope=pallas' -> [('rms_norm', 'pallas'), ('rope', 'pallas')]."""
+  pairs = [item.split("=") for item in spec.split(",") if item.strip()]
+  if any(len(p) != 2 for p in pairs):
+    raise ValueError(f"--kernels: {spec!r} is not op=backend,op=backend")
+  return [(op.strip(), backend.strip()) for op, backend in pairs]
+
+
+def variants(args):
+  """(row name, attention_cache backend, kernels spec) for each ours row set."""
+  out = []
+  for backend, spec in itertools.product(args.attention_cache.split(","), args.kernels.split(";")):
+    name = "ours" + ("" if backend == "xla" else f", attention_cache={backend}")
+    out.append((name + (f", {spec}" if spec else ""), backend, spec))
+  return out
 
 
 def random_params(cfg_model, seed=0):
@@ -133,13 +158,12 @@ def row(name, batch, dtype, seconds, new_tokens, **extra):
 
 def ours_rows(args, cfg_model, clock, rows):
   params32 = None
-  for dtype, backend in itertools.product(args.dtypes.split(","), args.attention_cache.split(",")):
-    cfg_d = with_dtype(cfg_model, dtype, attention_cache=backend)
+  for dtype, (name, backend, spec) in itertools.product(args.dtypes.split(","), variants(args)):
+    cfg_d = with_dtype(cfg_model, dtype, attention_cache=backend, kernels=spec)
     if params32 is None:
       params32 = random_params(cfg_model)
     params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
     for batch in map(int, args.batches.split(",")):
-      name = "ours" if backend == "xla" else f"ours, attention_cache={backend}"
       if clock.left() < 0:
         rows.append({"name": name, "batch": batch, "dtype": dtype, "skipped": "deadline"})
         print_row(rows[-1])
@@ -169,17 +193,16 @@ def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK):
 
 
 def count_ops(args, cfg_model):
-  """{batch: the loop body's op counts} for the first dtype and the first --attention_cache
-  backend, printed as tables (pallas only counts on a GPU: on a CPU it runs interpreted, as
-  loops of its own)."""
-  backend = args.attention_cache.split(",")[0]
-  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend)
+  """{batch: the loop body's op counts} for the first dtype and the last row set, printed as
+  tables (pallas only counts on a GPU: on a CPU it runs interpreted, as loops of its own)."""
+  name, backend, spec = variants(args)[-1]
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend, kernels=spec)
   length = decode.round_up(args.prompt_len + args.new_tokens)
   out = {}
   for batch in map(int, args.batches.split(",")):
     hlo = loop_hlo(cfg_d, batch, length)
     counts = hlo_ops.body_ops(hlo)
-    print(f"decode loop body, batch {batch}, cache {length}, attention_cache={backend}, "
+    print(f"decode loop body, batch {batch}, cache {length}, {name}, "
           f"{jax.default_backend()}:\n"
           f"{hlo_ops.table(counts)}", flush=True)
     # What the suspects move: a weight-sized concatenate or convert would be loop-invariant work
@@ -193,8 +216,10 @@ def count_ops(args, cfg_model):
 
 
 def profile_ours(args, cfg_model, params32):
-  """The kernels of one batch-1 decode call (already compiled), per new token."""
-  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0])
+  """The kernels of one batch-1 decode call of the last row set (compiled), per new token."""
+  name, backend, spec = variants(args)[-1]
+  print(f"profile: {name}", flush=True)
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend, kernels=spec)
   params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
   prompts, lengths = prompt_batch(args, cfg_d, 1)
   run = lambda _: decode.decode(params, cfg_d, prompts, lengths, max_new_tokens=args.new_tokens)

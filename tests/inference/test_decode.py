@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from decoding_models import REPO, random_prompts, tiny_model
 from bench import decode as bench_decode
@@ -80,6 +81,18 @@ def test_bench_smoke(tmp_path):
   assert {"ours", "speculative"} <= {n.split(" ")[0] for n in names}
   assert all(row["tokens_per_s"] > 0 for row in result["rows"])
   assert result["jax"] == jax.__version__ and np.isfinite(result["rows"][0]["ms_per_token"])
+
+
+def test_bench_kernel_sets(tmp_path):
+  """--kernels gives a row set each ('' = the config's), named by its settings; a bad op is refused."""
+  out = tmp_path / "decode.json"
+  args = ["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2", "--prompt_len=8",
+          "--batches=1", "--dtypes=float32", "--only_ours", f"--out={out}"]
+  bench_decode.main(args + ["--kernels=;rms_norm=pallas,rope=pallas"])
+  names = [row["name"] for row in json.loads(out.read_text())["rows"]]
+  assert names == ["ours", "ours, rms_norm=pallas,rope=pallas"]
+  with pytest.raises(ValueError, match="--kernels: no op 'rms'"):
+    bench_decode.main(args + ["--kernels=rms=pallas"])
 
 
 def test_loop_body_copies_no_cache():
