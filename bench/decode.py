@@ -15,7 +15,9 @@ profile.py would hide the standard library's, which torch imports.)
 
 Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
   ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing), for each
-               --attention_cache backend (xla, pallas: the decode-step kernel) and --kernels set;
+               --attention_cache backend (xla, pallas: the decode-step kernel), --kernels set
+               and --xla_options set (XLA's options of the decode programs only; an option this
+               XLA lacks gives a row with its error);
   target alone the speculative rows' baseline and reference: the target's own loop on their prompts;
   speculative  the target with a draft of K (--draft_tokens, one row each) tokens a round; the
                output must equal the target's own (same_as_target). Random weights make acceptance
@@ -67,6 +69,9 @@ def parse(argv):
   ap.add_argument("--kernels", default="",
                   help="Other model.kernels settings, a row set each, ';' between sets: "
                        "'rms_norm=pallas,rope=pallas;' (an empty set: the config's)")
+  ap.add_argument("--xla_options", default="",
+                  help="XLA options of the decode programs, a row set each, ';' between sets, "
+                       "spaces between options: 'xla_gpu_enable_triton_gemm=false;' ('' = none)")
   ap.add_argument("--draft_tokens", default="4", help="Tokens a draft round, one row each: 4,6")
   ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
   ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
@@ -114,12 +119,27 @@ def kernel_settings(spec):
   return [(op.strip(), backend.strip()) for op, backend in pairs]
 
 
+def xla_options(spec):
+  """'a=false b=3 c=X,Y' -> {'a': False, 'b': 3, 'c': 'X,Y'} (XLA's compile options)."""
+  def value(v):
+    if v.lower() in ("true", "false"):
+      return v.lower() == "true"
+    return int(v) if v.lstrip("-").isdigit() else v
+  pairs = [item.split("=", 1) for item in spec.split()]
+  if any(len(p) != 2 for p in pairs):
+    raise ValueError(f"--xla_options: {spec!r} is not name=value name=value")
+  return {name: value(v) for name, v in pairs}
+
+
 def variants(args):
-  """(row name, attention_cache backend, kernels spec) for each ours row set."""
+  """(row name, attention_cache backend, kernels spec, XLA options) for each ours row set."""
   out = []
-  for backend, spec in itertools.product(args.attention_cache.split(","), args.kernels.split(";")):
+  for backend, spec, xla in itertools.product(args.attention_cache.split(","),
+                                              args.kernels.split(";"),
+                                              args.xla_options.split(";")):
     name = "ours" + ("" if backend == "xla" else f", attention_cache={backend}")
-    out.append((name + (f", {spec}" if spec else ""), backend, spec))
+    name += (f", {spec}" if spec else "") + (f", xla: {xla.strip()}" if xla.strip() else "")
+    out.append((name, backend, spec, xla_options(xla)))
   return out
 
 
@@ -158,7 +178,8 @@ def row(name, batch, dtype, seconds, new_tokens, **extra):
 
 def ours_rows(args, cfg_model, clock, rows):
   params32 = None
-  for dtype, (name, backend, spec) in itertools.product(args.dtypes.split(","), variants(args)):
+  for dtype, (name, backend, spec, options) in itertools.product(args.dtypes.split(","),
+                                                                 variants(args)):
     cfg_d = with_dtype(cfg_model, dtype, attention_cache=backend, kernels=spec)
     if params32 is None:
       params32 = random_params(cfg_model)
@@ -169,21 +190,31 @@ def ours_rows(args, cfg_model, clock, rows):
         print_row(rows[-1])
         continue
       prompts, lengths = prompt_batch(args, cfg_d, batch)
-      seconds, _ = best_of(lambda: decode.decode(params, cfg_d, prompts, lengths,
-                                                 max_new_tokens=args.new_tokens), clock)
+      try:
+        seconds, _ = best_of(lambda: decode.decode(params, cfg_d, prompts, lengths,
+                                                   max_new_tokens=args.new_tokens,
+                                                   compiler_options=options), clock)
+      except Exception as e:  # an option this XLA does not know: a row that says so
+        if not options:
+          raise
+        rows.append({"name": name, "batch": batch, "dtype": dtype,
+                     "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        print_row(rows[-1])
+        continue
       rows.append(row(name, batch, dtype, seconds, args.new_tokens))
       print_row(rows[-1])
   return params32
 
 
-def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK):
+def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK, options=None):
   """The optimized HLO text of the decode loop's compiled chunk (Decoder.run) for params in the
   compute dtype, compiled from shapes alone (no weights made: a 1b model compiles on a CPU)."""
   dtype = model_lib.compute_dtype(cfg_model)
   shapes = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(
       model_lib.Llama(cfg_model, rngs=nnx.Rngs(params=0)), nnx.Param)))
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
-  decoder = decode.Decoder(cfg_model, length=length, greedy=True, chunk=chunk)
+  decoder = decode.Decoder(cfg_model, length=length, greedy=True, chunk=chunk,
+                           compiler_options=options)
   knobs = decode.knobs_for(cfg_model, max_new_tokens=chunk, eos_id=None, temperature=0.0,
                            top_p=1.0, seed=0, n_valid=None)
   tokens = jax.ShapeDtypeStruct((batch, prompt_len), np.int32)
@@ -195,12 +226,12 @@ def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK):
 def count_ops(args, cfg_model):
   """{batch: the loop body's op counts} for the first dtype and the last row set, printed as
   tables (pallas only counts on a GPU: on a CPU it runs interpreted, as loops of its own)."""
-  name, backend, spec = variants(args)[-1]
+  name, backend, spec, options = variants(args)[-1]
   cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend, kernels=spec)
   length = decode.round_up(args.prompt_len + args.new_tokens)
   out = {}
   for batch in map(int, args.batches.split(",")):
-    hlo = loop_hlo(cfg_d, batch, length)
+    hlo = loop_hlo(cfg_d, batch, length, options=options)
     counts = hlo_ops.body_ops(hlo)
     print(f"decode loop body, batch {batch}, cache {length}, {name}, "
           f"{jax.default_backend()}:\n"
@@ -217,12 +248,13 @@ def count_ops(args, cfg_model):
 
 def profile_ours(args, cfg_model, params32):
   """The kernels of one batch-1 decode call of the last row set (compiled), per new token."""
-  name, backend, spec = variants(args)[-1]
+  name, backend, spec, options = variants(args)[-1]
   print(f"profile: {name}", flush=True)
   cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend, kernels=spec)
   params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
   prompts, lengths = prompt_batch(args, cfg_d, 1)
-  run = lambda _: decode.decode(params, cfg_d, prompts, lengths, max_new_tokens=args.new_tokens)
+  run = lambda _: decode.decode(params, cfg_d, prompts, lengths, max_new_tokens=args.new_tokens,
+                                compiler_options=options)
   _, summary = profile.capture(args.profile_dir, run, None, steps=args.new_tokens)
   return summary
 
@@ -267,7 +299,9 @@ def load_pair(args, cfg_t, params32=None):
   same = None not in toks and len({tokenizer_lib.file_sha256(t) for t in toks}) == 1
   for k in map(int, args.draft_tokens.split(",")):
     speculative.check_draft(cfg_t, cfg_d, draft_tokens=k, same_tokenizer=same)
-  return params_t, cfg_t, params_d, cfg_d, f"(draft {os.path.basename(args.draft_workdir)})"
+  shape = (f"{cfg_d.n_layers} layers d{cfg_d.d_model} {cfg_d.n_heads}/{cfg_d.n_kv_heads} heads "
+           f"ffn {cfg_d.ffn_dim}")  # the draft as built, whatever its run directory is called
+  return params_t, cfg_t, params_d, cfg_d, f"(draft: {shape})"
 
 
 def speculative_rows(args, cfg_model, clock, rows, params32=None):
@@ -343,10 +377,11 @@ def hf_rows(args, cfg_model, clock, rows):
 
 
 def print_row(r):
-  if "skipped" in r:
-    print(f"{r['name']:<32} {r.get('batch', ''):>5} {r.get('dtype', ''):>9}  skipped: "
-          f"{r['skipped']}", flush=True)
-    return
+  for why in ("skipped", "error"):
+    if why in r:
+      print(f"{r['name']:<32} {r.get('batch', ''):>5} {r.get('dtype', ''):>9}  {why}: "
+            f"{r[why]}", flush=True)
+      return
   extra = "".join(f"  {k}={r[k]:.3g}" for k in ("acceptance", "tokens_per_target_call",
                                                 "speedup_vs_target") if k in r)
   extra += f"  same_as_target={r['same_as_target']}" if "same_as_target" in r else ""

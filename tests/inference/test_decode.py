@@ -95,6 +95,22 @@ def test_bench_kernel_sets(tmp_path):
     bench_decode.main(args + ["--kernels=rms=pallas"])
 
 
+def test_bench_xla_option_sets(tmp_path):
+  """--xla_options gives a row set each, compiled with those options; an option XLA lacks is a
+  row with its error, not a crash; a malformed set is refused."""
+  out = tmp_path / "decode.json"
+  args = ["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2", "--prompt_len=8",
+          "--batches=1", "--dtypes=float32", "--only_ours", f"--out={out}"]
+  bench_decode.main(args + ["--xla_options=;xla_gpu_enable_triton_gemm=false;xla_no_such_flag=1"])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["name"] for r in rows] == ["ours", "ours, xla: xla_gpu_enable_triton_gemm=false",
+                                       "ours, xla: xla_no_such_flag=1"]
+  assert np.isfinite(rows[1]["ms_per_token"]) and "xla_no_such_flag" in rows[2]["error"]
+  assert bench_decode.xla_options("a=false b=3 c=X,Y") == {"a": False, "b": 3, "c": "X,Y"}
+  with pytest.raises(ValueError, match="--xla_options: 'a' is not name=value"):
+    bench_decode.xla_options("a")
+
+
 def test_loop_body_copies_no_cache():
   """The compiled decode loop updates each layer's cache in place: no op of its body makes an
   array the size of the whole (stacked) cache, and none copies a layer's cache (a stacked cache

@@ -123,7 +123,7 @@ def pick_fn(greedy):
 class Decoder:
   """Compiled prefill and chunk for one (model, batch, cache length, greedy or not, chunk)."""
 
-  def __init__(self, cfg_model, *, length, greedy, chunk):
+  def __init__(self, cfg_model, *, length, greedy, chunk, compiler_options=None):
     forward, pick = forward_fn(cfg_model), pick_fn(greedy)
     prefill_logits = prefill_fn(cfg_model, length)
 
@@ -157,8 +157,10 @@ class Decoder:
       _, state, out_BC = jax.lax.while_loop(going, step, (jnp.int32(0), state, out_BC))
       return state, out_BC
 
-    self.prefill = jax.jit(prefill)
-    self.run = jax.jit(run, donate_argnums=1)
+    # XLA options of these two programs only (bench.decode --xla_options measures them); the
+    # training step compiles with the process's defaults.
+    self.prefill = jax.jit(prefill, compiler_options=compiler_options)
+    self.run = jax.jit(run, donate_argnums=1, compiler_options=compiler_options)
 
 
 _DECODERS = {}
@@ -183,13 +185,16 @@ def prompt_batch(prompts, length):
 
 
 def decode(params, cfg_model, prompts, lengths, *, max_new_tokens, eos_id=None, temperature=0.0,
-           top_p=1.0, seed=0, n_valid=None, on_token=None, chunk=CHUNK):
+           top_p=1.0, seed=0, n_valid=None, on_token=None, chunk=CHUNK, compiler_options=None):
   """New tokens for each prompt (checked by the caller: generate.check_request), stopping after
-  eos_id (kept) or max_new_tokens. on_token(i, token) sees each row's tokens once a chunk."""
+  eos_id (kept) or max_new_tokens. on_token(i, token) sees each row's tokens once a chunk;
+  compiler_options (XLA's, name -> value) compile the decode programs."""
   length = min(round_up(lengths.max() + max_new_tokens), cfg_model.max_seq_len)
   greedy = temperature == 0.0
-  decoder = cached(_DECODERS, (cfg_model.to_json(), len(prompts), length, greedy, chunk),
-                   lambda: Decoder(cfg_model, length=length, greedy=greedy, chunk=chunk))
+  options = tuple(sorted((compiler_options or {}).items()))
+  decoder = cached(_DECODERS, (cfg_model.to_json(), len(prompts), length, greedy, chunk, options),
+                   lambda: Decoder(cfg_model, length=length, greedy=greedy, chunk=chunk,
+                                   compiler_options=compiler_options))
   params = cast_params(params, cfg_model)  # a no-op when the caller cast them at load
   knobs = knobs_for(cfg_model, max_new_tokens=max_new_tokens, eos_id=eos_id,
                     temperature=temperature, top_p=top_p, seed=seed, n_valid=n_valid)
