@@ -8,7 +8,7 @@
 #           static cache + torch.compile) at batch 1 in one process (the >= 10x ratio)
 #   mgpu    issue 16: our Mosaic GPU attention's GPU test at the TinyLlama shape, then
 #           bench.attention_backends (every backend, with and without documents) writing the
-#           auto table
+#           auto table (tokamax, measured in session 6, only with its wheels carried: BACKENDS)
 #   gemv    issue 17: the decode GEMV kernels' GPU tests and bench.decode_gemv (XLA vs ours)
 #   pair    issue 17: a 1b target and a 4-layer d1024 draft trained on the stdlib text, then
 #           speculative K=4 and K=6 at batch 1 (run_spec_gpu.sh without its table)
@@ -53,7 +53,8 @@ if has mgpu; then
     > "$R/mgpu-gpu-tests.txt" 2>&1; echo "mgpu gpu tests: exit $?"
   grep -E "passed|failed|FAILED|Error" "$R/mgpu-gpu-tests.txt" | cut -c1-300 | tail -6
   pack
-  timeout ${BACKENDS_S:-150} python3 -m bench.attention_backends --out="$R/attention-backends.json" \
+  timeout ${BACKENDS_S:-150} python3 -m bench.attention_backends --backends=${BACKENDS:-cudnn,pallas,mgpu} \
+    --out="$R/attention-backends.json" \
     --write_table="$R/attention_auto.json" > "$R/attention-backends.log" 2>&1
   echo "attention backends: exit $?"
   quiet < "$R/attention-backends.log" | cut -c1-200 | tail -22
