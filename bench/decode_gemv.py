@@ -2,6 +2,7 @@
 
     python -m bench.decode_gemv --out=gemv.json       # one H200: ~1-2 minutes (--budget_s)
     python -m bench.decode_gemv --smoke --out=/tmp/g.json  # CPU, interpreted: checks the script
+    python -m bench.decode_gemv --rows=1 --configs=16:512:4:3,32:256:4:3 --out=g.json  # a sweep
 
 At the 1b shapes (D 2048, qkv N 2560, ffn F 5632), M = 1 and 16 rows, bf16, per fused op:
   xla        the model's formula, jitted: rms_norm then einsum (qkv, gate/up + swiglu), einsum +
@@ -175,11 +176,24 @@ def print_table(rows, summaries):
           f"{s['xla_token_ms']:.3f} -> {s['ours_token_ms']:.3f} ms a token")
 
 
+def parse_configs(text):
+  """'16:512:4:3,32:256:4:3' (block_n:block_k:num_warps:num_stages each) -> config dicts."""
+  keys = ("block_n", "block_k", "num_warps", "num_stages")
+  try:
+    configs = [dict(zip(keys, map(int, c.split(":")), strict=True)) for c in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--configs {text!r}: want n:k:warps:stages[,...]") from None
+  return configs
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True)
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU check)")
   ap.add_argument("--budget_s", type=float, default=90.0, help="later rows are skipped rows")
+  ap.add_argument("--configs", type=parse_configs, default=None,
+                  help="the kernel configs to time instead of SWEEP, n:k:warps:stages[,...]")
+  ap.add_argument("--rows", default="1,16", help="the M values (batch rows) to time")
   ap.add_argument("--reps", type=int, default=50, help="timed loops; the median is kept")
   ap.add_argument("--inner", type=int, default=4, help="runs of the jit enqueued per loop")
   ap.add_argument("--calls", type=int, default=16,
@@ -189,9 +203,11 @@ def main(argv=None):
     shapes, sweep, calls, reps, inner = SMOKE_SHAPES, SMOKE_SWEEP, 2, 2, 1
   else:
     shapes, sweep, calls, reps, inner = SHAPES, SWEEP, args.calls, args.reps, args.inner
+  sweep = args.configs or sweep
   deadline = time.perf_counter() + args.budget_s
   rows = []
-  for M in (1, 16):
+  ms = [int(m) for m in args.rows.split(",")]
+  for M in ms:
     for name, op, K, N in shapes:
       try:
         rows += bench_shape(name, op, K, N, M, sweep, calls, reps, inner, deadline,
@@ -199,7 +215,7 @@ def main(argv=None):
       except Exception:  # inputs or the reference failing: the shape's one row says why
         rows.append(dict(shape=name, op=op, m=M, impl="-", config=None, us=None,
                          note=traceback.format_exc().splitlines()[-1][:200]))
-  summaries = [s for s in (layer_summary(rows, M) for M in (1, 16)) if s]
+  summaries = [s for s in (layer_summary(rows, M) for M in ms) if s]
   print_table(rows, summaries)
   formats.write_json_atomic(args.out, {
       "rows": rows, "layer": summaries, "device": str(jax.devices()[0].device_kind),
