@@ -42,12 +42,15 @@ SHAPES = [("qkv", "norm_matmul", 2048, 2560), ("o-proj", "matmul_add", 2048, 204
           ("gate_up", "norm_matmul_swiglu", 2048, 2 * 5632), ("down", "matmul_add", 5632, 2048)]
 SMOKE_SHAPES = [("qkv", "norm_matmul", 256, 128), ("o-proj", "matmul_add", 256, 128),
                 ("gate_up", "norm_matmul_swiglu", 256, 192)]
+# Ordered by priority (--budget_s may cut the tail). The M = 1 path keeps a [block_k, block_n]
+# fp32 accumulator per weight strip (two for gate/up): 8 warps halve its registers a thread.
 SWEEP = [dict(block_n=16, block_k=512, num_warps=4, num_stages=3),  # the module's default
+         dict(block_n=16, block_k=512, num_warps=8, num_stages=3),
          dict(block_n=16, block_k=256, num_warps=4, num_stages=4),
          dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
          dict(block_n=32, block_k=512, num_warps=8, num_stages=3),
          dict(block_n=64, block_k=128, num_warps=4, num_stages=4)]
-# The second config cannot tile N = 128 and must come back as an error row, not a crash.
+# The second config tiles none of the smoke shapes: an error row, not a crash.
 SMOKE_SWEEP = [dict(block_n=16, block_k=64, num_warps=4, num_stages=2),
                dict(block_n=256, block_k=64, num_warps=4, num_stages=2)]
 
