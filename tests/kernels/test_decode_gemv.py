@@ -13,7 +13,7 @@ EPS = 1e-5
 SMALL = dict(block_n=16, block_k=64)
 
 
-def _inputs(M, dtype, seed, K=D, lead=None):
+def _inputs(M, dtype, seed, K=D, N=N, F=F, lead=None):
   kx, kg, kw, kgu, kr = jax.random.split(jax.random.key(seed), 5)
   # Rows of very different scales, so a missing or misplaced norm is far outside the tolerance.
   scale = (0.25 + jnp.arange(M, dtype=jnp.float32) * 1.5)[:, None]
@@ -27,8 +27,9 @@ def _inputs(M, dtype, seed, K=D, lead=None):
   return x, g, w, w_gu, r
 
 
-def _check_all(M, dtype, seed, tuning, lead=None):
-  x, g, w, w_gu, r = _inputs(M, dtype, seed, lead=lead)
+def _check_all(M, dtype, seed, tuning, lead=None, shape=(D, N, F)):
+  K, N_, F_ = shape
+  x, g, w, w_gu, r = _inputs(M, dtype, seed, K, N_, F_, lead=lead)
   cases = [
       ("norm_matmul", dg.norm_matmul(x, g, w, EPS, **tuning), dg.norm_matmul_ref(x, g, w, EPS)),
       ("matmul_add", dg.matmul_add(x, w, r, **tuning), dg.matmul_add_ref(x, w, r)),
@@ -87,3 +88,17 @@ def test_bad_shapes_are_refused_in_one_line(call, match):
   with pytest.raises(ValueError, match=match) as err:
     call(x, g, w, w_gu, r)
   assert "\n" not in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("tuning", [{}, dict(block_n=32, block_k=256, num_warps=8, num_stages=4)])
+def test_kernels_gpu(on_gpu, M, tuning):
+  # Through Triton at the 1b shapes: qkv's 2560 columns (o- and down-proj's are tested by
+  # matmul_add at K 2048), gate/up's F 5632; the defaults and a sweep config.
+  _check_all(M, jnp.bfloat16, seed=50 + M, tuning=tuning, shape=(2048, 2560, 5632))
+  x, w, r = (normal(k, s, jnp.bfloat16) for k, s in zip(
+      jax.random.split(jax.random.key(M), 3), [(M, 5632), (5632, 2048), (M, 2048)]))
+  w = (w.astype(jnp.float32) * 5632 ** -0.5).astype(jnp.bfloat16)
+  assert_close(dg.matmul_add(x, w, r, **tuning), dg.matmul_add_ref(x, w, r), jnp.bfloat16,
+               f"down-proj M={M}")
