@@ -110,8 +110,8 @@ def main(argv=None):
       for name in args.backends.split(","):
         if name not in registered:
           continue
-        if name == "cudnn" and seg is not None:
-          continue  # takes no segment ids (its error says so); the no-documents row is its time
+        if name in ("cudnn", "mgpu") and seg is not None:
+          continue  # take no segment ids (their errors say so); the no-documents row is their time
         fn = kernels.get("attention", name)
         row_extra = dict(extra)
         try:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from tinyllama_jax.data import formats
-from tinyllama_jax.kernels import attention
+from tinyllama_jax.kernels import attention, flash_mgpu as fm
 import bench
 from bench.kernels import loop_time_ms
 
@@ -82,7 +82,6 @@ def _setup(B, T, H, K, D):
 
 def _plans(B, T, H, K, D, setup):
   """Per shape: the essential rows (cuDNN, our defaults) and the alternatives, as thunks."""
-  from tinyllama_jax.kernels import flash_mgpu as fm
   q, k, v, cot, ref, ref_grads = setup
   shape = f"B{B} T{T} {H}/{K} d{D}"
   fwd_check = lambda o: _rel(o, ref)

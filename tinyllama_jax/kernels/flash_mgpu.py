@@ -95,6 +95,53 @@ def _check(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, cfg):
                      "128; use attention=pallas for this length")
 
 
+def _fwd_step_fn(cfg, qo_smem, k_smem, v_smem, k_loaded, v_loaded, k_free, v_free, schedule,
+                 sync, q0, n_steps, scale2, dtype):
+  """One key block of a compute group's online softmax: step(j, (acc, m, l), masked)."""
+  bq, bk, S = cfg.block_q, cfg.block_kv, cfg.steps
+
+  def step(j, carry, masked):
+    acc, m, l = carry
+    slot = lax.rem(j, jnp.int32(S))
+
+    def qk(s_ref):
+      plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+      sync()  # the other group's softmax overlaps this wgmma
+      return s_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+    plgpu.barrier_arrive(k_free.at[slot])
+    if masked:
+      rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
+      cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+      s = jnp.where(rows + q0 >= cols + j * bk, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    # The whole softmax before the barriers below (jax's FA3 example measured this order
+    # faster at head dims <= 128): the compiler may not sink work past the schedule point.
+    acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p.astype(dtype)))
+    if cfg.pingpong:
+      plgpu.barrier_arrive(schedule)  # softmax done: the other group may issue its wgmma
+    plgpu.barrier_wait(v_loaded.at[slot])
+    if cfg.pingpong:
+      plgpu.barrier_wait(schedule)
+
+    def pv(acc_ref):
+      plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+      nxt = j + 1
+      pl.when(nxt < n_steps)(
+          lambda: plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(S))]))
+
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_free.at[slot])
+    return acc, m_new, l
+
+  return step
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
                     k_loaded, v_loaded, q_loaded, k_free, v_free, schedule, *, cfg, causal, G,
                     n_tiles):
@@ -132,45 +179,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, qo_smem2, k_smem, v_sme
     pl.when(n_steps > 0)(lambda: plgpu.barrier_wait(k_loaded.at[0]))
     pl.when(wg == 1)(sync)
 
-    def step(j, carry, masked):
-      acc, m, l = carry
-      slot = lax.rem(j, jnp.int32(S))
-
-      def qk(s_ref):
-        plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        sync()  # the other group's softmax overlaps this wgmma
-        return s_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
-      if masked:
-        rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
-        cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(rows + q0 >= cols + j * bk, s, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      l = l * alpha + p.sum(axis=1)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      # The whole softmax before the barriers below (jax's FA3 example measured this order
-      # faster at head dims <= 128): the compiler may not sink work past the schedule point.
-      acc, l, m_new, p = lax.optimization_barrier((acc, l, m_new, p.astype(dtype)))
-      if cfg.pingpong:
-        plgpu.barrier_arrive(schedule)  # softmax done: the other group may issue its wgmma
-      plgpu.barrier_wait(v_loaded.at[slot])
-      if cfg.pingpong:
-        plgpu.barrier_wait(schedule)
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-        nxt = j + 1
-        pl.when(nxt < n_steps)(
-            lambda: plgpu.barrier_wait(k_loaded.at[lax.rem(nxt, jnp.int32(S))]))
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l
-
+    step = _fwd_step_fn(cfg, qo_smem, k_smem, v_smem, k_loaded, v_loaded, k_free, v_free,
+                        schedule, sync, q0, n_steps, scale2, dtype)
     carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
     if causal:
       carry = lax.fori_loop(n_full, n_steps, functools.partial(step, masked=True), carry)

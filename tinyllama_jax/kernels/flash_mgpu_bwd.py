@@ -197,18 +197,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   @pl.when(wg == 2)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
-
-    def fetch(t, slot):
-      i = i_lo + lax.div(t, jnp.int32(G))
-      h = kh * G + lax.rem(t, jnp.int32(G))
-      rows = (b, pl.ds(i * bq, bq), h)
-      cols = (b, h, pl.ds(i * bq, bq))
-      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], lse_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(delta_ref.at[cols], delta_smem.at[slot], delta_loaded.at[slot])
-
+    fetch = _dkv_fetch_fn(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem,
+                          delta_smem, q_loaded, do_loaded, lse_loaded, delta_loaded, b, kh, i_lo,
+                          bq, G)
     _mgpu.stream(n, S, fetch, (free,))
+
+
+def _dkv_fetch_fn(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
+                  q_loaded, do_loaded, lse_loaded, delta_loaded, b, kh, i_lo, bq, G):
+  """The dK/dV memory group's fetch(t, slot): step t's query block of query head t % G."""
+
+  def fetch(t, slot):
+    i = i_lo + lax.div(t, jnp.int32(G))
+    h = kh * G + lax.rem(t, jnp.int32(G))
+    rows = (b, pl.ds(i * bq, bq), h)
+    cols = (b, h, pl.ds(i * bq, bq))
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_loaded.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], lse_loaded.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_loaded.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[cols], delta_smem.at[slot], delta_loaded.at[slot])
+
+  return fetch
 
 
 def backward(q, k, v, o, lse, do, *, causal, block_kv, block_q, steps, interpret):
