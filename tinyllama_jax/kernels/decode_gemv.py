@@ -25,6 +25,7 @@ jax.grad of these fails rather than silently differentiating through a kernel.
 """
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,29 @@ def norm_matmul_swiglu(x_MD, g_D, w_gate_up_D2F, eps, *, block_n=16, block_k=512
   return _run("norm_matmul_swiglu", x_MD, g_D, [w_gate_up_D2F] * 2, None, eps, x_MD.dtype,
               block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
               interpret=interpret)
+
+
+def block_k_for(K):
+  """The largest power-of-two chunk <= 512 dividing K (512 at the 1b shapes)."""
+  return min(512, K & -K)
+
+
+class GemvOps(NamedTuple):
+  """The three fused ops a layer's few-row step uses (model.block's decode path)."""
+  norm_matmul: Callable
+  matmul_add: Callable
+  norm_matmul_swiglu: Callable
+
+
+def _tiled(fn, k_arg):
+  """fn with block_k fitted to the K of its argument k_arg (a model's dims need not be 2^n)."""
+  def call(*args):
+    return fn(*args, block_k=block_k_for(args[k_arg].shape[-1]))
+  return call
+
+
+# The backend table's entries: model.kernels.decode_gemv=pallas takes these for steps of <= 16
+# rows; 'xla' keeps the block's own path (XLA's norms, GEMMs and adds), the references' math.
+GEMV_REF = GemvOps(norm_matmul_ref, matmul_add_ref, norm_matmul_swiglu_ref)
+GEMV_PALLAS = GemvOps(_tiled(norm_matmul, 0), _tiled(matmul_add, 0),
+                      _tiled(norm_matmul_swiglu, 0))
