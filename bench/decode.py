@@ -72,7 +72,8 @@ def parse(argv):
   ap.add_argument("--xla_options", default="",
                   help="XLA options of the decode programs, a row set each, ';' between sets, "
                        "spaces between options: 'xla_gpu_enable_triton_gemm=false;' ('' = none)")
-  ap.add_argument("--draft_tokens", default="4", help="Tokens a draft round, one row each: 4,6")
+  ap.add_argument("--draft_tokens", default="4",
+                  help="Tokens a draft round, one row each: 4,6 ('' = no speculative rows)")
   ap.add_argument("--target_workdir", default=None, help="Speculative row: a trained target.")
   ap.add_argument("--draft_workdir", default=None, help="Speculative row: its trained draft.")
   ap.add_argument("--no_torch", action="store_true", help="Skip the transformers rows.")
@@ -86,6 +87,10 @@ def parse(argv):
   ap.add_argument("--deadline_s", type=float, default=400.0,
                   help="Start no row after this many seconds.")
   return ap.parse_args(argv)
+
+
+def draft_tokens(args):
+  return [int(k) for k in args.draft_tokens.split(",") if k.strip()]
 
 
 class Clock:
@@ -297,7 +302,7 @@ def load_pair(args, cfg_t, params32=None):
   toks = [run_lib.tokenizer_path(run_lib.run_config(w, run_lib.resolve_step(w)), w)
           for w in (args.target_workdir, args.draft_workdir)]
   same = None not in toks and len({tokenizer_lib.file_sha256(t) for t in toks}) == 1
-  for k in map(int, args.draft_tokens.split(",")):
+  for k in draft_tokens(args):
     speculative.check_draft(cfg_t, cfg_d, draft_tokens=k, same_tokenizer=same)
   shape = (f"{cfg_d.n_layers} layers d{cfg_d.d_model} {cfg_d.n_heads}/{cfg_d.n_kv_heads} heads "
            f"ffn {cfg_d.ffn_dim}")  # the draft as built, whatever its run directory is called
@@ -322,7 +327,7 @@ def speculative_rows(args, cfg_model, clock, rows, params32=None):
                                                   max_new_tokens=args.new_tokens), clock)
     rows.append(row("target alone", batch, dtype, plain_s, args.new_tokens))
     print_row(rows[-1])
-    for k in map(int, args.draft_tokens.split(",")):
+    for k in draft_tokens(args):
       seconds, (got, stats) = best_of(lambda: speculative.decode(
           params_t, cfg_t, params_d, cfg_d, prompts, lengths, draft_tokens=k,
           max_new_tokens=args.new_tokens), clock)
@@ -393,7 +398,7 @@ def main(argv=None):
   args = parse(argv)
   cfg_model = config_lib.load_config_file(args.config).model
   limit = cfg_model.max_seq_len
-  if args.prompt_len + args.new_tokens + max(map(int, args.draft_tokens.split(","))) + 1 > limit:
+  if args.prompt_len + args.new_tokens + max(draft_tokens(args), default=0) + 1 > limit:
     raise ValueError(f"--prompt_len + --new_tokens + --draft_tokens + 1 exceed the model's "
                      f"context of {limit}: lower --new_tokens")
   clock = Clock(args.deadline_s)
@@ -402,7 +407,7 @@ def main(argv=None):
   ops = count_ops(args, cfg_model) if args.count_ops else None
   params32 = None if args.only_speculative else ours_rows(args, cfg_model, clock, rows)
   profile_summary = profile_ours(args, cfg_model, params32) if args.profile_dir else None
-  if not args.only_ours:
+  if not args.only_ours and draft_tokens(args):
     speculative_rows(args, cfg_model, clock, rows, params32)
   del params32
   if not (args.no_torch or args.only_ours or args.only_speculative):

@@ -14,6 +14,9 @@
 #           speculative K=4 and K=6 at batch 1 (run_spec_gpu.sh without its table)
 #   decode  issue 17: ours at batch 1/16 for the --kernels sets in KERNELS and --xla_options
 #           sets in XLA_SETS (after gemv is wired), profile of the last
+#   step    issue 16: the 1b train step with attention=cudnn, base (auto: the committed table)
+#           and the plain-JAX floor, one worker each (~35-60 s a row)
+# Session 9 also: HF_DRAFT='' leaves the speculative row out of the hf part.
 # Everything lands in $OUT/session8.tgz (the device returns at most 8 files).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -40,7 +43,7 @@ fi
 
 if has hf; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout ${HF_S:-160} python3 -m bench.decode --batches=1 \
-    --dtypes=bfloat16 --draft_tokens=4 --deadline_s=${HF_DEADLINE_S:-100} --out="$R/decode-hf.json" \
+    --dtypes=bfloat16 --draft_tokens="${HF_DRAFT-4}" --deadline_s=${HF_DEADLINE_S:-100} --out="$R/decode-hf.json" \
     > "$R/decode-hf.log" 2>&1; echo "decode with hf: exit $?"
   quiet < "$R/decode-hf.log" | tail -8
   pack
@@ -91,6 +94,15 @@ if has decode; then
     --profile_dir="$R/prof" --out="$R/decode.json" > "$R/decode.log" 2>&1; echo "decode table: exit $?"
   quiet < "$R/decode.log" | grep -v "^ " | cut -c1-220 | tail -${DECODE_TAIL:-14}
   find "$R/prof" -type f ! -name summary.txt -delete 2>/dev/null
+  pack
+fi
+if has step; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout ${STEP_S:-240} python3 -m bench --config=configs/1b.py \
+    --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
+    --variants="${STEP_VARIANTS:-cudnn:model.kernels.attention=cudnn;base}" --peer= --plain=plain \
+    --steps=20 --warmup=3 --window=5 --deadline_s=${STEP_DEADLINE_S:-200} --worker_timeout_s=150 \
+    --out="$R/step.json" > "$R/step.log" 2>&1; echo "step: exit $?"
+  quiet < "$R/step.log" | cut -c1-200 | tail -12
   pack
 fi
 ls -la "$R"

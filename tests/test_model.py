@@ -267,7 +267,7 @@ class _Device:
 
 
 @pytest.mark.parametrize("kind,head_dim,documents,want", [
-    ("NVIDIA H200", 64, False, "cudnn"),  # the committed table's rows
+    ("NVIDIA H200", 64, False, "mgpu"),  # the committed table's rows
     ("NVIDIA H200", 64, True, "pallas"),
     ("NVIDIA H200", 128, False, "cudnn"),
     ("Some Other GPU", 64, False, "cudnn"),  # not measured: the fixed rule
@@ -286,8 +286,20 @@ def test_auto_attention_skips_a_measured_backend_that_is_not_installed(monkeypat
   monkeypatch.setattr(kernels, "_auto_attention", lambda: table)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda *a: [_Device("GPU X")])
-  monkeypatch.setattr(kernels, "usable", lambda op, b: b != "tokamax")
+  monkeypatch.setattr(kernels, "usable", lambda op, b, **call: b != "tokamax")
   assert model.resolve_attention("auto", uses_segments=False, head_dim=64) == "pallas"
+
+
+@pytest.mark.parametrize("seq_len,dtype,want", [
+    (2048, jnp.bfloat16, "mgpu"), (1000, jnp.bfloat16, "cudnn"), (2048, jnp.float32, "cudnn")])
+def test_auto_attention_skips_a_backend_that_cannot_take_the_call(monkeypatch, seq_len, dtype,
+                                                                  want):
+  table = {"GPU X": {"head_dims": {"64": {"no_documents": ["mgpu", "cudnn"]}}}}
+  monkeypatch.setattr(kernels, "_auto_attention", lambda: table)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [_Device("GPU X")])
+  assert model.resolve_attention("auto", uses_segments=False, head_dim=64, seq_len=seq_len,
+                                 dtype=dtype) == want
 
 
 def test_the_auto_attention_table_names_registered_backends_only():

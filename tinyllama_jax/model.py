@@ -44,10 +44,11 @@ def compute_dtype(cfg_model):
   return jnp.dtype(cfg_model.compute_dtype)
 
 
-def resolve_attention(name, uses_segments, head_dim):
+def resolve_attention(name, uses_segments, head_dim, seq_len=None, dtype=None):
   """'auto': splash attention on TPU; on a GPU the first usable backend of the measured table
-  (kernels/attention_auto.json: per device kind, head dim and case, fastest first), else cuDNN
-  for one document a row and the Pallas flash kernel for packed rows; the reference otherwise."""
+  (kernels/attention_auto.json: per device kind, head dim and case, fastest first) that takes
+  this call's seq_len and dtype, else cuDNN for one document a row and the Pallas flash kernel
+  for packed rows; the reference otherwise."""
   if name != "auto":
     return name
   if jax.default_backend() == "tpu":
@@ -56,7 +57,8 @@ def resolve_attention(name, uses_segments, head_dim):
     return "xla"
   for backend in kernels.measured_attention(jax.devices()[0].device_kind, head_dim,
                                             uses_segments):
-    if backend in kernels.backends("attention") and kernels.usable("attention", backend):
+    if backend in kernels.backends("attention") and kernels.usable(
+        "attention", backend, seq_len=seq_len, head_dim=head_dim, dtype=dtype):
       return backend
   return "pallas" if uses_segments else "cudnn"
 
@@ -108,11 +110,11 @@ class Ops:
   backend of both norm forms (alone, and fused with the residual add); `rope` rotates q and k
   in one pass."""
 
-  def __init__(self, cfg_kernels, uses_segments, head_dim):
+  def __init__(self, cfg_kernels, uses_segments, head_dim, seq_len=None, dtype=None):
     def get(op, backend):
       return _per_device(op, backend, kernels.get(op, backend))
-    self.attention = get("attention",
-                         resolve_attention(cfg_kernels.attention, uses_segments, head_dim))
+    self.attention = get("attention", resolve_attention(cfg_kernels.attention, uses_segments,
+                                                        head_dim, seq_len, dtype))
     self.rms_norm = get("rms_norm", cfg_kernels.rms_norm)
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)
@@ -324,7 +326,8 @@ class Llama(nnx.Module):
       raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    ops = Ops(cfg.kernels, uses_segments=segment_ids_BT is not None, head_dim=cfg.head_dim)
+    ops = Ops(cfg.kernels, uses_segments=segment_ids_BT is not None, head_dim=cfg.head_dim,
+              seq_len=T, dtype=dtype)
     x_BTD = sharding.constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dtype), _BTX)
 
     layer_fn = functools.partial(block, cfg=cfg, ops=ops, dtype=dtype)

@@ -84,6 +84,15 @@ def test_bench_smoke(tmp_path):
   assert result["jax"] == jax.__version__ and np.isfinite(result["rows"][0]["ms_per_token"])
 
 
+def test_bench_without_speculative_rows(tmp_path):
+  """--draft_tokens='' runs no speculative row (the transformers study needs none)."""
+  out = tmp_path / "decode.json"
+  bench_decode.main(["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2",
+                     "--prompt_len=8", "--batches=1", "--dtypes=float32", "--no_torch",
+                     "--draft_tokens=", f"--out={out}"])
+  assert [row["name"] for row in json.loads(out.read_text())["rows"]] == ["ours"]
+
+
 def test_bench_kernel_sets(tmp_path):
   """--kernels gives a row set each ('' = the config's), named by its settings; a bad op is refused."""
   out = tmp_path / "decode.json"

@@ -98,6 +98,14 @@ def test_refuses_what_it_cannot_do():
       fm.attention_mgpu(q, kv, kv)
 
 
+def test_supports_says_what_the_checks_refuse():
+  assert fm.supports(seq_len=2048, head_dim=64, dtype=jnp.bfloat16)
+  assert fm.supports()  # nothing known: no reason to refuse
+  assert not fm.supports(seq_len=1000, head_dim=64, dtype=jnp.bfloat16)
+  assert not fm.supports(seq_len=2048, head_dim=96, dtype=jnp.bfloat16)
+  assert not fm.supports(seq_len=2048, head_dim=128, dtype=jnp.float32)
+
+
 def test_table_entry_is_lazy():
   from tinyllama_jax import kernels
   assert "mgpu" in kernels.backends("attention")

@@ -89,11 +89,14 @@ def get(op, backend):
   return getattr(importlib.import_module(module), name)
 
 
-def usable(op, backend):
-  """Whether the backend can run here: its module imports, and its `available()` (where it
-  has one: an optional dependency) says so."""
+def usable(op, backend, **call):
+  """Whether the backend can run here: its module imports, its `available()` (where it has
+  one: an optional dependency) says so, and its `supports(**call)` (where it has one: limits
+  of shape or dtype, e.g. seq_len, head_dim, dtype) takes this call."""
   module = importlib.import_module(_TABLE[op][backend].split(":")[0])
-  return getattr(module, "available", lambda: True)()
+  if not getattr(module, "available", lambda: True)():
+    return False
+  return getattr(module, "supports", lambda **_: True)(**call)
 
 
 @functools.cache

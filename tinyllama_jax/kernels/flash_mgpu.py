@@ -67,6 +67,18 @@ def default_config(head_dim):
   return _DEFAULTS.get(head_dim, MgpuConfig())
 
 
+def supports(seq_len=None, head_dim=None, dtype=None):
+  """Whether attention=auto may pick this backend for a call of these (None: not known): the
+  limits _check enforces, asked without raising."""
+  D = head_dim or 64
+  q = jax.ShapeDtypeStruct((1, seq_len or 128, 1, D), dtype or jnp.bfloat16)
+  try:
+    _check(q, q, q, None, default_config(D))
+  except ValueError:
+    return False
+  return True
+
+
 def _check(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, cfg):
   B, T, H, D = q_BTHD.shape
   if segment_ids_BT is not None:
