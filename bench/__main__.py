@@ -258,6 +258,9 @@ def run_jobs(jobs, args, t_start):
     if kind == "torch" and result.get("tokens_per_s") and not result.get("mfu"):
       peak = peak_flops.peak_flops(result.get("device_kind"))
       result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak if peak else None
+    elif "tokens_per_s" in result:  # each row as it lands: a call cut short keeps them
+      print(f"[bench] {name}: {result['tokens_per_s']:,.0f} tokens/s, "
+            f"step {result.get('step_time_s', 0) * 1e3:.1f} ms, {took:.0f} s", flush=True)
     results.append(result)
   return results
 

@@ -99,7 +99,7 @@ fi
 if has step; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout ${STEP_S:-240} python3 -m bench --config=configs/1b.py \
     --config.train.seq_len=2048 --config.train.micro_batch_per_device=8 \
-    --variants="${STEP_VARIANTS:-cudnn:model.kernels.attention=cudnn;base}" --peer= --plain=plain \
+    --variants="${STEP_VARIANTS:-base;cudnn:model.kernels.attention=cudnn}" --peer= --plain=plain \
     --steps=20 --warmup=3 --window=5 --deadline_s=${STEP_DEADLINE_S:-200} --worker_timeout_s=150 \
     --out="$R/step.json" > "$R/step.log" 2>&1; echo "step: exit $?"
   quiet < "$R/step.log" | cut -c1-200 | tail -12

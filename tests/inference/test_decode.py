@@ -12,7 +12,7 @@ import pytest
 from decoding_models import REPO, random_prompts, tiny_model
 from bench import decode as bench_decode
 from bench import hlo_ops
-from tinyllama_jax import model as model_lib
+from tinyllama_jax import config as config_lib, model as model_lib
 from tinyllama_jax.inference import decode
 
 
@@ -91,6 +91,27 @@ def test_bench_without_speculative_rows(tmp_path):
                      "--prompt_len=8", "--batches=1", "--dtypes=float32", "--no_torch",
                      "--draft_tokens=", f"--out={out}"])
   assert [row["name"] for row in json.loads(out.read_text())["rows"]] == ["ours"]
+
+
+def test_bench_transformers_rows(monkeypatch):
+  """Both transformers rows run (on a CPU the static cache is not compiled); a generate that
+  fails is that row's error, and the table goes on."""
+  transformers = pytest.importorskip("transformers")
+  cfg = config_lib.load_config_file(os.path.join(REPO, "configs/tiny.py")).model
+  args = bench_decode.parse(["--out=unused", "--batches=1", "--prompt_len=4",
+                                  "--new_tokens=2"])
+  rows = []
+  bench_decode.hf_rows(args, cfg, bench_decode.Clock(1000.0), rows)
+  assert [r["name"] for r in rows] == ["hf eager", "hf static+compile"]
+  assert all(r["tokens_per_s"] > 0 for r in rows)
+
+  def broken(*a, **k):
+    raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten\nmore")
+  monkeypatch.setattr(transformers.LlamaForCausalLM, "generate", broken)
+  rows = []
+  bench_decode.hf_rows(args, cfg, bench_decode.Clock(1000.0), rows)
+  assert [r["error"] for r in rows] == ["RuntimeError: accessing tensor output of CUDAGraphs "
+                                        "that has been overwritten"] * 2
 
 
 def test_bench_kernel_sets(tmp_path):
