@@ -267,7 +267,7 @@ class _Device:
 
 
 @pytest.mark.parametrize("kind,head_dim,documents,want", [
-    ("NVIDIA H200", 64, False, "mgpu"),  # the committed table's rows
+    ("NVIDIA H200", 64, False, "cudnn"),  # the committed table's rows
     ("NVIDIA H200", 64, True, "pallas"),
     ("NVIDIA H200", 128, False, "cudnn"),
     ("Some Other GPU", 64, False, "cudnn"),  # not measured: the fixed rule
