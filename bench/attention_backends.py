@@ -13,8 +13,9 @@ Errors: relative L2 of the output and of dq, dk, dv against XLA's attention in f
 inputs (fresh random inputs per shape, the backward's cotangent random too); bf16's band is
 1e-3..1e-2. A backend that fails (not installed, a shape it cannot take) is a row with its error.
 Each case's backends within the error band, fastest fwd+bwd first (cuDNN ahead of any within
-3% of it: `rank`), are what `attention=auto` picks from: `--write_table=PATH` writes kernels/attention_auto.json with this device kind's rows
-replaced by this run's (copy it into tinyllama_jax/kernels/ to commit it).
+3% of it: `rank`), are what `attention=auto` picks from: `--write_table=PATH` writes
+kernels/attention_auto.json with this device kind's rows replaced by this run's (copy it into
+tinyllama_jax/kernels/ to commit it).
 """
 
 import argparse
