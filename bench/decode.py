@@ -90,7 +90,11 @@ def parse(argv):
 
 
 def draft_tokens(args):
-  return [int(k) for k in args.draft_tokens.split(",") if k.strip()]
+  ks = [k.strip() for k in args.draft_tokens.split(",") if k.strip()]
+  if not all(k.isdigit() and int(k) > 0 for k in ks):
+    raise ValueError(f"--draft_tokens={args.draft_tokens!r}: give positive integers, e.g. 4,6 "
+                     "('' for no speculative rows)")
+  return [int(k) for k in ks]
 
 
 class Clock:

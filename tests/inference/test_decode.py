@@ -91,6 +91,8 @@ def test_bench_without_speculative_rows(tmp_path):
                      "--prompt_len=8", "--batches=1", "--dtypes=float32", "--no_torch",
                      "--draft_tokens=", f"--out={out}"])
   assert [row["name"] for row in json.loads(out.read_text())["rows"]] == ["ours"]
+  with pytest.raises(ValueError, match="--draft_tokens='4,x': give positive integers"):
+    bench_decode.main(["--out", str(out), "--draft_tokens=4,x"])
 
 
 def test_bench_transformers_rows(monkeypatch):
@@ -158,13 +160,19 @@ def test_loop_body_copies_no_cache():
   assert not [s for s in hlo_ops.body_shapes(hlo, "copy") if layer in s]
 
 
+def tiny_with_kernel(op, backend):
+  """(params, the tiny config, the same config with model.kernels.<op> = backend)."""
+  params, cfg = tiny_model(0)
+  _, cfg_kernel = tiny_model(0)
+  with cfg_kernel.unlocked():
+    cfg_kernel.kernels[op] = backend
+  return params, cfg, cfg_kernel
+
+
 def test_the_pallas_cache_attention_decodes_the_same_tokens():
   """model.kernels.attention_cache=pallas (interpreted here) in the whole loop: the tokens of
   the reference, rows of different lengths."""
-  params, cfg = tiny_model(0)
-  _, cfg_pallas = tiny_model(0)
-  with cfg_pallas.unlocked():
-    cfg_pallas.kernels.attention_cache = "pallas"
+  params, cfg, cfg_pallas = tiny_with_kernel("attention_cache", "pallas")
   prompts, lengths = random_prompts([3, 17, 9])
   assert (decode.decode(params, cfg_pallas, prompts, lengths, max_new_tokens=10)
           == decode.decode(params, cfg, prompts, lengths, max_new_tokens=10))
@@ -174,10 +182,7 @@ def test_the_fused_gemvs_decode_the_same_tokens():
   """model.kernels.decode_gemv=pallas (interpreted here): each decode step's layers as the 4
   fused GEMVs give the reference's tokens, rows of different lengths (the prefill, 3 x 64 rows,
   keeps the GEMMs); and the step's hidden states match the block's own path."""
-  params, cfg = tiny_model(0)
-  _, cfg_gemv = tiny_model(0)
-  with cfg_gemv.unlocked():
-    cfg_gemv.kernels.decode_gemv = "pallas"
+  params, cfg, cfg_gemv = tiny_with_kernel("decode_gemv", "pallas")
   prompts, lengths = random_prompts([3, 17, 9])
   assert (decode.decode(params, cfg_gemv, prompts, lengths, max_new_tokens=8)
           == decode.decode(params, cfg, prompts, lengths, max_new_tokens=8))
