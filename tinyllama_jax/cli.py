@@ -8,15 +8,19 @@ other, and calls `run`.
 """
 
 import difflib
+import logging as std_logging
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tinyllama_jax import config as config_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+# Source trees whose INFO lines a command shows: the package and the benchmarks beside it.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_OWN_SOURCES = (_PACKAGE + os.sep, os.path.join(os.path.dirname(_PACKAGE), "bench") + os.sep)
 
 
 def define_run_flags():
@@ -52,11 +56,33 @@ def run(main, *, faults=(), argv=None):
   def start():
     check_override_keys(argv)
     try:
-      app.run(main, argv=argv, flags_parser=parse_flags)
+      app.run(_quietly(main), argv=argv, flags_parser=parse_flags)
     except faults as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(3)
   exit_on_error(start)
+
+
+class OwnInfoOnly(std_logging.Filter):
+  """INFO lines from this project's sources; other libraries' from WARNING up. orbax logs ~7 lines
+  a restored array through absl (one logger for every library, so no logger level can tell them
+  apart) and jax an INFO line for each platform it probes (libtpu missing on a GPU host)."""
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING
+            or os.path.normpath(record.pathname).startswith(_OWN_SOURCES))
+
+
+def _quietly(main):
+  """`main`, after OwnInfoOnly is on absl's handler (python logging's root hands it every
+  record), unless --verbosity was given: asking for more then shows every library's lines."""
+  def quiet_main(argv):
+    handler = logging.get_absl_handler()
+    if not flags.FLAGS["verbosity"].present and not any(
+        isinstance(f, OwnInfoOnly) for f in handler.filters):
+      handler.addFilter(OwnInfoOnly())
+    return main(argv)
+  return quiet_main
 
 
 def check_flags(argv):

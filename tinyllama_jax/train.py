@@ -6,7 +6,6 @@ same command resumes. Exit status: 0 done or preempted (checkpoint written), 2 b
 line naming it), 3 a fault the run stopped on (non-finite steps, a checkpoint it cannot write).
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -18,21 +17,13 @@ from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.training import faults, loop
 
 
-class _OwnInfoOnly(std_logging.Filter):
-  """INFO lines from this package; other libraries' (orbax writes ~30 per save) from WARNING up."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "tinyllama_jax" in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   if not FLAGS.workdir:
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  logging.set_verbosity(logging.INFO)  # other libraries' INFO lines: cli.OwnInfoOnly
   config_lib.validate(FLAGS.config)  # one line in the first second, before waiting for peers
   distributed.apply_xla_flags(FLAGS.config.train.xla_flags)
   distributed.initialize()
