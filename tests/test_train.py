@@ -102,8 +102,11 @@ def test_steps_trained_before_a_failing_eval_are_checkpointed(tmp_path, monkeypa
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-  import faults_helpers
-  return faults_helpers.micro_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+  """A 512-piece tokenizer trained once for the module (tests/training's helpers are not on the
+  path when this file runs alone)."""
+  from tinyllama_jax.data import pipeline
+  data = micro_config().data
+  return pipeline.load_tokenizer(data, str(tmp_path_factory.mktemp("tokenizer"))).path
 
 
 def write_tokens(path, n, seed=0):
@@ -207,3 +210,51 @@ def test_xla_flags_are_appended_unless_the_environment_names_them():
   assert apply_xla_flags("--xla_a= --xla_b=1", env) == "--xla_b=2 --xla_c --xla_a="
   env = {"XLA_FLAGS": "--xla_a=x"}
   assert apply_xla_flags("", env) == "--xla_a=x"
+
+
+def test_the_sample_prompt_is_the_config_key_or_the_start_of_an_eval_document(tmp_path,
+                                                                             tokenizer_path):
+  from tinyllama_jax.data import sources
+  cfg = micro_config(**{"data.tokenizer": tokenizer_path})
+  tokenizer = train_lib.load_tokenizer(cfg, str(tmp_path))
+  prompt = train_lib.data_prompt(cfg, tokenizer, 4)
+  assert len(tokenizer.encode(prompt)) >= train_lib.SAMPLE_PROMPT_TOKENS // 2, prompt
+  eval_files = sources.split_names(sources.stdlib_files(), "eval", cfg.data.eval_fraction)
+  root = sources.stdlib_root()
+  texts = [sources.read_utf8(os.path.join(root, f)) or "" for f in eval_files]
+  assert any(text.startswith(prompt) for text in texts), prompt
+  cfg.train.sample_prompt = "import os"
+  assert train_lib.data_prompt(cfg, tokenizer, 4) == "import os"
+
+
+def test_a_run_ends_saying_where_everything_went_and_its_rerun_exits_before_compiling(
+    tmp_path, tokenizer_path):
+  """The closing lines name the checkpoint, metrics.jsonl, tb/, the losses and the wall time; a
+  rerun of the finished run says it is already there, exits 0 and compiles nothing."""
+  workdir = tmp_path / "w"
+  flags = [f"--config={REPO}/configs/tiny.py", f"--workdir={workdir}",
+           f"--config.data.tokenizer={tokenizer_path}", "--config.train.steps=2",
+           "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+           "--config.train.eval_batches=1", "--config.train.sample_tokens=0"]
+  flags += [f"--config.{k}={v}" for k, v in {
+      "model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
+      "model.head_dim": 16, "model.ffn_dim": 128, "model.vocab_size": 512,
+      "model.max_seq_len": 64, "train.seq_len": 64, "train.global_batch": 8,
+      "train.micro_batch_per_device": 4}.items()]
+  command = [sys.executable, "-m", "tinyllama_jax.train", *flags]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-2000:]
+  tail = [line.split("] ", 1)[-1] for line in first.stderr.splitlines()[-4:]]
+  assert tail[0].startswith("done: step 2 of 2 in ") and "train loss" in tail[0], tail
+  assert "eval loss" in tail[0], tail
+  assert tail[1:] == [f"  checkpoint   {workdir}/checkpoints/2",
+                      f"  metrics      {workdir}/metrics.jsonl",
+                      f"  tensorboard  {workdir}/tb  (tensorboard --logdir={workdir}/tb)"]
+  metrics_before = (workdir / "metrics.jsonl").read_text()
+  again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "already at step 2 of 2: nothing to train" in again.stderr, again.stderr[-2000:]
+  assert f"checkpoint   {workdir}/checkpoints/2" in again.stderr
+  assert "compil" not in again.stderr, again.stderr[-2000:]
+  assert (workdir / "metrics.jsonl").read_text() == metrics_before  # nothing appended

@@ -122,6 +122,8 @@ def train_config():
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.sample_tokens = 0  # >0: print a greedy sample of this many tokens at the end
+  # The sample's prompt; '' = the first tokens of the first eval document (train's without eval)
+  c.sample_prompt = ""
   # Appended to XLA_FLAGS before the backend starts; a flag the environment already sets wins.
   # None pays measurably at 1b on one H200 (command buffers off, cuBLASLt, no Triton GEMMs: all
   # within the +-1% run-to-run noise; bench/NOTES.md), so none is set by default.

@@ -10,6 +10,7 @@ The command is tinyllama_jax/train.py.
 
 import json
 import os
+import time
 
 import jax
 from absl import logging
@@ -20,7 +21,9 @@ from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.inference import generate
 from tinyllama_jax.params import flops_per_token, param_count
-from tinyllama_jax.training import faults, init_from, metrics, program
+from tinyllama_jax.training import faults, init_from, metrics, program, report
+
+SAMPLE_PROMPT_TOKENS = 8  # a document's first tokens, as the end-of-run sample's prompt
 
 # ----------------------------------------------------------------------------- the run
 
@@ -52,6 +55,14 @@ class Run:
     except BaseException:
       self.release()
       raise
+
+  def finished_step(self):
+    """The latest checkpoint's step when it is at or past train.steps (its metadata readable):
+    nothing left to train."""
+    step = self.ckpt.latest_step()
+    if step is None or step < self.cfg.train.steps or self.ckpt.latest_config() is None:
+      return None
+    return step
 
   def release(self):
     """Closes the checkpointer (orbax's writer thread ends before the process does: a run that
@@ -150,15 +161,44 @@ def greedy_sample(params, cfg_model, tokenizer, prompt, n_tokens):
   return tokenizer.decode(ids[1:] + [t for t in out if t != tokenizer.eos_id])
 
 
+def data_prompt(cfg, tokenizer, batch_size):
+  """train.sample_prompt, else the first tokens of the first document of the eval split (the
+  train split without eval) as text: a prompt in the run's own language."""
+  if cfg.train.sample_prompt:
+    return cfg.train.sample_prompt
+  it = make_iterator(cfg, "eval" if cfg.train.eval_every else "train", batch_size, tokenizer)
+  try:
+    row = [int(t) for t in next(it)["inputs"][0]]
+  finally:
+    it.close()
+  start = row.index(tokenizer.bos_id) + 1 if tokenizer.bos_id in row else 0
+  ids = row[start:start + SAMPLE_PROMPT_TOKENS]
+  if tokenizer.eos_id in ids:
+    ids = ids[:ids.index(tokenizer.eos_id)]
+  return tokenizer.decode(ids)
+
+
 def train(cfg, workdir, dry_run=False):
   """Runs (or resumes) training; returns the last logged metrics. SIGTERM/SIGINT end it early
-  after a checkpoint (`preempted` in the result); faults.py says what else it survives."""
+  after a checkpoint (`preempted` in the result); faults.py says what else it survives. A run
+  already at train.steps says so and returns {"step", "finished": True}, nothing compiled."""
+  start = time.monotonic()
   run = Run(cfg, workdir)
   try:
-    with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
-      return _train(run, cfg, workdir, dry_run)
+    finished = None if dry_run else run.finished_step()
+    if finished is None:
+      with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
+        result = _train(run, cfg, workdir, dry_run)
   finally:
     run.release()
+  if finished is not None:
+    if jax.process_index() == 0:
+      report.log_lines(report.finished_lines(workdir, finished, cfg.train.steps))
+    return {"step": finished, "finished": True}
+  if not dry_run and jax.process_index() == 0:
+    report.log_lines(report.closing_lines(workdir, result, cfg.train.steps,
+                                          time.monotonic() - start))
+  return result
 
 
 def _log_model(run, cfg):
@@ -197,8 +237,9 @@ def _eval_at(step, eval_fn, params, cfg, tokenizer, prog, *, save):
   return loss
 
 
-def _log_sample(params, cfg, tokenizer, writer, step):
-  sample = greedy_sample(params, cfg.model, tokenizer, "def ", cfg.train.sample_tokens)
+def _log_sample(params, cfg, tokenizer, writer, step, batch_size):
+  prompt = data_prompt(cfg, tokenizer, batch_size)
+  sample = greedy_sample(params, cfg.model, tokenizer, prompt, cfg.train.sample_tokens)
   logging.info("sample (greedy): %r", sample)
   writer.text(step, "sample", sample)
 
@@ -271,11 +312,12 @@ def _train(run, cfg, workdir, dry_run):
           break
       run.ckpt.wait()
     if t.sample_tokens and tokenizer is not None and jax.process_index() == 0 and not preempted:
-      _log_sample(state["params"], cfg, tokenizer, writer, step)
+      _log_sample(state["params"], cfg, tokenizer, writer, step, prog.micro_batch)
   finally:
     writer.close()
     train_it.close()
   last["step"] = step
+  last["checkpoint_step"] = saved_step
   last["params"] = state["params"]
   last["preempted"] = preempted
   return last
