@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tinyllama_jax import config as config_lib, optim, params, sharding
+from tinyllama_jax import config as config_lib, optim, params, sharding, train_state
 from tinyllama_jax.interop import hf
 from tinyllama_jax.model import Llama
-from tinyllama_jax.training import program as program_lib
 
 CONFIGS = ("tiny", "120m", "1b")
 
@@ -96,7 +95,7 @@ def test_table_shardings_equal_the_regex_rules(name, mesh_sizes):
   cfg = load(name)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, **mesh_sizes})
   tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  state = jax.eval_shape(program_lib.make_init_fn(cfg, tx), jax.random.key(0))
+  state = jax.eval_shape(train_state.make_init_fn(cfg, tx), jax.random.key(0))
   new, old = sharding.tree_shardings(state, mesh), _regex_shardings(state, mesh)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new), jax.tree.leaves(old)):
     assert a == b, jax.tree_util.keystr(path)

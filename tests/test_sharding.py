@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyllama_jax import config as config_lib, optim, sharding
+from tinyllama_jax import config as config_lib, optim, sharding, train_state
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.training import program as program_lib
@@ -33,7 +33,7 @@ def small_config():
 
 def init_state(cfg, mesh):
   tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  init = program_lib.make_init_fn(cfg, tx)
+  init = train_state.make_init_fn(cfg, tx)
   shardings = sharding.tree_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
   return jax.jit(init, out_shardings=shardings)(jax.random.key(0)), shardings
 
@@ -188,7 +188,7 @@ def compiled_step_hlo(n_devices, attention, T=48, micro=4, data=1):
   cfg.train.global_batch = micro * n_devices
   mesh = sharding.make_mesh(mesh_cfg(data=data), devices=jax.devices()[:n_devices])
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  init = program_lib.make_init_fn(cfg, tx)
+  init = train_state.make_init_fn(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_sh = sharding.tree_shardings(abstract, mesh)
   batch_sh = sharding.accum_batch_sharding(mesh)

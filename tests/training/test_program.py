@@ -5,7 +5,7 @@ import os
 
 import jax
 
-from tinyllama_jax import config as config_lib, sharding
+from tinyllama_jax import config as config_lib, sharding, train_state
 from tinyllama_jax.training import program
 from tinyllama_jax.training import plan as plan_lib
 from tinyllama_jax.training import loop as train_lib
@@ -43,7 +43,7 @@ def test_abstract_state_is_what_init_makes():
     assert (real.shape, real.dtype) == (abstract.shape, abstract.dtype)
     assert real.sharding.is_equivalent_to(abstract.sharding, real.ndim)
   # run.param_checksums's tree (no mesh): the same leaves without shardings.
-  plain = program.state_tree(cfg)
+  plain = train_state.state_tree(cfg)
   assert jax.tree.structure(plain) == jax.tree.structure(prog.abstract_state)
   assert all((a.shape, a.dtype) == (b.shape, b.dtype) for a, b in
              zip(jax.tree.leaves(plain), jax.tree.leaves(prog.abstract_state)))

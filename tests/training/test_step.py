@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyllama_jax import optim
+from tinyllama_jax import optim, train_state
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.training import program as program_lib
 from tests.test_model import small_model_config
@@ -19,7 +19,7 @@ def step_setup():
   cfg.model = small_model_config()
   cfg.optim.warmup_steps, cfg.optim.decay_steps = 3, 10
   tx, schedule = optim.make_optimizer(cfg.optim, 10)
-  state = program_lib.make_init_fn(cfg, tx)(jax.random.key(0))
+  state = train_state.make_init_fn(cfg, tx)(jax.random.key(0))
   step = jax.jit(functools.partial(program_lib.train_step, graphdef=model_lib.graphdef(cfg.model),
                                    cfg=cfg, tx=tx, schedule=schedule))
   return state, step, schedule

@@ -14,13 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from tinyllama_jax import params as param_table
+from tinyllama_jax import params as param_table, train_state
 from tinyllama_jax.checkpoint import manager as checkpoint
-from tinyllama_jax.training import program
 from tinyllama_jax.data import corpus, tokenizer as tokenizer_lib
 from tinyllama_jax.data import pipeline
-
-
 
 def checkpoint_dir(workdir):
   return os.path.join(workdir, "checkpoints")
@@ -121,7 +118,7 @@ def param_checksums(workdir, step):
   meta = read_meta(workdir, step)
   cfg = ml_collections.ConfigDict(meta["config"])
   try:
-    by_path = checkpoint.stored_checksums_by_path(meta, program.state_tree(cfg))
+    by_path = checkpoint.stored_checksums_by_path(meta, train_state.state_tree(cfg))
   except ValueError as e:
     raise ValueError(f"checkpoint {step} in {workdir} cannot be verified ({e})") from None
   if by_path is None:

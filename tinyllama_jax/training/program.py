@@ -21,30 +21,14 @@ import optax
 from absl import logging
 from flax import nnx
 
-from tinyllama_jax import kernels, model as model_lib, optim, sharding
+from tinyllama_jax import kernels, model as model_lib, optim, sharding, train_state
 from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.training import faults
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-# ----------------------------------------------------------------------------- state and step
-
-
-def make_init_fn(cfg, tx):
-  def init(rng):
-    model = model_lib.Llama(cfg.model, rngs=nnx.Rngs(params=rng))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.fold_in(rng, 1), "nan_skips": jnp.zeros((), jnp.int32)}
-  return init
-
-
-def state_tree(cfg):
-  """The train state's abstract tree (shapes and dtypes, no shardings, no mesh): what a
-  checkpoint of this config holds, e.g. to pair its stored checksums with leaves."""
-  tx, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  return jax.eval_shape(make_init_fn(cfg, tx), jax.random.key(0))
+# ----------------------------------------------------------------------------- the step
 
 
 def loss_sums(params, batch, *, graphdef, cfg, use_segments=None):
@@ -160,7 +144,7 @@ def build_program(cfg, mesh, *, accum=None):
   global_batch over one micro-batch (train.micro_batch_per_device on every batch device)."""
   micro_batch = cfg.train.micro_batch_per_device * sharding.batch_devices(mesh)
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  init = make_init_fn(cfg, tx)
+  init = train_state.make_init_fn(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.tree_shardings(abstract, mesh)
   return Program(
