@@ -3,9 +3,8 @@
   python -m tinyllama_jax.prepare --input='/data/slimpajama/train/*/*.jsonl.zst' \
       --tokenizer=tokenizer.model --out=/data/slim_prepared
 
-(`python -m tinyllama_jax.data.prepare` is the same command.) data/prepare.py does the work; its
-docstring says what is written. Exit status: 0 done, 2 bad input, 3 cannot write (full disk),
-130 interrupted.
+data/prepare.py does the work; its docstring says what is written. Exit status: 0 done, 2 bad
+input, 3 cannot write (full disk), 130 interrupted.
 """
 
 import json

@@ -230,11 +230,18 @@ def test_bad_inputs(inputs, tok, small_cfg, tmp_path):
 
 
 def test_cli_prepares_and_fails_clearly(inputs, tok, tmp_path):
-  cmd = [sys.executable, "-m", "tinyllama_jax.data.prepare", f"--tokenizer={tok.path}",
+  cmd = [sys.executable, "-m", "tinyllama_jax.prepare", f"--tokenizer={tok.path}",
          "--num_workers=2"]
   ok = subprocess.run(cmd + [f"--input={inputs}/b/*.txt", f"--out={tmp_path}/out"], cwd=REPO,
                       capture_output=True, text=True, timeout=120)
   assert ok.returncode == 0, ok.stderr
+  # The library module run as a command names the command, and prepares nothing.
+  old = subprocess.run([sys.executable, "-m", "tinyllama_jax.data.prepare", *cmd[3:],
+                        f"--input={inputs}/b/*.txt", f"--out={tmp_path}/old"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert old.returncode == 2 and old.stderr.startswith(
+      "error: the prepare command is `python -m tinyllama_jax.prepare`"), old.stderr
+  assert not os.path.exists(tmp_path / "old")
   assert json.loads(ok.stdout)["documents"] == 5
   # Bad input exits 2 (as every command does) with one line naming prepare's own flag.
   bad = subprocess.run(cmd + [f"--tokenizer={tmp_path}/none.model", f"--input={inputs}/b/*.txt",

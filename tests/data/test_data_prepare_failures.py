@@ -202,7 +202,7 @@ def test_ctrl_c_stops_workers_quietly_with_no_partial_files(tok, tmp_path):
         size, k = size + len(text), k + 24
   out = tmp_path / "out"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "tinyllama_jax.data.prepare", f"--tokenizer={tok.path}",
+      [sys.executable, "-m", "tinyllama_jax.prepare", f"--tokenizer={tok.path}",
        f"--input={tmp_path}/*.jsonl", f"--out={out}", "--num_workers=2"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:

@@ -69,7 +69,7 @@ def test_prepared_split(run):
 
 
 def test_prepared_data(run, tmp_path):
-  """--data=prepared:DIR scores the eval split of data written by tinyllama_jax.data.prepare;
+  """--data=prepared:DIR scores the eval split of data written by tinyllama_jax.prepare;
   more --batches than the split holds score it once, to its end, never wrapping around."""
   from tinyllama_jax.data import prepare
   params, cfg, tok, _, _ = run

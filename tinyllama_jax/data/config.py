@@ -13,7 +13,7 @@ def data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # 'stdlib': the running Python's standard library .py files (real text, always present).
   # 'synthetic': uniform random tokens (benchmarks). 'text': raw .txt/.jsonl/.parquet files.
-  # 'prepared': token shards + manifest written by `python -m tinyllama_jax.data.prepare`.
+  # 'prepared': token shards + manifest written by `python -m tinyllama_jax.prepare`.
   # 'litpkds': TinyLlama's prepared .bin files. 'mixture': weighted mix of `mixture` entries.
   # 'chat': .jsonl/.jsonl.zst/.parquet rows of {"messages": [{"role", "content"}]} for SFT
   # (data/chat.py), loss on the assistant's tokens only; needs packing first_fit or best_fit.

@@ -24,7 +24,7 @@ def load_manifest(path: str) -> tuple[dict, str]:
     path = os.path.join(path, formats.MANIFEST)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no prepared manifest at {path}: run python -m "
-                            "tinyllama_jax.data.prepare first, or point data.paths at its --out")
+                            "tinyllama_jax.prepare first, or point data.paths at its --out")
   with open(path) as f:
     manifest = json.load(f)
   if manifest.get("format") != formats.MANIFEST_FORMAT:
@@ -154,7 +154,7 @@ class DocumentSource:
       index = p + ".docs.npy"
       if not os.path.exists(index):
         raise ValueError(f"{p} has no document index ({index}): use packing='concat' for LITPKDS "
-                         "files, or prepare the data with tinyllama_jax.data.prepare")
+                         "files, or prepare the data with tinyllama_jax.prepare")
       self._doc_counts.append(len(np.load(index, mmap_mode="r")))
     self._doc_starts = np.concatenate([[0], np.cumsum(self._doc_counts)])
     total = int(self._doc_starts[-1])

@@ -21,7 +21,7 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.
           7: np.float64, 8: np.uint16}
 _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
-MANIFEST = "manifest.json"  # written by `python -m tinyllama_jax.data.prepare`
+MANIFEST = "manifest.json"  # written by `python -m tinyllama_jax.prepare`
 MANIFEST_FORMAT = "tinyllama_jax.prepared/1"
 _ZSTD_READ_BYTES = 1 << 20
 

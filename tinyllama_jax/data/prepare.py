@@ -363,6 +363,7 @@ def failure(error: BaseException, out_dir: str) -> tuple[str, int] | None:
   return None
 
 
-if __name__ == "__main__":  # `python -m tinyllama_jax.data.prepare`, as documented before 0.4
-  from tinyllama_jax import prepare as prepare_cli  # pylint: disable=g-import-not-at-top
-  prepare_cli.run_cli()
+if __name__ == "__main__":  # the old spelling of the command, which lives above this layer
+  print("error: the prepare command is `python -m tinyllama_jax.prepare` (the same flags); "
+        "tinyllama_jax.data.prepare is its library", file=sys.stderr)
+  sys.exit(2)

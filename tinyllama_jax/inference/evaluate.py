@@ -4,7 +4,7 @@
 skipped and counted), any other text file (the whole file is one document), a comma-separated
 list or glob of those; or, through the data pipeline (at most --batches batches of one pass over
 the data, packed as the run packs: no token is scored twice): `split:eval` / `split:train` of the
-run's own data, `prepared:DIR` (the --split of data written by tinyllama_jax.data.prepare) or
+run's own data, `prepared:DIR` (the --split of data written by tinyllama_jax.prepare) or
 `litpkds:GLOB`. The command is tinyllama_jax/evaluate.py.
 
 Files are scored document by document, as training tokenized them (BOS/EOS per the run's
