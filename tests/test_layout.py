@@ -1,8 +1,10 @@
 """The package's layout rules, checked on the source: no module in tinyllama_jax/ over 500 lines,
 no function in tinyllama_jax/ or bench/ over 80 lines, and absl flags defined at import time only
 by the command modules (a library module that defines flags when imported breaks every other
-command that imports it: absl refuses a flag defined twice), and project modules imported at the
-top of a module, not inside functions (a cycle is broken by moving code to the right layer).
+command that imports it: absl refuses a flag defined twice), project modules imported at the
+top of a module, not inside functions (a cycle is broken by moving code to the right layer), and
+imports pointing down the layers (LAYERS: commands > training / inference / interop / sweeps >
+checkpoint > model and data > config and tables).
 Optional heavy third-party imports (torch, matplotlib, pyarrow, ...) may stay in functions."""
 
 import ast
@@ -13,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 COMMAND_MODULES = {f"tinyllama_jax/{n}.py" for n in
-                   ("train", "plan", "prepare", "export", "evaluate", "sweep", "generate", "config")}
+                   ("train", "plan", "prepare", "export", "evaluate", "sweep", "generate",
+                    "config/__main__")}
 
 
 def _sources(*folders):
@@ -99,31 +102,68 @@ def function_level_project_imports(sources):
   return sorted(set(out))
 
 
-# The commands the layers may never import (config.py is a command and the config layer).
-COMMANDS = {f"tinyllama_jax.{n}" for n in
-            ("train", "plan", "prepare", "export", "evaluate", "sweep", "generate")}
+# The layers, lowest first. A module imports modules of its own layer or lower ones, never of a
+# higher one: a lower floor reaching up makes a circle (and drags a command's flags into every
+# user of that floor). An entry is a file or a folder (ending in /); the longest one naming a
+# module decides its layer, and a new top-level module must be placed here.
+LAYER_NAMES = ("config and tables", "model and data", "checkpoint",
+               "training, inference, interop, sweeps", "commands")
+LAYERS = {
+    "tinyllama_jax/__init__.py": 0, "tinyllama_jax/config/": 0, "tinyllama_jax/choices.py": 0,
+    "tinyllama_jax/params.py": 0, "tinyllama_jax/data/config.py": 0,
+    "tinyllama_jax/kernels/__init__.py": 0,  # the backend table: names only, no kernel imported
+    "tinyllama_jax/data/": 1, "tinyllama_jax/kernels/": 1, "tinyllama_jax/model.py": 1,
+    "tinyllama_jax/sharding.py": 1, "tinyllama_jax/optim.py": 1, "tinyllama_jax/train_state.py": 1,
+    "tinyllama_jax/distributed.py": 1, "tinyllama_jax/peak_flops.py": 1,
+    "tinyllama_jax/checkpoint/": 2,
+    "tinyllama_jax/training/": 3, "tinyllama_jax/inference/": 3, "tinyllama_jax/interop/": 3,
+    "tinyllama_jax/sweeps/": 3,
+    "tinyllama_jax/cli.py": 4, "tinyllama_jax/config/__main__.py": 4,
+    **{f"tinyllama_jax/{n}.py": 4 for n in
+       ("train", "plan", "prepare", "export", "evaluate", "sweep", "generate")},
+}
 
 
-def layers_importing_commands(sources):
-  """Imports point one way: commands import layers, a layer never imports a command (the one
-  exception: data/prepare.py's `__main__` block, the old spelling of the prepare command)."""
+def layer_of(path):
+  """The layer of a source file (a path relative to the repo), None when no entry names it."""
+  path = path.replace(os.sep, "/")
+  entries = [e for e in LAYERS if path == e or (e.endswith("/") and path.startswith(e))]
+  return LAYERS[max(entries, key=len)] if entries else None
+
+
+def module_file(dotted):
+  """The package file a dotted import names (`from m import name`: m's), None outside it."""
+  parts = dotted.split(".")
+  while parts and parts[0] == "tinyllama_jax":
+    base = "/".join(parts)
+    for candidate in (base + ".py", base + "/__init__.py"):
+      if os.path.isfile(os.path.join(REPO, candidate)):
+        return candidate
+    parts = parts[:-1]
+  return None
+
+
+def imports_against_the_layers(sources):
+  """Every import of a higher layer, `__main__` blocks and function bodies included; and every
+  module no entry of LAYERS places."""
   out = []
   for rel, text in sources:
-    if is_command_module(rel):
+    own = layer_of(rel)
+    if own is None:
+      out.append(f"{rel}: in no layer (place it in test_layout.LAYERS)")
       continue
-    tree = ast.parse(text, rel)
-    shim = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
-    for node in ast.walk(tree):
-      if any(node in ast.walk(s) for s in shim):
-        continue
+    for node in ast.walk(ast.parse(text, rel)):
       for module in _project_modules(node):
-        if module in COMMANDS or module.rsplit(".", 1)[0] in COMMANDS:
-          out.append(f"{rel}:{node.lineno} imports the command {module}")
+        target = module_file(module)
+        layer = None if target is None else layer_of(target)
+        if target is not None and (layer is None or layer > own):
+          out.append(f"{rel}:{node.lineno} ({LAYER_NAMES[own]}) imports {module} "
+                     f"({'no layer' if layer is None else LAYER_NAMES[layer]})")
   return sorted(set(out))
 
 
-def test_layers_never_import_commands():
-  assert layers_importing_commands(_sources("tinyllama_jax")) == []
+def test_imports_point_down_the_layers():
+  assert imports_against_the_layers(_sources("tinyllama_jax")) == []
 
 
 def test_no_module_over_500_lines():
@@ -145,9 +185,24 @@ def test_project_modules_are_imported_at_module_top():
 def test_the_checks_catch_a_violation():
   """Each rule fails on a source that breaks it (and passes one that keeps it)."""
   importing = "from tinyllama_jax import generate\n"
-  assert layers_importing_commands([("tinyllama_jax/training/loop.py", importing)]) == [
-      "tinyllama_jax/training/loop.py:1 imports the command tinyllama_jax.generate"]
-  assert layers_importing_commands([("tinyllama_jax/train.py", importing)]) == []
+  assert imports_against_the_layers([("tinyllama_jax/training/loop.py", importing)]) == [
+      "tinyllama_jax/training/loop.py:1 (training, inference, interop, sweeps) imports "
+      "tinyllama_jax.generate (commands)"]
+  assert imports_against_the_layers([("tinyllama_jax/train.py", importing)]) == []
+  up = "from tinyllama_jax.training import program\nfrom tinyllama_jax.data import corpus\n"
+  assert imports_against_the_layers([("tinyllama_jax/checkpoint/run.py", up)]) == [
+      "tinyllama_jax/checkpoint/run.py:1 (checkpoint) imports tinyllama_jax.training.program "
+      "(training, inference, interop, sweeps)"]
+  shim = "if __name__ == '__main__':\n  from tinyllama_jax import prepare\n"
+  assert imports_against_the_layers([("tinyllama_jax/data/prepare.py", shim)]) == [
+      "tinyllama_jax/data/prepare.py:2 (model and data) imports tinyllama_jax.prepare (commands)"]
+  config_up = "from tinyllama_jax import cli, kernels\nfrom tinyllama_jax.choices import choice\n"
+  assert imports_against_the_layers([("tinyllama_jax/config/__init__.py", config_up)]) == [
+      "tinyllama_jax/config/__init__.py:1 (config and tables) imports tinyllama_jax.cli (commands)"]
+  assert imports_against_the_layers([("tinyllama_jax/new.py", "")]) == [
+      "tinyllama_jax/new.py: in no layer (place it in test_layout.LAYERS)"]
+  sideways = "from tinyllama_jax.inference import generate\nimport tinyllama_jax.model\n"
+  assert imports_against_the_layers([("tinyllama_jax/training/loop.py", sideways)]) == []
   body = "".join(f"  x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
   assert long_functions([("m.py", "def f():\n" + body)]) == ["m.py:1 f: 81 lines"]
   assert long_functions([("m.py", "def f():\n" + body[:-len("  x79 = 79\n")])]) == []

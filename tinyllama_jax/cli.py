@@ -1,10 +1,11 @@
 """What every command shares: its common flags, and one way to start that turns bad input into
-one line and exit 2, and a fault into one line and exit 3 (docs/reliability.md's exit statuses).
+one line and exit 2, and a fault into one line and exit 3 (docs/reliability.md's exit statuses),
+with only the project's own INFO lines in the log.
 
 The commands are the top-level modules (train, plan, export, generate, evaluate, sweep, prepare;
-and config, whose listing of the keys runs as `python -m tinyllama_jax.config`):
-each defines its flags when it runs as a command, never on import, so any module can import any
-other, and calls `run`.
+and config/__main__.py, the key listing, `python -m tinyllama_jax.config`): each defines its
+flags when it runs as a command, never on import, and calls `run`. This module is of their layer:
+no module below the commands imports it (tests/test_layout.py's LAYERS).
 """
 
 import difflib

@@ -4,24 +4,19 @@ Config files (configs/*.py) start from `base_config()` and change fields; the co
 overrides any dotted key (`--config.optim.lr=3e-4`). Configs are locked, so a typo is an
 error, and `check_override_keys` names the closest valid keys before anything starts. A key
 with a fixed set of values declares them beside its default (`choice(default, VALUES)`), and the
-comment beside a default is its help: `python -m tinyllama_jax.config --config=F` lists them all.
+comment beside a default is its help: `python -m tinyllama_jax.config --config=F` lists them all
+(listing.py; the command is __main__.py, above the layer it lists).
 """
 
-import ast
 import difflib
 import importlib.util
-import inspect
-import io
 import json
 import math
 import os
-import textwrap
-import tokenize
 
 import ml_collections
-from absl import flags
 
-from tinyllama_jax import cli, kernels
+from tinyllama_jax import kernels
 from tinyllama_jax.choices import Choice, choice, declaring
 from tinyllama_jax.data.config import data_config  # the data package owns its defaults
 
@@ -387,89 +382,6 @@ def validate(cfg, n_batch_devices=None, n_processes=1):
     raise ValueError(problem)
 
 
-# ----------------------------------------------------------------------------- the listing
-#
-# `python -m tinyllama_jax.config --config=F [--config.a.b=v]`: every key, its value in F, its
-# default where F changes it, its choices, and its help: the comments beside its default in the
-# section functions above (the one on its line, after the block right above it).
-
-
-def key_comments():
-  """{dotted key: its comment in the source of base_config() and the sections it calls}."""
-  comments = {}
-  _section_comments(base_config, "", comments)
-  return comments
-
-
-def _section_comments(function, prefix, out):
-  lines, first = inspect.getsourcelines(function)
-  source = textwrap.dedent("".join(lines))
-  own_line, trailing = {}, {}  # line number -> comment text
-  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      text = tok.string.lstrip("#").strip()
-      (own_line if tok.line.lstrip().startswith("#") else trailing)[tok.start[0]] = text
-  for node in ast.walk(ast.parse(source)):
-    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
-      continue
-    key = _attribute_key(node.targets[0])
-    if key is None:
-      continue
-    value = node.value
-    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
-      section = function.__globals__.get(value.func.id)
-      if section is not None and section.__name__.endswith("_config"):
-        _section_comments(section, f"{prefix}{key}.", out)
-        continue
-    above, line = [], node.lineno - 1
-    while line in own_line:
-      above.insert(0, own_line[line])
-      line -= 1
-    text = " ".join(above + [trailing[n] for n in range(node.lineno, node.end_lineno + 1)
-                             if n in trailing])
-    if text:
-      out[prefix + key] = text
-
-
-def _attribute_key(target):
-  """'a.b' for the target `c.a.b`; None for any other."""
-  parts = []
-  while isinstance(target, ast.Attribute):
-    parts.insert(0, target.attr)
-    target = target.value
-  return ".".join(parts) if parts and isinstance(target, ast.Name) else None
-
-
-def listing(cfg):
-  """One entry a key: `key = value`, `(default X)` where cfg changes it, what validate holds it
-  to (its choices, its bound), and below, the comment beside its default."""
-  defaults = dict(flat_items(base_config()))
-  requirements = {key: requirement for key, (_, requirement), _ in _rules()}
-  comments = key_comments()
-  out = []
-  for key, value in flat_items(cfg):
-    line = f"{key} = {value!r}"
-    if key in defaults and defaults[key] != value:
-      line += f"  (default {defaults[key]!r})"
-    if key in requirements:
-      line += f"  [{requirements[key]}]"
-    out.append(line)
-    if key in comments:
-      out += textwrap.wrap(comments[key], 100, initial_indent="    # ",
-                           subsequent_indent="    # ")
-  return "\n".join(out)
-
-
-def run_cli():
-  cli.define_run_flags()
-
-  def main(argv):
-    if len(argv) > 1:
-      raise ValueError(f"unexpected arguments {argv[1:]}: give --config=F and --config.a.b=v")
-    print(listing(flags.FLAGS.config))
-
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run_cli()
+def requirements():
+  """{key: what validate holds it to}, e.g. 'must be a finite number > 0' (listing.py shows it)."""
+  return {key: requirement for key, (_, requirement), _ in _rules()}
