@@ -5,6 +5,7 @@ test_config.py; here one run of the command checks its exit status."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -258,3 +259,9 @@ def test_a_run_ends_saying_where_everything_went_and_its_rerun_exits_before_comp
   assert f"checkpoint   {workdir}/checkpoints/2" in again.stderr
   assert "compil" not in again.stderr, again.stderr[-2000:]
   assert (workdir / "metrics.jsonl").read_text() == metrics_before  # nothing appended
+  # A final checkpoint that does not verify is no finished run: none left to resume, exit 3.
+  shutil.rmtree(workdir / "checkpoints" / "2" / "state")
+  damaged = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert damaged.returncode == 3, damaged.stderr[-2000:]
+  assert damaged.stderr.splitlines()[-1].startswith("error: none of the 1 checkpoints"), \
+      damaged.stderr[-2000:]

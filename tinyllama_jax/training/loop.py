@@ -57,12 +57,16 @@ class Run:
       raise
 
   def finished_step(self):
-    """The latest checkpoint's step when it is at or past train.steps (its metadata readable):
-    nothing left to train."""
+    """The step of the newest checkpoint that verifies, when it is at or past train.steps:
+    nothing left to train. Read and checked as a resume reads it (a damaged final checkpoint is
+    set aside and its steps are trained again), with nothing compiled."""
     step = self.ckpt.latest_step()
-    if step is None or step < self.cfg.train.steps or self.ckpt.latest_config() is None:
+    if step is None or step < self.cfg.train.steps:
       return None
-    return step
+    found = self.ckpt.restore_latest(
+        self.program.abstract_state,
+        lambda meta: checkpoint.check_resume(meta, self.cfg, self.workdir))
+    return found[0] if found is not None and found[0] >= self.cfg.train.steps else None
 
   def release(self):
     """Closes the checkpointer (orbax's writer thread ends before the process does: a run that
@@ -185,17 +189,17 @@ def train(cfg, workdir, dry_run=False):
   start = time.monotonic()
   run = Run(cfg, workdir)
   try:
-    finished = None if dry_run else run.finished_step()
-    if finished is None:
-      with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
-        result = _train(run, cfg, workdir, dry_run)
+    with jax.set_mesh(run.mesh):  # kernels run per device under shard_map on this mesh
+      finished = None if dry_run else run.finished_step()
+      result = ({"step": finished, "finished": True} if finished is not None
+                else _train(run, cfg, workdir, dry_run))
   finally:
     run.release()
+  if dry_run or jax.process_index() != 0:
+    return result
   if finished is not None:
-    if jax.process_index() == 0:
-      report.log_lines(report.finished_lines(workdir, finished, cfg.train.steps))
-    return {"step": finished, "finished": True}
-  if not dry_run and jax.process_index() == 0:
+    report.log_lines(report.finished_lines(workdir, finished, cfg.train.steps))
+  else:
     report.log_lines(report.closing_lines(workdir, result, cfg.train.steps,
                                           time.monotonic() - start))
   return result
