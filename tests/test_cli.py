@@ -1,5 +1,6 @@
 """How every command starts (cli.py): the libraries' INFO lines stay out of a command's log, its
-own lines and every warning stay in. The flag and config-key checks are tested in test_config.py."""
+own lines and every warning stay in; a closed stdout ends it without a traceback. The flag and
+config-key checks are tested in test_config.py."""
 
 import os
 import subprocess
@@ -31,3 +32,13 @@ def test_export_logs_its_own_lines_and_warnings_but_no_library_info(tmp_path):
   loud = _export(tmp_path / "loud", "--verbosity=0")
   assert loud.returncode == 0, loud.stderr[-2000:]
   assert sum("event_tracking.py" in line for line in loud.stderr.splitlines()) > 10
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+  """`python -m tinyllama_jax.config ... | head`: the listing's reader closes the pipe first."""
+  proc = subprocess.Popen([sys.executable, "-m", "tinyllama_jax.config",
+                           "--config=configs/tiny.py"], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  proc.stdout.close()  # before the command writes a byte
+  err = proc.stderr.read()
+  assert proc.wait(timeout=60) == 141 and err == "", err[-2000:]

@@ -11,6 +11,7 @@ no module below the commands imports it (tests/test_layout.py's LAYERS).
 import difflib
 import logging as std_logging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -61,6 +62,11 @@ def run(main, *, faults=(), argv=None):
     except faults as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(3)
+    except BrokenPipeError:
+      # The reader stopped (`| head`): exit as a program killed by SIGPIPE does, with no
+      # traceback, and none from the flush at exit either.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      sys.exit(128 + signal.SIGPIPE)
   exit_on_error(start)
 
 
