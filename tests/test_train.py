@@ -103,8 +103,8 @@ def test_steps_trained_before_a_failing_eval_are_checkpointed(tmp_path, monkeypa
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-  """A 512-piece tokenizer trained once for the module (tests/training's helpers are not on the
-  path when this file runs alone)."""
+  """A 512-piece tokenizer trained once for the module (here, not from tests/training: that folder
+  is not on the import path when this file runs alone)."""
   from tinyllama_jax.data import pipeline
   data = micro_config().data
   return pipeline.load_tokenizer(data, str(tmp_path_factory.mktemp("tokenizer"))).path
