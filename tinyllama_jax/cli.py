@@ -71,9 +71,9 @@ def run(main, *, faults=(), argv=None):
 
 
 class OwnInfoOnly(std_logging.Filter):
-  """INFO lines from this project's sources; other libraries' from WARNING up. orbax logs ~7 lines
-  a restored array through absl (one logger for every library, so no logger level can tell them
-  apart) and jax an INFO line for each platform it probes (libtpu missing on a GPU host)."""
+  """INFO lines from this project's sources; other libraries' from WARNING up. orbax logs ~5 lines
+  a restore through absl (one logger for every library: no logger level can tell them apart),
+  jax an INFO line for each platform it fails to start (no libtpu on a GPU or CPU host)."""
 
   def filter(self, record):
     return (record.levelno >= std_logging.WARNING
