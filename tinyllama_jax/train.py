@@ -23,7 +23,7 @@ def main(argv):
   FLAGS = flags.FLAGS
   if not FLAGS.workdir:
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
-  logging.set_verbosity(logging.INFO)  # the run reports its progress (cli.OwnInfoOnly: only its own)
+  logging.set_verbosity(logging.INFO)  # the run reports progress (cli.OwnInfoOnly: its own only)
   config_lib.validate(FLAGS.config)  # one line in the first second, before waiting for peers
   distributed.apply_xla_flags(FLAGS.config.train.xla_flags)
   distributed.initialize()
