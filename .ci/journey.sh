@@ -71,6 +71,7 @@ RUN="$R -m tinyllama_jax.train $TINY --workdir=$J/runs/mine --config.data.source
   --config.train.eval_every=4 --config.train.checkpoint_every=4 --config.train.eval_batches=1"
 step train "eval loss" $RUN --config.train.steps=4
 step resume "resuming from .*checkpoints/4" $RUN --config.train.steps=8
+step rerun_finished "already at step 8 of 8: nothing to train" $RUN --config.train.steps=8
 
 step export '"files": \["model.safetensors"\]' "$R" -m tinyllama_jax.export --workdir="$J/runs/mine" --out="$J/mine-hf"
 step export_files "tokenizer.model" ls "$J/mine-hf"
