@@ -1,10 +1,16 @@
 """How every command starts (cli.py): the libraries' INFO lines stay out of a command's log, its
-own lines and every warning stay in; a closed stdout ends it without a traceback. The flag and
-config-key checks are tested in test_config.py."""
+own lines and every warning stay in; a closed stdout ends it without a traceback; flag names,
+config keys and values absl cannot parse are one line each."""
 
 import os
 import subprocess
 import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from tinyllama_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")  # step 2, no tokenizer
@@ -42,3 +48,37 @@ def test_a_reader_that_stops_early_gets_no_traceback():
   proc.stdout.close()  # before the command writes a byte
   err = proc.stderr.read()
   assert proc.wait(timeout=60) == 141 and err == "", err[-2000:]
+
+
+def test_override_keys_are_checked_against_a_config_given_either_way(tmp_path, monkeypatch):
+  """absl takes `--config FILE` as well as `--config=FILE`: both are loaded (one line if broken)
+  and the overrides checked against them. (The flag names are check_flags' test.)"""
+  monkeypatch.setattr(cli, "check_flags", lambda argv: None)
+  tiny_py = os.path.join(REPO, "configs/tiny.py")
+  for args in (["--config", str(tmp_path / "gone.py")], [f"--config={tmp_path / 'gone.py'}"]):
+    with pytest.raises(ValueError, match="does not exist"):
+      cli.check_override_keys(["x", *args])
+  with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
+    cli.check_override_keys(["x", "--config", tiny_py, "--config.optim.lrr=1"])
+
+
+def test_an_unknown_flag_names_the_closest(monkeypatch):
+  cli.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])  # absl's own
+  own = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "", flag_values=own)
+  monkeypatch.setattr(flags, "FLAGS", own)
+  with pytest.raises(ValueError, match=r"unknown flag --workdr; did you mean --workdir\?"):
+    cli.check_flags(["x", "--workdr=runs/x"])
+
+
+def test_a_value_absl_cannot_parse_is_one_line_and_exit_2(monkeypatch, capsys):
+  argv = ["x", f"--config={REPO}/configs/tiny.py", "--config.train.steps=abc"]
+  own = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=own, lock_config=True, sys_argv=argv)
+  monkeypatch.setattr(flags, "FLAGS", own)
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--config.train.steps=abc" in err[0], err
+  assert "invalid literal for int()" in err[0]

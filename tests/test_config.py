@@ -1,14 +1,12 @@
 """config.validate (every bound, declared choice and cross-field rule, one line naming the key),
-the loading of config files (whatever goes wrong in one is one line naming the file) and the flag
-checks every command shares. Unit calls; the key listing is tests/config/test_listing.py's."""
+and the loading of config files (whatever goes wrong in one is one line naming the file). Unit
+calls; the key listing is tests/config/test_listing.py's, the flag checks tests/test_cli.py's."""
 
 import os
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
-from tinyllama_jax import cli, config as config_lib
+from tinyllama_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,43 +193,9 @@ def test_a_broken_config_file_is_one_line_naming_it(tmp_path, text, fragment):
   assert "\n" not in str(e.value)
 
 
-def test_override_keys_are_checked_against_a_config_given_either_way(tmp_path, monkeypatch):
-  """absl takes `--config FILE` as well as `--config=FILE`: both are loaded (one line if broken)
-  and the overrides checked against them. (The flag names are check_flags' test.)"""
-  monkeypatch.setattr(cli, "check_flags", lambda argv: None)
-  tiny_py = os.path.join(REPO, "configs/tiny.py")
-  for args in (["--config", str(tmp_path / "gone.py")], [f"--config={tmp_path / 'gone.py'}"]):
-    with pytest.raises(ValueError, match="does not exist"):
-      cli.check_override_keys(["x", *args])
-  with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
-    cli.check_override_keys(["x", "--config", tiny_py, "--config.optim.lrr=1"])
-
-
 def test_a_broken_sweep_file_is_one_line_naming_it(tmp_path):
   from tinyllama_jax.sweeps import grid as sweep
   path = tmp_path / "s.py"
   path.write_text("def get_sweep():\n  return 1 / 0\n")
   with pytest.raises(ValueError, match=f"sweep file {path} failed: ZeroDivisionError: division by"):
     sweep.load_sweep_file(str(path))
-
-
-def test_an_unknown_flag_names_the_closest(monkeypatch):
-  cli.check_flags(["x", "--helpshort", "--nologtostderr", "--config.a=1", "--", "--zz"])  # absl's own
-  own = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "", flag_values=own)
-  monkeypatch.setattr(flags, "FLAGS", own)
-  with pytest.raises(ValueError, match=r"unknown flag --workdr; did you mean --workdir\?"):
-    cli.check_flags(["x", "--workdr=runs/x"])
-
-
-def test_a_value_absl_cannot_parse_is_one_line_and_exit_2(monkeypatch, capsys):
-  argv = ["x", f"--config={REPO}/configs/tiny.py", "--config.train.steps=abc"]
-  own = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=own, lock_config=True, sys_argv=argv)
-  monkeypatch.setattr(flags, "FLAGS", own)
-  with pytest.raises(SystemExit) as e:
-    cli.parse_flags(argv)
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "--config.train.steps=abc" in err[0], err
-  assert "invalid literal for int()" in err[0]
