@@ -1,4 +1,4 @@
-"""Config defaults and helpers: every key a run can set lives in `base_config()`.
+"""Config defaults, checks and loading: every key a run can set lives in `base_config()`.
 
 Config files (configs/*.py) start from `base_config()` and change fields; the command line
 overrides any dotted key (`--config.optim.lr=3e-4`). Configs are locked, so a typo is an
