@@ -282,11 +282,11 @@ def test_auto_attention_on_a_gpu_takes_the_measured_table(monkeypatch, kind, hea
 
 
 def test_auto_attention_skips_a_measured_backend_that_is_not_installed(monkeypatch):
-  table = {"GPU X": {"head_dims": {"64": {"no_documents": ["tokamax", "pallas", "cudnn"]}}}}
+  table = {"GPU X": {"head_dims": {"64": {"no_documents": ["splash", "pallas", "cudnn"]}}}}
   monkeypatch.setattr(kernels, "_auto_attention", lambda: table)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda *a: [_Device("GPU X")])
-  monkeypatch.setattr(kernels, "usable", lambda op, b, **call: b != "tokamax")
+  monkeypatch.setattr(kernels, "usable", lambda op, b, **call: b != "splash")
   assert model.resolve_attention("auto", uses_segments=False, head_dim=64) == "pallas"
 
 

@@ -13,7 +13,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tinyllama_jax.kernels import _pallas, decode_gemv, rms_norm, rope, swiglu
+from tinyllama_jax.kernels import _pallas, rms_norm, rope, swiglu
 
 S = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
@@ -34,18 +34,6 @@ CASES = {
     "swiglu": (lambda g, u: _sum(swiglu.swiglu_pallas(g, u)), [S((8, 2048, 5632), BF16)] * 2, 2),
     "swiglu_packed": (lambda gu: _sum(swiglu.swiglu_packed_pallas(gu)),
                       [S((8, 2048, 2 * 5632), BF16)], 2),
-    # Decode (batch 1, forward only: n_kernels 1): qkv, down + residual, gate/up + swiglu.
-    "decode_norm_matmul": (lambda x, g, w: _sum(decode_gemv.norm_matmul(x, g, w, 1e-5)),
-                           [S((1, 2048), BF16), S((2048,), BF16), S((2048, 2560), BF16)], 1),
-    "decode_matmul_add": (lambda a, w, r: _sum(decode_gemv.matmul_add(a, w, r)),
-                          [S((1, 5632), BF16), S((5632, 2048), BF16), S((1, 2048), BF16)], 1),
-    "decode_norm_matmul_swiglu": (
-        lambda x, g, w: _sum(decode_gemv.norm_matmul_swiglu(x, g, w, 1e-5)),
-        [S((1, 2048), BF16), S((2048,), BF16), S((2048, 2 * 5632), BF16)], 1),
-    # 16 rows: the dot path (the GEMV path above has no dot).
-    "decode_norm_matmul_swiglu_16": (
-        lambda x, g, w: _sum(decode_gemv.norm_matmul_swiglu(x, g, w, 1e-5)),
-        [S((16, 2048), BF16), S((2048,), BF16), S((2048, 2 * 5632), BF16)], 1),
 }
 
 
