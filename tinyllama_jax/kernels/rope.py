@@ -34,7 +34,7 @@ def rope_qk_ref(q_BTHD, k_BTKD, positions_BT, theta):
 class RopeConfig:
   """Tunables of the Pallas RoPE kernel (powers of two). block_tokens None: the most tokens whose
   q + k heads fit `block_elems` elements (4 tokens at 32 + 4 heads of 64). DEFAULT_CONFIG is
-  the H200 sweep's best (bench/run_rows_sweep_gpu.sh, bench/NOTES.md)."""
+  the H200 sweep's best (`python -m bench.gpu --parts=sweeps`, bench/NOTES.md)."""
   block_tokens: int | None = None
   num_warps: int = 8
   block_elems: int = 16384
