@@ -37,7 +37,7 @@ BACKENDS = ("cudnn", "pallas", "mgpu")
 TOL = 2e-2  # relative L2: the kernel tests' bf16 bound
 # cuDNN (no compile of ours) stays ahead unless another backend is this much faster fwd+bwd:
 # the spread between calls is ~3%, and the 1b step with mgpu first (2% faster kernel) showed no
-# gain but +60 s of compile to the first step (bench/NOTES.md, session 9).
+# gain but +60 s of compile to the first step (bench/NOTES.md, 2026-12-03, H200, 12cf41e).
 MARGIN_OVER_CUDNN = 0.03
 
 

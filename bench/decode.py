@@ -357,7 +357,7 @@ def hf_rows(args, cfg_model, clock, rows):
       # transformers' own way: with a static cache on CUDA, generate compiles its decode step
       # (its CompileConfig: fullgraph, CUDA graphs) and marks each graph step itself; a forward
       # wrapped by hand in torch.compile(mode="reduce-overhead") reads a cache tensor that the
-      # next CUDA graph replay overwrote (session 9). Compiling takes a minute or two: start
+      # next CUDA graph replay overwrote (bench/NOTES.md, 2026-12-03, H200, 81c6693). Compiling takes a minute or two: start
       # only with room for it.
       model.generation_config.cache_implementation = "static"
     for batch in map(int, args.batches.split(",")):

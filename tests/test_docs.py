@@ -12,8 +12,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
 CARD = r"(?:cpu|h100|h200|\d+xh100|\d+xh200)"
 RESULT_NAME = re.compile(r"^\d{4}-\d\d-\d\d-" + CARD + r"-(?:[0-9a-f]{7}-)?[a-z0-9][\w.-]*$")
-# A name as a doc writes it: optionally under bench/results/, with {a,b} alternatives and * globs.
-MENTION = re.compile(r"(?:bench/results/)?\d{4}-\d\d-\d\d-" + CARD + r"-[\w.{},*-]*[\w*}]")
+# A name as a doc writes it: optionally under bench/results/, with {a,b} alternatives and * globs;
+# not a flag's value (`--out=bench/results/x.json` names a file to write, not one that exists).
+MENTION = re.compile(r"(?<![=\w/.-])(?:bench/results/[\w.{},*-]*[\w*}]|\d{4}-\d\d-\d\d-" + CARD
+                     + r"-[\w.{},*-]*[\w*}])")
 
 
 def expand_braces(pattern):
@@ -59,6 +61,8 @@ def test_the_check_sees_a_missing_file_and_expands_alternatives(tmp_path):
   (tmp_path / "2026-12-03-h200-900c7ab-decode.json").write_text("{}")
   (tmp_path / "2026-12-03-h200-900c7ab-step.json").write_text("{}")
   text = ("see `bench/results/2026-12-03-h200-900c7ab-{decode,step}.json` and "
-          "2026-12-03-h200-900c7ab-*.json, but not 2026-12-04-h100-1234567-decode.json")
-  assert missing_mentions(text, str(tmp_path)) == ["2026-12-04-h100-1234567-decode.json"]
+          "2026-12-03-h200-900c7ab-*.json, but not 2026-12-04-h100-1234567-decode.json nor "
+          "bench/results/step-1xh200-2026-11-28.json; --out=bench/results/new.json is written")
+  assert missing_mentions(text, str(tmp_path)) == ["2026-12-04-h100-1234567-decode.json",
+                                                   "step-1xh200-2026-11-28.json"]
   assert mentions("2026-12-03, H200, 900c7ab: no file named") == []

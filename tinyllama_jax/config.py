@@ -62,7 +62,7 @@ def model_config():
   c.matmul_dtype = choice("bf16", MATMUL_DTYPES)
   # What fp8's GEMMs write: bfloat16 from the GEMM itself (1.22x bf16 at 1b on an H200), or
   # float32 and then a convert kernel to the compute dtype (1.10x: one fp32 write and read of each
-  # output more; bench/NOTES.md, session 6).
+  # output more; docs/performance.md, FP8).
   c.fp8_gemm_output = choice("bfloat16", FP8_GEMM_OUTPUTS)
   c.scan_layers = False  # unrolled ran 15% faster on one H200 at 1b (bench/NOTES.md)
   c.remat = choice("none", REMATS)  # which activations the backward recomputes (model.py)

@@ -155,7 +155,7 @@ def init_cache(cfg, batch, length, dtype):
   or, when the layers are scanned, every layer's stacked, [L, B, S, K, Dh]. Per layer, because a
   loop over the stacked form reads layer i as a slice and writes it back with .at[i].set: inside
   the decode loop that copied the whole cache every layer, every token (bench/NOTES.md,
-  Session 5); separate arrays are each updated in place."""
+  2026-12-02, H200, 352dbab); separate arrays are each updated in place."""
   shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
   if cfg.scan_layers:
     shape = (cfg.n_layers,) + shape

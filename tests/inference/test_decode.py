@@ -147,7 +147,7 @@ def test_bench_xla_option_sets(tmp_path):
 def test_loop_body_copies_no_cache():
   """The compiled decode loop updates each layer's cache in place: no op of its body makes an
   array the size of the whole (stacked) cache, and none copies a layer's cache (a stacked cache
-  sliced and set back per layer did both, every token: bench/NOTES.md, Session 5)."""
+  sliced and set back per layer did both, every token: bench/NOTES.md, 2026-12-02, H200, 352dbab)."""
   _, cfg = tiny_model(0)
   B, S, L = 2, 64, cfg.n_layers
   hlo = bench_decode.loop_hlo(cfg, batch=B, length=S, prompt_len=8)
