@@ -65,7 +65,7 @@ def parse(argv):
   ap.add_argument("--new_tokens", type=int, default=256)
   ap.add_argument("--kernels", default="",
                   help="Other model.kernels settings, a row set each, ';' between sets: "
-                       "'rms_norm=pallas,rope=pallas;' (an empty set: the config's)")
+                       "'rms_norm=pallas,swiglu=pallas;' (an empty set: the config's)")
   ap.add_argument("--xla_options", default="",
                   help="XLA options of the decode programs, a row set each, ';' between sets, "
                        "spaces between options: 'xla_gpu_enable_triton_gemm=false;' ('' = none)")
@@ -116,7 +116,7 @@ def with_dtype(cfg_model, dtype, kernels=""):
 
 
 def kernel_settings(spec):
-  """'rms_norm=pallas,rope=pallas' -> [('rms_norm', 'pallas'), ('rope', 'pallas')]."""
+  """'rms_norm=pallas,swiglu=pallas' -> [('rms_norm', 'pallas'), ('swiglu', 'pallas')]."""
   pairs = [item.split("=") for item in spec.split(",") if item.strip()]
   if any(len(p) != 2 for p in pairs):
     raise ValueError(f"--kernels: {spec!r} is not op=backend,op=backend")

@@ -140,6 +140,7 @@ def test_retired_kernels_are_no_choice():
   assert "model.kernels.decode_gemv" not in choices
   assert "model.kernels.attention_cache" not in choices
   assert "tokamax" not in choices["model.kernels.attention"]
+  assert choices["model.kernels.rope"] == ("xla",)
   with pytest.raises(ValueError, match="must be one of"):
     config_lib.validate(tiny(**{"model.kernels.attention": "tokamax"}))
 
@@ -260,7 +261,7 @@ def test_the_listing_has_every_key_its_choices_and_its_comment():
   assert lines.index("data.packing = 'concat'  [must be one of concat, first_fit, best_fit]") > 0
   comments = config_lib.key_comments()
   assert comments["train.nan_policy"].startswith("Non-finite loss or gradients: 'stop'")
-  assert comments["model.kernels.rope"] == "pallas: q and k in one pass"
+  assert comments["model.kernels.rope"] == "XLA's fusion: the Pallas kernel lost"
   assert comments["data.packing"].startswith("'concat' is TinyLlama's concat-then-split")
   assert "seed" not in comments  # a key without a comment has none
   assert not lines[lr + 1].startswith(" ")  # optim.lr has no comment either

@@ -79,7 +79,7 @@ def model_config():
   # auto: cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows, else xla
   c.kernels.attention = choice("auto", _backends("attention"))
   c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
-  c.kernels.rope = choice("xla", _backends("rope"))  # pallas: q and k in one pass
+  c.kernels.rope = choice("xla", _backends("rope"))  # XLA's fusion: the Pallas kernel lost
   # auto: Pallas for the fused gate/up projection on GPU, else xla
   c.kernels.swiglu = choice("auto", _backends("swiglu"))
   # xla materialises the [tokens, vocab] logits; chunked never holds them whole

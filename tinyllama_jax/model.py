@@ -95,9 +95,6 @@ def _per_device(op, backend, fn):
   if op == "add_rms_norm":
     return lambda x, d, w, eps: local(lambda x, d, w: fn(x, d, w, eps), [_BTX, _BTX, None],
                                       [_BTX, _BTX])(x, d, w)
-  if op == "rope_qk":
-    return lambda q, k, pos, theta: local(lambda q, k, p: fn(q, k, p, theta), [_BTHD, _BTKD, _BT],
-                                          [_BTHD, _BTKD])(q, k, pos)
   if op == "swiglu":
     return local(fn, [_BTX, _BTX], _BTX)
   if op == "swiglu_packed":

@@ -121,9 +121,9 @@ def test_bench_kernel_sets(tmp_path):
   out = tmp_path / "decode.json"
   args = ["--config", os.path.join(REPO, "configs/tiny.py"), "--new_tokens=2", "--prompt_len=8",
           "--batches=1", "--dtypes=float32", "--only_ours", f"--out={out}"]
-  bench_decode.main(args + ["--kernels=;rms_norm=pallas,rope=pallas"])
+  bench_decode.main(args + ["--kernels=;rms_norm=pallas"])
   names = [row["name"] for row in json.loads(out.read_text())["rows"]]
-  assert names == ["ours", "ours, rms_norm=pallas,rope=pallas"]
+  assert names == ["ours", "ours, rms_norm=pallas"]
   with pytest.raises(ValueError, match="--kernels: no op 'rms'"):
     bench_decode.main(args + ["--kernels=rms=pallas"])
 

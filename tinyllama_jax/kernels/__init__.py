@@ -45,11 +45,9 @@ _TABLE = {
     },
     "rope": {
         "xla": "tinyllama_jax.kernels.rope:rope_ref",
-        "pallas": "tinyllama_jax.kernels.rope:rope_pallas",
     },
     "rope_qk": {
         "xla": "tinyllama_jax.kernels.rope:rope_qk_ref",
-        "pallas": "tinyllama_jax.kernels.rope:rope_qk_pallas",
     },
     "swiglu": {
         "xla": "tinyllama_jax.kernels.swiglu:swiglu_ref",
