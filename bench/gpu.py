@@ -29,6 +29,7 @@ The device's copy of the tree has no usable .git: pass BENCH_COMMIT=$(git rev-pa
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import re
@@ -44,6 +45,8 @@ from bench import gpu_parts
 from tinyllama_jax import cli
 from tinyllama_jax.data import formats
 
+# A full or read-only disk ends the run: every later part would lose its results the same way.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 RESERVE_S = 10.0  # the run ends this long before --deadline_s: the summary is written by then
 MIN_PART_S = {False: 30.0, True: 3.0}  # a part with less time left than this is skipped
 
@@ -179,6 +182,10 @@ def run_part(name, cap_s, end, run):
     files = fn(part)
   except gpu_parts.PartSkipped as e:
     row.update(status="skipped", why=str(e))
+  except OSError as e:
+    if e.errno in FULL_DISK:
+      raise
+    row.update(status="error", error=f"{type(e).__name__}: {e}"[:400])
   except Exception as e:  # a part's failure is its row's, not the table's
     row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"
                if str(e) else type(e).__name__)
@@ -220,6 +227,8 @@ def parse(argv):
   if unknown or not args.parts:
     raise ValueError(f"--parts: unknown part(s) {unknown or '(none given)'}: choose from "
                      f"{', '.join(gpu_parts.PARTS)}")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise ValueError(f"--out={args.out} is a file: give a folder for the results")
   if args.deadline_s <= RESERVE_S:
     raise ValueError(f"--deadline_s={args.deadline_s:g}: give more than {RESERVE_S:g} seconds")
   caps = [c.split("=") for c in args.caps.split(",") if c.strip()]
@@ -241,7 +250,10 @@ def main(argv):
   args = parse(argv)
   start = time.monotonic()
   end = start + args.deadline_s - RESERVE_S
-  os.makedirs(args.out, exist_ok=True)
+  try:
+    os.makedirs(args.out, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out={args.out}: cannot make the folder ({e.strerror})") from None
   args.commit = bench.commit()
   args.card = args.card or ("cpu" if args.smoke else detect_card())
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -251,7 +263,12 @@ def main(argv):
   rows = []
   for name in args.parts:
     cap = args.caps.get(name, gpu_parts.PARTS[name][2 if args.smoke else 1])
-    rows.append(run_part(name, cap, end, args))
+    try:
+      rows.append(run_part(name, cap, end, args))
+    except OSError as e:
+      print(f"error: part {name} could not write its results ({e}): the run stops; what the "
+            f"parts before it wrote is in {args.out}", file=sys.stderr)
+      return 3
     r = rows[-1]
     print(f"  {name}: {r['status']} in {r.get('seconds', 0):.1f} s"
           + (f": {r.get('error') or r.get('why')}" if r["status"] != "ok" else ""), flush=True)
@@ -259,8 +276,12 @@ def main(argv):
              "card": args.card, "parts": rows, "deadline_s": args.deadline_s,
              "wall_s": round(time.monotonic() - start, 1), "smoke": args.smoke}
   path = os.path.join(args.out, f"{args.prefix}-summary.json")
-  formats.write_json_atomic(path, summary)
   print(table(rows))
+  try:
+    formats.write_json_atomic(path, summary)
+  except OSError as e:  # the table above is all that is left: a fault, not a result
+    print(f"error: cannot write {path} ({e}): the parts' files are in {args.out}", file=sys.stderr)
+    return 3
   print(f"wrote {path}")
   return 0 if all(r["status"] != "error" for r in rows) else 1
 

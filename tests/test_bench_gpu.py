@@ -2,6 +2,7 @@
 part under its own cap and the run's deadline, a failing or cut part an error row, the summary
 written whatever happened."""
 
+import errno
 import json
 import os
 import subprocess
@@ -73,11 +74,14 @@ def test_a_name_without_a_commit_is_date_card():
     (["--deadline_s=5"], "--deadline_s=5: give more than 10 seconds"),
     (["--parity_seeds=a"], "--parity_seeds='a': give non-negative integers"),
     (["--parity_steps=100"], "--parity_steps=100: parity needs >= 600 steps"),
+    (["--out={tmp}/a_file"], "--out={tmp}/a_file is a file: give a folder"),
 ])
 def test_bad_flags_are_one_line_naming_the_flag(tmp_path, args, message):
+  (tmp_path / "a_file").write_text("")
+  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
   with pytest.raises(ValueError) as e:
-    gpu.parse([*args, f"--out={tmp_path}"])
-  assert str(e.value).startswith(message)
+    gpu.parse([f"--out={tmp_path}", *args])
+  assert str(e.value).startswith(message.replace("{tmp}", str(tmp_path)))
 
 
 def test_bad_flags_exit_2_with_one_line(tmp_path):
@@ -89,3 +93,12 @@ def test_bad_flags_exit_2_with_one_line(tmp_path):
 
 def test_the_help_names_the_wheels_install_line():
   assert "pip install -q --no-index --no-deps --target /tmp/site" in gpu.__doc__
+
+
+def test_a_full_disk_ends_the_run_with_a_fault(tmp_path, monkeypatch, capsys):
+  def full(path, obj):
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+  monkeypatch.setattr(gpu.formats, "write_json_atomic", full)
+  assert gpu.main(["--smoke", "--parts=env,decode", f"--out={tmp_path}"]) == 3
+  assert "error: part env could not write its results" in capsys.readouterr().err
+  assert not [p for p in os.listdir(tmp_path) if "decode" in p or "summary" in p]
