@@ -4,6 +4,8 @@ peer's) on synthetic data; see __main__.py. Modules:
   step.py        one JAX variant: build the real train step, warm up, time it (a worker process)
   peer_torch.py  transformers' LlamaForCausalLM with torch.compile (a worker process)
   __main__.py    the matrix: a worker per variant, the table, the JSON
+  gpu.py         one device call: the parts (step, attention, decode, spec, fp8, parity, ...),
+                 each capped, results named date-card-commit-what, a summary table
 
 Importing this package imports neither jax nor torch.
 """

@@ -8,7 +8,7 @@
     python -m bench --plain=plain,stacked --profile_dir=/tmp/prof \
         --profile_variants=base,plain                   # profile ours and the floor, compare
 
-Beside our variants run the peers of issue 15, each a worker too: the plain hand-written JAX step
+Beside our variants run the peers, each a worker too: the plain hand-written JAX step
 (bench/plain_step.py, a port of bench/peers/plain_jax_step.py: the floor a user gets by writing
 the step by hand) and the PyTorch peer (bench/peer_torch.py). The table gives each row's ratio
 to both; with two rows profiled, the kernel families of the first profiled variant and the first

@@ -33,11 +33,11 @@ from tinyllama_jax import kernels
 from tinyllama_jax.data import formats, sources
 
 SHAPES = [(8, 2048, 32, 4, 64), (8, 2048, 16, 2, 128)]
-BACKENDS = ("cudnn", "pallas", "tokamax", "mgpu")
+BACKENDS = ("cudnn", "pallas", "mgpu")
 TOL = 2e-2  # relative L2: the kernel tests' bf16 bound
 # cuDNN (no compile of ours) stays ahead unless another backend is this much faster fwd+bwd:
 # the spread between calls is ~3%, and the 1b step with mgpu first (2% faster kernel) showed no
-# gain but +60 s of compile to the first step (bench/NOTES.md, session 9).
+# gain but +60 s of compile to the first step (bench/NOTES.md, 2026-12-03, H200, 12cf41e).
 MARGIN_OVER_CUDNN = 0.03
 
 
@@ -132,7 +132,7 @@ def main(argv=None):
           row_extra["rel_l2_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         r = b.run("attention", case, name, lambda q, k, v, fn=fn, seg=seg: fn(
             q, k, v, seg, causal=True), (q, k, v), do.astype(jnp.bfloat16), flops=flops,
-                  gpu_only=name in ("cudnn", "tokamax", "mgpu"), extra=row_extra)
+                  gpu_only=name in ("cudnn", "mgpu"), extra=row_extra)
         ok = "rel_l2" in r and max(r["rel_l2"].values()) < TOL and "fwd_bwd_ms" in r
         r["within_band"] = ok
         if ok:

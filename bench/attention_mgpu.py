@@ -1,4 +1,4 @@
-"""How fast is a Hopper (wgmma/TMA, warp-specialised) attention at our shapes? (issue 16)
+"""How fast is a Hopper (wgmma/TMA, warp-specialised) attention at our shapes?
 
     python -m bench.attention_mgpu --out=att.json [--budget_s=60]   # one H200, ~1 minute
 
@@ -7,7 +7,7 @@ Times, in one process at B8 T2048, causal, bf16, GQA 32/4 d64 and 16/2 d128, aga
 at its default tiles and a few alternatives, its forward + backward with the Mosaic GPU backward
 (flash_mgpu_bwd) and with the Pallas Triton one of attention=pallas, and jax's own FA3-style example
 (`jax.experimental.pallas.ops.gpu.attention_mgpu`; forward only: its backward takes no causal
-mask). Issue 16's forward target is <= 0.30 ms. Every output is checked against cuDNN's (rows
+mask). The forward's target is <= 0.30 ms. Every output is checked against cuDNN's (rows
 with a relative L2 error >= 2e-2 keep the error, not a time); a failing config is one row.
 Both shapes' essential rows (cuDNN, our defaults) run first; the alternatives follow while the
 time budget lasts.

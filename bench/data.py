@@ -1,6 +1,6 @@
 """Data benchmark: prepare throughput (MB/s of text per core) and loader throughput (tokens/s/host).
 
-  python -m bench.data [--mb=16] [--seconds=3] [--json=bench/results/data-cpu.json]
+  python -m bench.data [--mb=16] [--seconds=3] [--json=bench/results/2026-11-28-cpu-adeb616-data.json]
 
 The corpus is the running Python's standard library (.py sources, code: a hard case for BPE),
 written as .jsonl files; the tokenizer is a 32000-piece BPE trained on it (Llama-2's size) unless
@@ -29,7 +29,7 @@ _SECONDS = flags.DEFINE_float("seconds", 3.0, "time per loader measurement")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "loader sequence length")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "loader batch (sequences per host)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "sentencepiece .model ('' = train a 32000 BPE)")
-_JSON = flags.DEFINE_string("json", "bench/results/data-cpu.json", "where to write the results")
+_JSON = flags.DEFINE_string("json", "bench/results/2026-11-28-cpu-adeb616-data.json", "where to write the results")
 
 
 def _write_corpus(folder: str, megabytes: int, num_files: int) -> list[str]:

@@ -15,8 +15,7 @@ profile.py would hide the standard library's, which torch imports.)
 
 Rows (greedy, a prompt of --prompt_len random tokens, --new_tokens new ones, no EOS):
   ours         batch 1 and 16, bf16 and fp32 params (cast once, before timing), for each
-               --attention_cache backend (xla, pallas: the decode-step kernel), --kernels set
-               and --xla_options set (XLA's options of the decode programs only; an option this
+               --kernels set and --xla_options set (XLA's options of the decode programs only; an option this
                XLA lacks gives a row with its error);
   target alone the speculative rows' baseline and reference: the target's own loop on their prompts;
   speculative  the target with a draft of K (--draft_tokens, one row each) tokens a round; the
@@ -64,11 +63,9 @@ def parse(argv):
   ap.add_argument("--dtypes", default="bfloat16,float32")
   ap.add_argument("--prompt_len", type=int, default=128)
   ap.add_argument("--new_tokens", type=int, default=256)
-  ap.add_argument("--attention_cache", default="xla",
-                  help="Backends of the attention over the cache for the ours rows: xla,pallas")
   ap.add_argument("--kernels", default="",
                   help="Other model.kernels settings, a row set each, ';' between sets: "
-                       "'rms_norm=pallas,rope=pallas;' (an empty set: the config's)")
+                       "'rms_norm=pallas,swiglu=pallas;' (an empty set: the config's)")
   ap.add_argument("--xla_options", default="",
                   help="XLA options of the decode programs, a row set each, ';' between sets, "
                        "spaces between options: 'xla_gpu_enable_triton_gemm=false;' ('' = none)")
@@ -105,14 +102,12 @@ class Clock:
     return self.deadline_s - (time.perf_counter() - self.start)
 
 
-def with_dtype(cfg_model, dtype, attention_cache=None, kernels=""):
-  """A copy of the model config computing in dtype (and with that attention_cache backend and
-  the `op=backend,...` settings of `kernels`)."""
+def with_dtype(cfg_model, dtype, kernels=""):
+  """A copy of the model config computing in dtype (and with the `op=backend,...` settings of
+  `kernels`)."""
   cfg_model = cfg_model.copy_and_resolve_references()
   with cfg_model.unlocked():
     cfg_model.compute_dtype = dtype
-    if attention_cache is not None:
-      cfg_model.kernels.attention_cache = attention_cache
     for op, backend in kernel_settings(kernels):
       if op not in cfg_model.kernels:
         raise ValueError(f"--kernels: no op {op!r}; ops: {', '.join(cfg_model.kernels)}")
@@ -121,7 +116,7 @@ def with_dtype(cfg_model, dtype, attention_cache=None, kernels=""):
 
 
 def kernel_settings(spec):
-  """'rms_norm=pallas,rope=pallas' -> [('rms_norm', 'pallas'), ('rope', 'pallas')]."""
+  """'rms_norm=pallas,swiglu=pallas' -> [('rms_norm', 'pallas'), ('swiglu', 'pallas')]."""
   pairs = [item.split("=") for item in spec.split(",") if item.strip()]
   if any(len(p) != 2 for p in pairs):
     raise ValueError(f"--kernels: {spec!r} is not op=backend,op=backend")
@@ -141,14 +136,11 @@ def xla_options(spec):
 
 
 def variants(args):
-  """(row name, attention_cache backend, kernels spec, XLA options) for each ours row set."""
+  """(row name, kernels spec, XLA options) for each ours row set."""
   out = []
-  for backend, spec, xla in itertools.product(args.attention_cache.split(","),
-                                              args.kernels.split(";"),
-                                              args.xla_options.split(";")):
-    name = "ours" + ("" if backend == "xla" else f", attention_cache={backend}")
-    name += (f", {spec}" if spec else "") + (f", xla: {xla.strip()}" if xla.strip() else "")
-    out.append((name, backend, spec, xla_options(xla)))
+  for spec, xla in itertools.product(args.kernels.split(";"), args.xla_options.split(";")):
+    name = "ours" + (f", {spec}" if spec else "") + (f", xla: {xla.strip()}" if xla.strip() else "")
+    out.append((name, spec, xla_options(xla)))
   return out
 
 
@@ -187,9 +179,8 @@ def row(name, batch, dtype, seconds, new_tokens, **extra):
 
 def ours_rows(args, cfg_model, clock, rows):
   params32 = None
-  for dtype, (name, backend, spec, options) in itertools.product(args.dtypes.split(","),
-                                                                 variants(args)):
-    cfg_d = with_dtype(cfg_model, dtype, attention_cache=backend, kernels=spec)
+  for dtype, (name, spec, options) in itertools.product(args.dtypes.split(","), variants(args)):
+    cfg_d = with_dtype(cfg_model, dtype, kernels=spec)
     if params32 is None:
       params32 = random_params(cfg_model)
     params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
@@ -235,8 +226,8 @@ def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK, option
 def count_ops(args, cfg_model):
   """{batch: the loop body's op counts} for the first dtype and the last row set, printed as
   tables (pallas only counts on a GPU: on a CPU it runs interpreted, as loops of its own)."""
-  name, backend, spec, options = variants(args)[-1]
-  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend, kernels=spec)
+  name, spec, options = variants(args)[-1]
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], kernels=spec)
   length = decode.round_up(args.prompt_len + args.new_tokens)
   out = {}
   for batch in map(int, args.batches.split(",")):
@@ -257,9 +248,9 @@ def count_ops(args, cfg_model):
 
 def profile_ours(args, cfg_model, params32):
   """The kernels of one batch-1 decode call of the last row set (compiled), per new token."""
-  name, backend, spec, options = variants(args)[-1]
+  name, spec, options = variants(args)[-1]
   print(f"profile: {name}", flush=True)
-  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], attention_cache=backend, kernels=spec)
+  cfg_d = with_dtype(cfg_model, args.dtypes.split(",")[0], kernels=spec)
   params = jax.block_until_ready(decode.cast_params(params32, cfg_d))
   prompts, lengths = prompt_batch(args, cfg_d, 1)
   run = lambda _: decode.decode(params, cfg_d, prompts, lengths, max_new_tokens=args.new_tokens,
@@ -366,7 +357,7 @@ def hf_rows(args, cfg_model, clock, rows):
       # transformers' own way: with a static cache on CUDA, generate compiles its decode step
       # (its CompileConfig: fullgraph, CUDA graphs) and marks each graph step itself; a forward
       # wrapped by hand in torch.compile(mode="reduce-overhead") reads a cache tensor that the
-      # next CUDA graph replay overwrote (session 9). Compiling takes a minute or two: start
+      # next CUDA graph replay overwrote (bench/NOTES.md, 2026-12-03, H200, 81c6693). Compiling takes a minute or two: start
       # only with room for it.
       model.generation_config.cache_implementation = "static"
     for batch in map(int, args.batches.split(",")):

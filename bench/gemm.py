@@ -1,4 +1,4 @@
-"""Can a hand-placed GEMM beat XLA's at the 1b step's shapes? (issue 15, item 3)
+"""Can a hand-placed GEMM beat XLA's at the 1b step's shapes?
 
     python -m bench.gemm --out=gemm.json          # one H200: ~2 minutes
     python -m bench.gemm --quick --out=/tmp/g.json  # CPU: checks the script, times nothing useful
@@ -12,7 +12,7 @@ speed of the one XLA calls. Per shape of the step (8 x 2048 tokens, d 2048, ffn 
   xla+norm       dot(rms_norm(x) * w, b): the norm in front of the q/k/v and gate/up GEMMs (does
                  XLA fuse the scaling into its Triton GEMM's prologue, or write the normed copy?);
   fp8            e4m3 operands (pre-quantized) through XLA's cuBLASLt FP8 rewrite, the per-tensor
-                 scales applied: issue 19's ceiling; fp8+quantize also quantizes both operands
+                 scales applied: FP8's ceiling; fp8+quantize also quantizes both operands
                  (amax + convert) in the timed call, as a step with current scaling must;
                  fp8 direct: the f8 operands into the dot itself, the scales on its output;
   mgpu(+residual) jax's Pallas Mosaic GPU Hopper matmul (wgmma, TMA, warp-specialised; its

@@ -1,7 +1,7 @@
 """What a compiled while loop runs each iteration: the ops of its body in the optimized HLO text
 (`jax.jit(f).lower(...).compile().as_text()`), fusions named by their kind and root op.
 
-The decode loop is launch-bound on a GPU (bench/NOTES.md, Session 4: ~660 kernels a token, 1.6
+The decode loop is launch-bound on a GPU (bench/NOTES.md, 2026-12-02, H200, 4273ef6: ~660 kernels a token, 1.6
 ms of gaps between them), so the body's op count is a proxy for its speed that a CPU can measure:
 after fusion, each op of the body is about one kernel (the CPU's fusion differs from the GPU's in
 detail, not in what a copy of the whole cache or a per-layer recomputation costs).

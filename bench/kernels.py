@@ -200,7 +200,7 @@ def bench_rows(bench, N, Dm, F, T, H, K, Dh):
   k = jax.random.normal(keys[3], (B, T, K, Dh), bf)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   qkb = (q.size + k.size) * 2
-  for impl in ("xla", "pallas"):
+  for impl in kernels.backends("rope_qk"):
     fn = kernels.get("rope_qk", impl)
     bench.run("rope_qk", f"B{B} T{T} H{H}/{K} d{Dh}", impl,
               lambda q, k, fn=fn: fn(q, k, pos, 10000.0), (q, k), (q, k),

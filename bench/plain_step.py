@@ -4,7 +4,7 @@
         [--variant=plain|stacked|chunked_ce] [--profile_dir=DIR]
 
 A port of the peer script bench/peers/plain_jax_step.py (copied from the project's shared
-peers, /work/shared/peers/plain_jax_step.py + common.py, as measured in issue 15: 74,824 tokens/s
+peers, /work/shared/peers/plain_jax_step.py + common.py, measured at 74,824 tokens/s
 on one H200 at 8 x 2048). The step is the script's, line for line: fp32 params cast to bf16 in
 the step (the embedding gathered in fp32, then cast), a Python loop over per-layer parameter
 dicts, RMSNorm in fp32, SwiGLU and RoPE (bf16 cos/sin tables) in plain jnp, cuDNN attention via

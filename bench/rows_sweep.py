@@ -1,4 +1,4 @@
-"""Row-op sweep: rms_norm, add_rms_norm, rope_qk, XLA against Pallas over (rows per program, warps).
+"""Row-op sweep: rms_norm and add_rms_norm, XLA against Pallas over (rows per program, warps).
 
   python -m bench.rows_sweep [--out bench/results/rows_sweep.json] [--quick]
                                            [--budget SECONDS]
@@ -27,14 +27,12 @@ from bench.kernels import _fwd_bwd, loop_time_ms
 import bench
 from tinyllama_jax.data import formats
 from tinyllama_jax.kernels import rms_norm as rn
-from tinyllama_jax.kernels import rope
 
-RC, PC = rn.RowConfig, rope.RopeConfig
+RC = rn.RowConfig
 # The kernels as they were before the tunables (8-row programs, 4 warps, one backward block per
-# program; RoPE 2 tokens a program at 32 + 4 heads of 64): the baseline of "what changed".
+# program): the baseline of "what changed".
 OLD_ROW = RC(block_rows=8, num_warps=4, bwd_block_rows=8, bwd_steps=1, bwd_num_warps=4)
 assert OLD_ROW.steps == 1
-OLD_ROPE = PC(block_tokens=2, num_warps=4)
 
 # (label, config). Forward: rows x warps around ~16-64 fp32 elements a thread at d 2048.
 ROW_FWD = [("r1w8", RC(block_rows=1, num_warps=8)), ("r2w4", RC(block_rows=2, num_warps=4)),
@@ -50,13 +48,6 @@ ROW_BWD = [("b2s16w4", RC(bwd_block_rows=2, bwd_steps=16, bwd_num_warps=4)),
            ("b4s8w16", RC(bwd_block_rows=4, bwd_steps=8, bwd_num_warps=16)),
            ("b4s8w8st1", RC(bwd_num_stages=1)), ("b4s8w8st3", RC(bwd_num_stages=3)),
            ("b8s8w16", RC(bwd_block_rows=8, bwd_steps=8, bwd_num_warps=16))]
-ROPE = [("t1w4", PC(block_tokens=1, num_warps=4)), ("t2w8", PC(block_tokens=2, num_warps=8)),
-        ("t4w4", PC(block_tokens=4, num_warps=4)), ("t8w8", PC(block_tokens=8, num_warps=8)),
-        ("t8w16", PC(block_tokens=8, num_warps=16)), ("t16w16", PC(block_tokens=16, num_warps=16)),
-        ("t16w8", PC(block_tokens=16, num_warps=8)),
-        # Whole head vectors loaded contiguously, halves split in registers.
-        ("t4w8sp", PC(block_tokens=4, num_warps=8, split_in_registers=True)),
-        ("t8w8sp", PC(block_tokens=8, num_warps=8, split_in_registers=True))]
 
 
 class Sweep:
@@ -137,37 +128,20 @@ def _norm_ops(N, Dm):
            lambda x, d, w: rn.add_rms_norm_ref(x, d, w, 1e-5)))
 
 
-def _rope_op(B, T, H, K, Dh):
-  keys = jax.random.split(jax.random.key(2), 2)
-  q = jax.random.normal(keys[0], (B, T, H, Dh), jnp.bfloat16)
-  k = jax.random.normal(keys[1], (B, T, K, Dh), jnp.bfloat16)
-  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  qkb = (q.size + k.size) * 2
-  return ("rope_qk", (q, k), (q, k), 2 * qkb, 4 * qkb,
-          lambda cfg: lambda q, k: rope.rope_qk_pallas(q, k, pos, 10000.0, config=cfg),
-          lambda q, k: rope.rope_qk_ref(q, k, pos, 10000.0))
-
-
 def run_all(sweep, s, quick):
   norms = _norm_ops(s["N"], s["Dm"])
-  rope_op = _rope_op(s["B"], s["T"], s["H"], s["K"], s["Dh"])
   # --quick: every third config and the last, enough to run each kind of kernel once.
   pick = (lambda cfgs: list(dict.fromkeys(cfgs[::3] + cfgs[-1:]))) if quick else list
   # 1. XLA, the defaults and the old kernels of every op: the rows a short run must not lose.
-  for op, args, cot, bf, bfb, pallas, ref in norms + (rope_op,):
+  for op, args, cot, bf, bfb, pallas, ref in norms:
     sweep.run(op, "xla", "-", ref, args, cot, bf, bfb)
-    defaults = rope.DEFAULT_CONFIG if op == "rope_qk" else rn.DEFAULT_CONFIG
-    for label, cfg in (("default", defaults), ("old", OLD_ROPE if op == "rope_qk" else OLD_ROW)):
+    for label, cfg in (("default", rn.DEFAULT_CONFIG), ("old", OLD_ROW)):
       r = sweep.run(op, "pallas", label, pallas(cfg), args, cot, bf, bfb, config=cfg)
       _with_bwd_est(r, r)
-  # 2. Forward sweeps (RoPE's backward is its forward kernel, so both parts there).
+  # 2. Forward sweeps.
   for op, args, cot, bf, bfb, pallas, ref in norms:
     for label, cfg in pick(ROW_FWD):
       sweep.run(op, "pallas", label, pallas(cfg), args, cot, bf, bfb, parts=("fwd",), config=cfg)
-  op, args, cot, bf, bfb, pallas, ref = rope_op
-  for label, cfg in pick(ROPE):
-    r = sweep.run(op, "pallas", label, pallas(cfg), args, cot, bf, bfb, config=cfg)
-    _with_bwd_est(r, r)
   # 3. Norm backward sweeps, the forward at its default.
   for op, args, cot, bf, bfb, pallas, ref in norms:
     default = next(r for r in sweep.rows if r["op"] == op and r["config"] == "default")
@@ -214,11 +188,11 @@ def main(argv=None):
                     date=bench.now_utc(),
                     timing="median over reps of (loop of inner calls, one block) / inner",
                     reps=sweep.reps, inner=sweep.inner, quick=args.quick,
-                    row_default=repr(rn.DEFAULT_CONFIG), rope_default=repr(rope.DEFAULT_CONFIG))
+                    row_default=repr(rn.DEFAULT_CONFIG))
   if args.quick:
-    s = dict(N=48, Dm=64, B=2, T=24, H=4, K=2, Dh=32, copy=1 << 16)
+    s = dict(N=48, Dm=64, copy=1 << 16)
   else:
-    s = dict(N=8 * 2048, Dm=2048, B=8, T=2048, H=32, K=4, Dh=64, copy=1 << 28)
+    s = dict(N=8 * 2048, Dm=2048, copy=1 << 28)
   sweep.meta["shapes"] = s
   measure_copy_ceiling(sweep, s["copy"])
   run_all(sweep, s, args.quick)
@@ -226,8 +200,7 @@ def main(argv=None):
   sweep.save()
 
   print(f"\n=== rows sweep ({dev.device_kind}, copy ceiling "
-        f"{sweep.meta['copy_ceiling_tbs']:.2f} TB/s; N {s['N']} x {s['Dm']} bf16, rope "
-        f"B{s['B']} T{s['T']} H{s['H']}/{s['K']} d{s['Dh']}) ===")
+        f"{sweep.meta['copy_ceiling_tbs']:.2f} TB/s; N {s['N']} x {s['Dm']} bf16) ===")
   for r in sweep.rows:
     print(_fmt(r))
   print("\nbest Pallas per op (ms, % of ceiling) vs XLA:")

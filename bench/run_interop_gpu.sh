@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's closing check on the GPU machine: the 1.1B config trains 2 steps, exports to a HF
+# The export round trip at 1.1B on the GPU machine: the 1.1B config trains 2 steps, exports to a HF
 # directory, loads in transformers, and re-imports; wall time and peak host memory of each command.
 # Then the kernel benchmark's row ops again (forward+backward fixed after the first run).
 set -uo pipefail

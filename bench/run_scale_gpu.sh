@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 5's scaling table in one device call on kind nvidia-h200-x4 (~8 min): the whole-step
+# The scaling table in one device call on kind nvidia-h200-x4 (~8 min): the whole-step
 # benchmark on 1 GPU (with the PyTorch peer), 2 GPUs and 4 GPUs of one host, 8 x 2048 tokens per
 # device, FSDP over all devices (and data x fsdp on 4), then the scaling table. Run from the repo
 # root on the device machine with .whl carried; the copy there has no .git, so pass the commit:
 #   run(kind="nvidia-h200-x4", carry=[".whl"],
 #       command="BENCH_COMMIT=<hash> bash bench/run_scale_gpu.sh")
-# The same script serves 8 GPUs (issue 8), on kind nvidia-h200-x8: GPUS="1 4 8" (8: all-FSDP and
+# The same script serves 8 GPUs, on kind nvidia-h200-x8: GPUS="1 4 8" (8: all-FSDP and
 # data 2 x fsdp 4; the scaling table then gives each row's share of one GPU and its 22B-token time).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}

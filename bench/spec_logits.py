@@ -1,4 +1,4 @@
-"""Do the speculative verify pass and the decode step agree? (issue 17's greedy identity)
+"""Do the speculative verify pass and the decode step agree? (speculative greedy's identity)
 
 Speculative greedy keeps a draft token while it is the target's argmax in the verify pass, a
 forward over K+1 tokens; the plain loop takes the argmax of a forward over one token. Both are

@@ -30,6 +30,6 @@ def test_the_written_table_ranks_this_device_and_keeps_the_others(tmp_path):
 
 def test_cudnn_keeps_first_place_unless_another_is_clearly_faster():
   assert attention_backends.rank([(1.574, "mgpu"), (1.609, "cudnn"), (1.784, "pallas")]) == [
-      "cudnn", "mgpu", "pallas"]  # session 9's d64: 2% is inside the calls' spread
+      "cudnn", "mgpu", "pallas"]  # the 2026-12-03 H200 d64 rows: 2% is inside the spread between calls
   assert attention_backends.rank([(1.50, "mgpu"), (1.609, "cudnn")]) == ["mgpu", "cudnn"]
-  assert attention_backends.rank([(1.6, "pallas"), (1.5, "tokamax")]) == ["tokamax", "pallas"]
+  assert attention_backends.rank([(1.6, "pallas"), (1.5, "mgpu")]) == ["mgpu", "pallas"]

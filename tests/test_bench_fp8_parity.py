@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import fp8_parity
 
 
@@ -33,3 +35,35 @@ def test_runs_without_a_shared_eval_step_say_so(tmp_path, capsys):
   _run(tmp_path / "b", [])
   assert fp8_parity.main([f"--bf16={tmp_path / 'a'}", f"--fp8={tmp_path / 'b'}"]) == 1
   assert "no eval step in both runs" in capsys.readouterr().out
+
+
+def test_seeds_give_each_pair_its_difference_and_their_mean_and_spread(tmp_path, capsys):
+  _run(tmp_path / "seed0-bf16", [(100, 5.0), (200, 4.0)])
+  _run(tmp_path / "seed0-fp8", [(100, 5.1), (200, 4.04)])
+  _run(tmp_path / "seed1-bf16", [(100, 5.0), (200, 4.1)])
+  _run(tmp_path / "seed1-fp8", [(100, 4.9), (200, 4.08)])
+  out = tmp_path / "parity.json"
+  assert fp8_parity.main([f"--root={tmp_path}", "--seeds=0,1", f"--out={out}"]) == 0
+  result = json.loads(out.read_text())
+  assert abs(result["seeds"]["0"]["final"]["difference"] - 0.04) < 1e-9
+  assert abs(result["seeds"]["1"]["final"]["difference"] + 0.02) < 1e-9
+  summary = result["across_seeds"]
+  assert summary["seeds"] == 2 and abs(summary["mean_difference"] - 0.01) < 1e-9
+  assert abs(summary["min_difference"] + 0.02) < 1e-9 and abs(summary["max_difference"] - 0.04) < 1e-9
+  assert abs(summary["stdev_difference"] - 0.06 / 2 ** 0.5) < 1e-9
+  assert "mean +0.0100" in capsys.readouterr().out
+
+
+def test_a_seed_without_its_runs_is_reported_not_dropped(tmp_path):
+  _run(tmp_path / "seed0-bf16", [(100, 5.0)])
+  _run(tmp_path / "seed0-fp8", [(100, 5.1)])
+  out = tmp_path / "parity.json"
+  assert fp8_parity.main([f"--root={tmp_path}", "--seeds=0,3", f"--out={out}"]) == 1
+  assert json.loads(out.read_text())["seeds_without_a_result"] == [3]
+
+
+def test_one_pair_or_a_root_not_both():
+  with pytest.raises(ValueError, match="--bf16=DIR --fp8=DIR"):
+    fp8_parity.main(["--root=/x", "--bf16=/y"])
+  with pytest.raises(ValueError, match="--seeds='a'"):
+    fp8_parity.main(["--root=/x", "--seeds=a"])

@@ -129,6 +129,18 @@ def test_declared_choices_are_the_ones_the_code_acts_on():
     del kernels._TABLE["rope"]["test_backend"]
 
 
+def test_retired_kernels_are_no_choice():
+  """The kernels measured slower than XLA or cuDNN on every card (docs/kernels.md, "Retired")
+  are gone: an override naming them is an unknown key or an unknown choice."""
+  choices = config_lib.choices()
+  assert "model.kernels.decode_gemv" not in choices
+  assert "model.kernels.attention_cache" not in choices
+  assert "tokamax" not in choices["model.kernels.attention"]
+  assert choices["model.kernels.rope"] == ("xla",)
+  with pytest.raises(ValueError, match="must be one of"):
+    config_lib.validate(tiny(**{"model.kernels.attention": "tokamax"}))
+
+
 def test_a_plain_config_holds_plain_values():
   """choice() returns the default itself: config.json and checkpoint metadata see plain values."""
   cfg = config_lib.base_config()

@@ -161,7 +161,7 @@ def test_pallas_backends_run_per_device_on_a_sharded_batch():
   outs = {}
   for backend in ("xla", "pallas"):
     cfg = small_model_config(n_layers=1, head_dim=16)
-    for op in ("attention", "rms_norm", "rope", "swiglu"):
+    for op in ("attention", "rms_norm", "swiglu"):
       cfg.kernels[op] = backend
     m = Llama(cfg, rngs=nnx.Rngs(params=0))
     gd, params = nnx.split(m, nnx.Param)
@@ -282,11 +282,11 @@ def test_auto_attention_on_a_gpu_takes_the_measured_table(monkeypatch, kind, hea
 
 
 def test_auto_attention_skips_a_measured_backend_that_is_not_installed(monkeypatch):
-  table = {"GPU X": {"head_dims": {"64": {"no_documents": ["tokamax", "pallas", "cudnn"]}}}}
+  table = {"GPU X": {"head_dims": {"64": {"no_documents": ["splash", "pallas", "cudnn"]}}}}
   monkeypatch.setattr(kernels, "_auto_attention", lambda: table)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda *a: [_Device("GPU X")])
-  monkeypatch.setattr(kernels, "usable", lambda op, b, **call: b != "tokamax")
+  monkeypatch.setattr(kernels, "usable", lambda op, b, **call: b != "splash")
   assert model.resolve_attention("auto", uses_segments=False, head_dim=64) == "pallas"
 
 

@@ -205,7 +205,7 @@ def compiled_step_hlo(n_devices, attention, T=48, micro=4, data=1):
 
 @pytest.mark.parametrize("n_devices, attention, data", [
     (2, "xla", 1), (2, "cudnn", 1), (4, "cudnn", 1),
-    (8, "cudnn", 1), (8, "cudnn", 2)])  # issue 8's meshes: all-FSDP and data 2 x fsdp 4
+    (8, "cudnn", 1), (8, "cudnn", 2)])  # the 8-GPU meshes: all-FSDP and data 2 x fsdp 4
 def test_fsdp_step_gathers_weights_not_activations(monkeypatch, n_devices, attention, data):
   """Expected FSDP structure: each layer's weight matrices all-gathered whole, their gradients
   reduced; activations stay batch-split (no collective carries a [.., T, ..] float array); the
@@ -307,7 +307,7 @@ def test_constrain_is_the_identity_without_a_mesh():
 
 @pytest.mark.parametrize("data", [1, 2])
 def test_eight_device_step_equals_one_device_step(data):
-  """Issue 8's meshes on 8 CPU devices (all-FSDP, data 2 x fsdp 4): one train step from the same
+  """The 8-GPU meshes on 8 CPU devices (all-FSDP, data 2 x fsdp 4): one train step from the same
   state on the same global batch gives the loss, gradient norm and parameters of one device."""
   cfg = small_config()
   T, B = 32, 8

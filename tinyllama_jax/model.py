@@ -79,7 +79,7 @@ def _per_device(op, backend, fn):
   devices"); `block` now pins q, k, v to the batch split, so the shard_map boundary moves
   nothing (same collectives as the jnp reference without it) and only keeps cuDNN's
   partitioner out of the way."""
-  if backend not in ("pallas", "cudnn", "splash", "tokamax", "mgpu"):
+  if backend not in ("pallas", "cudnn", "splash", "mgpu"):
     return fn
   local = sharding.shard_map_local
   if op == "attention":
@@ -95,9 +95,6 @@ def _per_device(op, backend, fn):
   if op == "add_rms_norm":
     return lambda x, d, w, eps: local(lambda x, d, w: fn(x, d, w, eps), [_BTX, _BTX, None],
                                       [_BTX, _BTX])(x, d, w)
-  if op == "rope_qk":
-    return lambda q, k, pos, theta: local(lambda q, k, p: fn(q, k, p, theta), [_BTHD, _BTKD, _BT],
-                                          [_BTHD, _BTKD])(q, k, pos)
   if op == "swiglu":
     return local(fn, [_BTX, _BTX], _BTX)
   if op == "swiglu_packed":
@@ -125,11 +122,9 @@ class Ops:
     # gate and up stay with XLA, whose fusions beat the Pallas pair.
     packed = ("pallas" if jax.default_backend() == "gpu" else "xla") if swiglu == "auto" else swiglu
     self.swiglu_packed = get("swiglu_packed", packed)
-    # .get: configs saved before the key decode with the reference
-    self.attention_cache = kernels.get("attention_cache",
-                                       cfg_kernels.get("attention_cache", "xla"))
-    gemv = cfg_kernels.get("decode_gemv", "xla")  # 'xla': the block's own path
-    self.decode_gemv = None if gemv == "xla" else kernels.get("decode_gemv", gemv)
+    # XLA alone: the Pallas cache kernels lost to it on an H200 (docs/kernels.md, "Retired"), so
+    # a config saved with model.kernels.attention_cache or decode_gemv decodes with it too.
+    self.attention_cache = kernels.get("attention_cache", "xla")
 
 
 def projection(cfg_model):
@@ -157,7 +152,7 @@ def init_cache(cfg, batch, length, dtype):
   or, when the layers are scanned, every layer's stacked, [L, B, S, K, Dh]. Per layer, because a
   loop over the stacked form reads layer i as a slice and writes it back with .at[i].set: inside
   the decode loop that copied the whole cache every layer, every token (bench/NOTES.md,
-  Session 5); separate arrays are each updated in place."""
+  2026-12-02, H200, 352dbab); separate arrays are each updated in place."""
   shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
   if cfg.scan_layers:
     shape = (cfg.n_layers,) + shape
@@ -187,24 +182,6 @@ def _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops):
   return ops.attention_cache(q_BTHK, cache["k"], cache["v"], positions_BT), cache
 
 
-def _block_gemv(w, x_BTD, positions_BT, cache, *, cfg, ops):
-  """block() for a decode step's few rows (<= 16) with the fused GEMVs: the norms, projections,
-  residual adds and SwiGLU as 4 kernels; rope and the attention over the cache as in block."""
-  B, T, D = x_BTD.shape
-  H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  g = ops.decode_gemv
-  x_MD = x_BTD.reshape(B * T, D)
-  w_qkv = jnp.concatenate([w["wq"], w["wk"], w["wv"]], axis=1).reshape(D, (H + 2 * K) * Dh)
-  qkv_BTNK = g.norm_matmul(x_MD, w["attn_norm"], w_qkv, cfg.norm_eps).reshape(B, T, -1, Dh)
-  q_BTHK, k_BTGK, v_BTGK = qkv_BTNK[:, :, :H], qkv_BTNK[:, :, H:H + K], qkv_BTNK[:, :, H + K:]
-  q_BTHK, k_BTGK = ops.rope_qk(q_BTHK, k_BTGK, positions_BT, cfg.rope_theta)
-  o_BTHK, cache = _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, None, cache, ops)
-  x_MD = g.matmul_add(o_BTHK.reshape(B * T, H * Dh), w["wo"].reshape(H * Dh, D), x_MD)
-  act_MF = g.norm_matmul_swiglu(x_MD, w["mlp_norm"],
-                                jnp.concatenate([w["w_gate"], w["w_up"]], 1), cfg.norm_eps)
-  return g.matmul_add(act_MF, w["w_down"], x_MD).reshape(B, T, D), cache
-
-
 def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype):
   """One pre-norm Llama layer: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this
   layer's updated KV cache, or None without one)."""
@@ -214,9 +191,6 @@ def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype
   # Concatenating tensor-split weights would interleave shards: fuse only without a tensor split.
   unsplit = sharding.shards("heads") == 1 and sharding.shards("mlp") == 1
   fuse = cfg.fuse_projections and unsplit
-  rows = x_BTD.shape[0] * x_BTD.shape[1]
-  if ops.decode_gemv is not None and cache is not None and rows <= 16 and unsplit:
-    return _block_gemv(w, x_BTD, positions_BT, cache, cfg=cfg, ops=ops)
   x_BTD = sharding.constrain(x_BTD, _BTX)  # batch-split, whatever the weights' FSDP split
   h_BTD = ops.rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
   if fuse:

@@ -27,7 +27,7 @@ def test_the_listing_has_every_key_its_choices_and_its_comment():
   assert lines.index("data.packing = 'concat'  [must be one of concat, first_fit, best_fit]") > 0
   comments = listing.key_comments()
   assert comments["train.nan_policy"].startswith("Non-finite loss or gradients: 'stop'")
-  assert comments["model.kernels.rope"] == "pallas: q and k in one pass"
+  assert comments["model.kernels.rope"] == "XLA's fusion: the Pallas kernel lost"
   assert comments["data.packing"].startswith("'concat' is TinyLlama's concat-then-split")
   assert "seed" not in comments  # a key without a comment has none
   assert not lines[lr + 1].startswith(" ")  # optim.lr has no comment either
@@ -54,6 +54,6 @@ def test_the_listing_command():
   assert ("model.remat = 'full'  (default 'none')  [must be one of none, full, save_dots, "
           "save_attn, save_qkv_attn, save_all_but_mlp]") in lines
   i = lines.index("model.kernels.attention = 'auto'  [must be one of auto, cudnn, mgpu, pallas, "
-                  "splash, tokamax, xla]")
+                  "splash, xla]")
   assert lines[i + 1].startswith("    # auto: cuDNN on GPU")
   assert "train.grace_period_s = 60.0  [must be a finite number > 0]" in lines

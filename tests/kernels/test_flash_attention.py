@@ -196,7 +196,7 @@ def test_matches_reference_gpu(on_gpu, B, T, H, K, D, dtype, segmented, causal):
                            fa.default_config(T, dtype=dtype, head_dim=D), seed=T + H)
 
 
-# Alternatives the GPU sweep times (bench/run_attention_sweep_gpu.sh), with poisoned outputs:
+# Alternatives the GPU sweep times (`python -m bench.gpu --parts=sweeps`), with poisoned outputs:
 # tiles/launch parameters the interpret tests cannot vouch for on Triton.
 GPU_CONFIGS = {
     "old-tiles": fa.FlashConfig(block_q_bwd=64, block_k_bwd=64, heavy_first=False),

@@ -57,7 +57,7 @@ def model_config():
   c.matmul_dtype = choice("bf16", MATMUL_DTYPES)
   # What fp8's GEMMs write: bfloat16 from the GEMM itself (1.22x bf16 at 1b on an H200), or
   # float32 and then a convert kernel to the compute dtype (1.10x: one fp32 write and read of each
-  # output more; bench/NOTES.md, session 6).
+  # output more; docs/performance.md, FP8).
   c.fp8_gemm_output = choice("bfloat16", FP8_GEMM_OUTPUTS)
   c.scan_layers = False  # unrolled ran 15% faster on one H200 at 1b (bench/NOTES.md)
   c.remat = choice("none", REMATS)  # which activations the backward recomputes (model.py)
@@ -73,16 +73,8 @@ def model_config():
   c.kernels = ml_collections.ConfigDict()
   # auto: cuDNN on GPU for one document a row, the Pallas flash kernel for packed rows, else xla
   c.kernels.attention = choice("auto", _backends("attention"))
-  # Decoding's attention over the KV cache. pallas: flash-decoding, two kernels a decode step
-  # (T = 1) instead of XLA's ~5 (kernels/decode_attention.py); prefill stays on xla. Its first
-  # version (one serial program a kv head) was slower on an H200; this one is not measured yet.
-  c.kernels.attention_cache = choice("xla", _backends("attention_cache"))
-  # Decode steps of <= 16 rows. pallas: a layer's projections as 4 fused GEMVs (norm + qkv,
-  # o + residual, norm + gate/up + SwiGLU, down + residual; kernels/decode_gemv.py) instead of
-  # XLA's ~10 kernels; prefill and training keep the GEMMs.
-  c.kernels.decode_gemv = choice("xla", _backends("decode_gemv"))
   c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
-  c.kernels.rope = choice("xla", _backends("rope"))  # pallas: q and k in one pass
+  c.kernels.rope = choice("xla", _backends("rope"))  # XLA's fusion: the Pallas kernel lost
   # auto: Pallas for the fused gate/up projection on GPU, else xla
   c.kernels.swiglu = choice("auto", _backends("swiglu"))
   # xla materialises the [tokens, vocab] logits; chunked never holds them whole

@@ -12,8 +12,6 @@ Pallas (and its Triton/Mosaic/Mosaic GPU lowering) loads only when a config asks
   rope           (x_BTHD, positions_BT, theta) -> x_BTHD (rotate-half layout, HF's)
   rope_qk        (q_BTHD, k_BTKD, positions_BT, theta) -> (rope(q), rope(k)) in one pass
   swiglu         (gate_...F, up_...F) -> silu(gate) * up
-  decode_gemv    GemvOps: norm_matmul(x, g, w, eps), matmul_add(a, w, r), norm_matmul_swiglu(x, g,
-                 w_gate_up, eps) for <= 16 rows (a decode step's layer, kernels/decode_gemv.py)
   swiglu_packed  (gate_up_...2F) -> silu(gate) * up, gate | up on the last axis (fused projection)
   cross_entropy  (x_ND, w_DV, targets_N) -> loss_N fp32 (lm_head matmul + log-softmax NLL)
 """
@@ -32,16 +30,10 @@ _TABLE = {
         "cudnn": "tinyllama_jax.kernels.attention:attention_cudnn",
         "pallas": "tinyllama_jax.kernels.flash_attention:attention_pallas",
         "splash": "tinyllama_jax.kernels.splash_attention:attention_splash",
-        "tokamax": "tinyllama_jax.kernels.tokamax_attention:attention_tokamax",
         "mgpu": "tinyllama_jax.kernels.flash_mgpu:attention_mgpu",  # Hopper only, no segment ids
-    },
-    "decode_gemv": {  # a GemvOps of three; only steps of <= 16 rows use it
-        "xla": "tinyllama_jax.kernels.decode_gemv:GEMV_REF",
-        "pallas": "tinyllama_jax.kernels.decode_gemv:GEMV_PALLAS",
     },
     "attention_cache": {
         "xla": "tinyllama_jax.kernels.attention:attention_cache_xla",
-        "pallas": "tinyllama_jax.kernels.decode_attention:attention_cache_pallas",
     },
     "rms_norm": {
         "xla": "tinyllama_jax.kernels.rms_norm:rms_norm_ref",
@@ -53,11 +45,9 @@ _TABLE = {
     },
     "rope": {
         "xla": "tinyllama_jax.kernels.rope:rope_ref",
-        "pallas": "tinyllama_jax.kernels.rope:rope_pallas",
     },
     "rope_qk": {
         "xla": "tinyllama_jax.kernels.rope:rope_qk_ref",
-        "pallas": "tinyllama_jax.kernels.rope:rope_qk_pallas",
     },
     "swiglu": {
         "xla": "tinyllama_jax.kernels.swiglu:swiglu_ref",

@@ -59,7 +59,7 @@ class MgpuConfig:
 
 # d64: 128-key tiles, 4 in flight (K+V ring 128 KiB); d128: 128-key tiles, 2 in flight (128 KiB;
 # 3 exceed the 227 KiB of SMEM). The d64 backward's dK/dV takes 128 query rows a tile: measured
-# best on an H200 (session 7: fwd+bwd 1.582 ms vs 1.636 with 64 rows, cuDNN 1.602, B8 T2048 32/4).
+# best on an H200 (2026-12-02: fwd+bwd 1.582 ms vs 1.636 with 64 rows, cuDNN 1.602, B8 T2048 32/4).
 _DEFAULTS = {64: MgpuConfig(steps=4, bwd_block_q=128), 128: MgpuConfig(steps=2)}
 
 

@@ -62,7 +62,7 @@ def _qdot(qa, sa, qb, sb, dtype, contract, gemm_dtype):
   output, which the GEMM writes in gemm_dtype. That is the form jax 0.11.2's XLA turns into
   cuBLASLt's FP8 GEMM (`__cublas$lt$matmul$f8`, the scales folded into its scale operands); the
   dequantize-then-dot form (`convert(q) * s` operands) compiles to a dequantize pass and a bf16
-  GEMM on that XLA (bench/NOTES.md, session 5, measured). The backward's transposes stay
+  GEMM on that XLA (bench/NOTES.md, 2026-12-02, H200, 7dc268a, measured). The backward's transposes stay
   dimension numbers."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
   out = jax.lax.dot_general(qa, qb, dims, preferred_element_type=gemm_dtype)
@@ -74,7 +74,7 @@ def make_dot(gemm_dtype):
   """An FP8 `dot(x_NK, w_KM)` (e4m3 operands, e5m2 output gradient, current scaling) whose GEMMs
   write gemm_dtype (model.fp8_gemm_output). With bf16 cuBLASLt writes the compute dtype itself:
   1.22x the bf16 step at 1b on an H200; with fp32 a kernel of its own converts each output, ~18
-  ms of traffic a 1b step (1.10x; bench/NOTES.md, session 6)."""
+  ms of traffic a 1b step (1.10x; docs/performance.md, FP8)."""
 
   @jax.custom_vjp
   def dot(x_NK, w_KM):

@@ -33,7 +33,7 @@ class RowConfig:
   """Tunables of the Pallas norm kernels (all powers of two). Elements per thread, rows x D /
   (32 x warps), is what matters: too many spill registers, too few leave bytes in flight short.
   Field defaults are the reasoned start of the sweep; DEFAULT_CONFIG is what the H200 sweep
-  (bench/run_rows_sweep_gpu.sh, bench/NOTES.md) measured best for both norms together."""
+  (`python -m bench.gpu --parts=sweeps`, bench/NOTES.md) measured best for both norms together."""
   block_rows: int = 4        # forward: rows a loop step (4 x 2048 bf16: 16 KiB in, x2 with delta)
   steps: int = 1             # forward: loop steps per program (w loaded once for all of them)
   num_warps: int = 8
