@@ -228,6 +228,16 @@ def test_the_sample_prompt_is_the_config_key_or_the_start_of_an_eval_document(tm
   assert train_lib.data_prompt(cfg, tokenizer, 4) == "import os"
 
 
+def test_a_sample_asked_of_a_run_without_a_tokenizer_is_refused_aloud(caplog):
+  cfg = micro_config(**{"data.source": "synthetic", "train.sample_tokens": 8})
+  with caplog.at_level("WARNING"):
+    assert not train_lib.sample_wanted(cfg, None)
+  assert "train.sample_tokens=8: no sample, data.source='synthetic' has no tokenizer" in caplog.text
+  cfg.train.sample_tokens = 0
+  caplog.clear()
+  assert not train_lib.sample_wanted(cfg, None) and caplog.text == ""
+
+
 def test_a_run_ends_saying_where_everything_went_and_its_rerun_exits_before_compiling(
     tmp_path, tokenizer_path):
   """The closing lines name the checkpoint, metrics.jsonl, tb/, the losses and the wall time; a

@@ -182,6 +182,15 @@ def data_prompt(cfg, tokenizer, batch_size):
   return tokenizer.decode(ids)
 
 
+def sample_wanted(cfg, tokenizer):
+  """Whether the run ends with a sample: train.sample_tokens asks for one, and a tokenizer can
+  write it (synthetic data has none: said, not skipped silently)."""
+  if cfg.train.sample_tokens and tokenizer is None:
+    logging.warning("train.sample_tokens=%d: no sample, data.source=%r has no tokenizer to write "
+                    "it with", cfg.train.sample_tokens, cfg.data.source)
+  return bool(cfg.train.sample_tokens) and tokenizer is not None
+
+
 def train(cfg, workdir, dry_run=False):
   """Runs (or resumes) training; returns the last logged metrics. SIGTERM/SIGINT end it early
   after a checkpoint (`preempted` in the result); faults.py says what else it survives. A run
@@ -315,7 +324,7 @@ def _train(run, cfg, workdir, dry_run):
                           step, preemption.seconds_since_signal())
           break
       run.ckpt.wait()
-    if t.sample_tokens and tokenizer is not None and jax.process_index() == 0 and not preempted:
+    if sample_wanted(cfg, tokenizer) and jax.process_index() == 0 and not preempted:
       _log_sample(state["params"], cfg, tokenizer, writer, step, prog.micro_batch)
   finally:
     writer.close()
