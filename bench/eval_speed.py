@@ -51,12 +51,12 @@ dataset_kwargs:
     test: {data}
 output_type: multiple_choice
 test_split: test
-doc_to_text: "{{{{context}}}}"
+doc_to_text: "{{context}}"
 doc_to_target: gold
 doc_to_choice: choices
 metric_list:
-  - metric: acc
-  - metric: acc_norm
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """
 
 _PPL_YAML = """task: stdlib_ppl
@@ -67,11 +67,11 @@ dataset_kwargs:
 output_type: loglikelihood_rolling
 test_split: test
 doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
+doc_to_target: "{{text}}"
 metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
+  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
+  - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
+  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
 """
 
 _GEN_YAML = """task: stdlib_gen
@@ -81,14 +81,14 @@ dataset_kwargs:
     test: {data}
 output_type: generate_until
 test_split: test
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{answer}}}}"
+doc_to_text: "{{context}}"
+doc_to_target: "{{answer}}"
 generation_kwargs:
   until: ["\\n", "."]
   max_gen_toks: 8
   do_sample: false
 metric_list:
-  - metric: exact_match
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
 """
 
 
@@ -120,5 +120,5 @@ def write_local_tasks(folder, n_docs=16, n_choices=4, seed=0):
     with open(data, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(folder, f"stdlib_{name}.yaml"), "w") as f:
-      f.write(template.format(data=data))
+      f.write(template.replace("{data}", data))
   return folder

@@ -65,10 +65,15 @@ class Scorer:
     self.mesh = mesh
     step = sharding.batch_devices(mesh) if mesh is not None else 1
     self.batch_size = -(-batch_size // step) * step  # every batch device gets rows
-    self.params = decode.cast_params(params, cfg_model)
+    self.cfg_model = cfg_model
+    self.set_params(params)
     self._fn = jax.jit(functools.partial(_token_scores,
                                          graphdef=model_lib.graphdef(cfg_model)))
     self.batches = 0
+
+  def set_params(self, params):
+    """New weights (training's, each evaluation), cast once; the compiled programs stay."""
+    self.params = decode.cast_params(params, self.cfg_model)
 
   def loglikelihoods(self, requests):
     """[(log-likelihood, is greedy)] for [(context ids, continuation ids)], in request order."""

@@ -20,7 +20,7 @@ from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.inference import generate
 from tinyllama_jax.params import flops_per_token, param_count
-from tinyllama_jax.training import faults, init_from, metrics, program
+from tinyllama_jax.training import faults, init_from, metrics, program, task_eval
 
 # ----------------------------------------------------------------------------- the run
 
@@ -211,6 +211,7 @@ def _train(run, cfg, workdir, dry_run):
     check_eval_split(cfg, tokenizer, prog.micro_batch)
     data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
     train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
+    tasks = task_eval.TaskEval(cfg, tokenizer, run.mesh)  # names and lm-eval checked here
   compiled, memory = _compile_step(prog)
   if dry_run:
     print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
@@ -236,7 +237,7 @@ def _train(run, cfg, workdir, dry_run):
     return step
 
   step = int(state["step"])
-  writer = metrics.Writer(workdir, start_step=step)
+  writer = metrics.Writer(workdir, start_step=step, cfg=cfg)
   last = {}
   preempted = False
   throughput.start(step)
@@ -263,6 +264,9 @@ def _train(run, cfg, workdir, dry_run):
           last["eval/loss"] = _eval_at(step, eval_fn, state["params"], cfg, tokenizer, prog,
                                        save=save if saved_step != step else None)
           writer.scalars(step, {"eval/loss": last["eval/loss"]})
+          throughput.start(step)
+        if tasks.due(step) and not preempted:
+          writer.scalars(step, tasks.run(state["params"]))
           throughput.start(step)
         if preempted:
           run.ckpt.wait()
