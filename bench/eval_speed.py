@@ -1,30 +1,43 @@
-"""lm-eval speed: requests/s of a multiple-choice task through our backend (the model's forward in
-the compute dtype, weights cast once, requests sorted and bucketed by length) against
-lm-evaluation-harness's own Hugging Face backend (HFLM) on the fp32... no: the same weights
-exported to Hugging Face, run by transformers in bf16 on the same device, in the same process.
+"""lm-eval speed: requests/s of a multiple-choice task through our lm-eval backend (the model's
+forward in the compute dtype, weights cast once, requests sorted and bucketed by length) against
+lm-evaluation-harness's own Hugging Face backend (HFLM) on the same weights, on one device, in the
+same process.
 
     python -m bench.eval_speed --out=eval_speed.json                  # 1b config, one GPU
     python -m bench.eval_speed --smoke --out=/tmp/eval_speed.json     # tiny config, CPU
 
-The model is a random init of --config (the 1b: TinyLlama-1.1B's shape) with a tokenizer trained
-on the standard library's sources; the task (`stdlib_mc`, 4 choices a question) is written from
-comment lines of the standard library's sources into a local folder, read through lm-eval's
-`--include_path` with HF_DATASETS_OFFLINE=1: nothing is downloaded. Each backend runs the task
-once to compile / warm up, then once timed; requests/s counts lm-eval's loglikelihood requests
-(a question is 4). The target is ours >= 3x HF's.
+The model is a random init of --config (the 1b: TinyLlama-1.1B's shape), handed to transformers
+as our export writes it (interop/hf.py's names and layouts), with a tokenizer trained on the
+standard library's sources; the task (`stdlib_mc`, 4 choices a question) is written from comment
+lines of the standard library's sources into a local folder and read through lm-eval's
+include_path with HF_DATASETS_OFFLINE=1: nothing is downloaded. Both run in bf16 on a GPU (fp32 on
+a CPU). Each backend runs the task once to compile and warm up, then once timed; requests/s
+counts lm-eval's loglikelihood requests (4 a question). The target: ours >= 3x HF's.
 """
 
 import argparse
-import datetime
 import glob
 import json
 import os
 import random
 import re
 import sysconfig
+import tempfile
+import time
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# JAX and torch share the GPU: JAX must not take 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bench  # noqa: E402
+from tinyllama_jax import config as config_lib, params as param_table  # noqa: E402
+from tinyllama_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from tinyllama_jax.inference import lm_eval_backend, lm_eval_tasks  # noqa: E402
+from tinyllama_jax.interop import hf  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 _COMMENT = re.compile(r"^\s*# ([A-Za-z][^#]{30,100})$")
@@ -122,3 +135,123 @@ def write_local_tasks(folder, n_docs=16, n_choices=4, seed=0):
     with open(os.path.join(folder, f"stdlib_{name}.yaml"), "w") as f:
       f.write(template.replace("{data}", data))
   return folder
+
+
+TASK = "stdlib_mc"
+
+
+def parse(argv):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default=os.path.join(bench.REPO, "configs/1b.py"))
+  ap.add_argument("--out", required=True, help="The JSON file to write.")
+  ap.add_argument("--smoke", action="store_true", help="tiny config, 4 questions (a CPU check)")
+  ap.add_argument("--docs", type=int, default=500, help="questions (4 requests each)")
+  ap.add_argument("--batch_size", type=int, default=64, help="rows a forward, both backends")
+  ap.add_argument("--tokenizer_vocab", type=int, default=4096)
+  ap.add_argument("--tokenizer_files", type=int, default=150, help="stdlib modules it learns from")
+  ap.add_argument("--only_ours", action="store_true", help="no HF row (no torch needed)")
+  args = ap.parse_args(argv)
+  if args.smoke:
+    args.config = os.path.join(bench.REPO, "configs/tiny.py")
+    args.docs, args.batch_size, args.tokenizer_vocab, args.tokenizer_files = 4, 8, 512, 20
+  return args
+
+
+def random_model(cfg, seed=0):
+  """(params, {hf name: fp32 array}): the same random weights for both backends, drawn on the
+  host with the table's init (a jax.random draw compiles once a shape: 20 s on a small CPU)."""
+  rng = np.random.default_rng(seed)
+  std, out_std = param_table.init_stds(cfg.model)
+  params, weights = {}, {}
+  for path, shape in param_table.shapes(cfg.model):
+    init = param_table.lookup(path).init
+    x = (np.ones(shape, np.float32) if init == "ones" else
+         (out_std if init == "normal_out" else std) * rng.standard_normal(shape, np.float32))
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = x
+    weights.update(hf.to_hf(path, x))
+  return params, weights
+
+
+def hf_backend(cfg, weights, tokenizer_path, batch_size, folder):
+  """lm-eval's HFLM over a LlamaForCausalLM holding `weights`, bf16 on a GPU (fp32 on a CPU)."""
+  import torch
+  import transformers
+  from lm_eval.models.huggingface import HFLM
+  hf.write_tokenizer(folder, tokenizer_path, add_bos=cfg.data.add_bos, add_eos=False,
+                     max_len=cfg.model.max_seq_len, log=print)
+  hf_cfg = transformers.LlamaConfig.from_dict(hf.hf_config(cfg.model, bos_id=1, eos_id=2,
+                                                           dtype_name="float32"))
+  model = transformers.LlamaForCausalLM(hf_cfg).eval()
+  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+  gpu = torch.cuda.is_available()
+  model = model.to("cuda" if gpu else "cpu", torch.bfloat16 if gpu else torch.float32)
+  tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+  return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=cfg.model.max_seq_len)
+
+
+def timed(lm, manager, name):
+  """A warm-up pass (compiles), then a timed one: the row, and each request's log-likelihood."""
+  lm_eval_tasks.evaluate(lm, [TASK], manager, bootstrap_iters=0)
+  t0 = time.perf_counter()
+  results = lm_eval_tasks.evaluate(lm, [TASK], manager, bootstrap_iters=0, log_samples=True)
+  seconds = time.perf_counter() - t0
+  samples = results["samples"][TASK]
+  requests = sum(len(s["resps"]) for s in samples)
+  row = {"backend": name, "requests": requests, "seconds": round(seconds, 3),
+         "requests_per_s": round(requests / seconds, 1),
+         "acc": results["results"][TASK]["acc,none"],
+         "acc_norm": results["results"][TASK]["acc_norm,none"]}
+  return row, [r[0][0] for s in samples for r in s["resps"]]
+
+
+def print_table(rows):
+  print(f"{'backend':<10} {'requests':>9} {'seconds':>9} {'requests/s':>11} {'acc':>7} {'acc_norm':>9}")
+  for r in rows:
+    print(f"{r['backend']:<10} {r['requests']:>9} {r['seconds']:>9.2f} {r['requests_per_s']:>11.1f} "
+          f"{r['acc']:>7.3f} {r['acc_norm']:>9.3f}")
+
+
+def main(argv=None):
+  args = parse(argv)
+  lm_eval_backend.require_lm_eval("bench.eval_speed")
+  cfg = config_lib.load_config_file(args.config)
+  with tempfile.TemporaryDirectory() as tmp:
+    tasks = write_local_tasks(os.path.join(tmp, "tasks"), n_docs=args.docs)
+    tok = tokenizer_lib.train_tokenizer(
+        [open(p, encoding="utf-8", errors="replace").read()
+         for p in sorted(glob.glob(os.path.join(STDLIB, "*.py")))[:args.tokenizer_files]],
+        os.path.join(tmp, "tokenizer.model"), args.tokenizer_vocab)
+    params, weights = random_model(cfg)
+    manager = lm_eval_tasks.task_manager([TASK], tasks)
+    ours = lm_eval_backend.JaxLM(jax.device_put(params), cfg, tok, batch_size=args.batch_size)
+    rows, logps = [], []
+    row, lp = timed(ours, manager, "ours")
+    rows.append(row)
+    logps.append(lp)
+    del ours
+    if not args.only_ours:
+      os.makedirs(os.path.join(tmp, "hf"))
+      row, lp = timed(hf_backend(cfg, weights, tok.path, args.batch_size, os.path.join(tmp, "hf")),
+                      manager, "hf")
+      rows.append(row)
+      logps.append(lp)
+  result = {"rows": rows, "device": jax.devices()[0].device_kind, "config": args.config,
+            "docs": args.docs, "batch_size": args.batch_size, "smoke": args.smoke,
+            "date": bench.now_utc(), "commit": bench.commit(), "versions": bench.versions()}
+  if len(rows) == 2:
+    result["speedup"] = round(rows[0]["requests_per_s"] / rows[1]["requests_per_s"], 2)
+    result["max_abs_logp_diff"] = float(np.max(np.abs(np.subtract(*logps))))
+  print_table(rows)
+  if "speedup" in result:
+    print(f"ours / hf: {result['speedup']:.2f}x requests/s (target >= 3x); largest per-request "
+          f"log-likelihood difference {result['max_abs_logp_diff']:.2e}")
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
