@@ -5,6 +5,9 @@ otherwise; their average is TinyLlama's headline number). Task names, --include_
 task YAMLs, read by lm-eval's own loader) and the settings are checked before any model loads:
 an unknown name or a YAML that does not parse is one line naming it.
 
+lm-eval's task registry imports `datasets` (seconds), so it is imported where a task is named,
+not with this module (train and `evaluate --data` import it too).
+
 Results are lm-eval's own (`simple_evaluate`'s dict, `results` keyed task -> "metric,filter");
 `scalars` flattens them into the names a run logs (`tasks/<task>/<metric>`).
 """
@@ -17,14 +20,6 @@ import os
 from absl import logging
 
 from tinyllama_jax.inference import lm_eval_backend
-
-try:
-  import lm_eval
-  from lm_eval import utils as lm_utils
-  from lm_eval.tasks import TaskManager
-  from lm_eval.tasks import _yaml_loader  # lm-eval's reader of task YAMLs (`include`, `!function`)
-except ImportError:  # the [eval] extra: lm_eval_backend.require_lm_eval says so in one line
-  lm_eval = lm_utils = TaskManager = _yaml_loader = None
 
 TINYLLAMA = ("hellaswag", "openbookqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "piqa")
 PRESETS = {"tinyllama": TINYLLAMA}
@@ -56,6 +51,7 @@ def check_settings(*, limit=None, num_fewshot=None, batch_size=1, prefix="--"):
 
 
 def _check_task_files(include_path, flag):
+  from lm_eval.tasks import _yaml_loader  # lm-eval's reader of task YAMLs (`include`, `!function`)
   if not os.path.isdir(include_path):
     raise ValueError(f"{flag}={include_path!r} is not a directory: give a folder of lm-eval task "
                      "YAML files")
@@ -72,6 +68,7 @@ def task_manager(names, include_path=None, flag="--include_path"):
   """lm-eval's TaskManager that knows every name, or a one-line error naming the unknown ones.
   Tasks all found under include_path skip indexing lm-eval's ~15k built-in ones (seconds)."""
   lm_eval_backend.require_lm_eval("--tasks")
+  from lm_eval.tasks import TaskManager
   if include_path:
     _check_task_files(include_path, flag)
     local = TaskManager(include_path=include_path, include_defaults=False)
@@ -100,6 +97,7 @@ def evaluate(lm, names, manager, *, num_fewshot=None, limit=None, bootstrap_iter
              seed=1234, log_samples=False):
   """lm-eval's simple_evaluate on `lm` (its results dict); log_samples keeps each document's
   requests and answers (results["samples"])."""
+  import lm_eval
   return lm_eval.simple_evaluate(
       model=lm, tasks=list(names), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
       log_samples=log_samples, bootstrap_iters=bootstrap_iters, random_seed=seed,
@@ -107,6 +105,7 @@ def evaluate(lm, names, manager, *, num_fewshot=None, limit=None, bootstrap_iter
 
 
 def table(results):
+  from lm_eval import utils as lm_utils
   return lm_utils.make_table(results)
 
 
