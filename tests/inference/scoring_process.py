@@ -1,6 +1,7 @@
 """One process of test_scoring's two-process job: a tiny model's parameters replicated on a mesh of
 4 CPU devices over 2 processes; process 0 scores the requests (broadcasting each batch) and prints
-the answers as JSON, process 1 serves the batches and prints how many it ran.
+the answers as JSON, process 1 serves the batches and prints how many it ran. Then process 0 fails
+(a request with no answer tokens) and says so: process 1 must raise, not wait.
 
     python scoring_process.py PORT PROCESS_ID REQUESTS_JSON
 """
@@ -36,8 +37,17 @@ def main(port, process_id, requests_path):
       answers = scorer.loglikelihoods(requests)
       scorer.stop_serving()
       print("ANSWERS " + json.dumps(answers), flush=True)
+      try:
+        scorer.loglikelihoods([([1, 2], [])])
+      except ValueError as e:
+        scorer.stop_serving(failed=True)
+        print(f"FAILED {e}", flush=True)
     else:
       print(f"SERVED {scorer.serve()}", flush=True)
+      try:
+        scorer.serve()
+      except ValueError as e:
+        print(f"SERVING FAILED {e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,15 @@ def test_batched_answers_are_each_request_alone():
   assert scorer._fn._cache_size() <= 3  # one program a bucket length, not one a request length
 
 
+def test_answers_that_cannot_be_scored_are_one_line():
+  params, cfg_model = tiny_model(0)
+  scorer = scoring.Scorer(params, cfg_model, batch_size=2)
+  for continuation in ([], [1] * (cfg_model.max_seq_len + 1)):
+    with pytest.raises(ValueError, match=f"answer is {len(continuation)} tokens: it must be 1 to"):
+      scorer.loglikelihoods([([1, 2], [3]), ([1], continuation)])
+  assert scorer.batches == 0
+
+
 def test_bucket_lengths():
   assert [scoring.bucket_length(n, 128) for n in (1, 32, 33, 64, 65, 100, 128)] == \
       [32, 32, 64, 64, 128, 128, 128]
@@ -82,6 +91,8 @@ def test_two_processes_score_as_one(tmp_path):
   answers = json.loads(next(line for line in logs[0].splitlines()
                             if line.startswith("ANSWERS "))[len("ANSWERS "):])
   assert "SERVED 2" in logs[1]  # 5 requests, 4 rows a batch (3 rounded up to the 4 devices)
+  assert "FAILED a task's answer is 0 tokens" in logs[0]
+  assert "SERVING FAILED the lm-eval tasks failed on process 0" in logs[1]
   alone = scoring.Scorer(params, cfg_model, batch_size=4).loglikelihoods(reqs)
   for (lp, greedy), (want_lp, want_greedy) in zip(answers, alone):
     assert lp == pytest.approx(want_lp, abs=1e-5) and greedy == want_greedy

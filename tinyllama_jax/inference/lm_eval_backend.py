@@ -57,7 +57,6 @@ class JaxLM(TemplateLM):
     self.add_bos = bool(cfg.data.get("add_bos", True))
     self.scorer = scoring.Scorer(params, cfg.model, batch_size=batch_size, mesh=mesh)
     self._batch_size = batch_size
-    self.skipped = 0
 
   @property
   def eot_token_id(self):

@@ -13,7 +13,8 @@ dtype once (bf16 on GPU/TPU), the batch split over the mesh's batch axes when on
 
 Across processes (Levanter's arrangement): process 0 runs lm-eval's bookkeeping and broadcasts
 each padded batch; every other process sits in `serve`, running the same forward on what it
-receives, until process 0 calls `stop_serving`.
+receives, until process 0 calls `stop_serving` (with failed=True when its side raised: then
+every process raises, rather than waiting in a collective process 0 never joins).
 """
 
 import functools
@@ -28,7 +29,7 @@ from tinyllama_jax import model as model_lib, sharding
 from tinyllama_jax.inference import decode
 
 MIN_BUCKET = 32
-_SCORE, _STOP = 1, 0  # what process 0 broadcasts before each batch
+_STOP, _SCORE, _FAILED = 0, 1, 2  # what process 0 broadcasts before each batch, or instead
 
 
 def bucket_length(n, max_len):
@@ -77,6 +78,10 @@ class Scorer:
 
   def loglikelihoods(self, requests):
     """[(log-likelihood, is greedy)] for [(context ids, continuation ids)], in request order."""
+    for _, continuation in requests:
+      if not 0 < len(continuation) <= self.max_len:
+        raise ValueError(f"a task's answer is {len(continuation)} tokens: it must be 1 to the "
+                         f"model's context ({self.max_len} tokens); check the task's choices")
     rows = [model_inputs(c, x, self.max_len) for c, x in requests]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = [None] * len(rows)
@@ -118,7 +123,7 @@ class Scorer:
     """Sends (op, tokens, targets) from process 0; elsewhere receives them."""
     shape = (0, 0) if tokens is None else tokens.shape
     head = multihost_utils.broadcast_one_to_all(np.array([op or 0, *shape], np.int32))
-    if head[0] == _STOP:
+    if head[0] != _SCORE:
       return int(head[0]), None, None
     if tokens is None:
       tokens = targets = np.zeros(tuple(head[1:]), np.int32)
@@ -132,9 +137,11 @@ class Scorer:
       op, tokens, targets = self._broadcast(None)  # process 0's op, not this one's
       if op == _STOP:
         return served
+      if op == _FAILED:
+        raise ValueError("the lm-eval tasks failed on process 0 (its log says why)")
       self._forward(tokens, targets)
       served += 1
 
-  def stop_serving(self):
+  def stop_serving(self, failed=False):
     if jax.process_count() > 1 and jax.process_index() == 0:
-      self._broadcast(_STOP)
+      self._broadcast(_FAILED if failed else _STOP)

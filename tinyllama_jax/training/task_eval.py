@@ -67,8 +67,10 @@ class TaskEval:
       results = lm_eval_tasks.evaluate(lm, self.names, self.manager,
                                        limit=self.cfg.train.eval_tasks_limit or None,
                                        bootstrap_iters=0)
-    finally:
-      lm.scorer.stop_serving()  # the other processes leave serve() even when this one fails
+    except BaseException:
+      lm.scorer.stop_serving(failed=True)  # the others raise too, not wait in serve()
+      raise
+    lm.scorer.stop_serving()
     logging.info("lm-eval tasks:\n%s", lm_eval_tasks.table(results))
     out = lm_eval_tasks.scalars(results)
     average, _ = lm_eval_tasks.headline(results, self.names)
