@@ -1,4 +1,4 @@
-"""Helpers of the lm-eval tests: a tiny run trained on the standard library's sources, its fp32
+"""What the lm-eval tests share: a tiny run trained on the standard library's sources, its fp32
 Hugging Face export, and local tasks written from stdlib text (bench/eval_speed.py's), all offline."""
 
 import os
