@@ -1,9 +1,13 @@
 """Loss and perplexity on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
+lm-evaluation-harness tasks: `python -m tinyllama_jax.evaluate --workdir=DIR --tasks=tinyllama
+--out=results.json` (docs/evaluate.md).
 
-The command; inference/evaluate.py scores (its docstring says how windows are cut).
+The command; inference/evaluate.py scores (its docstring says how windows are cut), and
+inference/lm_eval_tasks.py + lm_eval_backend.py run the tasks.
 """
 
 import json
+import os
 
 import jax
 from absl import app, flags, logging
@@ -11,7 +15,9 @@ from absl import app, flags, logging
 from tinyllama_jax import cli
 from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
+from tinyllama_jax.data import formats
 from tinyllama_jax.inference import evaluate as evaluate_lib
+from tinyllama_jax.inference import lm_eval_backend, lm_eval_tasks
 
 FLAGS = flags.FLAGS
 
@@ -29,6 +35,15 @@ def define_flags():
   flags.DEFINE_enum("split", "eval", ["eval", "train"], "prepared:/litpkds: which split to score.")
   flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
                       "(WORKDIR/tokenizer/tokenizer.model).")
+  flags.DEFINE_string("tasks", None, "lm-eval task names, comma-separated, instead of --data; "
+                      "'tinyllama': TinyLlama's seven (hellaswag, openbookqa, winogrande, "
+                      "arc_easy, arc_challenge, boolq, piqa).")
+  flags.DEFINE_integer("num_fewshot", None, "--tasks: few-shot examples (default: each task's).")
+  flags.DEFINE_integer("limit", None, "--tasks: at most this many documents a task.")
+  flags.DEFINE_string("include_path", None, "--tasks: a folder of lm-eval task YAMLs (local "
+                      "tasks).")
+  flags.DEFINE_string("out", None, "--tasks: write lm-eval's results (task -> metric -> value) "
+                      "to this JSON file.")
 
 
 def main(argv):
@@ -36,6 +51,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  if FLAGS.tasks is not None:
+    return tasks_main()
   if not FLAGS.workdir or not FLAGS.data:
     raise ValueError("--workdir and --data are required")
   step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
@@ -59,6 +76,36 @@ def main(argv):
   print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
         f"{result['tokens']:,} tokens")
   print(json.dumps(result))
+
+
+def tasks_main():
+  """--tasks: every input checked (tasks, settings, run, --out) before the model loads."""
+  names = lm_eval_tasks.parse_names(FLAGS.tasks)
+  lm_eval_tasks.check_settings(limit=FLAGS.limit, num_fewshot=FLAGS.num_fewshot,
+                              batch_size=FLAGS.batch_size)
+  if FLAGS.data or not FLAGS.workdir:
+    raise ValueError("--tasks needs --workdir (a run) and no --data (one evaluation at a time)")
+  if FLAGS.out and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.out))):
+    raise ValueError(f"--out={FLAGS.out!r}: its folder does not exist")
+  manager = lm_eval_tasks.task_manager(names, FLAGS.include_path)
+  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
+  cfg = run_lib.run_config(FLAGS.workdir, step)
+  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
+  if tok_path is None:
+    raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): lm-eval "
+                     "tasks are text; pass --tokenizer=PATH")
+  lm = lm_eval_backend.JaxLM(jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model)),
+                             cfg, tokenizer_lib.Tokenizer(tok_path, flag="--tokenizer"),
+                             batch_size=FLAGS.batch_size)
+  results = lm_eval_tasks.evaluate(lm, names, manager, num_fewshot=FLAGS.num_fewshot,
+                                   limit=FLAGS.limit)
+  print(lm_eval_tasks.table(results))
+  average, picked = lm_eval_tasks.headline(results, names)
+  if average is not None:
+    print(f"average of {len(picked)} ({', '.join(f'{t} {m}' for t, (m, _) in picked.items())}): "
+          f"{average:.4f}")
+  if FLAGS.out:
+    formats.write_json_atomic(FLAGS.out, results["results"])
 
 
 def run_cli():

@@ -20,3 +20,10 @@ def target():
 @pytest.fixture(scope="module")
 def draft():
   return tiny_model(1, n_layers=1, d_model=32, ffn_dim=64, n_heads=2, n_kv_heads=1)
+
+
+@pytest.fixture(scope="session")
+def lm_eval_run(tmp_path_factory):
+  """A tiny trained run, its fp32 export and local lm-eval tasks (lm_eval_runs.py)."""
+  from lm_eval_runs import trained_run
+  return trained_run(str(tmp_path_factory.mktemp("lm_eval")))

@@ -410,3 +410,21 @@ def test_summary_without_matplotlib_still_writes_the_table(tmp_path, capsys, mon
   assert not (tmp_path / "loss_curves.png").exists()
   assert (tmp_path / "summary.md").read_text().splitlines()[4] == \
       "| lr1e-04 | 1e-04 | failed | 20 | 20 | 5.5000 | - | - | - | 200 |"
+
+
+def test_summary_shows_lm_eval_task_scores(tmp_path):
+  """train.eval_tasks' scalars: the last tasks/average and each task's acc_norm (else acc) are
+  columns of the summary; a run without them shows '-'."""
+  _write_metrics(tmp_path / "a", {"train/loss": [(10, 4.0)], "eval/loss": [(10, 4.1)],
+                                  "tasks/average": [(5, 0.3), (10, 0.4)],
+                                  "tasks/piqa/acc": [(10, 0.6)], "tasks/piqa/acc_norm": [(10, 0.5)],
+                                  "tasks/boolq/acc": [(10, 0.3)]})
+  _write_metrics(tmp_path / "b", {"train/loss": [(10, 5.0)], "eval/loss": [(10, 5.1)]})
+  rows = sweep_summary.summarize(str(tmp_path), plot_curves=False)
+  assert rows[0]["tasks"] == {"tasks/average": 0.4, "tasks/boolq/acc": 0.3,
+                              "tasks/piqa/acc_norm": 0.5}
+  header, body = sweep_summary.table(rows)
+  assert header[-3:] == ["tasks/average", "tasks/boolq/acc", "tasks/piqa/acc_norm"]
+  assert body[1][-3:] == [None, None, None]
+  md = (tmp_path / "summary.md").read_text().splitlines()
+  assert md[2].endswith("| 0.4000 | 0.3000 | 0.5000 |") and md[3].endswith("| - | - | - |")

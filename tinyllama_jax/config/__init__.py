@@ -128,6 +128,18 @@ def train_config():
   # fresh optimizer, step 0 and schedule (fine-tuning); the model fields must match its. Only on
   # a fresh start: a workdir with checkpoints resumes them. '' = a random init.
   c.init_from = ""
+  # lm-evaluation-harness tasks on the live parameters (training/task_eval.py; needs the [eval]
+  # extra): comma-separated names ('tinyllama': TinyLlama's seven), every this many steps (0:
+  # only at the last step), at most this many documents a task (0: all), task YAMLs from here.
+  c.eval_tasks = ""
+  c.eval_tasks_every = 0
+  c.eval_tasks_limit = 0
+  c.eval_tasks_include_path = ""
+  # Weights & Biases (optional `wandb`): the scalars tensorboard gets and the resolved config;
+  # '' = off. A resumed run continues its W&B run (the id is kept in WORKDIR/wandb_run_id).
+  c.wandb_project = ""
+  c.wandb_entity = ""
+  c.wandb_run_name = ""
   return c
 
 
@@ -278,6 +290,8 @@ _BOUNDS = [
     ("train.grace_period_s", _POSITIVE_REAL,
      "seconds a preempted run has to save; schedulers give 30 to 120"),
     ("train.max_nan_skips", _NON_NEGATIVE, ""),
+    ("train.eval_tasks_every", _NON_NEGATIVE, "0 = only at the last step"),
+    ("train.eval_tasks_limit", _NON_NEGATIVE, "0 = every document"),
     ("mesh.data", _MESH_AXIS, ""),
     ("mesh.fsdp", _MESH_AXIS, ""),
     ("mesh.tensor", _MESH_AXIS, ""),
@@ -322,6 +336,10 @@ def _cross_field_problems(cfg):
   if t.eval_every and t.eval_batches < 1:
     yield (f"train.eval_batches={t.eval_batches} must be >= 1 while train.eval_every > 0 (turn "
            "eval off with train.eval_every=0)")
+  for key, module, install in (("eval_tasks", "lm_eval", '-e ".[eval]"'),
+                               ("wandb_project", "wandb", "wandb")):
+    if t.get(key) and importlib.util.find_spec(module) is None:  # said before the compile
+      yield f"train.{key} needs {module}, which is not installed: pip install {install}"
   if t.global_batch % t.micro_batch_per_device:
     yield (f"train.global_batch ({t.global_batch}) must be a multiple of "
            f"train.micro_batch_per_device ({t.micro_batch_per_device})")

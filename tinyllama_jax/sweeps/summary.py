@@ -83,7 +83,23 @@ def run_row(run_dir):
       # tb/ alone: trained before runs wrote metrics.jsonl; its losses are not read
       "no_metrics": not has_metrics and ckpt is not None,
       "curves": {"train/loss": train, "eval/loss": evals},
+      "tasks": task_scores(scalars),
   }
+
+
+def task_scores(scalars):
+  """The last value of each lm-eval task's headline metric (train.eval_tasks): tasks/average,
+  and per task acc_norm where it has one, else acc, else all its metrics."""
+  by_task = {}
+  for name, points in scalars.items():
+    parts = name.split("/")
+    if parts[0] == "tasks" and points:
+      by_task.setdefault(parts[1] if len(parts) == 3 else "", {})[name] = points[-1][1]
+  out = {}
+  for task, values in sorted(by_task.items()):
+    headline = [n for n in (f"tasks/{task}/acc_norm", f"tasks/{task}/acc") if n in values][:1]
+    out.update({n: values[n] for n in (headline or sorted(values))})
+  return out
 
 
 def collect(workdir):
@@ -111,11 +127,13 @@ def binding_keys(rows):
 def table(rows):
   """(header, rows of raw values): the CSV's content; the Markdown formats the same cells."""
   keys = binding_keys(rows)
+  tasks = sorted({n for r in rows for n in r.get("tasks", {})})
   header = ["run", *keys, "status", "step", "steps", "final_train_loss", "final_eval_loss",
-            "best_eval_loss", "best_eval_step", "tokens_per_s"]
+            "best_eval_loss", "best_eval_step", "tokens_per_s", *tasks]
   body = [[r["run"], *[r["binding"].get(k, "") for k in keys], r["status"], r["step"],
            r["steps"], r["final_train_loss"], r["final_eval_loss"], r["best_eval_loss"],
-           r["best_eval_step"], r["tokens_per_s"]] for r in rows]
+           r["best_eval_step"], r["tokens_per_s"], *[r.get("tasks", {}).get(n) for n in tasks]]
+          for r in rows]
   return header, body
 
 
@@ -133,7 +151,7 @@ def _cell(value, column):
     return "-"
   if column == "tokens_per_s":
     return f"{value:,.0f}"
-  if column.endswith("loss"):
+  if column.endswith("loss") or column.startswith("tasks/"):
     return f"{value:.4f}"
   if isinstance(value, float):
     return format_value(value)

@@ -21,7 +21,7 @@ from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.inference import generate
 from tinyllama_jax.params import flops_per_token, param_count
-from tinyllama_jax.training import faults, init_from, metrics, program, report
+from tinyllama_jax.training import faults, init_from, metrics, program, report, task_eval
 
 SAMPLE_PROMPT_TOKENS = 8  # a document's first tokens, as the end-of-run sample's prompt
 
@@ -257,6 +257,14 @@ def _log_sample(params, cfg, tokenizer, writer, step, batch_size):
   writer.text(step, "sample", sample)
 
 
+def _throughput(cfg):
+  t = cfg.train
+  return metrics.Throughput(
+      tokens_per_step=t.global_batch * t.seq_len, flops_per_token=flops_per_token(cfg.model, t.seq_len),
+      n_devices=jax.device_count(), peak_flops=metrics.peak_flops_per_device(cfg.peak_flops),
+      total_steps=t.steps)
+
+
 def _train(run, cfg, workdir, dry_run):
   t, prog = cfg.train, run.program
   n_params = _log_model(run, cfg)
@@ -265,6 +273,7 @@ def _train(run, cfg, workdir, dry_run):
     check_eval_split(cfg, tokenizer, prog.micro_batch)
     data_identity = _data_errors_as_one_line(lambda: pipeline.identity(cfg.data))
     train_it = make_iterator(cfg, "train", t.global_batch, tokenizer)
+    tasks = task_eval.TaskEval(cfg, tokenizer, run.mesh)  # names and lm-eval checked here
   compiled, memory = _compile_step(prog)
   if dry_run:
     print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
@@ -277,10 +286,7 @@ def _train(run, cfg, workdir, dry_run):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
   eval_fn = prog.jit_eval()
-  throughput = metrics.Throughput(
-      tokens_per_step=t.global_batch * t.seq_len, flops_per_token=flops_per_token(cfg.model, t.seq_len),
-      n_devices=jax.device_count(), peak_flops=metrics.peak_flops_per_device(cfg.peak_flops),
-      total_steps=t.steps)
+  throughput = _throughput(cfg)
   nonfinite = faults.NonFiniteGuard(t.nan_policy, t.max_nan_skips)
 
   def save(step):  # of the loop's current state
@@ -290,7 +296,7 @@ def _train(run, cfg, workdir, dry_run):
     return step
 
   step = int(state["step"])
-  writer = metrics.Writer(workdir, start_step=step)
+  writer = metrics.Writer(workdir, start_step=step, cfg=cfg)
   last = {}
   preempted = False
   throughput.start(step)
@@ -317,6 +323,9 @@ def _train(run, cfg, workdir, dry_run):
           last["eval/loss"] = _eval_at(step, eval_fn, state["params"], cfg, tokenizer, prog,
                                        save=save if saved_step != step else None)
           writer.scalars(step, {"eval/loss": last["eval/loss"]})
+          throughput.start(step)
+        if tasks.due(step) and not preempted:
+          writer.scalars(step, tasks.run(state["params"]))
           throughput.start(step)
         if preempted:
           run.ckpt.wait()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import time
 
 import jax
@@ -30,8 +31,10 @@ class Writer:
   tensorboard. Each start appends a {"start_step": N} line first: a run resumed from checkpoint
   N recomputes the steps after N, so readers (read_metrics) drop the earlier values past N."""
 
-  def __init__(self, workdir, start_step=0):
-    self._tb = self._jsonl = None
+  def __init__(self, workdir, start_step=0, cfg=None):
+    self._tb = self._jsonl = self._wandb = None
+    if jax.process_index() == 0 and cfg is not None and cfg.train.get("wandb_project"):
+      self._wandb = WandbRun(workdir, cfg)
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
       os.makedirs(workdir, exist_ok=True)
@@ -51,6 +54,8 @@ class Writer:
     for name, value in values.items():
       self._tb.add_scalar(name, value, step)
     self._write_line({"step": int(step), "time": time.time(), **values})
+    if self._wandb is not None:
+      self._wandb.log(step, values)
 
   def text(self, step, name, value):
     if self._tb is not None:
@@ -60,6 +65,42 @@ class Writer:
     if self._tb is not None:
       self._tb.close()
       self._jsonl.close()
+    if self._wandb is not None:
+      self._wandb.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"  # in the workdir: a resumed run continues the same W&B run
+
+
+class WandbRun:
+  """Weights & Biases beside tensorboard (train.wandb_project): the same scalars at the same
+  steps, the resolved config, files under WORKDIR/wandb. The run id is kept in the workdir, so a
+  resume continues the run (W&B's resume='allow'). A failing W&B call raises and ends the run, as
+  the other writers do; init and finish wait at most timeout_s, never forever."""
+
+  def __init__(self, workdir, cfg, timeout_s=120):
+    import wandb  # the optional dependency: config.validate names its install before the compile
+    t = cfg.train
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+      with open(id_path) as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(8)  # W&B ids: lowercase letters and digits
+      os.makedirs(workdir, exist_ok=True)
+      with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+    self._run = wandb.init(
+        project=t.wandb_project, entity=t.wandb_entity or None, name=t.wandb_run_name or None,
+        id=run_id, resume="allow", dir=workdir, config=cfg.to_dict(),
+        settings=wandb.Settings(init_timeout=timeout_s, finish_timeout=timeout_s, quiet=True,
+                                console="off"))
+
+  def log(self, step, values):
+    self._run.log(dict(values), step=int(step))
+
+  def close(self):
+    self._run.finish()
 
 
 def read_metrics(workdir):

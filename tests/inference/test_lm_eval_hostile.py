@@ -1,0 +1,44 @@
+"""evaluate --tasks with bad input: one line, exit 2, nothing written (Probe rows, tests/hostile.py).
+{tmp} holds local tasks (tasks/), a task file that does not parse (broken/) and a workdir without
+checkpoints (empty_run/)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hostile import Probe, check  # noqa: E402
+from bench import eval_speed  # noqa: E402
+
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+LOCAL = ("--include_path={tmp}/tasks", "--out={tmp}/out.json")
+
+PROBES = [
+    Probe("limit zero", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mc", "--limit=0", *LOCAL),
+          2, "--limit=0: use 1 or more"),
+    Probe("negative fewshot", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mc",
+                               "--num_fewshot=-1", *LOCAL), 2, "--num_fewshot=-1: use 0 or more"),
+    Probe("no task", ("--workdir={tmp}/empty_run", "--tasks=,", *LOCAL), 2, "--tasks=',' names no"),
+    Probe("task file does not parse", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mc",
+                                       "--include_path={tmp}/broken", "--out={tmp}/out.json"),
+          2, "task file {tmp}/broken/broken.yaml does not parse"),
+    Probe("include path missing", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mc",
+                                   "--include_path={tmp}/nowhere"), 2, "--include_path="),
+    Probe("run without checkpoints", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mc", *LOCAL),
+          2, "workdir '{tmp}/empty_run' has no checkpoint"),
+    Probe("unknown task", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mcq", *LOCAL), 2,
+          "unknown lm-eval task 'stdlib_mcq' (did you mean stdlib_mc"),
+]
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
+def test_probe(probe, tmp_path):
+  eval_speed.write_local_tasks(str(tmp_path / "tasks"), n_docs=2)
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "broken.yaml").write_text("task: broken\n  dataset_path: [json\n")
+  (tmp_path / "empty_run").mkdir()
+  probe = Probe(probe.name, probe.args, probe.exit_code, probe.message.replace("{tmp}", str(tmp_path)))
+  check("evaluate", probe, tmp_path, env=OFFLINE)
+  assert not (tmp_path / "out.json").exists()
