@@ -47,7 +47,7 @@ def _finished(path, timeout_s=60):
 
 
 def offline_runs(workdir):
-  """{run id: (history {key: [(step, value)]}, config keys)} of every offline run in workdir."""
+  """{run id: (history {key: [(step, value)] by step}, config keys)} of every offline run in workdir."""
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))):
     run_id = os.path.basename(path)[len("run-"):-len(".wandb")]
@@ -61,4 +61,9 @@ def offline_runs(workdir):
             history.setdefault(key, []).append((items["_step"], value))
       elif kind == "run":
         config.update(u.key or u.nested_key[0] for u in r.run.config.update)
+  # A resume writes a second run file of the same id; two starts in one second share the
+  # directory's timestamp, so the files' order is not the steps' order.
+  for history, _ in out.values():
+    for key in history:
+      history[key].sort()
   return out
