@@ -67,9 +67,13 @@ def test_answers_that_cannot_be_scored_are_one_line():
 
 
 def test_bucket_lengths():
-  assert [scoring.bucket_length(n, 128) for n in (1, 32, 33, 64, 65, 100, 128)] == \
-      [32, 32, 64, 64, 128, 128, 128]
-  assert scoring.bucket_length(300, 256) == 256
+  assert [scoring.bucket_length(n, 128) for n in (1, 32, 33, 48, 49, 64, 65, 96, 97, 128)] == \
+      [32, 32, 48, 48, 64, 64, 96, 96, 128, 128]
+  assert scoring.bucket_length(300, 256) == 256 and scoring.bucket_length(129, 2048) == 192
+  lengths = range(1, 2049)  # a handful of programs cover every length, none padded past 1.5x
+  buckets = {scoring.bucket_length(n, 2048) for n in lengths}
+  assert len(buckets) == 13
+  assert all(scoring.bucket_length(n, 2048) <= max(32, 1.5 * n) for n in lengths)
   assert scoring.model_inputs([1, 2, 3], [4, 5], max_len=3) == ([2, 3, 4], [3, 4, 5], 2)
 
 

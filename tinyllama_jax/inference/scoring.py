@@ -6,7 +6,7 @@ lm-evaluation-harness's Hugging Face backend computes them: the ids past the mod
 cut from the left, the last input token is dropped, and the log-softmax runs over the whole vocab.
 
 Requests are sorted by length (longest first) and scored batch_size at a time, each batch right
-padded to a bucket length (a power of two, at least MIN_BUCKET, at most max_seq_len) and to
+padded to a bucket length (bucket_length: at least MIN_BUCKET, at most max_seq_len) and to
 batch_size rows: a task compiles a handful of programs, not one per length. Padding sits after a
 row's tokens, so the causal forward scores them exactly as alone. Weights are cast to the compute
 dtype once (bf16 on GPU/TPU), the batch split over the mesh's batch axes when one is set.
@@ -33,8 +33,12 @@ _STOP, _SCORE, _FAILED = 0, 1, 2  # what process 0 broadcasts before each batch,
 
 
 def bucket_length(n, max_len):
-  """The padded length of a batch whose longest row has n tokens."""
-  return min(max(MIN_BUCKET, 1 << (int(n) - 1).bit_length()), max_len)
+  """The padded length of a batch whose longest row has n tokens: the next of 32, 48, 64, 96,
+  128, 192, ... (powers of two and their halfway points: at most 1.5x the tokens, ~2 programs an
+  octave), at most max_len."""
+  n = max(int(n), MIN_BUCKET)
+  power = 1 << (n - 1).bit_length()
+  return min(3 * power // 4 if n <= 3 * power // 4 else power, max_len)
 
 
 def model_inputs(context, continuation, max_len):
@@ -84,15 +88,33 @@ class Scorer:
                          f"model's context ({self.max_len} tokens); check the task's choices")
     rows = [model_inputs(c, x, self.max_len) for c, x in requests]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
     out = [None] * len(rows)
-    for b in range(0, len(order), self.batch_size):
-      idx = order[b:b + self.batch_size]
-      logp, greedy = self._score_batch([rows[i] for i in idx])
-      for i, lp, g in zip(idx, logp, greedy):
-        out[i] = (lp, g)
+
+    def finish(idx, device_out):
+      for i, answer in zip(idx, self._answers([rows[i] for i in idx], device_out)):
+        out[i] = answer
+
+    # Each batch is dispatched before the previous one's scores come back to the host: the
+    # device computes while the host pads the next batch and sums the last. Not across
+    # processes: there a batch's gather is a collective every process enters before the next
+    # batch's broadcast.
+    overlap = jax.process_count() == 1
+    pending = None
+    for idx in batches:
+      launched = (idx, self._launch([rows[i] for i in idx]))
+      if not overlap:
+        finish(*launched)
+        continue
+      if pending is not None:
+        finish(*pending)
+      pending = launched
+    if pending is not None:
+      finish(*pending)
     return out
 
-  def _score_batch(self, rows):
+  def _launch(self, rows):
+    """The batch's per-token scores, computing (device arrays, not yet on the host)."""
     T = bucket_length(max(len(r[0]) for r in rows), self.max_len)
     tokens = np.zeros((self.batch_size, T), np.int32)
     targets = np.zeros((self.batch_size, T), np.int32)
@@ -100,24 +122,29 @@ class Scorer:
       tokens[i, :len(inputs)], targets[i, :len(tgt)] = inputs, tgt
     if jax.process_count() > 1:
       self._broadcast(_SCORE, tokens, targets)
-    logp_BT, greedy_BT = self._forward(tokens, targets)
-    out_lp, out_g = [], []
+    return self._forward(tokens, targets)
+
+  def _answers(self, rows, device_out):
+    logp_BT, greedy_BT = self._to_host(device_out)
+    out = []
     for i, (inputs, _, n) in enumerate(rows):
       span = slice(len(inputs) - n, len(inputs))
-      out_lp.append(float(logp_BT[i, span].astype(np.float64).sum()))
-      out_g.append(bool(greedy_BT[i, span].all()))
-    return out_lp, out_g
+      out.append((float(logp_BT[i, span].astype(np.float64).sum()), bool(greedy_BT[i, span].all())))
+    return out
 
   def _forward(self, tokens, targets):
     self.batches += 1
     if self.mesh is None:
-      return jax.device_get(self._fn(self.params, tokens, targets))
+      return self._fn(self.params, tokens, targets)
     shard = sharding.batch_sharding(self.mesh)
     place = lambda x: jax.make_array_from_callback(x.shape, shard, lambda i: x[i])
-    out = self._fn(self.params, place(tokens), place(targets))
+    return self._fn(self.params, place(tokens), place(targets))
+
+  @staticmethod
+  def _to_host(device_out):
     if jax.process_count() > 1:
-      return multihost_utils.process_allgather(out, tiled=True)
-    return jax.device_get(out)
+      return multihost_utils.process_allgather(device_out, tiled=True)
+    return jax.device_get(device_out)
 
   def _broadcast(self, op, tokens=None, targets=None):
     """Sends (op, tokens, targets) from process 0; elsewhere receives them."""
@@ -139,7 +166,7 @@ class Scorer:
         return served
       if op == _FAILED:
         raise ValueError("the lm-eval tasks failed on process 0 (its log says why)")
-      self._forward(tokens, targets)
+      self._to_host(self._forward(tokens, targets))  # the allgather process 0 joins
       served += 1
 
   def stop_serving(self, failed=False):
