@@ -42,3 +42,14 @@ def test_probe(probe, tmp_path):
   probe = Probe(probe.name, probe.args, probe.exit_code, probe.message.replace("{tmp}", str(tmp_path)))
   check("evaluate", probe, tmp_path, env=OFFLINE)
   assert not (tmp_path / "out.json").exists()
+
+
+def test_without_lm_eval_one_line_names_the_install(tmp_path):
+  """lm-eval not installed (a package of its name that fails to import, first on the path)."""
+  shadow = tmp_path / "shadow" / "lm_eval"
+  shadow.mkdir(parents=True)
+  (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'lm_eval'\")\n")
+  (tmp_path / "empty_run").mkdir()
+  probe = Probe("no lm-eval", ("--workdir={tmp}/empty_run", "--tasks=tinyllama"), 2,
+                '--tasks needs lm-evaluation-harness, which is not installed: pip install -e ".[eval]"')
+  check("evaluate", probe, tmp_path, env={**OFFLINE, "PYTHONPATH": str(tmp_path / "shadow")})
