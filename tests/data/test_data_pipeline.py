@@ -198,6 +198,7 @@ def test_identity_sees_a_prepared_folder_prepared_again_and_files_added(small_cf
   --eval_fraction into it moves documents between splits), the names and sizes of files."""
   from tinyllama_jax.data import formats
   manifest = {"format": formats.MANIFEST_FORMAT,
+              "tokenizer": {"path": "tokenizer.model", "sha256": "0" * 64},
               "shards": [{"path": "shards/a.bin", "split": "train", "tokens": 1171 * 257}]}
   (tmp_path / formats.MANIFEST).write_text(json.dumps(manifest))
   prepared = small_cfg(source="prepared", paths=str(tmp_path))

@@ -27,9 +27,13 @@ def data_config() -> ml_collections.ConfigDict:
   # 'litpkds': the eval split's files (TinyLlama kept validation files apart); '' = eval_fraction
   # of the files by name hash. 'prepared' data carries its own eval split (prepare --eval_fraction).
   c.eval_paths = ""
+  # 'prepared': at start, a shard is hashed against prepare's checksum when it is newer than the
+  # manifest or its size or header differs; True hashes every shard (reads the whole corpus).
+  c.verify_shards = False
   c.text_field = "text"  # .jsonl / .parquet column holding the document
   # 'mixture': "weight:source:glob" entries joined by ';', e.g. TinyLlama's
-  # "0.693584:prepared:/data/slim/*.manifest.json;0.306416:prepared:/data/star/*.manifest.json".
+  # "0.693584:prepared:/data/slim;0.306416:prepared:/data/star" (prepare's --out folders; a path
+  # may also be a glob of them, or their manifest.json).
   c.mixture = ""
   # Sentencepiece .model; '' = train a BPE on a sample of the corpus, cached in WORKDIR/tokenizer.
   c.tokenizer = ""

@@ -8,7 +8,6 @@ Process p of P serves rows/documents p, p+P, ...: disjoint, and together complet
 """
 
 import bisect
-import glob
 import json
 import os
 
@@ -16,20 +15,53 @@ from absl import logging
 import numpy as np
 
 from tinyllama_jax.data import formats
+from tinyllama_jax.data import paths as paths_lib
+from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
 def load_manifest(path: str) -> tuple[dict, str]:
-  """(manifest, its folder) from a manifest.json or the folder holding one."""
+  """(manifest, its folder) from a manifest.json or the folder holding one. A manifest that is not
+  prepare's (hand-edited, cut short) is one error naming the file and the field."""
   if os.path.isdir(path):
     path = os.path.join(path, formats.MANIFEST)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no prepared manifest at {path}: run python -m "
                             "tinyllama_jax.prepare first, or point data.paths at its --out")
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != formats.MANIFEST_FORMAT:
-    raise ValueError(f"{path} is not a {formats.MANIFEST_FORMAT} manifest")
+  try:
+    with open(path, "rb") as f:
+      manifest = json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): prepare the data again, or restore the "
+                     "file") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != formats.MANIFEST_FORMAT:
+    raise ValueError(f"{path} is not a {formats.MANIFEST_FORMAT} manifest (its 'format' field): "
+                     "point data.paths at a folder written by prepare")
+  _check_fields(manifest, path)
   return manifest, os.path.dirname(os.path.abspath(path))
+
+
+def _check_fields(manifest: dict, path: str):
+  def bad(field, want):
+    raise ValueError(f"{path}: field {field!r} is missing or not {want}: prepare the data again, "
+                     "or restore the file")
+  tokenizer = manifest.get("tokenizer")
+  if not isinstance(tokenizer, dict):
+    bad("tokenizer", "an object")
+  for key in ("path", "sha256"):
+    if not isinstance(tokenizer.get(key), str):
+      bad(f"tokenizer.{key}", "a string")
+  shards = manifest.get("shards")
+  if not isinstance(shards, list):
+    bad("shards", "a list")
+  for i, s in enumerate(shards):
+    if not isinstance(s, dict):
+      bad(f"shards[{i}]", "an object")
+    if not isinstance(s.get("path"), str):
+      bad(f"shards[{i}].path", "a string")
+    if s.get("split") not in ("train", "eval"):
+      bad(f"shards[{i}].split", "'train' or 'eval'")
+    if not isinstance(s.get("tokens"), int) or isinstance(s["tokens"], bool) or s["tokens"] < 0:
+      bad(f"shards[{i}].tokens", "a count of tokens")
 
 
 def manifest_tokenizer_path(manifest: dict, data_dir: str) -> str:
@@ -53,25 +85,69 @@ def check_tokenizer(manifest: dict, where: str, tokenizer):
                      "use the same tokenizer, or prepare the data again")
 
 
-def prepared_shards(paths: str, split: str) -> list[str]:
-  """Shard files of `split` from every manifest named in `paths` (comma separated)."""
+def prepared_shards(paths: str, split: str, name: str = "data.paths") -> list[str]:
+  """Shard files of `split` from every manifest named in `paths` (comma separated; `name` is the
+  option they came from)."""
   shards = []
-  for p in expand(paths, "prepared manifest"):
+  for p in expand_manifests(paths, name):
     manifest, root = load_manifest(p)
     shards += [os.path.join(root, s["path"]) for s in manifest["shards"] if s["split"] == split]
-  if not shards:
-    raise ValueError(f"the prepared data {paths!r} has no {split!r} shards: prepare with "
+  if not shards and split == "eval":
+    raise ValueError(f"the prepared data {paths!r} has no 'eval' shards: prepare with "
                      "--eval_fraction > 0 for an eval split")
+  if not shards:
+    raise ValueError(f"the prepared data {paths!r} has no 'train' shards (its inputs held no "
+                     "documents, or every one went to eval): prepare it again from inputs with "
+                     "text, with a smaller --eval_fraction")
   return shards
 
 
+def expand_manifests(paths: str, name: str = "data.paths") -> list[str]:
+  """Prepared folders (or their manifest.json) named by `paths`, each real one once."""
+  for p in paths.split(","):
+    if p.strip() and not paths_lib.matches(p):
+      load_manifest(os.path.expanduser(p.strip()))  # says what is missing, and the fix
+  return paths_lib.expand(paths, "prepared folder or manifest", name, files_only=False)
 
-def expand(paths: str, what: str) -> list[str]:
-  found = sorted({f for pat in paths.split(",") if pat.strip()
-                  for f in glob.glob(os.path.expanduser(pat.strip()), recursive=True)})
-  if not found:
-    raise FileNotFoundError(f"data.paths={paths!r} matches no {what}: check the path or glob")
-  return found
+
+def shard_records(path: str, hash_all: bool = False) -> list[dict]:
+  """The manifest's shard records, each with the sha256 its files have now: what a run's data
+  identity hashes, so that shards rewritten under a checkpoint are another identity.
+
+  Hashing every shard at each start would read the whole corpus, so a file is hashed only when it
+  may differ from what prepare recorded: it is newer than the manifest (prepare writes the manifest
+  after every shard), its size or header disagrees with its record, or `hash_all` (on demand).
+  Data prepared by an earlier version records no checksums: its records are used as they are, and
+  a warning says the content is not verified."""
+  manifest, root = load_manifest(path)
+  shards = manifest["shards"]
+  where = os.path.join(root, formats.MANIFEST)
+  if not all(isinstance(s.get("sha256"), str) for s in shards):
+    logging.warning("%s records no shard checksums (prepared by an earlier version): the shards' "
+                    "content is not verified; prepare it again into a new folder to record them",
+                    where)
+    return shards
+  since = os.stat(where).st_mtime_ns
+  out = []
+  for s in shards:
+    out.append(dict(s))
+    for key, suffix in (("sha256", ""), ("docs_sha256", ".docs.npy")):
+      file = os.path.join(root, s["path"]) + suffix
+      if key in s and (hash_all or os.stat(file).st_mtime_ns > since or
+                       (not suffix and _header_differs(file, s))):
+        out[-1][key] = tokenizer_lib.file_sha256(file)
+  changed = [s["path"] for s, now in zip(shards, out) if s != now]
+  if changed:
+    logging.warning("%d shards of %s differ from the checksums prepare recorded (first: %s)",
+                    len(changed), root, changed[0])
+  return out
+
+
+def _header_differs(file: str, record: dict) -> bool:
+  try:
+    return len(formats.read_litpkds(file)) != record["tokens"]
+  except ValueError:  # truncated or not a token file: its hash differs
+    return True
 
 
 class TokenStore:

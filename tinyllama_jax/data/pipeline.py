@@ -13,6 +13,7 @@ straight there, so resuming costs O(1) and the resumed stream equals the uninter
 import functools
 import hashlib
 import json
+import math
 import os
 
 from absl import logging
@@ -24,6 +25,7 @@ from tinyllama_jax.data import chat
 from tinyllama_jax.data import corpus
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import packing
+from tinyllama_jax.data import paths as paths_lib
 from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.data.config import PACKINGS, SOURCES
@@ -95,7 +97,12 @@ def tokenizer_manifest(cfg):
   """The manifest whose tokenizer a run without data.tokenizer uses: its first prepared data's
   (None when it has no prepared data)."""
   prepared = [paths for _, source, paths in components(cfg) if source == "prepared"]
-  return prepared[0].split(",")[0].strip() if prepared else None
+  return corpus.expand_manifests(prepared[0], option(cfg))[0] if prepared else None
+
+
+def option(cfg) -> str:
+  """The config key that names the data's paths, for messages."""
+  return "data.mixture" if cfg.source == "mixture" else "data.paths"
 
 
 def _keep_a_copy(tok, workdir):
@@ -154,9 +161,9 @@ def components(cfg) -> list[tuple[float, str, str]]:
       weight = float(parts[0])
     except ValueError:
       weight = -1.0
-    if len(parts) != 3 or weight <= 0 or parts[1] not in _MIXABLE:
-      raise ValueError(f"data.mixture entry {entry!r} is not 'weight:source:paths' with weight > 0 "
-                       f"and source in {_MIXABLE}")
+    if len(parts) != 3 or not 0 < weight < math.inf or parts[1] not in _MIXABLE:
+      raise ValueError(f"data.mixture entry {entry!r} is not 'weight:source:paths' with a finite "
+                       f"weight > 0 and source in {_MIXABLE}")
     out.append((weight, parts[1], parts[2]))
   if not out:
     raise ValueError("data.source='mixture' needs data.mixture, e.g. "
@@ -170,7 +177,7 @@ def _documents(source, paths, cfg, split):
     names = sources.split_names(sources.stdlib_files(), split, cfg.eval_fraction)
     return names, _TokenizeFile(sources.stdlib_root())
   if source == "text":
-    docs = _text_documents(paths, cfg.text_field)
+    docs = _text_documents(paths, cfg.text_field, option(cfg))
     chosen = [d for d in docs if (sources.hash_fraction(d[0]) < cfg.eval_fraction) == (split == "eval")]
     if not chosen:
       raise ValueError(f"the {split!r} split of {paths!r} is empty ({len(docs)} documents, "
@@ -180,9 +187,9 @@ def _documents(source, paths, cfg, split):
 
 
 @functools.lru_cache(maxsize=4)
-def _text_documents(paths, text_field):
+def _text_documents(paths, text_field, name):
   """All documents of raw text files, in memory (this source is for small data; prepare big data)."""
-  files = corpus.expand(paths, "text file (.txt/.jsonl/.jsonl.zst/.parquet)")
+  files = paths_lib.expand(paths, "text file (.txt/.jsonl/.jsonl.zst/.parquet)", name)
   stats, docs = formats.ReadStats(), []
   for f in files:
     docs += [(f"{os.path.basename(f)}:{i}", text)
@@ -228,7 +235,7 @@ class _TokenizeText(_Tokenize):
 def _chat_conversations(paths, template, overflow, max_tokens, tokenizer):
   """Every valid conversation of the chat files, tokenized once with its loss mask (in memory:
   chat data sets are small next to pretraining corpora)."""
-  files = corpus.expand(paths, "chat file (.jsonl/.jsonl.zst/.parquet)")
+  files = paths_lib.expand(paths, "chat file (.jsonl/.jsonl.zst/.parquet)", "data.paths")
   convs, _ = chat.load_conversations(files, chat.ChatFormat(template, tokenizer), max_tokens,
                                      overflow)
   return tuple(convs)
@@ -250,13 +257,14 @@ def _chat_row(name_ids_mask):
 def _token_files(source, paths, cfg, split, tokenizer):
   """(files, trim_token) of a tokenized source's split."""
   if source == "prepared":
-    for p in paths.split(","):
-      manifest, _ = corpus.load_manifest(p.strip())
+    for p in corpus.expand_manifests(paths, option(cfg)):
+      manifest, _ = corpus.load_manifest(p)
       corpus.check_tokenizer(manifest, p, tokenizer)
-    return corpus.prepared_shards(paths, split), None
-  files = corpus.expand(paths, "LITPKDS .bin file")
+    return corpus.prepared_shards(paths, split, option(cfg)), None
+  files = paths_lib.expand(paths, "LITPKDS .bin file", option(cfg))
   if cfg.eval_paths:  # TinyLlama kept validation files apart
-    files = corpus.expand(cfg.eval_paths, "LITPKDS .bin file") if split == "eval" else files
+    files = (paths_lib.expand(cfg.eval_paths, "LITPKDS .bin file", "data.eval_paths")
+             if split == "eval" else files)
   else:
     files = sources.split_names(files, split, cfg.eval_fraction)
   return files, tokenizer.bos_id  # TinyLlama padded its last chunks with BOS
@@ -378,21 +386,23 @@ def _check_state(state, fingerprint):
 
 def identity(cfg: ml_collections.ConfigDict) -> dict[str, str]:
   """{component: sha256} of what the data is beyond its config, for a checkpoint to record (the
-  iterator's fingerprint holds the config side): a prepared folder's shard list (preparing again
-  into it, with another eval_fraction, changes it); the names and sizes of raw text, LITPKDS or
-  stdlib files, with the eval split's fraction. Empty for synthetic data."""
+  iterator's fingerprint holds the config side): a prepared folder's shard records with the
+  checksums its files have now (corpus.shard_records: preparing again, or shards rewritten in
+  place, change it); the names and sizes of raw text, LITPKDS or stdlib files, with the eval
+  split's fraction. Empty for synthetic data."""
   _check_cfg(cfg)
   out = {}
   for _, source, paths in ([] if cfg.source == "synthetic" else components(cfg)):
     if source == "prepared":
-      record = [corpus.load_manifest(p)[0]["shards"] for p in corpus.expand(paths, "manifest")]
+      record = [corpus.shard_records(p, cfg.verify_shards)
+                for p in corpus.expand_manifests(paths, option(cfg))]
     else:
       if source == "stdlib":
         root, names = sources.stdlib_root(), sources.stdlib_files()
       else:
-        root, names = "", corpus.expand(paths, "data file")
+        root, names = "", paths_lib.expand(paths, "data file", option(cfg))
         if source == "litpkds" and cfg.eval_paths:
-          names += corpus.expand(cfg.eval_paths, "LITPKDS .bin file")
+          names += paths_lib.expand(cfg.eval_paths, "LITPKDS .bin file", "data.eval_paths")
       record = [cfg.eval_fraction, [(n, os.path.getsize(os.path.join(root, n))) for n in names]]
     out[f"{source}:{paths}"] = hashlib.sha256(json.dumps(record).encode()).hexdigest()
   return out

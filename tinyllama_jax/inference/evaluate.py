@@ -14,7 +14,6 @@ The loss is the mean over all scored tokens; perplexity is exp(loss).
 """
 
 import functools
-import glob
 import itertools
 import json
 import math
@@ -25,19 +24,19 @@ import numpy as np
 from absl import logging
 
 from tinyllama_jax import model as model_lib
+from tinyllama_jax.data import paths as paths_lib
 from tinyllama_jax.data import pipeline
 from tinyllama_jax.training import program
 
 
 def read_documents(spec, text_field="text"):
   """(documents, skipped) from files; unreadable files and empty documents are counted, logged."""
-  paths = []
   for part in spec.split(","):
-    matched = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-    paths += matched
+    matched = paths_lib.matches(part) if any(c in part for c in "*?[") else [part]
     if not matched or not all(os.path.isfile(p) for p in matched):
       raise ValueError(f"--data: {part!r} is not a file (give a .txt/.jsonl file, a glob, or "
                        "split:eval)")
+  paths = paths_lib.expand(spec, "file", "--data")  # each real file once
   docs = []
   for path in paths:
     with open(path, "rb") as f:
