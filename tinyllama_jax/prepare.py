@@ -4,7 +4,7 @@
       --tokenizer=tokenizer.model --out=/data/slim_prepared
 
 data/prepare.py does the work; its docstring says what is written. Exit status: 0 done, 2 bad
-input, 3 cannot write (full disk), 130 interrupted.
+input, 3 cannot write (full disk), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 import json
@@ -34,6 +34,7 @@ def define_flags():
 def main(argv):
   del argv
   f = flags.FLAGS
+  prepare_lib.stop_on_sigterm()
   try:
     for name in ("input", "tokenizer", "out"):
       if not f[name].value:

@@ -37,9 +37,10 @@ def _jsonl(path, values):
 
 
 def _files_under(out):
-  """Every file and folder under `out`, relative to it (hidden ones too)."""
+  """Every file and folder under `out`, relative to it (hidden ones too, but the writer's lock)."""
   return sorted(os.path.relpath(os.path.join(d, n), out)
-                for d, dirs, files in os.walk(out) for n in dirs + files)
+                for d, dirs, files in os.walk(out) for n in dirs + files
+                if os.path.join(d, n) != os.path.join(out, ".lock"))
 
 
 def _published(out):

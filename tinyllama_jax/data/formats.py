@@ -6,6 +6,7 @@ tokens actually in the file, never padding), so TinyLlama's loader reads them an
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import secrets
@@ -36,10 +37,11 @@ def atomic_write(path: str, write_fn, mode="wb"):
   The temp file is created as a plain open() creates files, 0o666 less the umask in force (not
   mkstemp's 0o600: prepared data, tokenizers and exports are meant to be read by other users),
   under a fresh name (O_EXCL), so concurrent writers never share one. The kernel applies the
-  umask: reading it would mean setting it, which races with other threads.
+  umask: reading it would mean setting it, which races with other threads. The temp name keeps at
+  most 64 characters of `path`'s, so any name the file system takes for `path` fits.
   """
   folder = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
+  tmp = os.path.join(folder, f".tmp-{secrets.token_hex(4)}-{os.path.basename(path)[:64]}")
   fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, mode) as f:
@@ -58,7 +60,8 @@ def write_json_atomic(path, obj, sort_keys=False):
   atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=sort_keys), mode="w")
 
 
-def write_litpkds(path: str, tokens: np.ndarray):
+def write_litpkds(path: str, tokens: np.ndarray) -> str:
+  """Writes the file (atomically); returns its sha256, for the manifest."""
   tokens = np.ascontiguousarray(tokens)
   if tokens.dtype not in _CODES:
     raise ValueError(f"cannot write {tokens.dtype} tokens to a LITPKDS file")
@@ -66,8 +69,11 @@ def write_litpkds(path: str, tokens: np.ndarray):
 
   def write(f):
     f.write(header)
-    f.write(tokens.tobytes())
+    f.write(tokens.data)
   atomic_write(path, write)
+  digest = hashlib.sha256(header)
+  digest.update(tokens.data)
+  return digest.hexdigest()
 
 
 def read_litpkds(path: str) -> np.ndarray:
@@ -123,13 +129,22 @@ def _optional(module: str, path: str):
                       f"pip install {module}") from None
 
 
+def _blank(text) -> bool:
+  """Empty or whitespace only (not text.strip(), which copies a document that may be huge)."""
+  return not text or text.isspace()
+
+
+def _utf8_bytes(text: str) -> int:
+  return len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii: no copy
+
+
 def _decode(raw: bytes, stats: ReadStats) -> str | None:
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError:
     stats.skipped_not_utf8 += 1
     return None
-  if not text.strip():
+  if _blank(text):
     stats.skipped_empty += 1
     return None
   return text
@@ -140,7 +155,7 @@ def _check_text(text, stats: ReadStats) -> bool:
   if not isinstance(text, str):
     stats.skipped_not_string += 1
     return False
-  if not text.strip():
+  if _blank(text):
     stats.skipped_empty += 1
     return False
   return True
@@ -214,20 +229,21 @@ def iter_documents(path: str, text_field: str, stats: ReadStats, *,
   if kind == ".txt":
     with open(path, "rb") as f:
       raw = f.read()
-    text = _decode(raw, stats)
+    num_bytes, text = len(raw), _decode(raw, stats)
+    del raw  # a large file is not held twice while it is tokenized
     if text is not None:
       stats.documents += 1
-      stats.text_bytes += len(raw)
+      stats.text_bytes += num_bytes
       yield text
   elif kind == ".parquet":
     for text in parquet_column(path, text_field, text_field_flag):
       if _check_text(text, stats):
         stats.documents += 1
-        stats.text_bytes += len(text.encode("utf-8"))
+        stats.text_bytes += _utf8_bytes(text)
         yield text
   else:
     for lineno, line in enumerate(jsonl_lines(path), 1):
-      if not line.strip():
+      if _blank(line):
         continue
       try:
         record = json.loads(line)
@@ -244,7 +260,7 @@ def iter_documents(path: str, text_field: str, stats: ReadStats, *,
       if not _check_text(text, stats):
         continue
       try:
-        stats.text_bytes += len(text.encode("utf-8"))
+        stats.text_bytes += _utf8_bytes(text)
       except UnicodeEncodeError:  # a lone surrogate escaped in the JSON
         stats.skipped_not_utf8 += 1
         continue

@@ -11,17 +11,28 @@ Ctrl-C leaves no partial files, and re-running skips the finished inputs. At the
 is copied to OUT/tokenizer.model (so the folder is self-contained and can move) and the manifest is
 rewritten from the records.
 
-Exit status: 0 done, 2 bad input, 3 cannot write (full disk), 130 interrupted.
+A document longer than _PIECE_CHARS characters is tokenized in pieces cut at a line end (or a
+space), so memory stays bounded whatever its size; its tokens may then differ from one encoding of
+the whole text at the cuts. Each shard's sha256 (and its index's) is recorded in the manifest:
+a run's data identity (corpus.shard_records) sees shards rewritten in place. One prepare writes an
+output folder at a time (a flock on OUT/.lock).
+
+Exit status: 0 done, 2 bad input, 3 cannot write (full disk), 130 interrupted (Ctrl-C), 128 + N
+stopped by signal N (SIGTERM: 143).
 """
 
+import ctypes
 import errno
+import fcntl
 import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -29,22 +40,19 @@ from absl import logging
 import numpy as np
 
 from tinyllama_jax.data import formats
+from tinyllama_jax.data import paths as paths_lib
 from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
 _ENCODE_BATCH_BYTES = 1 << 20  # documents are encoded in ~1 MB batches (one C++ call each)
+_PIECE_CHARS = 1 << 20  # a longer document is encoded in pieces of at most this many characters
 TOKENIZER = "tokenizer.model"  # the copy in the output folder that the manifest names
 _DONE = ".done.json"
 
 
 def expand_inputs(patterns: str) -> list[str]:
-  paths = sorted({p for pat in patterns.split(",") if pat.strip()
-                  for p in glob.glob(os.path.expanduser(pat.strip()), recursive=True)
-                  if os.path.isfile(p)})
-  if not paths:
-    raise FileNotFoundError(f"--input={patterns!r} matches no files: check the glob (quote it so "
-                            "the shell does not expand it)")
+  paths = paths_lib.expand(patterns, "files", "--input")
   for p in paths:
     formats._suffix(p)  # pylint: disable=protected-access
   return paths
@@ -61,17 +69,19 @@ def _staging_dir(shards_dir: str, key: str) -> str:
 
 
 class _ShardWriter:
-  """Buffers one split's documents and writes full shards (tokens .bin + document starts .npy)."""
+  """Buffers one split's tokens and writes full shards (tokens .bin + document starts .npy)."""
 
   def __init__(self, staging_dir, key, split, shard_tokens, dtype):
     self._dir, self._key, self._split = staging_dir, key, split
     self._shard_tokens, self._dtype = shard_tokens, dtype
-    self._docs, self._num_tokens = [], 0
-    self._continued = False  # the first buffered document is the rest of one cut by the last shard
+    # Buffered token runs; a run begins a document, or continues the one before it (the rest of a
+    # document cut by the last shard, or the next piece of a long one).
+    self._runs, self._begins, self._num_tokens = [], [], 0
     self.shards = []
 
-  def add(self, ids: list[int]):
-    self._docs.append(np.asarray(ids, self._dtype))
+  def add(self, ids, begins: bool = True):
+    self._runs.append(np.asarray(ids, self._dtype))
+    self._begins.append(begins)
     self._num_tokens += len(ids)
     while self._num_tokens >= self._shard_tokens:
       self._write(self._shard_tokens)
@@ -82,22 +92,38 @@ class _ShardWriter:
 
   def _write(self, n):
     # Cut exactly n tokens; a document straddling the cut continues in the next shard.
-    tokens = np.concatenate(self._docs)
-    starts = np.cumsum([0] + [len(d) for d in self._docs[:-1]])
+    tokens = np.concatenate(self._runs)
+    offsets = np.cumsum([0] + [len(r) for r in self._runs[:-1]])
+    begins = offsets[np.asarray(self._begins, bool)]
     shard, rest = tokens[:n], tokens[n:]
     name = f"{self._key}.{self._split}.{len(self.shards):05d}.bin"
     path = os.path.join(self._dir, name)
-    # The index lists every piece (a cut document's rest too: packing reads pieces); the record
-    # counts the documents that begin here, so a cut document is counted once.
-    formats.atomic_write(path + ".docs.npy",
-                         lambda f: np.save(f, starts[starts < n].astype(np.int64)))
-    formats.write_litpkds(path, shard)
+    # The index lists every piece (a cut document's rest at 0 too: packing reads pieces); the
+    # record counts the documents that begin here, so a cut document is counted once.
+    index = np.union1d(begins[begins < n], [0]).astype(np.int64)
+    buf = io.BytesIO()
+    np.save(buf, index)
+    formats.atomic_write(path + ".docs.npy", lambda f: f.write(buf.getvalue()))
     self.shards.append({"path": f"shards/{name}", "split": self._split, "tokens": int(n),
-                        "documents": int((starts < n).sum()) - self._continued,
-                        "max_token": int(shard.max()) if n else -1})
-    self._docs = [rest] if len(rest) else []
+                        "documents": int((begins < n).sum()),
+                        "max_token": int(shard.max()) if n else -1,
+                        "sha256": formats.write_litpkds(path, shard),
+                        "docs_sha256": hashlib.sha256(buf.getvalue()).hexdigest()})
+    self._runs, self._begins = ([rest], [False]) if len(rest) else ([], [])
     self._num_tokens = len(rest)
-    self._continued = bool(len(rest))
+
+
+def _pieces(text: str):
+  """`text` in pieces of at most _PIECE_CHARS characters, each cut after a line end, else before
+  a space, where there is one in the piece's second half."""
+  start = 0
+  while len(text) - start > _PIECE_CHARS:
+    stop, half = start + _PIECE_CHARS, start + _PIECE_CHARS // 2
+    cut = text.rfind("\n", half, stop) + 1 or text.rfind(" ", half, stop)
+    cut = cut if cut > half else stop
+    yield text[start:cut]
+    start = cut
+  yield text[start:]
 
 
 def prepare_one(path: str, out_dir: str, tokenizer: tokenizer_lib.Tokenizer, options: dict) -> dict:
@@ -132,14 +158,27 @@ def _tokenize(path, staging, key, tokenizer, options) -> dict:
   stats = formats.ReadStats()
   batch, batch_bytes, doc_index = [], 0, 0
 
+  def writer(index):
+    name = f"{os.path.basename(path)}:{index}"
+    return writers["eval" if sources.hash_fraction(name) < options["eval_fraction"] else "train"]
+
   def encode(batch, doc_index):
     for i, ids in enumerate(tokenizer.encode_batch(batch)):
-      name = f"{os.path.basename(path)}:{doc_index + i}"
-      split = "eval" if sources.hash_fraction(name) < options["eval_fraction"] else "train"
-      writers[split].add(bos + ids + eos)
+      writer(doc_index + i).add(bos + ids + eos)
 
   for text in formats.iter_documents(path, options["text_field"], stats,
                                      text_field_flag="--text_field"):
+    if len(text) > _PIECE_CHARS:  # encoded alone, piece by piece: bounded memory
+      encode(batch, doc_index)
+      doc_index += len(batch)
+      batch, batch_bytes = [], 0
+      w = writer(doc_index)
+      w.add(bos)
+      for piece in _pieces(text):
+        w.add(tokenizer.encode(piece), begins=False)
+      w.add(eos, begins=False)
+      doc_index += 1
+      continue
     batch.append(text)
     batch_bytes += len(text)
     if batch_bytes >= _ENCODE_BATCH_BYTES:
@@ -170,7 +209,61 @@ _worker_state = {}
 
 
 def _init_worker(tokenizer, out_dir, options):
+  _die_with_parent()
   _worker_state.update(tokenizer=tokenizer, out_dir=out_dir, options=options)
+
+
+def _die_with_parent():
+  """A worker whose parent is gone (kill -9) gets SIGTERM from the kernel, rather than tokenizing
+  and publishing on for no one (Linux; elsewhere a no-op)."""
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGTERM (a scheduler's stop, `kill`) as the clean stop Ctrl-C is: workers stopped, partial
+  files removed, one line."""
+
+  def __init__(self, signum):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def stop_on_sigterm():
+  """From here on, SIGTERM raises Interrupted in the main thread."""
+  def handle(signum, frame):
+    del frame
+    raise Interrupted(signum)
+  signal.signal(signal.SIGTERM, handle)
+
+
+class OutLock:
+  """One prepare per output folder: an exclusive flock on OUT/.lock, dropped by the kernel with
+  its process (a killed prepare leaves nothing stuck). Two prepares into one folder would remove
+  each other's staging folders."""
+
+  def __init__(self, out_dir):
+    self.path = os.path.join(out_dir, ".lock")
+    self._file = open(self.path, "a+")  # "a+": no truncating the holder's line before the lock
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read(512).strip() or "another process"
+      self._file.close()
+      raise ValueError(f"--out={out_dir} is being written by {holder} (lock {self.path}): wait "
+                       "for it to end, or choose another --out") from None
+    self._file.truncate(0)
+    self._file.write(f"prepare pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    self._file.flush()
+
+  def release(self, remove=False):
+    if remove:  # a folder this run made and leaves empty
+      os.unlink(self.path)
+    self._file.close()
 
 
 def _work(path):
@@ -265,32 +358,44 @@ def prepare(inputs: list[str], tokenizer: tokenizer_lib.Tokenizer, out_dir: str,
              "eval_fraction": eval_fraction, "shard_tokens": shard_tokens,
              "tokenizer_sha256": tokenizer.sha256}
   made = _make_out_dirs(out_dir)
+  lock = None
   try:
+    lock = OutLock(out_dir)
     records = _prepare_inputs(inputs, tokenizer, out_dir, options, num_workers, progress)
     _copy_tokenizer(tokenizer, os.path.join(out_dir, TOKENIZER))
     manifest = _manifest(records, tokenizer, options)
     formats.atomic_write(os.path.join(out_dir, formats.MANIFEST),
                          lambda f: json.dump(manifest, f, indent=1), mode="w")
   except BaseException:
+    if lock is not None:
+      lock.release(remove=out_dir in made)
     for d in reversed(made):  # only while still empty: never another run's files
       try:
         os.rmdir(d)
       except OSError:
         pass
     raise
-  totals = manifest["totals"]
+  lock.release()
+  _warn_about(manifest["totals"], out_dir, eval_fraction)
+  logging.info("prepared %d inputs (%d already done) into %s: %s", len(records),
+               sum(r["skipped"] for r in records), out_dir, manifest["totals"])
+  return manifest
+
+
+def _warn_about(totals, out_dir, eval_fraction):
   skipped = {k: v for k, v in totals.items() if k.startswith("skipped_") and v}
   if skipped:
     logging.warning("left out documents that are empty, not UTF-8 or not a string: %s (counted in "
                     "%s's totals)", skipped, formats.MANIFEST)
-  if not totals["eval_documents"]:  # allowed (data only ever scored whole), but a trap for training
+  if not totals["train_tokens"]:
+    logging.warning("%s has no training tokens (its inputs held no documents, or every one went "
+                    "to eval): a training run on it is refused at start; prepare it from inputs "
+                    "with text", out_dir)
+  elif not totals["eval_documents"]:  # allowed (data only ever scored whole), but not for training
     logging.warning("%s has no eval split (--eval_fraction=%s held out no document): a training "
-                    "run on it stops at its first eval; prepare with a larger --eval_fraction "
-                    "unless it is only evaluated whole (evaluate --split=train)", out_dir,
-                    eval_fraction)
-  logging.info("prepared %d inputs (%d already done) into %s: %s", len(records),
-               sum(r["skipped"] for r in records), out_dir, totals)
-  return manifest
+                    "run on it is refused at start unless it passes "
+                    "--config.train.eval_every=0; prepare with a larger --eval_fraction unless it "
+                    "is only evaluated whole (evaluate --split=train)", out_dir, eval_fraction)
 
 
 def _prepare_inputs(inputs, tokenizer, out_dir, options, num_workers, progress) -> list[dict]:
@@ -308,16 +413,25 @@ def _prepare_inputs(inputs, tokenizer, out_dir, options, num_workers, progress) 
       if bar is not None:
         bar.update(record)
   except BaseException:
-    _stop(pool)  # a stopped worker cannot remove its own staging folder: do it here
-    for p in inputs:
-      shutil.rmtree(_staging_dir(os.path.join(out_dir, "shards"), _input_key(p)),
-                    ignore_errors=True)
+    _stop(pool)  # a stopped worker cannot remove its own files: do it here
+    _remove_unfinished(inputs, os.path.join(out_dir, "shards"))
     raise
   finally:
     _stop(pool)
     if bar is not None:
       bar.close()
   return sorted(records, key=lambda r: r["input"])
+
+
+def _remove_unfinished(inputs, shards_dir):
+  """Removes the staging folders of stopped workers, and what a worker stopped in the middle of
+  publishing moved into shards/ (files of an input with no .done.json)."""
+  for p in inputs:
+    key = _input_key(p)
+    shutil.rmtree(_staging_dir(shards_dir, key), ignore_errors=True)
+    if not os.path.exists(os.path.join(shards_dir, key + _DONE)):
+      for old in glob.glob(os.path.join(glob.escape(shards_dir), glob.escape(key) + ".*")):
+        os.unlink(old)
 
 
 def _stop(pool):
@@ -353,11 +467,18 @@ def _manifest(records, tokenizer, options):
 
 def failure(error: BaseException, out_dir: str) -> tuple[str, int] | None:
   """(one line for stderr, exit status) for an error prepare stops on; None for a bug."""
+  if isinstance(error, Interrupted):
+    name = signal.Signals(error.signum).name
+    return (f"stopped by {name}; rerun the same command to continue (finished inputs are kept)",
+            128 + error.signum)
   if isinstance(error, KeyboardInterrupt):
     return "interrupted; rerun the same command to continue (finished inputs are kept)", 130
   if isinstance(error, OSError) and error.errno == errno.ENOSPC:
     return (f"error: no space left on the device of --out={out_dir}: free space, then rerun the "
             "same command to continue (finished inputs are kept)", 3)
+  if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:
+    return (f"error: --out={out_dir}: a name in that path is too long for the file system "
+            f"({error.filename}): choose a shorter --out", 2)
   if isinstance(error, (ValueError, ImportError, OSError)):
     return f"error: {' '.join(str(error).split())}", 2
   return None
