@@ -115,7 +115,7 @@ def shard_records(path: str, hash_all: bool = False) -> list[dict]:
   identity hashes, so that shards rewritten under a checkpoint are another identity.
 
   Hashing every shard at each start would read the whole corpus, so a file is hashed only when it
-  may differ from what prepare recorded: it is newer than the manifest (prepare writes the manifest
+  may differ from what prepare recorded: it is not older than the manifest (prepare writes it
   after every shard), its size or header disagrees with its record, or `hash_all` (on demand).
   Data prepared by an earlier version records no checksums: its records are used as they are, and
   a warning says the content is not verified."""
@@ -133,7 +133,7 @@ def shard_records(path: str, hash_all: bool = False) -> list[dict]:
     out.append(dict(s))
     for key, suffix in (("sha256", ""), ("docs_sha256", ".docs.npy")):
       file = os.path.join(root, s["path"]) + suffix
-      if key in s and (hash_all or os.stat(file).st_mtime_ns > since or
+      if key in s and (hash_all or os.stat(file).st_mtime_ns >= since or
                        (not suffix and _header_differs(file, s))):
         out[-1][key] = tokenizer_lib.file_sha256(file)
   changed = [s["path"] for s, now in zip(shards, out) if s != now]

@@ -16,13 +16,14 @@ from absl import logging
 
 def expand(patterns: str, what: str, name: str, *, files_only: bool = True) -> list[str]:
   """The sorted paths matching comma-separated globs, each real file (or folder) once: of paths
-  reaching one file, the first in sorted order is kept. `name` is the option the patterns came
+  reaching one file, one without symlinks is kept, else the first in sorted order. `name` is the option the patterns came
   from (for the error when nothing matches); `files_only` leaves out folders."""
   loops = [0]
   matched = {m for pattern in [p.strip() for p in patterns.split(",") if p.strip()]
              for m in _matches(os.path.expanduser(pattern), loops)}
   found, seen, duplicates = [], set(), 0
-  for path in sorted(matched):
+  direct_first = sorted(matched, key=lambda p: (os.path.realpath(p) != os.path.abspath(p), p))
+  for path in direct_first:
     if files_only and not os.path.isfile(path):
       continue
     real = os.path.realpath(path)
@@ -37,6 +38,7 @@ def expand(patterns: str, what: str, name: str, *, files_only: bool = True) -> l
   if loops[0]:
     logging.warning("%s=%r: did not walk into %d symlinked folders that lead back to their own "
                     "parent folder (a loop)", name, patterns, loops[0])
+  found.sort()
   if not found:
     raise FileNotFoundError(f"{name}={patterns!r} matches no {what}: check the path or glob "
                             "(quote it so the shell does not expand it)")
