@@ -274,3 +274,52 @@ def test_compressed_and_columnar_inputs_read(inputs, package, name):
   stats = formats.ReadStats()
   docs = list(formats.iter_documents(str(inputs / name), "text", stats))
   assert docs == (_stdlib_texts(135, 3) if package == "zstandard" else _stdlib_texts(138, 2))
+
+
+def test_a_document_longer_than_a_piece_is_tokenized_in_pieces_to_the_same_text(tok, tmp_path,
+                                                                                 monkeypatch):
+  monkeypatch.setattr(prepare_lib, "_PIECE_CHARS", 3000)
+  text = " ".join(_stdlib_texts(150, 12))  # one document of tens of pieces
+  assert len(text) > 10 * 3000
+  src = tmp_path / "long.jsonl"
+  src.write_text(json.dumps({"text": text}) + "\n")
+  prepare_lib.prepare([str(src)], tok, str(tmp_path / "out"), eval_fraction=0.0,
+                      shard_tokens=1000, progress=False)
+  manifest, docs = _documents_of(tmp_path / "out", "train")
+  assert manifest["totals"]["train_documents"] == 1
+  tokens = np.concatenate(docs)  # its pieces, cut by the shards
+  assert tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
+  assert tok.decode(tokens[1:-1]) == text
+  cuts = len(list(prepare_lib._pieces(text))) - 1  # pylint: disable=protected-access
+  assert abs(len(tokens) - 2 - len(tok.encode(text))) <= 2 * cuts  # merges lost at the cuts
+
+
+_PEAK_MEMORY = """
+import resource, sys
+from tinyllama_jax.data import prepare, tokenizer
+tok = tokenizer.Tokenizer(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare.prepare([sys.argv[2]], tok, sys.argv[3], eval_fraction=0.0, progress=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def _peak_growth(tok, tmp_path, text, size):
+  """How much the peak memory of a prepare process grows while it prepares one document."""
+  (tmp_path / f"{size}.txt").write_text((text * (size // len(text) + 1))[:size])
+  proc = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, tok.path, str(tmp_path / f"{size}.txt"),
+                         str(tmp_path / f"out{size}")], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return int(proc.stdout.split()[-1])
+
+
+def test_one_huge_document_takes_memory_in_proportion_to_its_text_only(tok, tmp_path):
+  """Per byte of a single-line document, prepare holds its text (and, while it decodes, its
+  bytes), not its tokens as Python lists (~46 bytes a byte). A piece's cost is fixed; the growth
+  between two sizes is the per-byte part."""
+  text = " ".join(_stdlib_texts(0, 400)).replace("\n", " ")
+  small, large = 3_000_000, 11_000_000
+  per_byte = (_peak_growth(tok, tmp_path, text, large) -
+              _peak_growth(tok, tmp_path, text, small)) / (large - small)
+  assert per_byte < 4, f"peak memory grows by {per_byte:.1f} bytes a byte of the document"

@@ -11,9 +11,9 @@ Ctrl-C leaves no partial files, and re-running skips the finished inputs. At the
 is copied to OUT/tokenizer.model (so the folder is self-contained and can move) and the manifest is
 rewritten from the records.
 
-A document longer than _PIECE_CHARS characters is tokenized in pieces cut at a line end (or a
-space), so memory stays bounded whatever its size; its tokens may then differ from one encoding of
-the whole text at the cuts. Each shard's sha256 (and its index's) is recorded in the manifest:
+A document longer than _PIECE_CHARS characters is tokenized in pieces cut before a space, so
+memory stays bounded whatever its size; its tokens decode to the same text, but may differ from
+one encoding of the whole text at the cuts. Each shard's sha256 (and its index's) is recorded in the manifest:
 a run's data identity (corpus.shard_records) sees shards rewritten in place. One prepare writes an
 output folder at a time (a flock on OUT/.lock).
 
@@ -114,12 +114,12 @@ class _ShardWriter:
 
 
 def _pieces(text: str):
-  """`text` in pieces of at most _PIECE_CHARS characters, each cut after a line end, else before
-  a space, where there is one in the piece's second half."""
+  """`text` in pieces of at most _PIECE_CHARS characters, each cut before a space where there is
+  one in the piece's second half."""
   start = 0
   while len(text) - start > _PIECE_CHARS:
     stop, half = start + _PIECE_CHARS, start + _PIECE_CHARS // 2
-    cut = text.rfind("\n", half, stop) + 1 or text.rfind(" ", half, stop)
+    cut = text.rfind(" ", half, stop)
     cut = cut if cut > half else stop
     yield text[start:cut]
     start = cut
@@ -157,6 +157,9 @@ def _tokenize(path, staging, key, tokenizer, options) -> dict:
   eos = [tokenizer.eos_id] if options["add_eos"] else []
   stats = formats.ReadStats()
   batch, batch_bytes, doc_index = [], 0, 0
+  # Llama's tokenizers start every encoded text with "▁" (a space): a piece of a long document cut
+  # before a space is then encoded as it is in context.
+  dummy_prefix = tokenizer.id_to_piece(tokenizer.encode("a")[0]).startswith("\u2581")
 
   def writer(index):
     name = f"{os.path.basename(path)}:{index}"
@@ -174,7 +177,9 @@ def _tokenize(path, staging, key, tokenizer, options) -> dict:
       batch, batch_bytes = [], 0
       w = writer(doc_index)
       w.add(bos)
-      for piece in _pieces(text):
+      for i, piece in enumerate(_pieces(text)):
+        if i and dummy_prefix and piece.startswith(" "):  # the prefix stands for the space
+          piece = piece[1:]
         w.add(tokenizer.encode(piece), begins=False)
       w.add(eos, begins=False)
       doc_index += 1
