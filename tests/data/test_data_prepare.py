@@ -307,9 +307,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 def _peak_growth(tok, tmp_path, text, size):
   """How much the peak memory of a prepare process grows while it prepares one document."""
   (tmp_path / f"{size}.txt").write_text((text * (size // len(text) + 1))[:size])
-  proc = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, tok.path, str(tmp_path / f"{size}.txt"),
-                         str(tmp_path / f"out{size}")], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, tok.path,
+                         str(tmp_path / f"{size}.txt"), str(tmp_path / f"out{size}")],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return int(proc.stdout.split()[-1])
 

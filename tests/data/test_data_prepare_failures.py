@@ -17,6 +17,7 @@ from tinyllama_jax.data import corpus
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import prepare as prepare_lib
+from tinyllama_jax.data import progress
 from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 
@@ -148,7 +149,7 @@ def test_prepare_needs_no_tqdm_and_shows_progress(tok, tmp_path, monkeypatch, ca
   paths = [_jsonl(tmp_path / f"{i}.jsonl", _texts(250 + i, 1)) for i in range(2)]
   prepare_lib.prepare(paths, tok, str(tmp_path / "out"), progress=True)
   assert "2/2 inputs" in capsys.readouterr().err
-  bar = prepare_lib.Progress(3_000_000, 3)
+  bar = progress.Progress(3_000_000, 3)
   for _ in range(3):
     bar.update({"input_bytes": 1_000_000, "skipped": False, "stats": {"documents": 10}})
   bar.close()
@@ -191,8 +192,9 @@ def _finished_one_and_writing_another(out):
   return any(n.endswith(".done.json") for n in names) and any(n.endswith(".partial") for n in names)
 
 
-def test_ctrl_c_stops_workers_quietly_with_no_partial_files(tok, tmp_path):
-  """Ctrl-C signals the whole process group: the parent says one line, the workers nothing."""
+def _stop_mid_input(tok, tmp_path, signum, whole_group):
+  """Starts prepare with two workers on inputs of ~1 MB, signals it once one input is published and
+  another is being written; returns (exit status, stderr, out)."""
   root, names = sources.stdlib_root(), sources.stdlib_files()
   for i in range(24):  # ~1 MB each: enough that workers are mid-input when it lands
     with open(tmp_path / f"in{i:02d}.jsonl", "w") as f:
@@ -211,13 +213,77 @@ def test_ctrl_c_stops_workers_quietly_with_no_partial_files(tok, tmp_path):
     while not _finished_one_and_writing_another(out):
       assert proc.poll() is None and time.time() < deadline, proc.communicate()
       time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGINT)
+    if whole_group:
+      os.killpg(proc.pid, signum)
+    else:
+      os.kill(proc.pid, signum)
     _, err = proc.communicate(timeout=60)
+    deadline = time.time() + 10
+    while _group_alive(proc.pid):  # the workers are stopped with their parent, not left running
+      assert time.time() < deadline, "prepare's workers outlived it"
+      time.sleep(0.05)
   finally:
-    if proc.poll() is None:
+    if _group_alive(proc.pid):
       os.killpg(proc.pid, signal.SIGKILL)
-  assert proc.returncode == 130, err
+  return proc.returncode, err, out
+
+
+def _group_alive(pgid):
+  try:
+    os.killpg(pgid, 0)
+    return True
+  except ProcessLookupError:
+    return False
+
+
+def test_ctrl_c_stops_workers_quietly_with_no_partial_files(tok, tmp_path):
+  """Ctrl-C signals the whole process group: the parent says one line, the workers nothing."""
+  code, err, out = _stop_mid_input(tok, tmp_path, signal.SIGINT, whole_group=True)
+  assert code == 130, err
   assert err.splitlines()[-1] == ("interrupted; rerun the same command to continue (finished "
                                   "inputs are kept)")
   assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
   assert _files_under(out) == _published(out) and len(_published(out)) > 1
+
+
+def test_sigterm_to_prepare_alone_stops_its_workers_with_no_partial_files(tok, tmp_path):
+  """A scheduler's or `kill`'s SIGTERM reaches the parent only: it stops its workers (no input
+  published after it, no broken-pipe tracebacks) and exits 143 in one line."""
+  code, err, out = _stop_mid_input(tok, tmp_path, signal.SIGTERM, whole_group=False)
+  assert code == 128 + signal.SIGTERM, err
+  assert err.splitlines()[-1] == ("stopped by SIGTERM; rerun the same command to continue "
+                                  "(finished inputs are kept)")
+  assert "Traceback" not in err and "BrokenPipe" not in err, err
+  assert _files_under(out) == _published(out) and len(_published(out)) > 1
+
+
+_HOLD_LOCK = """
+import sys, time
+from tinyllama_jax.data import prepare
+lock = prepare.OutLock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_prepare_into_one_out_is_refused_and_a_killed_holder_leaves_no_lock(tok,
+                                                                                    tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (tmp_path / "in.txt").write_text("one small document")
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  args = [sys.executable, "-m", "tinyllama_jax.prepare", f"--tokenizer={tok.path}",
+          f"--input={tmp_path}/in.txt", f"--out={out}"]
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith(
+        f"error: --out={out} is being written by prepare pid {holder.pid} on ")
+    assert os.listdir(out) == [".lock"]  # the holder's folder untouched: no shards/ made
+  finally:
+    holder.kill()
+    holder.wait()
+  again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert again.returncode == 0, again.stderr

@@ -16,8 +16,9 @@ from absl import logging
 
 def expand(patterns: str, what: str, name: str, *, files_only: bool = True) -> list[str]:
   """The sorted paths matching comma-separated globs, each real file (or folder) once: of paths
-  reaching one file, one without symlinks is kept, else the first in sorted order. `name` is the option the patterns came
-  from (for the error when nothing matches); `files_only` leaves out folders."""
+  reaching one file, one without symlinks is kept, else the first in sorted order. `name` is the
+  option the patterns came from (for the error when nothing matches); `files_only` leaves out
+  folders."""
   loops = [0]
   matched = {m for pattern in [p.strip() for p in patterns.split(",") if p.strip()]
              for m in _matches(os.path.expanduser(pattern), loops)}

@@ -13,9 +13,9 @@ rewritten from the records.
 
 A document longer than _PIECE_CHARS characters is tokenized in pieces cut before a space, so
 memory stays bounded whatever its size; its tokens decode to the same text, but may differ from
-one encoding of the whole text at the cuts. Each shard's sha256 (and its index's) is recorded in the manifest:
-a run's data identity (corpus.shard_records) sees shards rewritten in place. One prepare writes an
-output folder at a time (a flock on OUT/.lock).
+one encoding of the whole text at the cuts. Each shard's sha256 (and its index's) is recorded in
+the manifest: a run's data identity (corpus.shard_records) sees shards rewritten in place. One
+prepare writes an output folder at a time (a flock on OUT/.lock).
 
 Exit status: 0 done, 2 bad input, 3 cannot write (full disk), 130 interrupted (Ctrl-C), 128 + N
 stopped by signal N (SIGTERM: 143).
@@ -33,7 +33,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import time
 
 from absl import logging
@@ -41,6 +40,7 @@ import numpy as np
 
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import paths as paths_lib
+from tinyllama_jax.data import progress as progress_lib
 from tinyllama_jax.data import sources
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 
@@ -287,49 +287,6 @@ def _start_pool(num_workers, initargs):
     signal.signal(signal.SIGINT, handler)
 
 
-class Progress:
-  """A status line on stderr after each finished input: MB done, MB/s, documents/s and ETA.
-  Rewritten in place on a terminal; in a log, the first, the last and one every 30 s."""
-
-  def __init__(self, total_bytes: int, num_inputs: int):
-    self._total, self._num_inputs = total_bytes, num_inputs
-    self._stream = sys.stderr
-    self._tty = self._stream.isatty()
-    self._interval = 0.2 if self._tty else 30.0
-    self._start, self._last = time.time(), float("-inf")  # the first input shows at once
-    self._done_bytes = self._new_bytes = self._new_docs = self._inputs = 0
-
-  def update(self, record: dict):
-    self._inputs += 1
-    self._done_bytes += record["input_bytes"]
-    if not record["skipped"]:  # the rates count this run's work only
-      self._new_bytes += record["input_bytes"]
-      self._new_docs += record["stats"]["documents"]
-    now = time.time()
-    if now - self._last >= self._interval or self._inputs == self._num_inputs:
-      self._last = now
-      # On a terminal: back to the line's start, then clear what a longer last line left.
-      self._stream.write(f"\r{self.line(now)}\x1b[K" if self._tty else self.line(now) + "\n")
-      self._stream.flush()
-
-  def line(self, now: float) -> str:
-    elapsed = max(now - self._start, 1e-9)
-    rate = self._new_bytes / elapsed
-    eta = (self._total - self._done_bytes) / rate if rate else 0.0
-    return (f"prepare: {self._done_bytes / 1e6:.1f}/{self._total / 1e6:.1f} MB, "
-            f"{self._inputs}/{self._num_inputs} inputs, {rate / 1e6:.1f} MB/s, "
-            f"{self._new_docs / elapsed:.0f} docs/s, ETA {_hms(eta)}")
-
-  def close(self):
-    if self._tty and self._inputs:
-      self._stream.write("\n")
-
-
-def _hms(seconds: float) -> str:
-  s = int(seconds)
-  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def _check_options(eval_fraction, shard_tokens, num_workers):
   if not 0.0 <= eval_fraction < 1.0:
     raise ValueError(f"--eval_fraction={eval_fraction} must be in [0, 1): the share of documents "
@@ -340,8 +297,21 @@ def _check_options(eval_fraction, shard_tokens, num_workers):
     raise ValueError(f"--num_workers={num_workers} must be >= 0 (0 or 1: tokenize in this process)")
 
 
+def _check_name_lengths(out_dir: str):
+  """Before any folder is made: a name too long half-way down would leave the ones above it."""
+  existing = os.path.abspath(out_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  limit = os.pathconf(existing, "PC_NAME_MAX")
+  longest = max(len(n.encode()) for n in os.path.abspath(out_dir).split(os.sep))
+  if longest > limit:
+    raise ValueError(f"--out={out_dir}: a name in that path is too long for the file system "
+                     f"({longest} bytes, at most {limit}): choose a shorter --out")
+
+
 def _make_out_dirs(out_dir: str) -> list[str]:
   """Creates OUT/shards; returns the folders it made, outermost first (removed on failure)."""
+  _check_name_lengths(out_dir)
   made = []
   for d in (out_dir, os.path.join(out_dir, "shards")):
     if not os.path.isdir(d):
@@ -405,7 +375,8 @@ def _warn_about(totals, out_dir, eval_fraction):
 
 def _prepare_inputs(inputs, tokenizer, out_dir, options, num_workers, progress) -> list[dict]:
   """Every input's record, sorted by input; on any failure no input is left half written."""
-  bar = Progress(sum(os.path.getsize(p) for p in inputs), len(inputs)) if progress else None
+  bar = (progress_lib.Progress(sum(os.path.getsize(p) for p in inputs), len(inputs)) if progress
+         else None)
   pool, records = None, []
   if num_workers > 1 and len(inputs) > 1:
     pool = _start_pool(min(num_workers, len(inputs)), (tokenizer, out_dir, options))
