@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.training import faults_helpers as fh
+from tinyllama_jax import config as config_lib
 from tinyllama_jax.data import corpus
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import pipeline
@@ -95,7 +96,7 @@ def test_data_prepared_without_checksums_keeps_its_identity_with_a_warning(tok, 
   assert "records no shard checksums" in caplog.text and "not verified" in caplog.text
 
 
-def test_empty_splits_say_which_split_is_empty_and_why(tok, tmp_path, caplog):
+def test_empty_splits_say_which_split_is_empty_and_why(tok, small_cfg, tmp_path, caplog):
   no_eval = _prepare(tok, tmp_path, "no_eval", eval_fraction=0.0)
   with pytest.raises(ValueError, match="no 'eval' shards: prepare with --eval_fraction > 0"):
     corpus.prepared_shards(str(no_eval), "eval")
@@ -104,6 +105,18 @@ def test_empty_splits_say_which_split_is_empty_and_why(tok, tmp_path, caplog):
   assert "has no training tokens" in caplog.text and "refused at start" in caplog.text
   with pytest.raises(ValueError, match="no 'train' shards \\(its inputs held no documents"):
     corpus.prepared_shards(str(empty), "train")
+  with pytest.raises(ValueError, match="no 'train' shards"):  # train refuses it up front
+    pipeline.load_tokenizer(small_cfg(source="prepared", paths=str(empty)), str(tmp_path / "w"))
+
+
+def test_the_mixture_example_in_the_help_names_what_prepare_writes(tok, small_cfg, tmp_path):
+  example = config_lib.key_comments()["data.mixture"].split('"')[3]
+  slim, star = _prepare(tok, tmp_path, "slim"), _prepare(tok, tmp_path, "star")
+  mixture = example.replace("/data/slim", str(slim)).replace("/data/star", str(star))
+  cfg = small_cfg(source="mixture", mixture=mixture)
+  assert [w for w, _, _ in pipeline.components(cfg)] == [0.693584, 0.306416]
+  assert len(pipeline.identity(cfg)) == 2
+
 
 
 @pytest.mark.slow

@@ -216,3 +216,9 @@ def test_identity_sees_a_prepared_folder_prepared_again_and_files_added(small_cf
   assert pipeline.identity(small_cfg(source="synthetic")) == {}
   stdlib = pipeline.identity(small_cfg())
   assert stdlib != pipeline.identity(small_cfg(eval_fraction=0.5))
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-1", "x"])
+def test_mixture_weights_must_be_finite_and_positive(small_cfg, weight):
+  with pytest.raises(ValueError, match=f"data.mixture entry '{weight}:prepared:/d' .* finite"):
+    pipeline.components(small_cfg(source="mixture", mixture=f"{weight}:prepared:/d"))

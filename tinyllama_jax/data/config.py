@@ -27,8 +27,8 @@ def data_config() -> ml_collections.ConfigDict:
   # 'litpkds': the eval split's files (TinyLlama kept validation files apart); '' = eval_fraction
   # of the files by name hash. 'prepared' data carries its own eval split (prepare --eval_fraction).
   c.eval_paths = ""
-  # 'prepared': at start, a shard is hashed against prepare's checksum when it is newer than the
-  # manifest or its size or header differs; True hashes every shard (reads the whole corpus).
+  # 'prepared': at start, a shard is hashed against prepare's checksum when it is not older than
+  # the manifest or its size or header differs; True hashes every shard (reads the whole corpus).
   c.verify_shards = False
   c.text_field = "text"  # .jsonl / .parquet column holding the document
   # 'mixture': "weight:source:glob" entries joined by ';', e.g. TinyLlama's

@@ -58,6 +58,9 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
   _check_cfg(cfg)
   if cfg.source == "synthetic":
     return None
+  for _, source, paths in components(cfg):  # before the eval split is looked at, whose message
+    if source == "prepared":                # would point at --eval_fraction
+      corpus.prepared_shards(paths, "train", option(cfg))
   if cfg.tokenizer:
     return _keep_a_copy(tokenizer_lib.Tokenizer(cfg.tokenizer), workdir)
   if cfg.source == "chat":  # fine-tuning keeps the tokenizer the model was trained with
