@@ -11,6 +11,7 @@ RoPE is rotate-half on both sides, so q/k need no permutation.
 """
 
 import json
+import math
 import os
 import shutil
 
@@ -130,13 +131,22 @@ _DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def parse_size(text):
-  """'2GB', '500MB', '123' (bytes); 0 means one file."""
-  text = str(text).strip().upper()
-  for suffix, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-    if text.endswith(suffix):
-      return int(float(text[:-len(suffix)]) * scale)
-  return int(text)
+def parse_size(text, flag="--max_shard_size"):
+  """'2GB', '500MB', '123' (bytes); 0 means one file. Anything else (a negative, nan or
+  overflowing size, no number) is one error naming `flag`, before anything is written."""
+  number, scale = str(text).strip().upper(), 1
+  for suffix, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    if number.endswith(suffix):
+      number, scale = number[:-len(suffix)], factor
+      break
+  try:
+    size = float(number) * scale
+  except ValueError:
+    size = math.nan
+  if not 0 <= size < 2**63:
+    raise ValueError(f"{flag}={text} is not a size: give bytes, or a number with GB, MB or KB "
+                     "(e.g. 2GB), at least 0 (0 = one file)")
+  return int(size)
 
 
 def plan_shards(shapes, dtype, max_shard_bytes):
