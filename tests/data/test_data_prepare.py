@@ -1,5 +1,6 @@
 """prepare CLI + readers + prepared/LITPKDS/text sources, on files built from the stdlib sources."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -122,6 +123,14 @@ def test_litpkds_round_trip_and_corrupt_files(tmp_path):
   (tmp_path / "magic.bin").write_bytes(b"NOTPKDS" + raw[7:])
   with pytest.raises(ValueError, match="magic.bin is not a LITPKDS token file"):
     formats.read_litpkds(str(tmp_path / "magic.bin"))
+
+
+def test_a_file_with_the_longest_name_the_file_system_takes_is_written(tmp_path):
+  """The temporary sibling's name is short: any name `path` may have fits."""
+  path = tmp_path / ("n" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".bin")
+  digest = formats.write_litpkds(str(path), np.arange(10, dtype=np.uint16))
+  assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert os.listdir(tmp_path) == [path.name]
 
 
 def test_tinyllama_files_train_without_their_bos_padding(tok, small_cfg, tmp_path):
