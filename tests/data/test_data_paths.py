@@ -58,3 +58,17 @@ def test_every_reader_of_globs_expands_through_it(corpus, small_cfg, tok):
   mixture = small_cfg(source="mixture", mixture=f"1:text:{corpus}/missing/*.txt")
   with pytest.raises(FileNotFoundError, match="data.mixture="):
     pipeline.identity(mixture)
+
+
+def test_a_folder_that_cannot_be_read_is_counted_not_skipped_silently(corpus, caplog,
+                                                                     monkeypatch):
+  listdir = os.listdir
+
+  def no_v2(path):  # as an unreadable folder answers (root reads folders whatever their modes)
+    if os.path.realpath(path) == str(corpus / "v2"):
+      raise PermissionError(13, "Permission denied", path)
+    return listdir(path)
+  monkeypatch.setattr(os, "listdir", no_v2)
+  with caplog.at_level(logging.WARNING):
+    assert paths.expand(f"{corpus}/**/*.txt", "files", "--input") == [str(corpus / "v1/a.txt")]
+  assert "left out 2 folders that cannot be read" in caplog.text  # v2, and current -> v2

@@ -19,9 +19,9 @@ def expand(patterns: str, what: str, name: str, *, files_only: bool = True) -> l
   reaching one file, one without symlinks is kept, else the first in sorted order. `name` is the
   option the patterns came from (for the error when nothing matches); `files_only` leaves out
   folders."""
-  loops = [0]
+  skipped = {"loops": 0, "unreadable": 0}
   matched = {m for pattern in [p.strip() for p in patterns.split(",") if p.strip()]
-             for m in _matches(os.path.expanduser(pattern), loops)}
+             for m in _matches(os.path.expanduser(pattern), skipped)}
   found, seen, duplicates = [], set(), 0
   direct_first = sorted(matched, key=lambda p: (os.path.realpath(p) != os.path.abspath(p), p))
   for path in direct_first:
@@ -36,9 +36,12 @@ def expand(patterns: str, what: str, name: str, *, files_only: bool = True) -> l
   if duplicates:
     logging.warning("%s=%r: left out %d matches that are files already matched through another "
                     "path (symlinks): each file is read once", name, patterns, duplicates)
-  if loops[0]:
+  if skipped["loops"]:
     logging.warning("%s=%r: did not walk into %d symlinked folders that lead back to their own "
-                    "parent folder (a loop)", name, patterns, loops[0])
+                    "parent folder (a loop)", name, patterns, skipped["loops"])
+  if skipped["unreadable"]:
+    logging.warning("%s=%r: left out %d folders that cannot be read (permissions)", name,
+                    patterns, skipped["unreadable"])
   found.sort()
   if not found:
     raise FileNotFoundError(f"{name}={patterns!r} matches no {what}: check the path or glob "
@@ -48,10 +51,10 @@ def expand(patterns: str, what: str, name: str, *, files_only: bool = True) -> l
 
 def matches(pattern: str) -> list[str]:
   """What one glob matches (no loop followed), before any file is left out."""
-  return _matches(os.path.expanduser(pattern.strip()), [0])
+  return _matches(os.path.expanduser(pattern.strip()), {"loops": 0, "unreadable": 0})
 
 
-def _matches(pattern: str, loops: list) -> list[str]:
+def _matches(pattern: str, skipped: dict) -> list[str]:
   if "**" not in pattern:  # a fixed depth: glob cannot loop
     return glob.glob(pattern)
   parts = pattern.split(os.sep)
@@ -62,16 +65,17 @@ def _matches(pattern: str, loops: list) -> list[str]:
   if root and not os.path.isdir(root):
     return []
   rest = parts[fixed:]
-  return [path for path, rel in _walk(root, {os.path.realpath(root or ".")}, (), loops)
+  return [path for path, rel in _walk(root, {os.path.realpath(root or ".")}, (), skipped)
           if _match(rest, rel)]
 
 
-def _walk(top: str, ancestors: set, rel: tuple, loops: list):
+def _walk(top: str, ancestors: set, rel: tuple, skipped: dict):
   """(path, its components below the walk's root) of everything under `top`; hidden names are left
   out, as glob leaves them out of wildcards."""
   try:
     names = sorted(os.listdir(top or "."))
-  except OSError:  # unreadable, or gone since it was listed: glob skips these too
+  except OSError:  # unreadable, or gone since it was listed: counted, as glob does not
+    skipped["unreadable"] += 1
     return
   for entry in names:
     if entry.startswith("."):
@@ -81,9 +85,9 @@ def _walk(top: str, ancestors: set, rel: tuple, loops: list):
     if os.path.isdir(path):
       real = os.path.realpath(path)
       if real in ancestors:
-        loops[0] += 1
+        skipped["loops"] += 1
         continue
-      yield from _walk(path, ancestors | {real}, entry_rel, loops)
+      yield from _walk(path, ancestors | {real}, entry_rel, skipped)
 
 
 def _match(pattern_parts: list[str], path_parts: tuple) -> bool:
