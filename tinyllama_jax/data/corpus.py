@@ -117,8 +117,9 @@ def shard_records(path: str, hash_all: bool = False) -> list[dict]:
   Hashing every shard at each start would read the whole corpus, so a file is hashed only when it
   may differ from what prepare recorded: it is not older than the manifest (prepare writes it
   after every shard), its size or header disagrees with its record, or `hash_all` (on demand).
-  Data prepared by an earlier version records no checksums: its records are used as they are, and
-  a warning says the content is not verified."""
+  Data prepared by an earlier version records no checksums: its records are used as they are (the
+  identity its checkpoints recorded), and a warning says the content is not verified. prepare
+  never adds checksums to inputs finished earlier: that would change the identity under them."""
   manifest, root = load_manifest(path)
   shards = manifest["shards"]
   where = os.path.join(root, formats.MANIFEST)
