@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.training import faults_helpers as fh
-from tinyllama_jax import config as config_lib
+from tinyllama_jax.config import listing
 from tinyllama_jax.data import corpus
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import pipeline
@@ -110,7 +110,7 @@ def test_empty_splits_say_which_split_is_empty_and_why(tok, small_cfg, tmp_path,
 
 
 def test_the_mixture_example_in_the_help_names_what_prepare_writes(tok, small_cfg, tmp_path):
-  example = config_lib.key_comments()["data.mixture"].split('"')[3]
+  example = listing.key_comments()["data.mixture"].split('"')[3]
   slim, star = _prepare(tok, tmp_path, "slim"), _prepare(tok, tmp_path, "star")
   mixture = example.replace("/data/slim", str(slim)).replace("/data/star", str(star))
   cfg = small_cfg(source="mixture", mixture=mixture)

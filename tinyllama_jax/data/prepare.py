@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 
 from absl import logging
