@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import hostile
 from tests.training import faults_helpers as fh
 from tinyllama_jax.config import listing
 from tinyllama_jax.data import corpus
@@ -56,6 +57,15 @@ def test_a_hand_edited_manifest_is_one_error_naming_the_file_and_field(tmp_path,
   with pytest.raises(ValueError, match=message) as e:
     corpus.load_manifest(str(tmp_path))
   assert str(tmp_path / "manifest.json") in str(e.value)
+
+
+def test_train_on_a_hand_edited_manifest_is_one_line_before_anything_runs(tmp_path):
+  (tmp_path / "manifest.json").write_text('{"format": "tinyllama_jax.prepared/1", '
+                                          '"tokenizer": null, "shards": []}')
+  hostile.check("train", hostile.Probe(
+      "tokenizer null", ("--config=configs/tiny.py", "--workdir={tmp}/run",
+                         "--config.data.source=prepared", "--config.data.paths={tmp}"), 2,
+      f"{tmp_path}/manifest.json: field 'tokenizer' is missing or not an object"), tmp_path)
 
 
 def test_shards_rewritten_in_place_change_the_data_identity(tok, small_cfg, tmp_path, caplog):

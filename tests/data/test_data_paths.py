@@ -9,6 +9,7 @@ import pytest
 from tinyllama_jax.data import paths
 from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import prepare as prepare_lib
+from tinyllama_jax.inference import evaluate
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def test_every_reader_of_globs_expands_through_it(corpus, small_cfg, tok):
   cfg = small_cfg(source="text", paths=f"{corpus}/**/*.txt", eval_fraction=0.0)
   docs, _ = pipeline._documents("text", cfg.paths, cfg, "train")  # pylint: disable=protected-access
   assert sorted(text for _, text in docs) == ["alpha", "beta", "gamma"]
+  assert sorted(evaluate.read_documents(f"{corpus}/**/*.txt")[0]) == ["alpha", "beta", "gamma"]
   mixture = small_cfg(source="mixture", mixture=f"1:text:{corpus}/missing/*.txt")
   with pytest.raises(FileNotFoundError, match="data.mixture="):
     pipeline.identity(mixture)
