@@ -99,7 +99,7 @@ def test_a_full_disk_stops_with_one_line_and_leaves_no_partial_files(tok, tmp_pa
     calls.append(path)
     if len(calls) > 2:  # a.jsonl's two shards (train + eval) fit; b.jsonl's first does not
       raise OSError(errno.ENOSPC, "No space left on device", path)
-    real_write(path, tokens)
+    return real_write(path, tokens)
   monkeypatch.setattr(formats, "write_litpkds", fills_the_disk)
   with pytest.raises(OSError) as e:
     prepare_lib.prepare([a, b], tok, out, eval_fraction=0.3, progress=False)
@@ -110,6 +110,26 @@ def test_a_full_disk_stops_with_one_line_and_leaves_no_partial_files(tok, tmp_pa
   monkeypatch.setattr(formats, "write_litpkds", real_write)
   manifest = prepare_lib.prepare([a, b], tok, out, eval_fraction=0.3, progress=False)
   assert manifest["totals"]["documents"] == 6
+
+
+def test_a_publish_cut_short_leaves_no_record_vouching_for_half_replaced_files(tok, tmp_path,
+                                                                             monkeypatch):
+  a = _jsonl(tmp_path / "a.jsonl", _texts(220, 6))
+  out = str(tmp_path / "out")
+  prepare_lib.prepare([a], tok, out, eval_fraction=0.0, shard_tokens=4096, progress=False)
+  shards_dir, real_replace, moved = os.path.join(out, "shards"), os.replace, []
+
+  def fails_after_one_move(src, dst):
+    if os.path.dirname(dst) == shards_dir:
+      moved.append(dst)
+      if len(moved) > 1:
+        raise OSError(errno.EIO, "Input/output error", dst)
+    real_replace(src, dst)
+  monkeypatch.setattr(os, "replace", fails_after_one_move)
+  with pytest.raises(OSError):  # prepared again with other options: its files are replaced
+    prepare_lib.prepare([a], tok, out, eval_fraction=0.0, shard_tokens=2048, progress=False)
+  assert len(moved) == 2
+  assert os.listdir(shards_dir) == []  # neither the old record nor the half-moved files
 
 
 def test_out_that_is_a_file_and_bad_options_are_one_line_errors(tok, tmp_path):

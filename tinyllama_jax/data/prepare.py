@@ -202,8 +202,12 @@ def _tokenize(path, staging, key, tokenizer, options) -> dict:
 def _publish(staging, shards_dir, key):
   """Moves a finished input's files into shards/, its .done.json last (a crash before that leaves
   an input a rerun redoes), removing files of an earlier preparation that the new one does not
-  have (other options, e.g. more shards)."""
+  have (other options, e.g. more shards). An earlier .done.json goes first: a publish cut short
+  must not leave it vouching for files half replaced."""
   names = os.listdir(staging)
+  done = os.path.join(shards_dir, key + _DONE)
+  if os.path.exists(done):
+    os.unlink(done)
   for old in glob.glob(os.path.join(glob.escape(shards_dir), glob.escape(key) + ".*")):
     if os.path.basename(old) not in names:
       os.unlink(old)
