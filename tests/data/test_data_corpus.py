@@ -126,6 +126,9 @@ def test_the_mixture_example_in_the_help_names_what_prepare_writes(tok, small_cf
   cfg = small_cfg(source="mixture", mixture=mixture)
   assert [w for w, _, _ in pipeline.components(cfg)] == [0.693584, 0.306416]
   assert len(pipeline.identity(cfg)) == 2
+  old_example = mixture.replace(str(slim), f"{slim}/*.manifest.json")
+  with pytest.raises(FileNotFoundError, match=r"point data.mixture at its --out folder"):
+    pipeline.identity(small_cfg(source="mixture", mixture=old_example))
 
 
 

@@ -19,14 +19,15 @@ from tinyllama_jax.data import paths as paths_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
-def load_manifest(path: str) -> tuple[dict, str]:
-  """(manifest, its folder) from a manifest.json or the folder holding one. A manifest that is not
-  prepare's (hand-edited, cut short) is one error naming the file and the field."""
+def load_manifest(path: str, name: str = "data.paths") -> tuple[dict, str]:
+  """(manifest, its folder) from a manifest.json or the folder holding one (`name`: the option
+  that named it). A manifest that is not prepare's (hand-edited, cut short) is one error naming the
+  file and the field."""
   if os.path.isdir(path):
     path = os.path.join(path, formats.MANIFEST)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no prepared manifest at {path}: run python -m "
-                            "tinyllama_jax.prepare first, or point data.paths at its --out")
+                            f"tinyllama_jax.prepare first, or point {name} at its --out folder")
   try:
     with open(path, "rb") as f:
       manifest = json.loads(f.read())
@@ -90,7 +91,7 @@ def prepared_shards(paths: str, split: str, name: str = "data.paths") -> list[st
   option they came from)."""
   shards = []
   for p in expand_manifests(paths, name):
-    manifest, root = load_manifest(p)
+    manifest, root = load_manifest(p, name)
     shards += [os.path.join(root, s["path"]) for s in manifest["shards"] if s["split"] == split]
   if not shards and split == "eval":
     raise ValueError(f"the prepared data {paths!r} has no 'eval' shards: prepare with "
@@ -106,11 +107,11 @@ def expand_manifests(paths: str, name: str = "data.paths") -> list[str]:
   """Prepared folders (or their manifest.json) named by `paths`, each real one once."""
   for p in paths.split(","):
     if p.strip() and not paths_lib.matches(p):
-      load_manifest(os.path.expanduser(p.strip()))  # says what is missing, and the fix
+      load_manifest(os.path.expanduser(p.strip()), name)  # says what is missing, and the fix
   return paths_lib.expand(paths, "prepared folder or manifest", name, files_only=False)
 
 
-def shard_records(path: str, hash_all: bool = False) -> list[dict]:
+def shard_records(path: str, hash_all: bool = False, name: str = "data.paths") -> list[dict]:
   """The manifest's shard records, each with the sha256 its files have now: what a run's data
   identity hashes, so that shards rewritten under a checkpoint are another identity.
 
@@ -120,7 +121,7 @@ def shard_records(path: str, hash_all: bool = False) -> list[dict]:
   Data prepared by an earlier version records no checksums: its records are used as they are (the
   identity its checkpoints recorded), and a warning says the content is not verified. prepare
   never adds checksums to inputs finished earlier: that would change the identity under them."""
-  manifest, root = load_manifest(path)
+  manifest, root = load_manifest(path, name)
   shards = manifest["shards"]
   where = os.path.join(root, formats.MANIFEST)
   if not all(isinstance(s.get("sha256"), str) for s in shards):

@@ -68,7 +68,7 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
                      ".model, or train.init_from to the run to fine-tune")
   manifest_path = tokenizer_manifest(cfg)
   if manifest_path is not None:  # the tokenizer the data was prepared with
-    manifest, root = corpus.load_manifest(manifest_path)
+    manifest, root = corpus.load_manifest(manifest_path, option(cfg))
     tok = tokenizer_lib.Tokenizer(corpus.manifest_tokenizer_path(manifest, root))
     corpus.check_tokenizer(manifest, manifest_path, tok)
     return _keep_a_copy(tok, workdir)
@@ -261,7 +261,7 @@ def _token_files(source, paths, cfg, split, tokenizer):
   """(files, trim_token) of a tokenized source's split."""
   if source == "prepared":
     for p in corpus.expand_manifests(paths, option(cfg)):
-      manifest, _ = corpus.load_manifest(p)
+      manifest, _ = corpus.load_manifest(p, option(cfg))
       corpus.check_tokenizer(manifest, p, tokenizer)
     return corpus.prepared_shards(paths, split, option(cfg)), None
   files = paths_lib.expand(paths, "LITPKDS .bin file", option(cfg))
@@ -397,7 +397,7 @@ def identity(cfg: ml_collections.ConfigDict) -> dict[str, str]:
   out = {}
   for _, source, paths in ([] if cfg.source == "synthetic" else components(cfg)):
     if source == "prepared":
-      record = [corpus.shard_records(p, cfg.verify_shards)
+      record = [corpus.shard_records(p, cfg.verify_shards, option(cfg))
                 for p in corpus.expand_manifests(paths, option(cfg))]
     else:
       if source == "stdlib":
