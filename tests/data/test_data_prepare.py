@@ -308,7 +308,8 @@ import resource, sys
 from tinyllama_jax.data import prepare, tokenizer
 tok = tokenizer.Tokenizer(sys.argv[1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-prepare.prepare([sys.argv[2]], tok, sys.argv[3], eval_fraction=0.0, progress=False)
+prepare.prepare([sys.argv[2]], tok, sys.argv[3], eval_fraction=0.0, shard_tokens=1 << 16,
+                progress=False)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
@@ -324,11 +325,12 @@ def _peak_growth(tok, tmp_path, text, size):
 
 
 def test_one_huge_document_takes_memory_in_proportion_to_its_text_only(tok, tmp_path):
-  """Per byte of a single-line document, prepare holds its text (and, while it decodes, its
-  bytes), not its tokens as Python lists (~46 bytes a byte). A piece's cost is fixed; the growth
-  between two sizes is the per-byte part."""
+  """Per byte of a single-line document, prepare holds its text (2 bytes a character here: it is
+  not all ASCII) and, while it decodes, its bytes; not its tokens as Python lists (39 bytes a byte
+  before pieces). A piece's cost and the shard buffer are fixed; the growth between two sizes is
+  the per-byte part (about 5 here, with the allocator's slack)."""
   text = " ".join(_stdlib_texts(0, 400)).replace("\n", " ")
   small, large = 3_000_000, 11_000_000
   per_byte = (_peak_growth(tok, tmp_path, text, large) -
               _peak_growth(tok, tmp_path, text, small)) / (large - small)
-  assert per_byte < 4, f"peak memory grows by {per_byte:.1f} bytes a byte of the document"
+  assert per_byte < 8, f"peak memory grows by {per_byte:.1f} bytes a byte of the document"
