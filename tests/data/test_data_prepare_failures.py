@@ -214,7 +214,8 @@ def _finished_one_and_writing_another(out):
 
 def _stop_mid_input(tok, tmp_path, signum, whole_group):
   """Starts prepare with two workers on inputs of ~1 MB, signals it once one input is published and
-  another is being written; returns (exit status, stderr, out)."""
+  another is being written; returns (exit status, stderr, out, the inputs published when it had
+  exited)."""
   root, names = sources.stdlib_root(), sources.stdlib_files()
   for i in range(24):  # ~1 MB each: enough that workers are mid-input when it lands
     with open(tmp_path / f"in{i:02d}.jsonl", "w") as f:
@@ -237,6 +238,8 @@ def _stop_mid_input(tok, tmp_path, signum, whole_group):
       os.killpg(proc.pid, signum)
     else:
       os.kill(proc.pid, signum)
+    proc.wait(timeout=60)  # not communicate(): workers that outlive it hold its pipes open
+    done_at_exit = _published(out)
     _, err = proc.communicate(timeout=60)
     deadline = time.time() + 10
     while _group_alive(proc.pid):  # the workers are stopped with their parent, not left running
@@ -245,7 +248,7 @@ def _stop_mid_input(tok, tmp_path, signum, whole_group):
   finally:
     if _group_alive(proc.pid):
       os.killpg(proc.pid, signal.SIGKILL)
-  return proc.returncode, err, out
+  return proc.returncode, err, out, done_at_exit
 
 
 def _group_alive(pgid):
@@ -258,7 +261,7 @@ def _group_alive(pgid):
 
 def test_ctrl_c_stops_workers_quietly_with_no_partial_files(tok, tmp_path):
   """Ctrl-C signals the whole process group: the parent says one line, the workers nothing."""
-  code, err, out = _stop_mid_input(tok, tmp_path, signal.SIGINT, whole_group=True)
+  code, err, out, _ = _stop_mid_input(tok, tmp_path, signal.SIGINT, whole_group=True)
   assert code == 130, err
   assert err.splitlines()[-1] == ("interrupted; rerun the same command to continue (finished "
                                   "inputs are kept)")
@@ -269,12 +272,20 @@ def test_ctrl_c_stops_workers_quietly_with_no_partial_files(tok, tmp_path):
 def test_sigterm_to_prepare_alone_stops_its_workers_with_no_partial_files(tok, tmp_path):
   """A scheduler's or `kill`'s SIGTERM reaches the parent only: it stops its workers (no input
   published after it, no broken-pipe tracebacks) and exits 143 in one line."""
-  code, err, out = _stop_mid_input(tok, tmp_path, signal.SIGTERM, whole_group=False)
+  code, err, out, _ = _stop_mid_input(tok, tmp_path, signal.SIGTERM, whole_group=False)
   assert code == 128 + signal.SIGTERM, err
   assert err.splitlines()[-1] == ("stopped by SIGTERM; rerun the same command to continue "
                                   "(finished inputs are kept)")
   assert "Traceback" not in err and "BrokenPipe" not in err, err
   assert _files_under(out) == _published(out) and len(_published(out)) > 1
+
+
+def test_workers_of_a_prepare_killed_with_9_stop_with_it(tok, tmp_path):
+  """No cleanup can run in a process killed with -9; its workers get SIGTERM from the kernel, so
+  they publish nothing after it (a rerun removes their staging folders)."""
+  code, _, out, done_at_exit = _stop_mid_input(tok, tmp_path, signal.SIGKILL, whole_group=False)
+  assert code == -signal.SIGKILL
+  assert _published(out) == done_at_exit
 
 
 _HOLD_LOCK = """
