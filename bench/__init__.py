@@ -14,6 +14,8 @@ import datetime
 import importlib.metadata
 import json
 import os
+import re
+import shutil
 import subprocess
 
 # The checkout: the bench runs its workers and reads configs/ from here (bench/ is not installed).
@@ -50,6 +52,45 @@ def commit():
   except (OSError, subprocess.SubprocessError):
     pass
   return None
+
+
+def card(names):
+  """'h200' for one NVIDIA H200, '2xh100' for two H100s, 'cpu' for none (nvidia-smi's names)."""
+  if not names:
+    return "cpu"
+  name = names[0].upper()
+  kind = next((k.lower() for k in ("H100", "H200", "A100", "B200", "GH200") if k in name), None)
+  kind = kind or re.sub(r"[^a-z0-9]+", "", name.lower().replace("nvidia", ""))[:12] or "gpu"
+  return kind if len(names) == 1 else f"{len(names)}x{kind}"
+
+
+def prefix(date, card_name, commit):
+  """'2026-12-03-h200-900c7ab' (date-card where the commit is unknown)."""
+  short = (commit or "").split()[0].split("-")[0].split("+")[0][:7] if commit else ""
+  return "-".join(x for x in (date, card_name, short) if x)
+
+
+def gpu_names():
+  """nvidia-smi's name of each visible GPU ([] without one); imports no jax."""
+  if not shutil.which("nvidia-smi"):
+    return []
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  names = [n.strip() for n in out.splitlines() if n.strip()]
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  return names[:len([d for d in visible.split(",") if d.strip()])] if visible else names
+
+
+def result_path(what, device_kinds=None):
+  """Where a measurement lands when no path is given: bench/results/<date>-<card>-<commit>-<what>
+  (device_kinds: jax's device kinds, one a device; None: nvidia-smi's GPUs, else cpu)."""
+  if device_kinds is None:
+    device_kinds = gpu_names()
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+  return os.path.join(REPO, "bench", "results", f"{prefix(date, card(device_kinds), commit())}-{what}")
 
 
 def now_utc():

@@ -59,7 +59,8 @@ def parse_args(argv):
   p.add_argument("--doc_lengths", default="", help="comma-separated document lengths each row "
                  "of our variants' batch holds, the rest padding ('' = one document a row; only "
                  "packed variants, data.packing=first_fit, attend within them)")
-  p.add_argument("--out", default=None, help="JSON path (default bench/results/step.json)")
+  p.add_argument("--out", default=None, help="JSON path (default bench/results/<date>-<card>-"
+                 "<commit>-step.json)")
   p.add_argument("--cache_dir", default="", help="JAX persistent compilation cache for workers")
   p.add_argument("--deadline_s", type=float, default=0,
                  help="skip variants that would start after this many seconds (0: never)")
@@ -85,8 +86,7 @@ def parse_args(argv):
     args.peer_compile = False
     args.peer = "autocast" if args.peer == "autocast,bf16" else args.peer
   args.config = args.config or "configs/1b.py"
-  args.out = args.out or os.path.join("bench", "results",
-                                      "smoke.json" if args.smoke else "step.json")
+  args.out = args.out or bench.result_path("smoke.json" if args.smoke else "step.json")
   return args
 
 

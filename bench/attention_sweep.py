@@ -230,7 +230,8 @@ def table(rows):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="bench/results/attention_sweep.json")
+  p.add_argument("--out", default="", help="JSON path ('' = bench/results/<date>-<card>-<commit>-"
+                 "attention-sweep.json)")
   p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs")
   p.add_argument("--only", default="", help="comma list of config names (default: all)")
   p.add_argument("--deadline_s", type=float, default=150.0,
@@ -248,6 +249,8 @@ def main(argv=None):
     print("attention sweep: no GPU backend; pass --quick to check the script on CPU",
           file=sys.stderr)
     return 2
+  args.out = args.out or bench.result_path("attention-sweep.json",
+                                           [d.device_kind for d in jax.devices()])
   sweep = Sweep(args, on_gpu)
   dev = jax.devices()[0]
   sweep.meta = dict(device=dev.device_kind, jax=jax.__version__, python=platform.python_version(),

@@ -1,6 +1,6 @@
 """Data benchmark: prepare throughput (MB/s of text per core) and loader throughput (tokens/s/host).
 
-  python -m bench.data [--mb=16] [--seconds=3] [--json=bench/results/2026-11-28-cpu-adeb616-data.json]
+  python -m bench.data [--mb=16] [--seconds=3] [--json=PATH]   # default bench/results/<date>-cpu-<commit>-data.json
 
 The corpus is the running Python's standard library (.py sources, code: a hard case for BPE),
 written as .jsonl files; the tokenizer is a 32000-piece BPE trained on it (Llama-2's size) unless
@@ -18,6 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import bench
+from tinyllama_jax.data import formats
 from tinyllama_jax.data import pipeline
 from tinyllama_jax.data import prepare as prepare_lib
 from tinyllama_jax.data import sources
@@ -29,7 +31,8 @@ _SECONDS = flags.DEFINE_float("seconds", 3.0, "time per loader measurement")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "loader sequence length")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "loader batch (sequences per host)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "sentencepiece .model ('' = train a 32000 BPE)")
-_JSON = flags.DEFINE_string("json", "bench/results/2026-11-28-cpu-adeb616-data.json", "where to write the results")
+_JSON = flags.DEFINE_string("json", "", "where to write the results ('' = bench/results/"
+                            "<date>-cpu-<commit>-data.json)")
 
 
 def _write_corpus(folder: str, megabytes: int, num_files: int) -> list[str]:
@@ -136,10 +139,10 @@ def main(argv):
   for k, v in results["loader"].items():
     per_cpu = f"{v['tokens_per_cpu_s']:,.0f}" if v["tokens_per_cpu_s"] else "-"
     print(f"  {k:<46} {v['tokens_per_s']:>12,.0f} {per_cpu:>12} {v['non_padding']:>8.3f}")
-  os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
-  with open(_JSON.value, "w") as f:
-    json.dump(results, f, indent=1)
-  print(f"wrote {_JSON.value}")
+  path = _JSON.value or bench.result_path("data.json", ["cpu"])
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  formats.write_json_atomic(path, results)
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

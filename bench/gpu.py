@@ -41,7 +41,7 @@ import tempfile
 import time
 
 import bench
-from bench import gpu_parts
+from bench import card, gpu_names, gpu_parts, prefix
 from tinyllama_jax import cli
 from tinyllama_jax.data import formats
 
@@ -49,37 +49,6 @@ from tinyllama_jax.data import formats
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 RESERVE_S = 10.0  # the run ends this long before --deadline_s: the summary is written by then
 MIN_PART_S = {False: 30.0, True: 3.0}  # a part with less time left than this is skipped
-
-
-def card(names):
-  """'h200' for one NVIDIA H200, '2xh100' for two H100s, 'cpu' for none (nvidia-smi's names)."""
-  if not names:
-    return "cpu"
-  name = names[0].upper()
-  kind = next((k.lower() for k in ("H100", "H200", "A100", "B200", "GH200") if k in name), None)
-  kind = kind or re.sub(r"[^a-z0-9]+", "", name.lower().replace("nvidia", ""))[:12] or "gpu"
-  return kind if len(names) == 1 else f"{len(names)}x{kind}"
-
-
-def detect_card():
-  if not shutil.which("nvidia-smi"):
-    return "cpu"
-  try:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=30).stdout
-  except (OSError, subprocess.SubprocessError):
-    return "cpu"
-  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-  names = [n.strip() for n in out.splitlines() if n.strip()]
-  if visible:
-    names = names[:len([d for d in visible.split(",") if d.strip()])]
-  return card(names)
-
-
-def prefix(date, card_name, commit):
-  """'2026-12-03-h200-900c7ab' (date-card where the commit is unknown)."""
-  short = (commit or "").split()[0].split("-")[0].split("+")[0][:7] if commit else ""
-  return "-".join(x for x in (date, card_name, short) if x)
 
 
 class Part:
@@ -255,7 +224,7 @@ def main(argv):
   except OSError as e:
     raise ValueError(f"--out={args.out}: cannot make the folder ({e.strerror})") from None
   args.commit = bench.commit()
-  args.card = args.card or ("cpu" if args.smoke else detect_card())
+  args.card = args.card or ("cpu" if args.smoke else card(gpu_names()))
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
   args.prefix = prefix(date, args.card, args.commit)
   print(f"bench.gpu: {args.prefix}, parts {','.join(args.parts)}, deadline {args.deadline_s:g} s",

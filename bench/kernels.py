@@ -10,7 +10,6 @@ as measured on that machine); the run measures both again and records them besid
 """
 
 import argparse
-import datetime
 import platform
 import statistics
 import sys
@@ -242,8 +241,8 @@ def measure_ceilings(bench):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  today = datetime.date.today().isoformat()
-  p.add_argument("--out", default=f"bench/results/kernels-{today}.json")
+  p.add_argument("--out", default="", help="JSON path ('' = bench/results/<date>-<card>-<commit>-"
+                 "kernels.json)")
   p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs")
   p.add_argument("--only", default="", help="comma list of: attention,rows,cross_entropy")
   args = p.parse_args(argv)
@@ -252,6 +251,8 @@ def main(argv=None):
     print("kernels benchmark: no GPU backend; run it on the GPU machine or pass --quick",
           file=sys.stderr)
     return 2
+  args.out = args.out or bench_lib.result_path(
+      "kernels.json", [d.device_kind for d in jax.devices()])
   bench = Bench(reps=2 if args.quick else 5, inner=1 if args.quick else 10, on_gpu=on_gpu,
                 out_path=args.out)
   dev = jax.devices()[0]

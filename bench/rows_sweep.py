@@ -171,7 +171,8 @@ def best_rows(rows):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="bench/results/rows_sweep.json")
+  p.add_argument("--out", default="", help="JSON path ('' = bench/results/<date>-<card>-<commit>-"
+                 "rows-sweep.json)")
   p.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs")
   p.add_argument("--budget", type=float, default=90.0,
                  help="seconds after which no new config starts")
@@ -180,6 +181,7 @@ def main(argv=None):
   if not on_gpu and not args.quick:
     print("rows sweep: no GPU backend; run it on the GPU machine or pass --quick", file=sys.stderr)
     return 2
+  args.out = args.out or bench.result_path("rows-sweep.json", [d.device_kind for d in jax.devices()])
   sweep = Sweep(reps=2 if args.quick else 5, inner=1 if args.quick else 20,
                 budget_s=args.budget, out_path=args.out)
   dev = jax.devices()[0]

@@ -102,3 +102,13 @@ def test_a_full_disk_ends_the_run_with_a_fault(tmp_path, monkeypatch, capsys):
   assert gpu.main(["--smoke", "--parts=env,decode", f"--out={tmp_path}"]) == 3
   assert "error: part env could not write its results" in capsys.readouterr().err
   assert not [p for p in os.listdir(tmp_path) if "decode" in p or "summary" in p]
+
+
+def test_a_bench_without_an_out_path_names_its_file_by_date_card_and_commit():
+  import bench
+  date = time.strftime("%Y-%m-%d", time.gmtime())
+  short = (bench.commit() or "").split("-")[0][:7]
+  want = "-".join(x for x in (date, "h200", short) if x) + "-kernels.json"
+  assert bench.result_path("kernels.json", ["NVIDIA H200"]) == os.path.join(
+      REPO, "bench", "results", want)
+  assert os.path.basename(bench.result_path("data.json", ["cpu"])).startswith(f"{date}-cpu")
