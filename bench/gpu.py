@@ -51,6 +51,15 @@ RESERVE_S = 10.0  # the run ends this long before --deadline_s: the summary is w
 MIN_PART_S = {False: 30.0, True: 3.0}  # a part with less time left than this is skipped
 
 
+def kill_group(proc):
+  """Kills a part's command and everything it started (its workers): nothing outlives a part."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  proc.wait()
+
+
 class Part:
   """One part's names, clock and commands."""
 
@@ -103,10 +112,12 @@ class Part:
       try:
         rc = proc.wait(timeout=timeout)
       except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # its workers too: nothing outlives the part
-        proc.wait()
+        kill_group(proc)
         raise gpu_parts.PartError(f"{what} cut at {timeout:.0f} s (the part's cap "
                                   f"{self.cap_s:.0f} s or the run's deadline); see {log}")
+      except BaseException:  # Ctrl-C or SIGTERM: the part's processes end with the runner
+        kill_group(proc)
+        raise
     with open(log) as f:
       out = f.read()
     if rc != 0:
@@ -127,6 +138,8 @@ def highlights(path):
             "seeds": result["across_seeds"]["seeds"]}
   if "device_kind" in result and "versions" in result:
     return {"device": result["device_kind"], "jax": result["versions"].get("jax")}
+  if isinstance(result.get("meta"), dict) and result["meta"].get("ranked"):
+    return {f"auto {case}": " > ".join(names) for case, names in result["meta"]["ranked"].items()}
   out = {}
   for r in result.get("results", result.get("rows", [])):
     if not isinstance(r, dict) or "name" not in r:
@@ -217,6 +230,16 @@ def parse(argv):
 
 def main(argv):
   args = parse(argv)
+  # SIGTERM (a scheduler, `timeout`) as an exception: the running part's processes are killed
+  # on the way out instead of running on without the runner.
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+  try:
+    return run_all(args)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def run_all(args):
   start = time.monotonic()
   end = start + args.deadline_s - RESERVE_S
   try:

@@ -112,3 +112,30 @@ def test_a_bench_without_an_out_path_names_its_file_by_date_card_and_commit():
   assert bench.result_path("kernels.json", ["NVIDIA H200"]) == os.path.join(
       REPO, "bench", "results", want)
   assert os.path.basename(bench.result_path("data.json", ["cpu"])).startswith(f"{date}-cpu")
+
+
+def _processes_naming(text):
+  out = []
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if text.encode() in f.read():
+          out.append(int(pid))
+    except OSError:
+      pass
+  return out
+
+
+def test_sigterm_ends_the_running_part_with_the_runner(tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.Popen([sys.executable, "-m", "bench.gpu", "--smoke", "--parts=decode",
+                           f"--out={out}"], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline and len(_processes_naming(str(out))) < 2:
+    time.sleep(0.2)  # the runner and its decode command
+  assert len(_processes_naming(str(out))) >= 2
+  proc.terminate()
+  assert proc.wait(timeout=30) == 143
+  time.sleep(0.5)
+  assert _processes_naming(str(out)) == []
