@@ -208,7 +208,7 @@ def bench_rows(bench, N, Dm, F, T, H, K, Dh):
   g = jax.random.normal(keys[4], (N, F), bf)
   u = jax.random.normal(keys[5], (N, F), bf)
   gb = g.size * 2
-  for impl in ("xla", "pallas"):
+  for impl in kernels.backends("swiglu"):
     fn = kernels.get("swiglu", impl)
     bench.run("swiglu", f"{N}x{F}", impl, fn, (g, u), g, bytes_=(3 * gb, 8 * gb))
 

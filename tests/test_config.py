@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tinyllama_jax import config as config_lib
+from tinyllama_jax import config as config_lib, kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,6 +137,8 @@ def test_retired_kernels_are_no_choice():
   assert "model.kernels.attention_cache" not in choices
   assert "tokamax" not in choices["model.kernels.attention"]
   assert choices["model.kernels.rope"] == ("xla",)
+  assert kernels.backends("swiglu") == ["xla"]  # separate gate and up: the Pallas pair lost
+  assert choices["model.kernels.swiglu"] == ("auto", "pallas", "xla")  # the packed kernel's
   with pytest.raises(ValueError, match="must be one of"):
     config_lib.validate(tiny(**{"model.kernels.attention": "tokamax"}))
 

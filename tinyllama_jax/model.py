@@ -95,8 +95,6 @@ def _per_device(op, backend, fn):
   if op == "add_rms_norm":
     return lambda x, d, w, eps: local(lambda x, d, w: fn(x, d, w, eps), [_BTX, _BTX, None],
                                       [_BTX, _BTX])(x, d, w)
-  if op == "swiglu":
-    return local(fn, [_BTX, _BTX], _BTX)
   if op == "swiglu_packed":
     return local(fn, [_BTX], _BTX)
   raise ValueError(f"no per-device layout for op {op!r}")
@@ -116,10 +114,10 @@ class Ops:
     self.add_rms_norm = get("add_rms_norm", cfg_kernels.rms_norm)
     self.rope_qk = get("rope_qk", cfg_kernels.rope)
     swiglu = cfg_kernels.swiglu
-    self.swiglu = get("swiglu", "xla" if swiglu == "auto" else swiglu)
+    self.swiglu = get("swiglu", "xla")
     # Gate and up as one array (fused projections). 'auto': the Pallas kernel on GPU, which
-    # writes d(gate_up) in one pass (1.4% of the 1b step on an H200, bench/NOTES.md); separate
-    # gate and up stay with XLA, whose fusions beat the Pallas pair.
+    # writes d(gate_up) in one pass (1.4% of the 1b step on an H200, docs/kernels.md); separate
+    # gate and up stay with XLA, whose fusions beat the Pallas pair (that kernel is retired).
     packed = ("pallas" if jax.default_backend() == "gpu" else "xla") if swiglu == "auto" else swiglu
     self.swiglu_packed = get("swiglu_packed", packed)
     # XLA alone: the Pallas cache kernels lost to it on an H200 (docs/kernels.md, "Retired"), so

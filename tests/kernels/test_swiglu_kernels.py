@@ -1,4 +1,4 @@
-"""The SwiGLU Pallas kernels against the references."""
+"""The packed SwiGLU Pallas kernel (the fused gate/up projection's) against the reference."""
 
 import re
 from unittest import mock
@@ -10,32 +10,6 @@ import jax.numpy as jnp
 
 from kernels_util import assert_close, normal
 from tinyllama_jax.kernels import _pallas, swiglu
-
-
-def _check_swiglu(shape, dtype, seed):
-  kg, ku, kd = jax.random.split(jax.random.key(seed), 3)
-  g, u = normal(kg, shape, dtype) * 3, normal(ku, shape, dtype)
-  dy = normal(kd, shape, jnp.float32)
-  loss = lambda fn: lambda g, u: (jnp.sum(fn(g, u).astype(jnp.float32) * dy), fn(g, u))
-  (_, y), grads = jax.jit(jax.value_and_grad(loss(swiglu.swiglu_pallas), (0, 1),
-                                             has_aux=True))(g, u)
-  (_, y_ref), grads_ref = jax.value_and_grad(loss(swiglu.swiglu_ref), (0, 1), has_aux=True)(
-      g.astype(jnp.float32), u.astype(jnp.float32))
-  for name, a, b in zip(["y", "dgate", "dup"], (y,) + grads, (y_ref,) + grads_ref):
-    assert a.dtype == dtype
-    assert_close(a, b, dtype, name)
-
-
-@pytest.mark.parametrize("shape,dtype", [((3, 5, 176), jnp.float32), ((7, 96), jnp.bfloat16),
-                                         ((5, 45), jnp.float32), ((1, 1, 96), jnp.float32)])
-def test_swiglu(shape, dtype):
-  _check_swiglu(shape, dtype, seed=shape[-1])
-
-
-@pytest.mark.gpu
-def test_swiglu_gpu(on_gpu):
-  _check_swiglu((2, 2048, 5632), jnp.bfloat16, seed=2)
-  _check_swiglu((3, 77, 2048), jnp.float32, seed=3)
 
 
 def _check_swiglu_packed(shape, dtype, seed):

@@ -24,7 +24,9 @@ from tinyllama_jax.data.config import data_config  # the data package owns its d
 # model.REMAT_POLICIES' policies (tests/test_config.py checks the two agree).
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")  # auto: bfloat16 on GPU/TPU, float32 on CPU
 REMATS = ("none", "full", "save_dots", "save_attn", "save_qkv_attn", "save_all_but_mlp")
-AUTO_KERNELS = ("attention", "swiglu")  # the ops whose backend 'auto' picks per device (model.py)
+# The ops whose backend 'auto' picks per device (model.py); model.kernels.swiglu names the
+# kernel of the fused gate/up projection (swiglu_packed): separate gate and up take XLA's.
+AUTO_KERNELS = ("attention", "swiglu_packed")
 NAN_POLICIES = ("stop", "skip")
 MATMUL_DTYPES = ("bf16", "fp8")
 FP8_GEMM_OUTPUTS = ("float32", "bfloat16")
@@ -75,8 +77,9 @@ def model_config():
   c.kernels.attention = choice("auto", _backends("attention"))
   c.kernels.rms_norm = choice("xla", _backends("rms_norm"))  # also the norm fused with the add
   c.kernels.rope = choice("xla", _backends("rope"))  # XLA's fusion: the Pallas kernel lost
-  # auto: Pallas for the fused gate/up projection on GPU, else xla
-  c.kernels.swiglu = choice("auto", _backends("swiglu"))
+  # The fused gate/up projection's SwiGLU. auto: Pallas on GPU, else xla. Separate gate and up
+  # (fuse_projections=False) always take XLA's: its fusions beat the Pallas pair there.
+  c.kernels.swiglu = choice("auto", _backends("swiglu_packed"))
   # xla materialises the [tokens, vocab] logits; chunked never holds them whole
   c.kernels.cross_entropy = choice("chunked", _backends("cross_entropy"))
   return c

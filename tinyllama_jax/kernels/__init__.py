@@ -51,7 +51,6 @@ _TABLE = {
     },
     "swiglu": {
         "xla": "tinyllama_jax.kernels.swiglu:swiglu_ref",
-        "pallas": "tinyllama_jax.kernels.swiglu:swiglu_pallas",
     },
     "swiglu_packed": {
         "xla": "tinyllama_jax.kernels.swiglu:swiglu_packed_ref",
