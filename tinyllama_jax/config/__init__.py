@@ -205,20 +205,25 @@ def run_file_function(path, name, what, hint):
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001  whatever a config file raises is its author's to fix
+  # Whatever a config file raises is its author's to fix; SystemExit too: a file that calls
+  # sys.exit() would end the command silently, with the file's status.
+  except (Exception, SystemExit) as e:  # noqa: BLE001
     raise ValueError(_failed(what, path, e)) from None
   function = getattr(module, name, None)
   if not callable(function):
     raise ValueError(f"{what} {path} defines no {name}(): {hint}")
   try:
     return function(), module
-  except Exception as e:  # noqa: BLE001
+  except (Exception, SystemExit) as e:  # noqa: BLE001
     raise ValueError(_failed(what, path, e)) from None
 
 
 def _failed(what, path, error):
   if isinstance(error, SyntaxError):
     return f"{what} {path} failed: SyntaxError at line {error.lineno}: {error.msg}"
+  if isinstance(error, SystemExit):
+    return (f"{what} {path} called sys.exit({error.code!r}): a {what} is only read, its "
+            "function returns its value; remove the exit")
   text = " ".join(str(error).split())
   return f"{what} {path} failed: {type(error).__name__}" + (f": {text}" if text else "")
 
