@@ -117,6 +117,10 @@ def train_config():
   c.xla_flags = ""
   # Faults (tinyllama_jax/faults.py). SIGTERM/SIGINT: finish the step, save, exit 0 within this.
   c.grace_period_s = 60.0
+  # No step completed in this many seconds (a hung collective, file system or writer): every
+  # thread's stack goes to the log and the run exits 3. Saves, the compile and the final sample
+  # are not timed. 0 = no watchdog.
+  c.hang_timeout_s = 1800.0
   # Non-finite loss or gradients: 'stop' (exit with an error) or 'skip' (drop that update, count
   # it, stop once more than max_nan_skips were dropped). Either way the state stays finite.
   c.nan_policy = choice("stop", NAN_POLICIES)
@@ -294,6 +298,7 @@ _BOUNDS = [
     ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
     ("train.grace_period_s", _POSITIVE_REAL,
      "seconds a preempted run has to save; schedulers give 30 to 120"),
+    ("train.hang_timeout_s", _NON_NEGATIVE_REAL, "0 = no step watchdog"),
     ("train.max_nan_skips", _NON_NEGATIVE, ""),
     ("train.eval_tasks_every", _NON_NEGATIVE, "0 = only at the last step"),
     ("train.eval_tasks_limit", _NON_NEGATIVE, "0 = every document"),
