@@ -165,7 +165,9 @@ def check_xla_flags(xla_flags):
   if probe.returncode == 0:
     return
   lines = [l.strip() for l in probe.stderr.splitlines() if "flag" in l.lower()]
-  reason = lines[-1][-300:] if lines else f"the backend did not start, exit {probe.returncode}"
+  # XLA's fatal line, less its glog prefix: "F1207 ... parse_flags_from_env.cc:234] Unknown ..."
+  reason = (lines[-1].split("] ", 1)[-1][:300] if lines else
+            f"the backend did not start, exit {probe.returncode}")
   raise ValueError(f"XLA refuses XLA_FLAGS={xla_flags!r} (train.xla_flags added to the "
                    f"environment's): {reason}; fix or remove the flag (XLA's flags are listed in "
                    "xla/debug_options_flags.cc)")
@@ -303,7 +305,7 @@ class Preemption:
     del frame
     if (self.signum == signum and
         time.monotonic() - self.received_at < self.SAME_REQUEST_WITHIN_S):
-      return  # one request delivered twice: a scheduler signals every process, a sweep passes it on
+      return  # one request sent twice: a scheduler signals every process, a sweep passes it on
     if self.signum is not None:
       os.write(2, f"second {signal.Signals(signum).name}: exiting now, without saving\n".encode())
       os._exit(128 + signum)
