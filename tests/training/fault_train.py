@@ -11,16 +11,24 @@ production code has no switch for any of this.
   signal (or a kill) lands at a known step.
 - save_sleep_s: every checkpoint commit waits this long after the step is written, so a kill
   lands inside the save (written, not committed).
+- full_at_step, full_files (tb,metrics,log): after that step, the run's open tensorboard events,
+  metrics.jsonl and/or stderr point at /dev/full: every later write fails with ENOSPC, as on a
+  disk that filled between two checkpoints.
+- stall_at_step: that step never ends (the main thread sleeps), as on a hung collective.
+- device_sleep_s: every step's computation ends with a host callback that sleeps this long, so
+  the device is slower than the host and the host can run ahead of it.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -62,6 +70,59 @@ def sleep_each_step(seconds):
   faults.Preemption.requested = slow_requested
 
 
+def after_step(n, action):
+  """action() once, when the loop asks Preemption.requested after its n-th step (this process's)."""
+  requested, calls = faults.Preemption.requested, itertools.count(1)
+
+  def hooked(self):
+    if next(calls) == n:
+      action()
+    return requested(self)
+
+  faults.Preemption.requested = hooked
+
+
+FULL_FILES = {"tb": lambda path: f"{os.sep}tb{os.sep}" in path,
+              "metrics": lambda path: path.endswith("metrics.jsonl")}
+
+
+def fill_disk(names):
+  """The open files named (FULL_FILES, and 'log' for stderr) now write to /dev/full."""
+  full = os.open("/dev/full", os.O_WRONLY)
+  for fd in map(int, os.listdir("/proc/self/fd")):
+    try:
+      target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+      continue
+    if any(FULL_FILES[n](target) for n in names if n in FULL_FILES) or (fd == 2 and "log" in names):
+      logging.warning("fault_train: %s (fd %d) now writes to /dev/full", target, fd)
+      os.dup2(full, fd)
+  os.close(full)
+
+
+def stall():
+  logging.warning("fault_train: this step never ends")
+  while True:
+    time.sleep(3600)
+
+
+def slow_device_step(seconds):
+  """program.train_step, its metrics waiting on a host callback that sleeps `seconds`."""
+  step_fn = program.train_step
+
+  def sleep(x):
+    time.sleep(seconds)
+    return x
+
+  def train_step(state, batch, **kwargs):
+    new_state, step_metrics = step_fn(state, batch, **kwargs)
+    loss = step_metrics["train/loss"]
+    waited = jax.pure_callback(sleep, jax.ShapeDtypeStruct(loss.shape, loss.dtype), loss)
+    return new_state, dict(step_metrics, **{"train/loss": waited})
+
+  program.train_step = train_step
+
+
 def sleep_before_commit(seconds):
   """orbax writes a step into `<step>.orbax-checkpoint-tmp` and commits it by rename in
   finalize (local disks' default temporary path); this waits before that rename."""
@@ -82,6 +143,10 @@ def main():
   parser.add_argument("--nan_steps", default="")
   parser.add_argument("--step_sleep_s", type=float, default=0.0)
   parser.add_argument("--save_sleep_s", type=float, default=0.0)
+  parser.add_argument("--full_at_step", type=int, default=0)
+  parser.add_argument("--full_files", default="tb,metrics,log")
+  parser.add_argument("--stall_at_step", type=int, default=0)
+  parser.add_argument("--device_sleep_s", type=float, default=0.0)
   ours, rest = parser.parse_known_args()
   sys.argv = [sys.argv[0], *rest]  # train's own flags only
   if ours.nan_steps:
@@ -90,6 +155,12 @@ def main():
     sleep_each_step(ours.step_sleep_s)
   if ours.save_sleep_s:
     sleep_before_commit(ours.save_sleep_s)
+  if ours.full_at_step:
+    after_step(ours.full_at_step, lambda: fill_disk(ours.full_files.split(",")))
+  if ours.stall_at_step:
+    after_step(ours.stall_at_step, stall)
+  if ours.device_sleep_s:
+    slow_device_step(ours.device_sleep_s)
   train.run_cli()
 
 
