@@ -15,8 +15,6 @@ production code has no switch for any of this.
   metrics.jsonl and/or stderr point at /dev/full: every later write fails with ENOSPC, as on a
   disk that filled between two checkpoints.
 - stall_at_step: that step never ends (the main thread sleeps), as on a hung collective.
-- device_sleep_s: every step's computation ends with a host callback that sleeps this long, so
-  the device is slower than the host and the host can run ahead of it.
 """
 
 import argparse
@@ -27,8 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -106,23 +103,6 @@ def stall():
     time.sleep(3600)
 
 
-def slow_device_step(seconds):
-  """program.train_step, its metrics waiting on a host callback that sleeps `seconds`."""
-  step_fn = program.train_step
-
-  def sleep(x):
-    time.sleep(seconds)
-    return x
-
-  def train_step(state, batch, **kwargs):
-    new_state, step_metrics = step_fn(state, batch, **kwargs)
-    loss = step_metrics["train/loss"]
-    waited = jax.pure_callback(sleep, jax.ShapeDtypeStruct(loss.shape, loss.dtype), loss)
-    return new_state, dict(step_metrics, **{"train/loss": waited})
-
-  program.train_step = train_step
-
-
 def sleep_before_commit(seconds):
   """orbax writes a step into `<step>.orbax-checkpoint-tmp` and commits it by rename in
   finalize (local disks' default temporary path); this waits before that rename."""
@@ -146,7 +126,6 @@ def main():
   parser.add_argument("--full_at_step", type=int, default=0)
   parser.add_argument("--full_files", default="tb,metrics,log")
   parser.add_argument("--stall_at_step", type=int, default=0)
-  parser.add_argument("--device_sleep_s", type=float, default=0.0)
   ours, rest = parser.parse_known_args()
   sys.argv = [sys.argv[0], *rest]  # train's own flags only
   if ours.nan_steps:
@@ -159,8 +138,6 @@ def main():
     after_step(ours.full_at_step, lambda: fill_disk(ours.full_files.split(",")))
   if ours.stall_at_step:
     after_step(ours.stall_at_step, stall)
-  if ours.device_sleep_s:
-    slow_device_step(ours.device_sleep_s)
   train.run_cli()
 
 

@@ -166,16 +166,20 @@ def test_grace_period_that_runs_out_exits_anyway(launch, tmp_path):
 
 
 def test_a_signal_stops_at_the_next_step_not_at_the_next_log_step(launch, tmp_path):
-  """The device is the slow side (0.3 s a step): the host must not queue steps up to the next
-  log step, or "finishing the step in progress" would be 10 steps and 3 s late."""
-  t = launch(tmp_path, inject={"device_sleep_s": 0.3},
-             **{"train.steps": 24, "train.log_every": 12, "train.checkpoint_every": 100})
+  """Steps of 64 sequences, so the device (the CPU's compute) is the slow side. The signal comes
+  about three steps after the log line of step 12: a host that queued every step up to the next
+  log line (24) would stop only after it; this one stops a step or two after the signal."""
+  batch = 64
+  t = launch(tmp_path, **{"train.steps": 48, "train.log_every": 12, "train.global_batch": batch,
+                          "train.checkpoint_every": 100})
   t.wait_for_step(12)
+  tokens_per_s = float(re.search(r"\| ([\d,]+) tok/s", t.lines[-1]).group(1).replace(",", ""))
+  time.sleep(3 * batch * int(fh.MICRO["train.seq_len"]) / tokens_per_s)
   t.signal(signal.SIGTERM)
   assert t.wait() == 0, t.log[-3000:]
-  assert "finishing the step in progress (and the one queued behind it)" in t.log
   stopped = fh.committed_steps(tmp_path)
-  assert len(stopped) == 1 and stopped[0] <= 12 + 3, (stopped, t.log[-3000:])
+  assert len(stopped) == 1 and 12 < stopped[0] < 24, (stopped, t.log[-3000:])
+  assert "finishing the step in progress (and the one queued behind it)" in t.log
   assert f"preempted: checkpoint {stopped[0]} written" in t.log
 
 
