@@ -60,7 +60,7 @@ def run(main, *, faults=(), argv=None):
     try:
       app.run(_quietly(main), argv=argv, flags_parser=parse_flags)
     except faults as e:
-      print(f"error: {e}", file=sys.stderr)
+      print_error(e)
       sys.exit(3)
     except BrokenPipeError:
       # The reader stopped (`| head`): exit as a program killed by SIGPIPE does, with no
@@ -148,5 +148,14 @@ def exit_on_error(fn):
   try:
     return fn()
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print_error(e)
     sys.exit(2)
+
+
+def print_error(error):
+  """The one line on stderr; when stderr itself cannot be written (a log on a full disk) the
+  exit status alone tells."""
+  try:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+  except OSError:
+    pass

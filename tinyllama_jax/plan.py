@@ -7,15 +7,17 @@
 The command; training/plan.py says where each number comes from (--source).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 
 import jax
 from absl import app, flags, logging
 
 from tinyllama_jax import cli, model as model_lib
-from tinyllama_jax.training import plan as plan_lib
+from tinyllama_jax.training import faults, plan as plan_lib
 
 
 def define_flags():
@@ -41,6 +43,9 @@ def main(argv):
   if not (math.isfinite(f.device_memory_gib) and f.device_memory_gib > 0):
     raise ValueError(f"--device_memory_gib={f.device_memory_gib}: give the memory of one device "
                      "in GiB (A100-40G: 40, H200: 141)")
+  where = os.path.dirname(os.path.abspath(f.json))
+  if f.json and (os.path.isdir(f.json) or not os.path.isdir(where)):
+    raise ValueError(f"--json={f.json}: give a file path in an existing directory")
   jax.config.update("jax_num_cpu_devices", f.devices)  # before any backend starts
   cfg = f.config
   remats = ([cfg.model.remat] if not f.remat else sorted(model_lib.REMAT_POLICIES)
@@ -52,17 +57,32 @@ def main(argv):
   mesh, plans = plan_lib.plan(cfg, f.devices, remats, f.source)
   print(plan_lib.format_table(cfg, mesh, plans, f.device_memory_gib))
   if f.json:
-    with open(f.json, "w") as out:
-      json.dump({"config": cfg.to_dict(), "mesh": dict(mesh.shape),
-                 "device_memory_gib": f.device_memory_gib,
-                 "runtime_reserve_gib": plan_lib.RUNTIME_RESERVE_GIB,
-                 "plans": [dataclasses.asdict(p) | {"fits": p.fits(f.device_memory_gib)}
-                           for p in plans]}, out, indent=1)
+    write_json(f.json, {
+        "config": cfg.to_dict(), "mesh": dict(mesh.shape), "device_memory_gib": f.device_memory_gib,
+        "runtime_reserve_gib": plan_lib.RUNTIME_RESERVE_GIB,
+        "plans": [dataclasses.asdict(p) | {"fits": p.fits(f.device_memory_gib)} for p in plans]})
+
+
+def write_json(path, obj):
+  """Whole or not at all; a path that takes no file is bad input (2), a full disk a fault (3)."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  try:
+    with open(tmp, "w") as out:
+      json.dump(obj, out, indent=1)
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    failed = faults.WriteFailed(path, e)
+    if failed.no_space:
+      raise failed from e
+    raise ValueError(f"--json={path} cannot be written ({e.strerror}): pass a writable path") \
+        from None
 
 
 def run_cli():
   define_flags()
-  cli.run(main)
+  cli.run(main, faults=(faults.FaultError,))
 
 
 if __name__ == "__main__":

@@ -32,17 +32,30 @@ def sweep_main(flags_, cli_overrides):
   elif flags_.launcher == "slurm":
     launch.launch_slurm(runs, flags_.config, flags_.workdir, flags_.max_parallel, flags_.slurm_option)
   else:
-    try:
-      failed = launch.launch_local(runs, flags_.config, flags_.max_parallel or 1)
-    except KeyboardInterrupt:
-      print("interrupted: rerun the same command to resume from the checkpoints", file=sys.stderr)
-      sys.exit(130)
-    if failed:
-      print(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}; fix and rerun the "
-            "same command to retry them (finished runs are skipped)", file=sys.stderr)
-      sys.exit(1)
-    print(f"all {len(runs)} runs finished: {sys.executable} -m tinyllama_jax.sweep summarize "
-          f"--workdir={flags_.workdir}")
+    _launch_local(runs, flags_)
+
+
+def _launch_local(runs, flags_):
+  try:
+    failed = launch.launch_local(runs, flags_.config, flags_.max_parallel or 1)
+  except launch.Interrupted as e:
+    print(f"{e}: the trainers it started saved their checkpoints and ended; rerun the same "
+          "command to resume", file=sys.stderr)
+    sys.exit(128 + e.signum)
+  if failed:
+    print(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}; fix and rerun the "
+          "same command to retry them (finished runs are skipped)", file=sys.stderr)
+    sys.exit(1)
+  # Finished means at the last step: a run skipped as running is another trainer's, not done.
+  states = {run.name: launch.run_state(run)[0] for run in runs}
+  unfinished = [f"{name} ({state})" for name, state in states.items() if state != "finished"]
+  if unfinished:
+    print(f"{len(runs) - len(unfinished)} of {len(runs)} runs finished; not finished: "
+          f"{', '.join(unfinished)}: a running one is trained by another process (its workdir's "
+          ".lock is held); rerun the same command once it ends", file=sys.stderr)
+    sys.exit(1)
+  print(f"all {len(runs)} runs finished: {sys.executable} -m tinyllama_jax.sweep summarize "
+        f"--workdir={flags_.workdir}")
 
 
 def run_cli(argv=None):

@@ -25,7 +25,9 @@ def main(argv):
     raise ValueError("--workdir is required (e.g. --workdir=runs/tiny)")
   logging.set_verbosity(logging.INFO)  # the run reports progress (cli.OwnInfoOnly: its own only)
   config_lib.validate(FLAGS.config)  # one line in the first second, before waiting for peers
-  distributed.apply_xla_flags(FLAGS.config.train.xla_flags)
+  xla_flags = distributed.apply_xla_flags(FLAGS.config.train.xla_flags)
+  if FLAGS.config.train.xla_flags.strip():  # a run that sets none starts as fast as before
+    faults.check_xla_flags(xla_flags)
   distributed.initialize()
   loop.train(FLAGS.config, FLAGS.workdir, dry_run=FLAGS.dry_run)
 

@@ -5,9 +5,12 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -224,6 +227,96 @@ def test_run_state_reads_checkpoint_steps(tmp_path):
   assert sweep_launch.run_state(run) == ("finished", 60)
 
 
+LOCK_HOLDER = "import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n" \
+              "print('locked', flush=True)\ntime.sleep(300)"
+
+
+def _hold_lock(workdir):
+  """A process holding workdir/.lock as a live trainer does; kill it to end the hold."""
+  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, os.path.join(workdir, ".lock")],
+                            stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline() == "locked\n"
+  return holder
+
+
+def test_running_means_a_live_lock_not_a_recorded_pid(tmp_path):
+  (run,) = _plan(tmp_path, [{"seed": 0}], fixed={"train.steps": 60})
+  sweep.prepare_workdirs([run], TINY)
+  # A record from a trainer that died, its pid since taken by a live process (this one).
+  formats.write_json_atomic(os.path.join(run.workdir, sweep.RUN_FILE),
+                            dict(sweep.read_run_file(run.workdir), status="running",
+                                 pid=os.getpid(), host=socket.gethostname()))
+  assert sweep_launch.run_state(run) == ("new", None)
+  holder = _hold_lock(run.workdir)
+  try:
+    assert sweep_launch.run_state(run) == ("running", None)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert sweep_launch.run_state(run) == ("new", None)
+
+
+SIGNAL_TRAINER = textwrap.dedent("""
+    # Stands in for tinyllama_jax.train under a signal: holds its workdir's lock, records every
+    # signal it gets, and on the first one "saves" (half a second) checkpoint 3, then exits 0.
+    import fcntl, os, signal, sys, time
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    workdir = args["workdir"]
+    lock = open(os.path.join(workdir, ".lock"), "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    got = []
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, lambda signum, frame: got.append(signum))
+    open(os.path.join(workdir, "started"), "w").close()
+    while not got:
+      time.sleep(0.01)
+    time.sleep(0.5)
+    os.makedirs(os.path.join(workdir, "checkpoints", "3"))
+    with open(os.path.join(workdir, "signals"), "w") as f:
+      f.write(",".join(map(str, got)))
+""")
+
+SWEEP_WITH_TRAINER = textwrap.dedent("""
+    import sys
+    from tinyllama_jax.sweeps import grid, launch
+    runs = grid.plan(sys.argv[1], [{"seed": 0}, {"seed": 1}], {"train.steps": 20}, [], sys.argv[2])
+    grid.prepare_workdirs(runs, sys.argv[1])
+    try:
+      launch.launch_local(runs, sys.argv[1], max_parallel=2, poll_s=0.05,
+                          trainer=[sys.executable, sys.argv[3]])
+    except launch.Interrupted as e:
+      print("interrupted", e.signum, flush=True)
+      sys.exit(128 + e.signum)
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_sweep_reaches_its_trainers_once_and_waits_for_their_saves(signum,
+                                                                                   tmp_path):
+  trainer = tmp_path / "signal_train.py"
+  trainer.write_text(SIGNAL_TRAINER)
+  workdir = tmp_path / "sweep"
+  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+  proc = subprocess.Popen([sys.executable, "-c", SWEEP_WITH_TRAINER, TINY, str(workdir),
+                           str(trainer)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+  runs = [workdir / "seed0", workdir / "seed1"]
+  deadline = time.monotonic() + 60
+  while not all((r / "started").exists() for r in runs):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+    time.sleep(0.02)
+  proc.send_signal(signum)
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signum, out
+  for r in runs:  # each saved (the sweep waited), got the signal once, and holds no lock now
+    assert (r / "checkpoints" / "3").is_dir() and (r / "signals").read_text() == str(int(signum))
+    record = sweep.read_run_file(str(r))
+    assert record["status"] == "interrupted" and record["returncode"] == 0
+  assert "interrupted by" in out and "checkpoint 3 saved" in out
+  assert [sweep_launch.run_state(run)[0] for run in _plan(tmp_path, [{"seed": 0}, {"seed": 1}],
+                                                           fixed={"train.steps": 20})] == \
+      ["interrupted", "interrupted"]
+
+
 def test_device_slots():
   assert sweep_launch.device_slots(1, {"CUDA_VISIBLE_DEVICES": "0,1"}) == [{}]
   assert sweep_launch.device_slots(2, {"CUDA_VISIBLE_DEVICES": "3,4,5"}) == [
@@ -334,6 +427,27 @@ def test_cli_errors_are_one_line(tmp_path):
       "optim.lr, optim.min_lr, optim.b2?"]
   with pytest.raises(ValueError, match="holds no runs"):  # summarize's, without a process
     sweep_summary.summarize(str(tmp_path))
+
+
+def test_a_run_another_trainer_holds_is_not_reported_finished(tmp_path):
+  sweep_file = tmp_path / "two.py"
+  sweep_file.write_text("def get_sweep():\n  return {'optim.lr': [1e-3, 2e-3]}\n")
+  workdir = tmp_path / "sweep"
+  os.makedirs(workdir / "lr1e-03" / "checkpoints" / "5")
+  os.makedirs(workdir / "lr2e-03")
+  holder = _hold_lock(str(workdir / "lr2e-03"))
+  try:
+    out = _run_sweep_cli(f"--config={TINY}", f"--sweep={sweep_file}", f"--workdir={workdir}",
+                         "--config.train.steps=5")
+  finally:
+    holder.kill()
+    holder.wait()
+  assert "skip lr1e-03: finished (5/5 steps)" in out.stdout and \
+      "skip lr2e-03: running (0/5 steps)" in out.stdout, out.stdout + out.stderr
+  assert "all 2 runs finished" not in out.stdout and out.returncode == 1, out.stdout + out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "1 of 2 runs finished; not finished: lr2e-03 (running): a running one is trained by "
+      "another process"), out.stderr
 
 
 @pytest.mark.slow

@@ -11,9 +11,14 @@ production code has no switch for any of this.
   signal (or a kill) lands at a known step.
 - save_sleep_s: every checkpoint commit waits this long after the step is written, so a kill
   lands inside the save (written, not committed).
+- full_at_step, full_files (tb,metrics,log): after that step, the run's open tensorboard events,
+  metrics.jsonl and/or stderr point at /dev/full: every later write fails with ENOSPC, as on a
+  disk that filled between two checkpoints.
+- stall_at_step: that step never ends (the main thread sleeps), as on a hung collective.
 """
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -62,6 +67,42 @@ def sleep_each_step(seconds):
   faults.Preemption.requested = slow_requested
 
 
+def after_step(n, action):
+  """action() once, when the loop asks Preemption.requested after its n-th step (this process's)."""
+  requested, calls = faults.Preemption.requested, itertools.count(1)
+
+  def hooked(self):
+    if next(calls) == n:
+      action()
+    return requested(self)
+
+  faults.Preemption.requested = hooked
+
+
+FULL_FILES = {"tb": lambda path: f"{os.sep}tb{os.sep}" in path,
+              "metrics": lambda path: path.endswith("metrics.jsonl")}
+
+
+def fill_disk(names):
+  """The open files named (FULL_FILES, and 'log' for stderr) now write to /dev/full."""
+  full = os.open("/dev/full", os.O_WRONLY)
+  for fd in map(int, os.listdir("/proc/self/fd")):
+    try:
+      target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+      continue
+    if any(FULL_FILES[n](target) for n in names if n in FULL_FILES) or (fd == 2 and "log" in names):
+      logging.warning("fault_train: %s (fd %d) now writes to /dev/full", target, fd)
+      os.dup2(full, fd)
+  os.close(full)
+
+
+def stall():
+  logging.warning("fault_train: this step never ends")
+  while True:
+    time.sleep(3600)
+
+
 def sleep_before_commit(seconds):
   """orbax writes a step into `<step>.orbax-checkpoint-tmp` and commits it by rename in
   finalize (local disks' default temporary path); this waits before that rename."""
@@ -82,6 +123,9 @@ def main():
   parser.add_argument("--nan_steps", default="")
   parser.add_argument("--step_sleep_s", type=float, default=0.0)
   parser.add_argument("--save_sleep_s", type=float, default=0.0)
+  parser.add_argument("--full_at_step", type=int, default=0)
+  parser.add_argument("--full_files", default="tb,metrics,log")
+  parser.add_argument("--stall_at_step", type=int, default=0)
   ours, rest = parser.parse_known_args()
   sys.argv = [sys.argv[0], *rest]  # train's own flags only
   if ours.nan_steps:
@@ -90,6 +134,10 @@ def main():
     sleep_each_step(ours.step_sleep_s)
   if ours.save_sleep_s:
     sleep_before_commit(ours.save_sleep_s)
+  if ours.full_at_step:
+    after_step(ours.full_at_step, lambda: fill_disk(ours.full_files.split(",")))
+  if ours.stall_at_step:
+    after_step(ours.stall_at_step, stall)
   train.run_cli()
 
 

@@ -115,7 +115,13 @@ class Train:
     self.proc.send_signal(signum)
 
   def wait(self, timeout=180):
-    rc = self.proc.wait(timeout)
+    """The exit status; a process still running after `timeout` is killed and the test fails."""
+    try:
+      rc = self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+      raise AssertionError(f"still running after {timeout} s:\n{self.log[-3000:]}") from None
     self._reader.join(10)
     return rc
 
@@ -194,6 +200,17 @@ def try_mount_tmpfs(path, size_bytes):
   proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
                         capture_output=True, text=True)
   return None if proc.returncode == 0 else f"cannot mount a tmpfs here: {proc.stderr.strip()}"
+
+
+def fill(path):
+  """Writes `path` until its disk is full, as another user's job would."""
+  with open(path, "wb", buffering=0) as f:
+    for size in (1 << 20, 4096):  # then the last pages
+      try:
+        while f.write(b"\0" * size):
+          pass
+      except OSError:
+        pass
 
 
 def umount(path):

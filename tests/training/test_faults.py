@@ -10,6 +10,7 @@ process costs ~5-8 s (mostly imports). Checkpointer-level cases run in-process o
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -141,6 +142,7 @@ def test_second_signal_exits_at_once_without_a_partial_checkpoint(launch, tmp_pa
   t.wait_for_step(2)
   t.signal(signal.SIGINT)  # the preemption save starts, and sleeps before its commit
   t.wait_for_incomplete_save()
+  time.sleep(faults.Preemption.SAME_REQUEST_WITHIN_S)  # sooner is the first request repeated
   sent = time.monotonic()
   t.signal(signal.SIGINT)
   rc = t.wait()
@@ -161,6 +163,24 @@ def test_grace_period_that_runs_out_exits_anyway(launch, tmp_path):
   assert 2 <= time.monotonic() - sent < 10
   assert "grace period of 2 s ran out" in t.log
   assert fh.committed_steps(tmp_path) == []
+
+
+def test_a_signal_stops_at_the_next_step_not_at_the_next_log_step(launch, tmp_path):
+  """Steps of 64 sequences, so the device (the CPU's compute) is the slow side. The signal comes
+  about three steps after the log line of step 12: a host that queued every step up to the next
+  log line (24) would stop only after it; this one stops a step or two after the signal."""
+  batch = 64
+  t = launch(tmp_path, **{"train.steps": 48, "train.log_every": 12, "train.global_batch": batch,
+                          "train.checkpoint_every": 100})
+  t.wait_for_step(12)
+  tokens_per_s = float(re.search(r"\| ([\d,]+) tok/s", t.lines[-1]).group(1).replace(",", ""))
+  time.sleep(3 * batch * int(fh.MICRO["train.seq_len"]) / tokens_per_s)
+  t.signal(signal.SIGTERM)
+  assert t.wait() == 0, t.log[-3000:]
+  stopped = fh.committed_steps(tmp_path)
+  assert len(stopped) == 1 and 12 < stopped[0] < 24, (stopped, t.log[-3000:])
+  assert "finishing the step in progress (and the one queued behind it)" in t.log
+  assert f"preempted: checkpoint {stopped[0]} written" in t.log
 
 
 # ----------------------------------------------------------------------------- NaN
@@ -337,6 +357,65 @@ def test_too_little_disk_for_one_checkpoint_is_refused_at_start(launch, tmp_path
   assert t.rc == 2, t.log[-3000:]
   assert "MiB free, a checkpoint needs about" in t.last_line()
   assert "compiling" not in t.log
+
+
+@pytest.mark.parametrize("files", ["tb", "metrics", "log"])
+def test_a_writer_that_fails_ends_the_run_and_keeps_the_checkpoints(files, launch, tmp_path):
+  """The disk fills between two checkpoints: the tensorboard events (written by a thread that
+  died and left the trainer blocked on its queue), metrics.jsonl or the log fail with ENOSPC at
+  step 6. Exit 3 in seconds; checkpoint 4 is the latest and complete."""
+  t = launch(tmp_path, inject={"full_at_step": 6, "full_files": files},
+             **{"train.async_checkpoint": False})
+  assert t.wait(timeout=90) == 3, t.log[-3000:]
+  assert fh.committed_steps(tmp_path) == [4] and fh.incomplete(tmp_path) == []
+  if files != "log":  # with the log on the full disk, its last line is lost with it
+    assert t.error_line().startswith("error: could not write "), t.log[-3000:]
+    assert ("(no space left on device) at step 6: free disk space or move --workdir to a bigger "
+            "disk; the complete checkpoints [4] are intact and a rerun resumes from step 4"
+            in t.error_line()), t.error_line()
+
+
+def test_a_stalled_step_dumps_every_stack_and_exits_3(launch, tmp_path):
+  t = launch(tmp_path, inject={"stall_at_step": 6},
+             **{"train.async_checkpoint": False, "train.hang_timeout_s": 3})
+  sent = time.monotonic()
+  assert t.wait(timeout=90) == 3, t.log[-3000:]
+  assert time.monotonic() - sent < 60
+  assert "no training step completed in 3 s: the stack of every thread follows" in t.log
+  assert "(most recent call first)" in t.log and "in stall" in t.log  # the main thread's stack
+  assert t.error_line().startswith("error: no training step completed in 3 s "
+                                   "(train.hang_timeout_s)"), t.log[-3000:]
+  assert fh.committed_steps(tmp_path) == [4]
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_a_disk_that_fills_between_two_checkpoints_ends_the_run_with_one_line(seed, launch,
+                                                                              reference, tmp_path):
+  """A real full disk: a tmpfs filled by another writer at a random step between checkpoints 20
+  and 40. The next write that needs a page (the events, metrics.jsonl) fails: one line naming
+  it and the step, exit 3 within seconds, checkpoint 20 intact and nothing partial left."""
+  size = 8 * fh.dir_bytes(os.path.join(reference["workdir"], "checkpoints", str(fh.STEPS)))
+  mount = tmp_path / "disk"
+  reason = fh.try_mount_tmpfs(mount, size)
+  if reason:
+    pytest.skip(reason)
+  try:
+    workdir = mount / "w"
+    t = launch(workdir, inject={"step_sleep_s": 0.1},
+               **{"train.steps": 40, "train.checkpoint_every": 20})
+    filled_at = t.wait_for_step(random.Random(seed).randint(21, 28))
+    fh.fill(mount / "filler")
+    assert t.wait(timeout=90) == 3, t.log[-3000:]
+    line = t.error_line()
+    stopped = int(re.search(r"at step (\d+):", line).group(1)) if " at step " in line else None
+    assert line.startswith("error: could not write ") and "(no space left on device)" in line, \
+        t.log[-3000:]
+    assert stopped is not None and filled_at <= stopped < 40, line
+    assert ("the complete checkpoints [20] are intact and a rerun resumes from step 20"
+            in line), line
+    assert fh.committed_steps(workdir) == [20] and fh.incomplete(workdir) == []
+  finally:
+    fh.umount(mount)
 
 
 # ----------------------------------------------------------------------------- in-process

@@ -120,6 +120,10 @@ def train_config():
   c.xla_flags = ""
   # Faults (tinyllama_jax/faults.py). SIGTERM/SIGINT: finish the step, save, exit 0 within this.
   c.grace_period_s = 60.0
+  # No step completed in this many seconds (a hung collective, file system or writer): every
+  # thread's stack goes to the log and the run exits 3. Saves, the compile and the final sample
+  # are not timed. 0 = no watchdog.
+  c.hang_timeout_s = 1800.0
   # Non-finite loss or gradients: 'stop' (exit with an error) or 'skip' (drop that update, count
   # it, stop once more than max_nan_skips were dropped). Either way the state stays finite.
   c.nan_policy = choice("stop", NAN_POLICIES)
@@ -208,20 +212,25 @@ def run_file_function(path, name, what, hint):
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001  whatever a config file raises is its author's to fix
+  # Whatever a config file raises is its author's to fix; SystemExit too: a file that calls
+  # sys.exit() would end the command silently, with the file's status.
+  except (Exception, SystemExit) as e:  # noqa: BLE001
     raise ValueError(_failed(what, path, e)) from None
   function = getattr(module, name, None)
   if not callable(function):
     raise ValueError(f"{what} {path} defines no {name}(): {hint}")
   try:
     return function(), module
-  except Exception as e:  # noqa: BLE001
+  except (Exception, SystemExit) as e:  # noqa: BLE001
     raise ValueError(_failed(what, path, e)) from None
 
 
 def _failed(what, path, error):
   if isinstance(error, SyntaxError):
     return f"{what} {path} failed: SyntaxError at line {error.lineno}: {error.msg}"
+  if isinstance(error, SystemExit):
+    return (f"{what} {path} called sys.exit({error.code!r}): a {what} is only read, its "
+            "function returns its value; remove the exit")
   text = " ".join(str(error).split())
   return f"{what} {path} failed: {type(error).__name__}" + (f": {text}" if text else "")
 
@@ -292,6 +301,7 @@ _BOUNDS = [
     ("train.sample_tokens", _NON_NEGATIVE, "0 = no sample"),
     ("train.grace_period_s", _POSITIVE_REAL,
      "seconds a preempted run has to save; schedulers give 30 to 120"),
+    ("train.hang_timeout_s", _NON_NEGATIVE_REAL, "0 = no step watchdog"),
     ("train.max_nan_skips", _NON_NEGATIVE, ""),
     ("train.eval_tasks_every", _NON_NEGATIVE, "0 = only at the last step"),
     ("train.eval_tasks_limit", _NON_NEGATIVE, "0 = every document"),

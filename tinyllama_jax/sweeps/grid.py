@@ -263,7 +263,12 @@ def prepare_workdirs(runs, config_path, allow_config_change=False):
                          f"{'; ...' if len(diffs) > 3 else ''}): use a new --workdir, or pass "
                          "--allow_config_change to continue it under the new one")
   for run in runs:
-    os.makedirs(run.workdir, exist_ok=True)
+    try:
+      os.makedirs(run.workdir, exist_ok=True)
+    except OSError as e:  # a file on the way, a name too long, no permission: the user's path
+      raise ValueError(f"the run directory {run.workdir!r} cannot be created ({e.strerror}): "
+                       "pass another --workdir (a writable directory, at most 255 bytes a path "
+                       "component)") from None
     record = read_run_file(run.workdir)
     record.update(name=run.name, binding=run.binding, overrides=run.overrides,
                   config=run.cfg.to_dict(), command=train_command(run, config_path, "python"))

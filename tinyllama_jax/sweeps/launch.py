@@ -8,13 +8,16 @@ finished runs and the trainer resumes interrupted ones.
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from tinyllama_jax.data.formats import write_json_atomic
 from tinyllama_jax.sweeps.summary import RUN_FILE, latest_checkpoint_step, read_run_file
+from tinyllama_jax.training import faults
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_MODULE = ["-m", "tinyllama_jax.train"]
@@ -24,24 +27,22 @@ SLURM_SCRIPT = "sweep.sbatch"
 # ----------------------------------------------------------------------------- run state
 
 
-def _pid_alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # alive, someone else's
-    pass
-  return True
+class Interrupted(Exception):
+  """The sweep got SIGTERM or SIGINT: its trainers got it too, saved and ended."""
+
+  def __init__(self, signum):
+    self.signum = signum
+    super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 def run_state(run):
-  """(status, latest checkpoint step): finished | running | interrupted | failed | new."""
+  """(status, latest checkpoint step): finished | running | interrupted | failed | new.
+  Running means a trainer holds the workdir's lock now: a recorded pid may be dead, or reused."""
   step = latest_checkpoint_step(run.workdir)
   if step is not None and step >= run.cfg.train.steps:
     return "finished", step
   record = read_run_file(run.workdir)
-  if (record.get("status") == "running" and record.get("host") == socket.gethostname()
-      and _pid_alive(record.get("pid", -1))):
+  if faults.workdir_holder(run.workdir) is not None:
     return "running", step
   if record.get("status") == "failed":
     return "failed", step
@@ -98,9 +99,71 @@ def _tail(path, n=15):
     return "".join(f.readlines()[-n:])
 
 
+class _Forwarder:
+  """SIGTERM / SIGINT to the sweep go on to its trainers at once (each finishes its step, saves
+  and exits, as under a scheduler's signal); the sweep starts no more runs and waits for them.
+  Trainers run in sessions of their own, so a terminal's Ctrl-C reaches them this way only, once:
+  a second signal makes a trainer exit without saving. A second one to the sweep goes on too."""
+
+  def __init__(self):
+    self.signum = None
+    self._procs, self._previous = [], {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = self.signum or signum
+    for proc in self._procs:
+      if proc.poll() is None:
+        proc.send_signal(signum)
+
+  def started(self, proc):
+    self._procs.append(proc)
+    if self.signum is not None:  # the signal came while it started
+      proc.send_signal(self.signum)
+
+
+def _start(run, trainer, config_path, env, slot):
+  status, step = run_state(run)
+  verb = f"resume from step {step}" if step else "start"
+  log_path = os.path.join(run.workdir, "train.log")
+  devices = "".join(f" on {k}={v}" for k, v in slot.items())
+  print(f"{verb} {run.name}{devices} (log: {log_path})", flush=True)
+  with open(log_path, "a") as log:
+    proc = subprocess.Popen(trainer + run.train_args(config_path), cwd=REPO_ROOT,
+                            env={**env, **slot},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  _update_record(run, status="running", pid=proc.pid, host=socket.gethostname(),
+                 returncode=None)
+  return proc, log_path
+
+
+def _ended(run, rc, signum):
+  """(the record's status, the outcome printed) of a trainer that exited with rc."""
+  step = latest_checkpoint_step(run.workdir) or 0
+  if rc == 0 and step >= run.cfg.train.steps:
+    return "finished", "finished"
+  if signum is not None and rc == 0:
+    return "interrupted", (f"interrupted by {signal.Signals(signum).name}, checkpoint {step} "
+                           "saved")
+  return "failed", (f"FAILED (exit {rc})" if rc else
+                    f"FAILED (exit 0 at checkpoint {step} of {run.cfg.train.steps} steps)")
+
+
 def launch_local(runs, config_path, max_parallel=1, trainer=None, env=None, poll_s=1.0):
   """Runs the unfinished runs, max_parallel at a time, each on its own set of GPUs, output in
-  RUN/train.log; `trainer` is the command before the run's flags. Returns the failed runs' names."""
+  RUN/train.log; `trainer` is the command before the run's flags. Returns the failed runs' names.
+  A run whose workdir a live trainer holds is skipped. SIGTERM / SIGINT: passed to the trainers,
+  which save; once they ended, Interrupted is raised."""
   env = dict(os.environ if env is None else env)
   env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
   trainer = trainer or [sys.executable, *TRAIN_MODULE]
@@ -113,20 +176,12 @@ def launch_local(runs, config_path, max_parallel=1, trainer=None, env=None, poll
       todo.append(run)
   slots = device_slots(max_parallel, env) if todo else []
   free, active, failed, done = list(range(len(slots))), {}, [], 0
-  try:
-    while todo or active:
-      while todo and free:
+  with _Forwarder() as forwarder:
+    while (todo and forwarder.signum is None) or active:
+      while todo and free and forwarder.signum is None:
         run, slot = todo.pop(0), free.pop(0)
-        status, step = run_state(run)
-        verb = f"resume from step {step}" if step else "start"
-        log_path = os.path.join(run.workdir, "train.log")
-        devices = "".join(f" on {k}={v}" for k, v in slots[slot].items())
-        print(f"{verb} {run.name}{devices} (log: {log_path})", flush=True)
-        with open(log_path, "a") as log:
-          proc = subprocess.Popen(trainer + run.train_args(config_path), cwd=REPO_ROOT,
-                                  env={**env, **slots[slot]}, stdout=log, stderr=subprocess.STDOUT)
-        _update_record(run, status="running", pid=proc.pid, host=socket.gethostname(),
-                       returncode=None)
+        proc, log_path = _start(run, trainer, config_path, env, slots[slot])
+        forwarder.started(proc)
         active[proc.pid] = (run, proc, slot, time.time(), log_path)
       time.sleep(poll_s)
       for pid, (run, proc, slot, t0, log_path) in list(active.items()):
@@ -136,23 +191,15 @@ def launch_local(runs, config_path, max_parallel=1, trainer=None, env=None, poll
         del active[pid]
         free.append(slot)
         done += 1
-        step = latest_checkpoint_step(run.workdir) or 0
-        finished = rc == 0 and step >= run.cfg.train.steps
-        _update_record(run, status="finished" if finished else "failed", returncode=rc)
-        outcome = ("finished" if finished else f"FAILED (exit {rc})" if rc else
-                   f"FAILED (exit 0 at checkpoint {step} of {run.cfg.train.steps} steps)")
+        status, outcome = _ended(run, rc, forwarder.signum)
+        _update_record(run, status=status, returncode=rc)
         print(f"[{done}/{done + len(active) + len(todo)}] {run.name}: {outcome} in "
               f"{time.time() - t0:.0f} s", flush=True)
-        if not finished:
+        if status == "failed":
           failed.append(run.name)
           print(f"--- last lines of {log_path}:\n{_tail(log_path)}---", flush=True)
-  except KeyboardInterrupt:
-    for run, proc, _, _, _ in active.values():
-      proc.terminate()  # each trainer saves nothing more; rerunning resumes from its checkpoint
-    for run, proc, _, _, _ in active.values():
-      proc.wait()
-      _update_record(run, status="interrupted", returncode=proc.returncode)
-    raise
+  if forwarder.signum is not None:
+    raise Interrupted(forwarder.signum)
   return failed
 
 

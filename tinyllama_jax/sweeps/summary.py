@@ -104,7 +104,8 @@ def task_scores(scalars):
 
 def collect(workdir):
   if not os.path.isdir(workdir):
-    raise ValueError(f"sweep directory {workdir!r} does not exist: pass the --workdir of the sweep")
+    raise ValueError(f"sweep directory {workdir!r} does not exist or is not a directory: pass the "
+                     "--workdir of the sweep")
   rows = [r for d in sorted(os.listdir(workdir)) if os.path.isdir(os.path.join(workdir, d))
           for r in [run_row(os.path.join(workdir, d))] if r is not None]
   if not rows:

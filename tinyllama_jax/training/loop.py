@@ -8,6 +8,7 @@ docs/reliability.md says (the machinery lives in faults.py and checkpoint/manage
 The command is tinyllama_jax/train.py.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -143,7 +144,8 @@ def check_eval_split(cfg, tokenizer, batch_size):
                      "--config.train.eval_every=0 to train without eval") from e
 
 
-def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_):
+def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_, on_batch=lambda: None):
+  """The mean eval loss over train.eval_batches; on_batch() after each (the step watchdog's)."""
   it = make_iterator(cfg, "eval", batch_size, tokenizer)
   loss_sum, count = 0.0, 0.0
   try:
@@ -151,6 +153,7 @@ def evaluate(eval_fn, params, cfg, tokenizer, batch_size, sharding_):
       batch = sharding.global_batch_array(next(it), sharding_)
       s, c = eval_fn(params, batch)
       loss_sum, count = loss_sum + float(s), count + float(c)
+      on_batch()
   finally:
     it.close()
   return loss_sum / max(count, 1.0)
@@ -235,12 +238,13 @@ def _compile_step(prog):
   return compiled, memory
 
 
-def _eval_at(step, eval_fn, params, cfg, tokenizer, prog, *, save):
+def _eval_at(step, eval_fn, params, cfg, tokenizer, prog, *, save, on_batch):
   """The eval loss at `step`. `save`: saves checkpoint `step` before a failing eval raises (the
   steps since the last checkpoint stay trained); None when `step` is already saved."""
   logging.info("evaluating on %d held-out batches...", cfg.train.eval_batches)
   try:
-    loss = evaluate(eval_fn, params, cfg, tokenizer, prog.micro_batch, prog.eval_sharding)
+    loss = evaluate(eval_fn, params, cfg, tokenizer, prog.micro_batch, prog.eval_sharding,
+                    on_batch)
   except Exception:
     if save is not None:
       logging.error("eval failed at step %d: saving checkpoint %d first", step, step)
@@ -265,6 +269,20 @@ def _throughput(cfg):
       total_steps=t.steps)
 
 
+def _write_config(cfg, workdir):
+  """WORKDIR/config.json, whole or not at all: a failed write leaves the previous one."""
+  path = os.path.join(workdir, "config.json")
+  tmp = f"{path}.tmp.{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(config_lib.to_json(cfg))
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise faults.WriteFailed(path, e) from e
+
+
 def _train(run, cfg, workdir, dry_run):
   t, prog = cfg.train, run.program
   n_params = _log_model(run, cfg)
@@ -279,67 +297,122 @@ def _train(run, cfg, workdir, dry_run):
     print(json.dumps({"params": n_params, "mesh": dict(run.mesh.shape), "memory": memory}))
     return {}
 
-  state, data_state, saved_step = run.initial_state(data_identity)
-  if data_state:  # an imported model's checkpoint has none: the stream starts fresh
-    train_it.set_state(data_state)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
-  eval_fn = prog.jit_eval()
-  throughput = _throughput(cfg)
-  nonfinite = faults.NonFiniteGuard(t.nan_policy, t.max_nan_skips)
-
-  def save(step):  # of the loop's current state
-    nonfinite.check(saved_step)  # a stopped run keeps its last good checkpoint the latest
-    run.ckpt.save(step, state, train_it.get_state(), cfg, data_identity)
-    throughput.start(step)
-    return step
-
-  step = int(state["step"])
-  writer = metrics.Writer(workdir, start_step=step, cfg=cfg)
-  last = {}
-  preempted = False
-  throughput.start(step)
   try:
+    state, data_state, saved_step = run.initial_state(data_identity)
+    if data_state:  # an imported model's checkpoint has none: the stream starts fresh
+      train_it.set_state(data_state)
+    steps = _Steps(run, compiled, train_it, tokenizer, data_identity, tasks, state, saved_step)
+    if jax.process_index() == 0:
+      try:
+        _write_config(cfg, workdir)
+      except faults.WriteFailed as e:
+        raise e.with_checkpoints(steps.step, run.ckpt.all_steps()) from e
+    steps.train()
+  finally:
+    train_it.close()
+  return dict(steps.last, step=steps.step, checkpoint_step=steps.saved_step,
+              params=steps.state["params"], preempted=steps.preempted)
+
+
+class _Steps:
+  """The steps of one run, with their metrics, checkpoints and evals, until train.steps or a
+  signal. A file that cannot be written (metrics, events, the log) stops the run (exit 3);
+  a step that never completes is the step watchdog's (faults.StepWatchdog)."""
+
+  def __init__(self, run, compiled, train_it, tokenizer, data_identity, tasks, state, saved_step):
+    self.run, self.cfg, self.t = run, run.cfg, run.cfg.train
+    self.compiled, self.train_it, self.tokenizer, self.tasks = compiled, train_it, tokenizer, tasks
+    self.data_identity, self.state, self.saved_step = data_identity, state, saved_step
+    self.step = int(state["step"])
+    self.eval_fn = run.program.jit_eval()
+    self.throughput = _throughput(self.cfg)
+    self.nonfinite = faults.NonFiniteGuard(self.t.nan_policy, self.t.max_nan_skips)
+    self.last, self.preempted = {}, False
+    self.writer = self.console = self.watchdog = None
+
+  def train(self):
+    try:
+      self.writer = metrics.Writer(self.run.workdir, start_step=self.step, cfg=self.cfg)
+      with faults.ConsoleWatch() as self.console, \
+          faults.StepWatchdog(self.t.hang_timeout_s) as self.watchdog:
+        self._loop()
+        self.console.check()
+      self.writer.close()
+    except faults.WriteFailed as e:
+      self.run.ckpt.wait()  # a save in flight is committed (or is the error) before the line
+      raise e.with_checkpoints(self.step, self.run.ckpt.all_steps()) from e
+    finally:
+      if self.writer is not None:
+        with contextlib.suppress(faults.WriteFailed):  # the error already raised is the one told
+          self.writer.close()
+
+  def save(self, step):  # of the loop's current state
+    self.nonfinite.check(self.saved_step)  # a stopped run keeps its last good checkpoint latest
+    with self.watchdog.paused():
+      self.run.ckpt.save(step, self.state, self.train_it.get_state(), self.cfg,
+                         self.data_identity)
+    self.throughput.start(step)
+    self.saved_step = step
+
+  def _loop(self):
+    t, prog = self.t, self.run.program
+    self.throughput.start(self.step)
+    previous = None
     with faults.Preemption(t.grace_period_s) as preemption:
-      while step < t.steps:
-        local = next(train_it)
+      while self.step < t.steps:
+        local = next(self.train_it)
         local = {k: v.reshape(prog.accum, -1, *v.shape[1:]) for k, v in local.items()}
         batch = sharding.global_batch_array(local, prog.batch_sharding)
-        state, step_metrics = compiled(state, batch)
-        step += 1
-        nonfinite.record(step, step_metrics)
-        preempted = preemption.requested()
-        if step % t.log_every == 0 or step == t.steps:
-          nonfinite.check(saved_step)
-          last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-          last.update(throughput.report(step))
-          metrics.console_line(step, t.steps, last)
-          writer.scalars(step, last)
+        self.state, step_metrics = self.compiled(self.state, batch)
+        # The host runs at most one step ahead of the device (it waits for the previous step,
+        # with this one queued, so the device never idles): a signal stops the run at the
+        # next step, not log_every steps later, and the watchdog's beat means a finished step.
+        if previous is not None:
+          previous.block_until_ready()
+        previous = step_metrics["train/loss"]
+        self.step += 1
+        self.watchdog.beat()
+        self.nonfinite.record(self.step, step_metrics)
+        self.preempted = preemption.requested()
+        if self.step % t.log_every == 0 or self.step == t.steps:
+          self._log(step_metrics)
         # The checkpoint comes before the eval: a failing eval never costs trained steps.
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or preempted:
-          saved_step = save(step)
-        if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and not preempted:
-          last["eval/loss"] = _eval_at(step, eval_fn, state["params"], cfg, tokenizer, prog,
-                                       save=save if saved_step != step else None)
-          writer.scalars(step, {"eval/loss": last["eval/loss"]})
-          throughput.start(step)
-        if tasks.due(step) and not preempted:
-          writer.scalars(step, tasks.run(state["params"]))
-          throughput.start(step)
-        if preempted:
-          run.ckpt.wait()
+        if ((t.checkpoint_every and self.step % t.checkpoint_every == 0) or
+            self.step == t.steps or self.preempted):
+          self.save(self.step)
+        if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps) and \
+            not self.preempted:
+          self._eval()
+        if self.tasks.due(self.step) and not self.preempted:
+          with self.watchdog.paused():  # a benchmark pass is no step and may take a while
+            self.writer.scalars(self.step, self.tasks.run(self.state["params"]))
+          self.throughput.start(self.step)
+        if self.preempted:
+          with self.watchdog.paused():
+            self.run.ckpt.wait()
           logging.warning("preempted: checkpoint %d written %.1f s after the signal; exiting",
-                          step, preemption.seconds_since_signal())
+                          self.step, preemption.seconds_since_signal())
           break
-      run.ckpt.wait()
-    if sample_wanted(cfg, tokenizer) and jax.process_index() == 0 and not preempted:
-      _log_sample(state["params"], cfg, tokenizer, writer, step, prog.micro_batch)
-  finally:
-    writer.close()
-    train_it.close()
-  last["step"] = step
-  last["checkpoint_step"] = saved_step
-  last["params"] = state["params"]
-  last["preempted"] = preempted
-  return last
+      with self.watchdog.paused():
+        self.run.ckpt.wait()
+    if (sample_wanted(self.cfg, self.tokenizer) and jax.process_index() == 0 and
+        not self.preempted):
+      with self.watchdog.paused():
+        _log_sample(self.state["params"], self.cfg, self.tokenizer, self.writer, self.step,
+                    prog.micro_batch)
+
+  def _log(self, step_metrics):
+    self.nonfinite.check(self.saved_step)
+    self.last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    self.last.update(self.throughput.report(self.step))
+    metrics.console_line(self.step, self.t.steps, self.last)
+    self.console.check()
+    self.writer.scalars(self.step, self.last)
+
+  def _eval(self):
+    save = self.save if self.saved_step != self.step else None
+    self.last["eval/loss"] = _eval_at(self.step, self.eval_fn, self.state["params"], self.cfg,
+                                      self.tokenizer, self.run.program, save=save,
+                                      on_batch=self.watchdog.beat)
+    self.writer.scalars(self.step, {"eval/loss": self.last["eval/loss"]})
+    self.throughput.start(self.step)

@@ -3,12 +3,18 @@
 import json
 import os
 import secrets
+import socket
+import struct
 import time
 
 import jax
 from absl import logging
+from tensorboardX import summary as tb_summary
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
 from tinyllama_jax import peak_flops
+from tinyllama_jax.training import faults
 
 METRICS_FILE = "metrics.jsonl"  # beside tb/ in every workdir: one JSON object of scalars a line
 
@@ -25,48 +31,106 @@ def peak_memory_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+class _EventFile:
+  """A tensorboard event file written on the calling thread. tensorboardX's SummaryWriter writes
+  from a thread of its own: when a write fails there (a full disk) that thread dies and the
+  trainer blocks forever on its full queue, so a failure here raises where the run can stop."""
+
+  def __init__(self, directory):
+    os.makedirs(directory, exist_ok=True)
+    # The pid keeps two starts within one second apart.
+    self.path = os.path.join(directory, f"events.out.tfevents.{int(time.time())}."
+                                        f"{socket.gethostname()}.{os.getpid()}")
+    self._file = open(self.path, "ab")
+    self.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def write(self, event):
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data +
+                     struct.pack("<I", masked_crc32c(data)))
+
+  def summary(self, step, summary):
+    self.write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
 class Writer:
-  """A run's metrics, on process 0 only: tensorboardX events under WORKDIR/tb, and the same
+  """A run's metrics, on process 0 only: tensorboard events under WORKDIR/tb, and the same
   scalars as one JSON object a line in WORKDIR/metrics.jsonl, which any tool reads without
   tensorboard. Each start appends a {"start_step": N} line first: a run resumed from checkpoint
-  N recomputes the steps after N, so readers (read_metrics) drop the earlier values past N."""
+  N recomputes the steps after N, so readers (read_metrics) drop the earlier values past N.
+  Both are flushed at every call, on the caller's thread: a failed write raises WriteFailed."""
 
   def __init__(self, workdir, start_step=0, cfg=None):
     self._tb = self._jsonl = self._wandb = None
+    self._failed = False
     if jax.process_index() == 0 and cfg is not None and cfg.train.get("wandb_project"):
       self._wandb = WandbRun(workdir, cfg)
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+      self._guarded(os.path.join(workdir, "tb"), self._open, workdir)
       self._write_line({"start_step": int(start_step), "time": time.time()})
+
+  def _open(self, workdir):
+    self._tb = _EventFile(os.path.join(workdir, "tb"))
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+
+  def _guarded(self, path, fn, *args):
+    try:
+      fn(*args)
+    except OSError as e:
+      self._failed = True
+      raise faults.WriteFailed(path, e) from e
 
   def _write_line(self, record):
     # one line, flushed: a kill -9 loses at most the line being written (readers skip it)
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    def write():
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+    self._guarded(self._jsonl.name, write)
+
+  def _write_events(self, step, summaries):
+    def write():
+      for summary in summaries:
+        self._tb.summary(step, summary)
+      self._tb.flush()
+    self._guarded(self._tb.path, write)
 
   def scalars(self, step, values):
     if self._tb is None:
       return
     values = {name: float(v) for name, v in values.items() if v is not None}
-    for name, value in values.items():
-      self._tb.add_scalar(name, value, step)
+    self._write_events(step, [tb_summary.scalar(name, value) for name, value in values.items()])
     self._write_line({"step": int(step), "time": time.time(), **values})
     if self._wandb is not None:
       self._wandb.log(step, values)
 
   def text(self, step, name, value):
     if self._tb is not None:
-      self._tb.add_text(name, value, step)
+      self._write_events(step, [tb_summary.text(name, value)])
 
   def close(self):
-    if self._tb is not None:
-      self._tb.close()
-      self._jsonl.close()
+    """Closes both files; a failure raises, unless a write already failed (that one is the
+    error the run reports)."""
+    failure = None
+    for f in (self._tb, self._jsonl):
+      try:
+        if f is not None:
+          f.close()
+      except OSError as e:
+        failure = failure or faults.WriteFailed(getattr(f, "path", getattr(f, "name", "")), e)
+    self._tb = self._jsonl = None
     if self._wandb is not None:
-      self._wandb.close()
+      wandb_run, self._wandb = self._wandb, None
+      wandb_run.close()
+    if failure is not None and not self._failed:
+      self._failed = True
+      raise failure
 
 
 WANDB_ID_FILE = "wandb_run_id"  # in the workdir: a resumed run continues the same W&B run
