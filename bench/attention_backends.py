@@ -4,8 +4,8 @@ forward and forward + backward times and errors against the fp32 reference; a ta
     python -m bench.attention_backends --out=att.json        # one H200, ~1-2 minutes
     python -m bench.attention_backends --quick --out=/tmp/a.json   # CPU: checks the script
 
-Shapes: B8 T2048 causal bf16, 32 query / 4 kv heads of 64 (TinyLlama) and 16 / 2 of 128 (issue
-16). Documents: rows packed in order with the standard library's modules as documents, their
+Shapes: B8 T2048 causal bf16, 32 query / 4 kv heads of 64 (TinyLlama) and 16 / 2 of 128 (the
+wider head). Documents: rows packed in order with the standard library's modules as documents, their
 lengths in tokens estimated as bytes / 4 (real-text lengths: most far shorter than a row; long
 ones cut at the row's end). Backends: the registered ones that take the case (cuDNN takes no
 documents), each from the backend table (`kernels.get`), so the rows time what the model runs.

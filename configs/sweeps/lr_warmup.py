@@ -1,4 +1,4 @@
-"""Peak learning rate x warmup for the 120M model (the issue's example grid): 6 runs.
+"""Peak learning rate x warmup for the 120M model (the example grid): 6 runs.
 
   python -m tinyllama_jax.sweep --config=configs/120m.py --sweep=configs/sweeps/lr_warmup.py
       --workdir=runs/lr_warmup --launcher=slurm --slurm_option=--gres=gpu:1
