@@ -120,8 +120,12 @@ def test_settings_out_of_range_are_one_line_errors():
   assert generate.check_request(cfg_model, [[1, 5], [1]], **ok).tolist() == [2, 1]
   for bad, match in ((dict(max_new_tokens=-3), r"--max_new_tokens=-3: generate at least 1"),
                      (dict(max_new_tokens=0), r"--max_new_tokens=0"),
-                     (dict(temperature=-0.5), r"--temperature=-0.5: use 0 \(greedy\) or more"),
+                     (dict(temperature=-0.5), r"--temperature=-0.5: use 0 \(greedy\) or a "
+                      r"value in \[0.001, 100\]"),
                      (dict(temperature=float("nan")), r"--temperature=nan"),
+                     (dict(temperature=float("inf")), r"--temperature=inf"),  # uniform sampling
+                     (dict(temperature=1e-45), r"--temperature=1e-45"),  # logits / T overflow
+                     (dict(temperature=1000.0), r"--temperature=1000.0"),
                      (dict(top_p=0.0), r"--top_p=0.0: use a value in \(0, 1\]"),
                      (dict(top_p=1.5), r"--top_p=1.5"),
                      (dict(max_new_tokens=15), r"a prompt of 2 tokens and --max_new_tokens=15 do "
