@@ -101,3 +101,17 @@ def exported(imported, tmp_path_factory):
   params = jax.device_put(run_lib.load_params(workdir, 0, cfg.model))
   tok = tokenizer_lib.Tokenizer(run_lib.tokenizer_path(cfg, workdir))
   return params, cfg, tok, workdir, load_hf(out)
+
+
+def swap_two_pieces(src, dst):
+  """A copy of the sentencepiece model `src` with two ordinary pieces' ids swapped: the same
+  vocab size, another sha256, and wrong text for every id of either piece."""
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(src, "rb") as f:
+    proto.ParseFromString(f.read())
+  a, b = proto.pieces[100], proto.pieces[101]
+  a.piece, b.piece = b.piece, a.piece
+  with open(dst, "wb") as f:
+    f.write(proto.SerializeToString())
+  return dst
