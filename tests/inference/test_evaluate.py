@@ -100,7 +100,7 @@ def test_bad_data(run, tmp_path):
     evaluate.evaluate_files(params, cfg, tok, str(tmp_path / "nope.txt"), seq_len=32, batch_size=2)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2 .*--text_field"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: .*--text_field"):
     evaluate.evaluate_files(params, cfg, tok, str(bad), seq_len=32, batch_size=2)
   proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={workdir}",
                          f"--data={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True,
