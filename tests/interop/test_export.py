@@ -348,7 +348,8 @@ def test_a_full_disk_during_import_is_one_line_exit_3_and_leaves_nothing(importe
 
 def test_import_carries_the_chat_template_of_the_hf_directory(imported, tmp_path):
   """A HF directory's template (chat_template.jinja first, then tokenizer_config.json's) becomes
-  the run's data.chat_template; before, it was dropped and the run chatted in Zephyr's."""
+  the run's data.chat_template, and its export's; before, it was dropped and the run chatted in
+  Zephyr's."""
   hf_dir = str(tmp_path / "hf")
   shutil.copytree(imported[0], hf_dir)
   template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
@@ -357,6 +358,9 @@ def test_import_carries_the_chat_template_of_the_hf_directory(imported, tmp_path
                                  {"name": "tool_use", "template": "{{ 1 }}"}]}, f)
   export.import_hf(hf_dir, str(tmp_path / "run"))
   assert run_lib.run_config(str(tmp_path / "run"), 0).data.chat_template == template
+  export.export(str(tmp_path / "run"), str(tmp_path / "back"))  # and back out, to HF
+  with open(tmp_path / "back" / "tokenizer_config.json") as f:
+    assert json.load(f)["chat_template"] == template
   with open(os.path.join(hf_dir, "chat_template.jinja"), "w") as f:
     f.write(template + "!")
   assert export.import_config({}, None, "tok", hf_dir).data.chat_template == template + "!"

@@ -208,8 +208,9 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
 def chat_tokenizer_config(cfg):
   """A chat run's keys for tokenizer_config.json: its template, and '</s>' written by the template
   read as EOS (split_special_tokens off), as the run's chat data was tokenized (data/chat.py);
-  so `apply_chat_template(..., tokenize=True)` gives the run's own ids. None for other runs."""
-  if cfg.data.get("source") != "chat":
+  so `apply_chat_template(..., tokenize=True)` gives the run's own ids. A run with a template of
+  its own (an import's) keeps it too. None for other runs."""
+  if cfg.data.get("source") != "chat" and not cfg.data.get("chat_template"):
     return None
   return {"chat_template": cfg.data.get("chat_template") or chat.ZEPHYR_TEMPLATE,
           "split_special_tokens": False}
