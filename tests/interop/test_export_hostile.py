@@ -19,7 +19,7 @@ CONFIG_EDITS = {  # HF directory -> config.json's edited fields
     "heads0": {"num_attention_heads": 0}, "layers_float": {"num_hidden_layers": 2.0},
     "vocab_str": {"vocab_size": "1000"}, "theta_nan": {"rope_theta": float("nan")},
     "theta_inf": {"rope_theta": float("inf")}, "eps_negative": {"rms_norm_eps": -1e-5},
-    "seq_len_0": {"max_position_embeddings": 0}, "not_json": None,
+    "kv_heads_3": {"num_key_value_heads": 3}, "not_json": None,
 }
 PROBES = [
     Probe("shard size not a number", (R, "--out={tmp}/out", "--max_shard_size=abc"), 2,
@@ -46,6 +46,9 @@ PROBES = [
           "{tmp}/theta_inf/config.json: rope_theta=Infinity must be a finite number > 0"),
     Probe("import: rms_norm_eps < 0", (H, "--from_hf={tmp}/eps_negative"), 2,
           "{tmp}/eps_negative/config.json: rms_norm_eps=-1e-05 must be a finite number > 0"),
+    Probe("import: a config config.validate refuses", (H, "--from_hf={tmp}/kv_heads_3"), 2,
+          "{tmp}/kv_heads_3/config.json gives a config that cannot train: model.n_heads (4) must "
+          "be a multiple of model.n_kv_heads (3)"),
     Probe("import: config.json not JSON", (H, "--from_hf={tmp}/not_json"), 2,
           "{tmp}/not_json/config.json is not JSON"),
     Probe("import: a tensor without dtype", (H, "--from_hf={tmp}/no_dtype"), 2,
