@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -112,3 +113,22 @@ def test_export_hostile(probe, tmp):
         tmp)
   leftovers = [n for n in os.listdir(tmp) if n in ("o", "out", "new") or ".tmp-" in n]
   assert leftovers == [], leftovers
+
+
+def test_import_onto_a_full_disk_is_one_line_exit_3(tmp):
+  """A tmpfs too small for the checkpoint (root only, as tests/training's full-disk test): before,
+  82 tracebacks of orbax's writer threads and one of the command, exit 1."""
+  disk = tmp / "small_disk"
+  disk.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+  try:
+    check("export", Probe("import: a full disk", ("--workdir={tmp}/small_disk/w",
+                                                   "--from_hf={tmp}/hf"), 3,
+                          f"could not write the import to {disk}/w (no space left on device)"),
+          tmp)
+    assert os.listdir(disk) == []
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)

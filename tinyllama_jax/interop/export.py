@@ -18,6 +18,7 @@ the umask's, as any file the user writes.
 
 import contextlib
 import json
+import logging as logging_std
 import os
 import shutil
 import signal
@@ -388,9 +389,21 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
 
 
 def _reason(error):
+  """The cause of a failed write in a few words (a CheckpointError's own message names the
+  temporary folder and a rerun's hint, neither of which applies to an import)."""
   if isinstance(error, OSError) and error.strerror:
     return error.strerror.lower()
-  return " ".join(str(error).split())[:300]
+  if "no space left on device" in str(error):
+    return "no space left on device"
+  return " ".join(str(error.__cause__ or error).split())[:300]
+
+
+class _WithoutOrbaxTracebacks(logging_std.Filter):
+  """orbax logs the traceback of each of its writer threads' failures (82 on a full disk); the
+  failure itself comes back as one CheckpointError, which the command reports in one line."""
+
+  def filter(self, record):
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def _write_checkpoint(tmp, cfg, get, tokenizer_sha256):
@@ -415,8 +428,13 @@ def _write_checkpoint(tmp, cfg, get, tokenizer_sha256):
     raise AssertionError("the imported state does not match the trainer's state tree")
   ckpt = checkpoint.Checkpointer(run_lib.checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
                                  async_save=False)
+  quiet, absl_logger = _WithoutOrbaxTracebacks(), logging_std.getLogger("absl")
+  absl_logger.addFilter(quiet)
   try:
     ckpt.save(0, state, {}, cfg, tokenizer_sha256=tokenizer_sha256)
     ckpt.wait()
   finally:
-    ckpt.close()
+    try:
+      ckpt.close()
+    finally:
+      absl_logger.removeFilter(quiet)
