@@ -4,6 +4,7 @@ trained (sharded) checkpoint; the exported tokenizer encodes like ours; bad inpu
 
 The helpers at the top are shared with test_generate.py and test_evaluate.py."""
 
+import contextlib
 import errno
 import json
 import os
@@ -406,3 +407,16 @@ def test_a_later_import_removes_the_temp_dir_of_a_killed_one(imported, tmp_path)
   live.mkdir(), other.mkdir()
   export.remove_stale_output_dirs(str(tmp_path / "w"))
   assert sorted(leftovers(tmp_path)) == sorted([live.name, other.name]), stale
+
+
+def test_tracebacks_printed_during_a_failed_checkpoint_write_are_held_back(capfd):
+  """What C++ callbacks print on fd 2 while a write fails (tensorstore's, on orbax's closed event
+  loop) is given back without its tracebacks; after a write that succeeds, all of it."""
+  lines = "I kept\nTraceback (most recent call last):\n  File \"x\", line 1\nRuntimeError: closed\n"
+  for fails in (True, False):
+    with contextlib.suppress(checkpoint.CheckpointError):
+      with export._tracebacks_held_back_on_failure():
+        os.write(2, lines.encode())
+        if fails:
+          raise checkpoint.CheckpointError("no space left on device")
+    assert capfd.readouterr().err == ("I kept\n" if fails else lines)

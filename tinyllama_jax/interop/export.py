@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 
@@ -431,10 +432,51 @@ def _write_checkpoint(tmp, cfg, get, tokenizer_sha256):
   quiet, absl_logger = _WithoutOrbaxTracebacks(), logging_std.getLogger("absl")
   absl_logger.addFilter(quiet)
   try:
-    ckpt.save(0, state, {}, cfg, tokenizer_sha256=tokenizer_sha256)
-    ckpt.wait()
+    with _tracebacks_held_back_on_failure():
+      try:
+        ckpt.save(0, state, {}, cfg, tokenizer_sha256=tokenizer_sha256)
+        ckpt.wait()
+      finally:
+        ckpt.close()
   finally:
+    absl_logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _tracebacks_held_back_on_failure():
+  """Holds back what is written to the stderr file descriptor meanwhile, and gives it back at the
+  end, less its tracebacks when the block failed: after a failed write, tensorstore's pending
+  callbacks find orbax's event loop closed and print one traceback each from C++ (none, or dozens,
+  at random), past any Python filter; the failure itself is reported in one line."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  failed = False
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
     try:
-      ckpt.close()
+      yield
+    except BaseException:
+      failed = True
+      raise
     finally:
-      absl_logger.removeFilter(quiet)
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      text = held.read().decode("utf-8", errors="replace")
+      sys.stderr.write(_without_tracebacks(text) if failed else text)
+      sys.stderr.flush()
+
+
+def _without_tracebacks(text):
+  """`text` less each `Traceback ...` block (its indented lines and the exception's line)."""
+  out, inside = [], False
+  for line in text.splitlines(keepends=True):
+    if line.startswith("Traceback (most recent call last):"):
+      inside = True
+    elif inside and not line.startswith((" ", "\t")):
+      inside = False  # the exception's own line ends the block
+      continue
+    if not inside:
+      out.append(line)
+  return "".join(out)
