@@ -1,6 +1,7 @@
 """`export` and `export --from_hf` given what a careless or hostile user gives them: each row one
-line and its exit status (tests/hostile.py), and nothing written to --out or --workdir. The run is the imported random
-Llama of hf_models, once a module; each damaged HF directory is a copy of its source, edited."""
+line and its exit status (tests/hostile.py), and nothing written to --out or --workdir. The run
+is the imported random Llama of hf_models, once a module; each damaged HF directory is a copy of
+its source, edited."""
 
 import dataclasses
 import json
