@@ -3,6 +3,7 @@ sentencepiece model, a random Hugging Face Llama imported as a run (`imported`) 
 (`exported`), and the logits of both stacks. Test files import the fixtures by name."""
 
 import glob
+import json
 import os
 import shutil
 import sysconfig
@@ -101,3 +102,35 @@ def exported(imported, tmp_path_factory):
   params = jax.device_put(run_lib.load_params(workdir, 0, cfg.model))
   tok = tokenizer_lib.Tokenizer(run_lib.tokenizer_path(cfg, workdir))
   return params, cfg, tok, workdir, load_hf(out)
+
+
+def swap_two_pieces(src, dst):
+  """A copy of the sentencepiece model `src` with two ordinary pieces' ids swapped: the same
+  vocab size, another sha256, and wrong text for every id of either piece."""
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(src, "rb") as f:
+    proto.ParseFromString(f.read())
+  a, b = proto.pieces[100], proto.pieces[101]
+  a.piece, b.piece = b.piece, a.piece
+  with open(dst, "wb") as f:
+    f.write(proto.SerializeToString())
+  return dst
+
+
+def hostile_runs(root, tokenizer_file, chat_template=None):
+  """What the hostile-input modules of generate, evaluate and export probe, under `root`: run/
+  (a random HF Llama imported, with `chat_template` in its tokenizer_config.json), edited/ (a
+  copy whose tokenizer copy has two pieces swapped), swapped.model and big.model (1024 pieces,
+  above the model's 512)."""
+  hf_dir = str(root / "hf")
+  make_hf_llama(hf_dir, tokenizer_file)
+  if chat_template is not None:
+    with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+      json.dump({"chat_template": chat_template}, f)
+  export.import_hf(hf_dir, str(root / "run"))
+  shutil.copytree(root / "run", root / "edited")
+  swap_two_pieces(tokenizer_file, str(root / "edited/tokenizer/tokenizer.model"))
+  swap_two_pieces(tokenizer_file, str(root / "swapped.model"))
+  make_tokenizer(str(root / "big.model"), vocab_size=1024)
+  return root

@@ -14,7 +14,6 @@ from absl import app, flags, logging
 
 from tinyllama_jax import cli
 from tinyllama_jax.checkpoint import run as run_lib
-from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.data import formats
 from tinyllama_jax.inference import evaluate as evaluate_lib
 from tinyllama_jax.inference import lm_eval_backend, lm_eval_tasks
@@ -44,6 +43,8 @@ def define_flags():
                       "tasks).")
   flags.DEFINE_string("out", None, "--tasks: write lm-eval's results (task -> metric -> value) "
                       "to this JSON file.")
+  flags.DEFINE_bool("allow_other_tokenizer", False, "Use --tokenizer even though its sha256 is "
+                    "not the one the run trained with (a warning instead of an error).")
 
 
 def main(argv):
@@ -59,8 +60,8 @@ def main(argv):
   cfg = run_lib.run_config(FLAGS.workdir, step)
   seq_len = evaluate_lib.check_flags(cfg, seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size,
                         batches=FLAGS.batches)
-  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
-  tokenizer = tokenizer_lib.Tokenizer(tok_path) if tok_path else None
+  tokenizer = run_lib.load_tokenizer(cfg, FLAGS.workdir, step, FLAGS.tokenizer,
+                                     FLAGS.allow_other_tokenizer)
   params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
   pipeline_form = evaluate_lib.data_config_for(cfg, FLAGS.data)
   if pipeline_form is not None:
@@ -90,13 +91,13 @@ def tasks_main():
   manager = lm_eval_tasks.task_manager(names, FLAGS.include_path)
   step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
   cfg = run_lib.run_config(FLAGS.workdir, step)
-  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
-  if tok_path is None:
+  tok = run_lib.load_tokenizer(cfg, FLAGS.workdir, step, FLAGS.tokenizer,
+                               FLAGS.allow_other_tokenizer)
+  if tok is None:
     raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): lm-eval "
                      "tasks are text; pass --tokenizer=PATH")
   lm = lm_eval_backend.JaxLM(jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model)),
-                             cfg, tokenizer_lib.Tokenizer(tok_path, flag="--tokenizer"),
-                             batch_size=FLAGS.batch_size)
+                             cfg, tok, batch_size=FLAGS.batch_size)
   results = lm_eval_tasks.evaluate(lm, names, manager, num_fewshot=FLAGS.num_fewshot,
                                    limit=FLAGS.limit)
   print(lm_eval_tasks.table(results))

@@ -5,10 +5,12 @@
   python -m tinyllama_jax.export --from_hf=HFDIR --workdir=DIR [--config=configs/1b.py]
 
 The command; interop/export.py does the work (its docstring says what is written, and how a
-failure leaves nothing). Exit status: 2 bad input, 3 writing failed (e.g. a full disk).
+failure leaves nothing). Exit status: 2 bad input, 3 writing failed (e.g. a full disk), 128 + N
+stopped by signal N (SIGTERM, SIGINT: the partial output is removed).
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 
@@ -31,6 +33,8 @@ def define_flags():
   flags.DEFINE_string("tokenizer", None, "Sentencepiece .model. Import: default "
                       "HFDIR/tokenizer.model. Export: instead of the run's own "
                       "(WORKDIR/tokenizer/tokenizer.model).")
+  flags.DEFINE_bool("allow_other_tokenizer", False, "Export: use --tokenizer even though its "
+                    "sha256 is not the one the run trained with (a warning instead of an error).")
 
 
 def main(argv):
@@ -39,6 +43,15 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if not FLAGS.workdir:
     raise ValueError("--workdir is required")
+  try:
+    with export_lib.signals_raise_interrupted():
+      _import_or_export()
+  except export_lib.Interrupted as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
+
+
+def _import_or_export():
   if FLAGS.from_hf:
     report = export_lib.import_hf(FLAGS.from_hf, FLAGS.workdir, base_config_path=FLAGS.config,
                                   tokenizer=FLAGS.tokenizer)
@@ -49,7 +62,8 @@ def main(argv):
   if not FLAGS.out:
     raise ValueError("--out is required for export (or pass --from_hf=HFDIR to import)")
   report = export_lib.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
-                             max_shard_size=FLAGS.max_shard_size, tokenizer=FLAGS.tokenizer)
+                             max_shard_size=FLAGS.max_shard_size, tokenizer=FLAGS.tokenizer,
+                             allow_other_tokenizer=FLAGS.allow_other_tokenizer)
   print(json.dumps(report))
 
 

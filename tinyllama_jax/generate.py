@@ -42,6 +42,29 @@ class Streamer:
       self.printed = len(text)
 
 
+def continuation(tok, prompt_ids, new_ids):
+  """The text `new_ids` add after the prompt. Decoded with the prompt: sentencepiece drops a
+  text's leading space, so the continuation decoded alone would lose the one after the prompt."""
+  new_ids = [t for t in new_ids if t != tok.eos_id]
+  return tok.decode(list(prompt_ids) + new_ids)[len(tok.decode(list(prompt_ids))):]
+
+
+def read_prompts(path):
+  """The non-blank lines of --prompts_file, or one line naming the file and what is wrong."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      prompts = [line.rstrip("\n") for line in f if line.strip()]
+  except OSError as e:
+    raise ValueError(f"--prompts_file={path!r} cannot be read ({e.strerror})") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompts_file={path!r} is not UTF-8 text (byte {e.start}): save it as "
+                     "UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+  if not prompts:
+    raise ValueError(f"--prompts_file={path!r} has no prompt (every line is blank): write one "
+                     "prompt a line")
+  return prompts
+
+
 def chat(params, cfg, tok, *, prompt=None, system=None, read=input, out=sys.stdout, **sampling):
   """A conversation in the run's chat template (data.chat_template; '' = Zephyr's): one reply to
   `prompt`, or, without one, a session reading user lines from `read` until EOF (Ctrl-D), the
@@ -83,6 +106,8 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("tokenizer", None, "Sentencepiece .model instead of the run's own "
                       "(WORKDIR/tokenizer/tokenizer.model).")
+  flags.DEFINE_bool("allow_other_tokenizer", False, "Use --tokenizer even though its sha256 is "
+                    "not the one the run trained with (a warning instead of an error).")
   flags.DEFINE_string("draft_workdir", None, "Speculative decoding: a smaller run (same tokenizer "
                       "and vocab) whose drafts --workdir's model checks; same output, faster.")
   flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens the draft proposes a "
@@ -117,13 +142,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # the console is for the generated text
   if not FLAGS.workdir:
     raise ValueError("--workdir is required")
-  prompts = list(FLAGS.prompt)
-  if FLAGS.prompts_file:
-    try:
-      with open(FLAGS.prompts_file) as f:
-        prompts += [line.rstrip("\n") for line in f if line.strip()]
-    except OSError as e:
-      raise ValueError(f"--prompts_file={FLAGS.prompts_file!r} cannot be read ({e.strerror})")
+  prompts = list(FLAGS.prompt) + (read_prompts(FLAGS.prompts_file) if FLAGS.prompts_file else [])
   if FLAGS.chat and (len(prompts) > 1 or (not prompts and not sys.stdin.isatty())):
     raise ValueError("--chat takes one --prompt=TEXT, or none for a session on a terminal")
   if not prompts and not FLAGS.chat:
@@ -132,11 +151,12 @@ def main(argv):
                  top_p=FLAGS.top_p)
   step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
   cfg = run_lib.run_config(FLAGS.workdir, step)
-  tok_path = run_lib.tokenizer_path(cfg, FLAGS.workdir, FLAGS.tokenizer)
-  if tok_path is None:
+  tok = run_lib.load_tokenizer(cfg, FLAGS.workdir, step, FLAGS.tokenizer,
+                               FLAGS.allow_other_tokenizer)
+  if tok is None:
     raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): nothing to "
                      "decode text with (--tokenizer=PATH names one)")
-  tok = tokenizer_lib.Tokenizer(tok_path)
+  tok_path = tok.path
   if FLAGS.chat:
     params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
     chat(decode.cast_params(params, cfg.model), cfg, tok,
@@ -168,7 +188,7 @@ def main(argv):
     sys.stdout.write("\n")
   else:
     for i, (prompt, ids) in enumerate(zip(prompts, outs)):
-      print(f"--- [{i}]\n{prompt}{tok.decode([t for t in ids if t != tok.eos_id])}")
+      print(f"--- [{i}]\n{prompt}{continuation(tok, prompt_ids[i], ids)}")
   if draft:
     print(f"speculative: {stats['acceptance']:.1%} of draft tokens accepted, "
           f"{stats['tokens_per_call']:.2f} tokens per target call, "

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from hf_models import REPO, STDLIB, make_tokenizer
+from hf_models import REPO, STDLIB, make_tokenizer, swap_two_pieces
 from tinyllama_jax import config as config_lib
 from tinyllama_jax.inference import generate
 from tinyllama_jax.inference import evaluate
@@ -163,3 +163,24 @@ def test_a_run_on_prepared_data_reads_without_the_original_tokenizer(tmp_path):
   result = evaluate.evaluate_split(params, data_cfg, run_tok, "eval", seq_len=16, batch_size=2,
                                    batches=1)
   assert result["tokens"] == 32 and np.isfinite(result["loss"])
+
+
+def test_a_trained_run_records_its_tokenizer_and_refuses_an_edited_copy(tmp_path):
+  """The checkpoint records the sha256 of the tokenizer train used: the run's copy edited after
+  (two pieces swapped: the same size, wrong text) is refused, or taken with a warning when
+  allowed; without the record, generate and evaluate read it as if nothing had changed."""
+  from tinyllama_jax.training import loop as train_lib
+  tok = make_tokenizer(str(tmp_path / "tok" / "tokenizer.model"))
+  data = str(tmp_path / "data")
+  prepare_docs(tok, data)
+  workdir = str(tmp_path / "run")
+  train_lib.train(micro_config(data), workdir)
+  step = run_lib.resolve_step(workdir)
+  assert run_lib.read_meta(workdir, step)["tokenizer_sha256"] == tok.sha256
+  cfg = run_lib.run_config(workdir, step)
+  assert run_lib.load_tokenizer(cfg, workdir, step).sha256 == tok.sha256
+  swap_two_pieces(tok.path, os.path.join(workdir, tokenizer_lib.RUN_COPY))
+  with pytest.raises(ValueError, match=rf"tokenizer.model \(sha256 \w+\) is not the one "
+                     rf"checkpoint {step} in .* trained with \(sha256 {tok.sha256[:12]}\): pass"):
+    run_lib.load_tokenizer(cfg, workdir, step)
+  assert run_lib.load_tokenizer(cfg, workdir, step, allow_other=True).sha256 != tok.sha256

@@ -181,3 +181,30 @@ def test_parquet_and_zstd_chat_files(tmp_path, tok):
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x[1], y[1])
     np.testing.assert_array_equal(x[2], y[2])
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 'A' * 10**10 }}", "rendered more than 10,000,000 characters"),  # was a MemoryError
+    ("{{ [1] * 10**9 }}", "rendered more than"),
+    ("{{ 10 ** 100000000 }}", "rendered more than"),  # a number of 100M digits
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{{ 'xyz' * 9 }}{% endfor %}"
+     "{% endfor %}", "rendered more than"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+     "took more than 0.5 s"),  # output-free: hung
+])
+def test_a_template_without_bound_is_stopped_in_one_line(tok, monkeypatch, template, message):
+  monkeypatch.setattr(chat, "MAX_RENDER_SECONDS", 0.5)
+  fmt = chat.ChatFormat(template, tok)
+  with pytest.raises(chat.TemplateUnbounded, match=message) as e:
+    fmt.render(CONV)
+  assert "\n" not in str(e.value)
+  assert isinstance(e.value, ValueError)  # the commands' one line, exit 2
+
+
+def test_jinja2_is_a_declared_dependency_and_its_absence_is_one_line(tok, monkeypatch):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with open(os.path.join(root, "requirements.txt")) as f:
+    assert any(line.split(">")[0].strip() == "jinja2" for line in f)
+  monkeypatch.setitem(sys.modules, "jinja2", None)  # as on an install without it
+  with pytest.raises(ValueError, match="needs jinja2, which is not installed: pip install -r"):
+    chat.ChatFormat("{{ messages }}", tok).render(CONV)

@@ -100,7 +100,7 @@ def test_bad_data(run, tmp_path):
     evaluate.evaluate_files(params, cfg, tok, str(tmp_path / "nope.txt"), seq_len=32, batch_size=2)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2 .*--text_field"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: .*--text_field"):
     evaluate.evaluate_files(params, cfg, tok, str(bad), seq_len=32, batch_size=2)
   proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={workdir}",
                          f"--data={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True,
@@ -162,3 +162,17 @@ class _Bytes:
 
   def encode(self, text):
     return [b + 3 for b in text.encode()]
+
+
+def test_zstd_and_parquet_files_hold_the_documents_prepare_reads(tmp_path):
+  """The formats prepare and SFT read; before, each was one undecodable document: nothing to
+  score."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  texts = ["def f(x):\n    return x", "import json", ""]
+  jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+  (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+  pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
+  for name in ("d.jsonl.zst", "d.parquet"):
+    assert evaluate.read_documents(str(tmp_path / name)) == (texts[:2], 1), name

@@ -16,6 +16,7 @@ from hf_models import REPO, exported, imported, our_logits, tokenizer_file  # no
 from tinyllama_jax import generate as generate_cli
 from tinyllama_jax.inference import decode, generate
 from tinyllama_jax import model as model_lib
+from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,12 @@ def test_settings_out_of_range_are_one_line_errors():
   assert generate.check_request(cfg_model, [[1, 5], [1]], **ok).tolist() == [2, 1]
   for bad, match in ((dict(max_new_tokens=-3), r"--max_new_tokens=-3: generate at least 1"),
                      (dict(max_new_tokens=0), r"--max_new_tokens=0"),
-                     (dict(temperature=-0.5), r"--temperature=-0.5: use 0 \(greedy\) or more"),
+                     (dict(temperature=-0.5), r"--temperature=-0.5: use 0 \(greedy\) or a "
+                      r"value in \[0.001, 100\]"),
                      (dict(temperature=float("nan")), r"--temperature=nan"),
+                     (dict(temperature=float("inf")), r"--temperature=inf"),  # uniform sampling
+                     (dict(temperature=1e-45), r"--temperature=1e-45"),  # logits / T overflow
+                     (dict(temperature=1000.0), r"--temperature=1000.0"),
                      (dict(top_p=0.0), r"--top_p=0.0: use a value in \(0, 1\]"),
                      (dict(top_p=1.5), r"--top_p=1.5"),
                      (dict(max_new_tokens=15), r"a prompt of 2 tokens and --max_new_tokens=15 do "
@@ -132,3 +137,14 @@ def test_settings_out_of_range_are_one_line_errors():
     generate.check_request(cfg_model, [list(range(16))], **ok)
   with pytest.raises(ValueError, match="at least one token"):
     generate.check_request(cfg_model, [[1], []], **ok)
+
+
+def test_a_batch_keeps_the_space_between_prompt_and_continuation(tokenizer_file):  # noqa: F811
+  """sentencepiece drops a text's leading space: the continuation of a prompt, decoded alone,
+  lost the space after it (`And Jesus saidunto`); decoded with its prompt, it keeps it."""
+  tok = tokenizer_lib.Tokenizer(tokenizer_file)
+  prompt, full = tok.encode("import json"), tok.encode("import json as j")
+  assert full[:len(prompt)] == prompt
+  new = full[len(prompt):] + [tok.eos_id]
+  assert generate_cli.continuation(tok, [tok.bos_id] + prompt, new) == " as j"
+  assert tok.decode(new[:-1]) == "as j"  # what the batch printed after the prompt

@@ -4,12 +4,16 @@ trained (sharded) checkpoint; the exported tokenizer encodes like ours; bad inpu
 
 The helpers at the top are shared with test_generate.py and test_evaluate.py."""
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -22,6 +26,7 @@ import transformers
 from tinyllama_jax import cli, config as config_lib
 from tinyllama_jax.interop import export
 from tinyllama_jax.interop import hf
+from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from hf_models import (REPO, TOKENS, hf_logits, imported, load_hf, make_hf_llama, our_logits,  # noqa: F401
@@ -322,3 +327,96 @@ def test_cli_one_line_errors(imported, tmp_path):
     assert len(errors) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_during_import_is_one_line_exit_3_and_leaves_nothing(imported, tmp_path,
+                                                                          monkeypatch, capsys):
+  """The checkpoint write failing (CheckpointError: a full disk) was 82 tracebacks, exit 1."""
+  hf_dir = imported[0]
+
+  def full(self, *args, **kwargs):
+    raise checkpoint.CheckpointError("could not write checkpoint 0 (no space left on device)")
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", full)
+  with pytest.raises(SystemExit) as exit_:  # as the command runs it (faults=WriteError)
+    cli.run(lambda argv: export.import_hf(hf_dir, str(tmp_path / "w")),
+            faults=(export.WriteError,), argv=["export"])
+  assert exit_.value.code == 3
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == (f"error: could not write the import to {tmp_path}/w (no space left on "
+                    "device): free disk space or choose another --workdir; nothing was written")
+  assert os.listdir(tmp_path) == []
+
+
+def test_import_carries_the_chat_template_of_the_hf_directory(imported, tmp_path):
+  """A HF directory's template (chat_template.jinja first, then tokenizer_config.json's) becomes
+  the run's data.chat_template, and its export's; before, it was dropped and the run chatted in
+  Zephyr's."""
+  hf_dir = str(tmp_path / "hf")
+  shutil.copytree(imported[0], hf_dir)
+  template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
+  with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"chat_template": [{"name": "default", "template": template},
+                                 {"name": "tool_use", "template": "{{ 1 }}"}]}, f)
+  export.import_hf(hf_dir, str(tmp_path / "run"))
+  assert run_lib.run_config(str(tmp_path / "run"), 0).data.chat_template == template
+  export.export(str(tmp_path / "run"), str(tmp_path / "back"))  # and back out, to HF
+  with open(tmp_path / "back" / "tokenizer_config.json") as f:
+    assert json.load(f)["chat_template"] == template
+  with open(os.path.join(hf_dir, "chat_template.jinja"), "w") as f:
+    f.write(template + "!")
+  assert export.import_config({}, None, "tok", hf_dir).data.chat_template == template + "!"
+
+
+def _import_process(hf_dir, workdir):
+  return subprocess.Popen([sys.executable, "-m", "tinyllama_jax.export", f"--from_hf={hf_dir}",
+                           f"--workdir={workdir}"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def _wait_for_temp_dir(parent, proc):
+  """Polls until the writer's temporary folder exists (it then compiles for seconds)."""
+  while not leftovers(parent):
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_import_removes_the_temp_dir_in_one_line(imported, tmp_path, signum):
+  """Before, a signal left `.OUT.tmp-*` behind for good, and Ctrl-C printed a traceback."""
+  proc = _import_process(imported[0], tmp_path / "w")
+  _wait_for_temp_dir(tmp_path, proc)
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signum, err[-2000:]
+  assert err.strip().splitlines()[-1].startswith(f"error: stopped by {signum.name}; nothing was "
+                                                 "written")
+  assert "Traceback" not in err
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_later_import_removes_the_temp_dir_of_a_killed_one(imported, tmp_path):
+  """kill -9 leaves the temporary folder; the next writer of the same output removes it (its
+  pid is dead), and leaves one of a live writer or of another host alone."""
+  proc = _import_process(imported[0], tmp_path / "w")
+  _wait_for_temp_dir(tmp_path, proc)
+  proc.kill()
+  proc.wait()
+  (stale,) = leftovers(tmp_path)
+  live = tmp_path / f".w.tmp-{socket.gethostname()}.{os.getpid()}-live"
+  other = tmp_path / ".w.tmp-elsewhere.1-other"
+  live.mkdir(), other.mkdir()
+  export.remove_stale_output_dirs(str(tmp_path / "w"))
+  assert sorted(leftovers(tmp_path)) == sorted([live.name, other.name]), stale
+
+
+def test_tracebacks_printed_during_a_failed_checkpoint_write_are_held_back(capfd):
+  """What C++ callbacks print on fd 2 while a write fails (tensorstore's, on orbax's closed event
+  loop) is given back without its tracebacks; after a write that succeeds, all of it."""
+  lines = "I kept\nTraceback (most recent call last):\n  File \"x\", line 1\nRuntimeError: closed\n"
+  for fails in (True, False):
+    with contextlib.suppress(checkpoint.CheckpointError):
+      with export._tracebacks_held_back_on_failure():
+        os.write(2, lines.encode())
+        if fails:
+          raise checkpoint.CheckpointError("no space left on device")
+    assert capfd.readouterr().err == ("I kept\n" if fails else lines)

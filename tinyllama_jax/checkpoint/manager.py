@@ -187,10 +187,11 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state, data_state, cfg, data_identity=None):
+  def save(self, step, state, data_state, cfg, data_identity=None, tokenizer_sha256=None):
     """Refuses a state with NaN/inf (the last good checkpoint stays the latest); a failed write
     becomes one CheckpointError naming the cause and the checkpoints still intact.
-    data_identity: what the data is (data.pipeline.identity), checked when a run resumes."""
+    data_identity: what the data is (data.pipeline.identity), checked when a run resumes.
+    tokenizer_sha256: the tokenizer's, which export, generate and evaluate hold theirs to."""
     self.wait()  # a failed async save surfaces here, under its own step
     data_state = _all_data_states(data_state)
     sums, finite = checksums(state)
@@ -199,7 +200,7 @@ class Checkpointer:
                             f"{self._intact()}")
     meta = {"step": int(step), "config": cfg.to_dict(), "versions": versions(),
             "checksums": sums, "data_sha256": _data_digest(data_state),
-            "data_identity": data_identity}
+            "data_identity": data_identity, "tokenizer_sha256": tokenizer_sha256}
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),

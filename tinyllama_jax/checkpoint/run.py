@@ -170,3 +170,31 @@ def load_params(workdir, step, cfg_model):
       node = node.setdefault(key, {})
     node[path[-1]] = x
   return params
+
+
+def load_tokenizer(cfg, workdir, step, override=None, allow_other=False):
+  """The run's Tokenizer (tokenizer_path's), or None for a run without one; one line when it
+  cannot be the one the run trained with: more pieces than the model has rows (ids past the
+  embedding: garbage, NaN, a crash in transformers), or a sha256 other than the one the
+  checkpoint records (another tokenizer, or the run's copy edited since). `allow_other` lets the
+  second through with a warning: the first can never work."""
+  path = tokenizer_path(cfg, workdir, override)
+  if path is None:
+    return None
+  tok = tokenizer_lib.Tokenizer(path, flag="--tokenizer")
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"the tokenizer {path} has {tok.vocab_size} pieces, more than the model's "
+                     f"vocab_size {cfg.model.vocab_size}: pass the tokenizer the run trained with "
+                     "(--tokenizer=PATH)")
+  trained = read_meta(workdir, step).get("tokenizer_sha256")
+  if trained is None and override and os.path.isfile(os.path.join(workdir, tokenizer_lib.RUN_COPY)):
+    trained = tokenizer_lib.file_sha256(os.path.join(workdir, tokenizer_lib.RUN_COPY))
+  if trained is None or trained == tok.sha256:
+    return tok
+  what = (f"the tokenizer {path} (sha256 {tok.sha256[:12]}) is not the one checkpoint {step} in "
+          f"{workdir} trained with (sha256 {trained[:12]})")
+  if not allow_other:
+    raise ValueError(f"{what}: pass that tokenizer with --tokenizer=PATH, or "
+                     "--allow_other_tokenizer to use this one anyway")
+  logging.warning("%s; --allow_other_tokenizer: using it anyway, the text may be wrong", what)
+  return tok

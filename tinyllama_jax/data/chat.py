@@ -25,6 +25,7 @@ piece) is counted in the stats.
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 from absl import logging
@@ -82,20 +83,32 @@ def _render_zephyr(messages, eos_token, add_generation_prompt):
   return "".join(out)
 
 
+# A chat template renders one conversation: output past these bounds, or an operation building
+# a value past them, is a template that loops or allocates without end (`{{'A'*10**10}}`),
+# stopped in one line before it takes the memory or the time of the run.
+MAX_RENDER_CHARS = 10_000_000
+MAX_RENDER_SECONDS = 10.0
+
+
+class TemplateUnbounded(ValueError):
+  """A custom template went past MAX_RENDER_CHARS or MAX_RENDER_SECONDS: the template's fault,
+  not one conversation's, so it ends the run (exit 2) rather than skipping a row."""
+
+
 def _jinja_renderer(template):
   """template -> render(messages, ...), compiled as transformers compiles chat templates."""
   try:
     import jinja2  # pylint: disable=g-import-not-at-top
     from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError("a custom data.chat_template needs jinja2, which is not installed: "
-                      "pip install jinja2") from None
+  except ImportError:  # a ValueError: the command's one line (exit 2), as for a bad template
+    raise ValueError("a custom data.chat_template needs jinja2, which is not installed: "
+                     "pip install -r requirements.txt (or pip install 'jinja2>=3.1,<4')") from None
 
   def raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
-  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                              extensions=["jinja2.ext.loopcontrols"])
+  env = _bounded_environment(sandbox)(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=["jinja2.ext.loopcontrols"])
   env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
   env.globals["raise_exception"] = raise_exception
   try:
@@ -103,12 +116,65 @@ def _jinja_renderer(template):
   except jinja2.exceptions.TemplateError as e:
     raise ValueError(f"data.chat_template is not a valid Jinja template ({e})") from None
   def render(messages, bos_token, eos_token, add_generation_prompt):
+    env.deadline = time.monotonic() + MAX_RENDER_SECONDS
+    out, n = [], 0
     try:
-      return compiled.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                             add_generation_prompt=add_generation_prompt)
+      for chunk in compiled.generate(messages=messages, bos_token=bos_token,
+                                     eos_token=eos_token, add_generation_prompt=add_generation_prompt):
+        out.append(chunk)
+        n += len(chunk)
+        env.check(n)
     except jinja2.exceptions.TemplateError as e:
       raise TemplateRefused(f"data.chat_template refused the conversation: {e}") from None
+    except (MemoryError, OverflowError, RecursionError) as e:
+      raise TemplateUnbounded(f"data.chat_template failed with {type(e).__name__} rendering a "
+                              "conversation: make it build no values without bound") from None
+    return "".join(out)
   return render
+
+
+def _bounded_environment(sandbox):
+  """transformers' ImmutableSandboxedEnvironment, plus MAX_RENDER_CHARS on the output and on what
+  `*` and `**` build, and MAX_RENDER_SECONDS checked at every call, operator and attribute."""
+
+  class Bounded(sandbox.ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**"])
+    deadline = float("inf")
+
+    def check(self, n=0):
+      if n > MAX_RENDER_CHARS:
+        raise TemplateUnbounded(f"data.chat_template rendered more than {MAX_RENDER_CHARS:,} "
+                                "characters for one conversation: it loops or repeats without "
+                                "bound; fix the template")
+      if time.monotonic() > self.deadline:
+        raise TemplateUnbounded(f"data.chat_template took more than {MAX_RENDER_SECONDS:g} s "
+                                "for one conversation: it loops without bound; fix the template")
+
+    def call_binop(self, context, operator, left, right):
+      self.check()
+      if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+          if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+            self.check(len(seq) * times)
+      elif isinstance(left, int) and isinstance(right, int) and right > 0:
+        self.check(int(right * max(abs(left), 1).bit_length() / 3.3))  # the result's digits
+      return super().call_binop(context, operator, left, right)
+
+    def call(*args, **kwargs):  # pylint: disable=no-method-argument (jinja's own signature)
+      args[0].check()
+      return sandbox.ImmutableSandboxedEnvironment.call(*args, **kwargs)
+
+    def getattr(self, obj, attribute):
+      self.check()
+      return super().getattr(obj, attribute)
+
+  return Bounded
+
+
+def check_template(template):
+  """A custom template compiles (jinja2 is there, the syntax is valid): one line otherwise."""
+  if template and template != ZEPHYR_TEMPLATE:
+    _jinja_renderer(template)
 
 
 class TemplateRefused(ValueError):

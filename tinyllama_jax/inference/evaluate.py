@@ -1,8 +1,8 @@
 """Loss and perplexity on text: `python -m tinyllama_jax.evaluate --workdir=DIR --data=FILE`.
 
---data is a .jsonl file (one document a line, in --text_field; a line that is not UTF-8 is
-skipped and counted), any other text file (the whole file is one document), a comma-separated
-list or glob of those; or, through the data pipeline (at most --batches batches of one pass over
+--data is a .jsonl, .jsonl.zst or .parquet file, read as prepare reads them (one document a
+line or row, in --text_field; one that is empty or not UTF-8 is skipped and counted), any other
+UTF-8 text file (the whole file is one document), a comma-separated list or glob of those; or, through the data pipeline (at most --batches batches of one pass over
 the data, packed as the run packs: no token is scored twice): `split:eval` / `split:train` of the
 run's own data, `prepared:DIR` (the --split of data written by tinyllama_jax.prepare) or
 `litpkds:GLOB`. The command is tinyllama_jax/evaluate.py.
@@ -15,7 +15,6 @@ The loss is the mean over all scored tokens; perplexity is exp(loss).
 
 import functools
 import itertools
-import json
 import math
 import os
 
@@ -24,56 +23,69 @@ import numpy as np
 from absl import logging
 
 from tinyllama_jax import model as model_lib
+from tinyllama_jax.data import formats, pipeline
 from tinyllama_jax.data import paths as paths_lib
-from tinyllama_jax.data import pipeline
 from tinyllama_jax.training import program
 
 
 def read_documents(spec, text_field="text"):
-  """(documents, skipped) from files; unreadable files and empty documents are counted, logged."""
+  """(documents, skipped) from files: .jsonl, .jsonl.zst and .parquet as prepare reads them
+  (data/formats.py: a document a line or row; empty, non-UTF-8 and non-string ones skipped,
+  counted and logged); any other file is one UTF-8 text document, or an error naming it."""
   for part in spec.split(","):
     matched = paths_lib.matches(part) if any(c in part for c in "*?[") else [part]
     if not matched or not all(os.path.isfile(p) for p in matched):
-      raise ValueError(f"--data: {part!r} is not a file (give a .txt/.jsonl file, a glob, or "
-                       "split:eval)")
+      raise ValueError(f"--data: {part!r} is not a file (give a .txt/.jsonl/.jsonl.zst/.parquet "
+                       "file, a glob, or split:eval)")
   paths = paths_lib.expand(spec, "file", "--data")  # each real file once
-  docs = []
+  docs, stats = [], formats.ReadStats()
   for path in paths:
-    with open(path, "rb") as f:
-      if path.endswith(".jsonl"):
-        docs += _jsonl_documents(path, f, text_field)
+    if path.endswith(_RECORD_SUFFIXES):
+      docs += formats.iter_documents(path, text_field, stats, text_field_flag="--text_field")
+    else:
+      text = _text_file(path)
+      if text.strip():
+        docs.append(text)
       else:
-        docs.append(_utf8(f.read(), path))
-  kept = [d for d in docs if d]
-  skipped = len(docs) - len(kept)
+        stats.skipped_empty += 1
+  skipped = stats.skipped_empty + stats.skipped_not_utf8 + stats.skipped_not_string
   if skipped:
-    logging.warning("skipped %d empty or unreadable documents", skipped)
-  return kept, skipped
+    logging.warning("skipped %d documents: %d empty, %d not UTF-8, %d not a string", skipped,
+                    stats.skipped_empty, stats.skipped_not_utf8, stats.skipped_not_string)
+  if not docs:
+    raise ValueError(f"--data={spec!r} holds no document to score ({skipped} skipped: "
+                     f"{stats.skipped_empty} empty, {stats.skipped_not_utf8} not UTF-8, "
+                     f"{stats.skipped_not_string} not a string in {text_field!r})")
+  return docs, skipped
 
 
-def _jsonl_documents(path, f, text_field):
-  """One document a line; a line that is not UTF-8 is one skipped document (None), not the rest
-  of the file."""
-  for n, raw in enumerate(f, 1):
-    line = _utf8(raw, f"{path}:{n}")
-    if line is None:
-      yield None
-      continue
-    if not line.strip():
-      continue
-    try:
-      yield json.loads(line)[text_field]
-    except (json.JSONDecodeError, KeyError, TypeError):
-      raise ValueError(f"{path}:{n} is not a JSON object with a {text_field!r} field "
-                       "(set --text_field)") from None
+_RECORD_SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
 
 
-def _utf8(raw, where):
+def _text_file(path):
+  """A plain text file's text; UTF-16, Latin-1 or binary data is an error naming the file (a
+  file of one document is all or nothing: there is no line to skip alone)."""
+  with open(path, "rb") as f:
+    raw = f.read()
   try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError:
-    logging.warning("skipping %s: not UTF-8 text", where)
-    return None
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--data: {path} is not UTF-8 text (byte {e.start}: {_guess(raw)}): convert "
+                     "it to UTF-8, or give a .jsonl/.jsonl.zst/.parquet file") from None
+  if "\0" in text:
+    raise ValueError(f"--data: {path} holds NUL bytes ({_guess(raw)}): give a text file, or a "
+                     ".jsonl/.jsonl.zst/.parquet file")
+  return text
+
+
+def _guess(raw):
+  if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[1:200:2].count(0) > 50:
+    return "UTF-16 text?"
+  if raw[:4] == b"(\xb5/\xfd":
+    return "zstd data: name it .jsonl.zst"
+  if raw[:4] == b"PAR1":
+    return "parquet data: name it .parquet"
+  return "binary data or another encoding"
 
 
 def document_rows(token_docs, seq_len):

@@ -14,13 +14,19 @@ import numpy as np
 
 from tinyllama_jax.inference import decode
 
+# Below this, logits / T overflows float32 (1e-45 gives inf, then NaN, not greedy); above it the
+# distribution is uniform for any logits a model gives: neither is sampling from the model.
+TEMPERATURE_RANGE = (1e-3, 100.0)
+
 
 def check_settings(*, max_new_tokens, temperature, top_p):
   """Sampling settings outside their ranges: one line naming the flag (before anything loads)."""
   if max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens={max_new_tokens}: generate at least 1 token")
-  if not temperature >= 0:  # NaN too
-    raise ValueError(f"--temperature={temperature}: use 0 (greedy) or more")
+  low, high = TEMPERATURE_RANGE
+  if not (temperature == 0 or low <= temperature <= high):  # NaN and inf too
+    raise ValueError(f"--temperature={temperature}: use 0 (greedy) or a value in [{low:g}, "
+                     f"{high:g}]")
   if not 0 < top_p <= 1:
     raise ValueError(f"--top_p={top_p}: use a value in (0, 1] (1: no nucleus cut)")
 

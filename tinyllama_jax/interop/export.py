@@ -16,9 +16,14 @@ Both write into a temporary sibling directory and rename it at the end: a failur
 the umask's, as any file the user writes.
 """
 
+import contextlib
 import json
+import logging as logging_std
 import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
 import time
 
@@ -46,13 +51,80 @@ def fresh_output_dir(path, what):
   parent = os.path.dirname(path)
   try:
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    remove_stale_output_dirs(path)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(path) + f"{_HOST}.{os.getpid()}-")
   except OSError as e:
     raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
                      "place") from None
   # mkdtemp's 0700 would keep the output from a serving account or a colleague: the umask's mode.
   os.chmod(tmp, 0o777 & ~_umask())
   return tmp
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def _tmp_prefix(path):
+  return f".{os.path.basename(path)}.tmp-"
+
+
+def remove_stale_output_dirs(path):
+  """Removes the temporary siblings of `path` left by writers that died without cleaning up
+  (kill -9, a lost node): each is named `.NAME.tmp-HOST.PID-XXXX`, and one of this host whose
+  PID no longer runs is stale. Another host's, or a live writer's, are left alone."""
+  parent, prefix = os.path.dirname(path), _tmp_prefix(path)
+  removed = []
+  for name in os.listdir(parent):
+    if not name.startswith(prefix):
+      continue
+    host, _, rest = name[len(prefix):].rpartition(".")
+    pid = rest.split("-", 1)[0]
+    if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      removed.append(name)
+  if removed:
+    logging.warning("removed %d temporary folder(s) of writers that died on this host: %s",
+                    len(removed), ", ".join(removed))
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+class Interrupted(BaseException):
+  """SIGTERM or SIGINT while writing: the temporary folder is removed on the way out. A
+  BaseException, as KeyboardInterrupt: no `except Exception` on the way turns it into a fault."""
+
+  def __init__(self, signum):
+    self.signum = signum
+    super().__init__(f"stopped by {signal.Signals(signum).name}; nothing was written (the "
+                     "temporary folder is removed): rerun the same command to write it")
+
+
+@contextlib.contextmanager
+def signals_raise_interrupted():
+  """SIGTERM and SIGINT raise Interrupted in the main thread, so the writer's cleanup runs and
+  the command prints one line; a second signal, during that cleanup, ends the process at once
+  (what it leaves, remove_stale_output_dirs removes on the next run)."""
+  stop = (signal.SIGTERM, signal.SIGINT)
+
+  def handler(signum, frame):
+    del frame
+    for s in stop:
+      signal.signal(s, signal.SIG_DFL)
+    raise Interrupted(signum)
+  previous = {s: signal.signal(s, handler) for s in stop}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 def _umask():
@@ -78,15 +150,18 @@ class WriteError(RuntimeError):
   """Writing the output failed (a full disk, an I/O error): a fault, exit status 3."""
 
 
-def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", tokenizer=None):
+def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", tokenizer=None,
+           allow_other_tokenizer=False):
   """Writes the HF directory `out` from the run in `workdir`; returns a small report dict.
-  `tokenizer`: a sentencepiece .model to use instead of the run's own (run.tokenizer_path)."""
+  `tokenizer`: a sentencepiece .model to use instead of the run's own (run.load_tokenizer, which
+  refuses one the run did not train with unless `allow_other_tokenizer`)."""
   if dtype not in _EXPORT_DTYPES:
     raise ValueError(f"--dtype={dtype!r}: choose bf16 or fp32")
   max_bytes = hf.parse_size(max_shard_size)
   step = run_lib.resolve_step(workdir, step)
   cfg = run_lib.run_config(workdir, step)
-  tok_path = run_lib.tokenizer_path(cfg, workdir, tokenizer)
+  tok = run_lib.load_tokenizer(cfg, workdir, step, tokenizer, allow_other_tokenizer)
+  tok_path = tok.path if tok else None
   dtype_name, np_dtype = _EXPORT_DTYPES[dtype]
   plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
   tmp = fresh_output_dir(out, "--out")
@@ -135,8 +210,9 @@ def _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
 def chat_tokenizer_config(cfg):
   """A chat run's keys for tokenizer_config.json: its template, and '</s>' written by the template
   read as EOS (split_special_tokens off), as the run's chat data was tokenized (data/chat.py);
-  so `apply_chat_template(..., tokenize=True)` gives the run's own ids. None for other runs."""
-  if cfg.data.get("source") != "chat":
+  so `apply_chat_template(..., tokenize=True)` gives the run's own ids. A run with a template of
+  its own (an import's) keeps it too. None for other runs."""
+  if cfg.data.get("source") != "chat" and not cfg.data.get("chat_template"):
     return None
   return {"chat_template": cfg.data.get("chat_template") or chat.ZEPHYR_TEMPLATE,
           "split_special_tokens": False}
@@ -168,8 +244,13 @@ def read_hf(hf_dir):
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(config_path):
     raise ValueError(f"{hf_dir} has no config.json: give a Hugging Face model directory")
-  with open(config_path) as f:
-    hf_cfg = json.load(f)
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      hf_cfg = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_path} is not JSON ({e}): fix or download the file again") from None
+  if not isinstance(hf_cfg, dict):
+    raise ValueError(f"{config_path} is not a JSON object: give a Hugging Face config.json")
   fields = hf.model_fields_from_hf(hf_cfg, hf_dir)
   return fields, hf_cfg, hf.SafetensorsReader(hf_dir)
 
@@ -199,17 +280,60 @@ def check_tensors(reader, cfg_model, hf_cfg, hf_dir):
     got = tuple(reader.tensors[alias.get(name, name)][2]["shape"])
     if got != tuple(shape):
       raise ValueError(f"{hf_dir}: tensor {name} has shape {got}, config.json implies {shape}")
-  return lambda name: reader.get(alias.get(name, name))
+  return lambda name: reader.get_finite(alias.get(name, name))
 
 
-def import_config(fields, base_config_path, tokenizer_file):
+def import_config(fields, base_config_path, tokenizer_file, hf_dir):
+  """The run's config: the imported architecture and the HF directory's chat template on top of
+  --config, refused (one line naming config.json) where config.validate refuses it."""
   cfg = (config_lib.load_config_file(base_config_path) if base_config_path
          else config_lib.base_config())
   for k, v in fields.items():
     cfg.model[k] = v
   cfg.data.tokenizer = tokenizer_file
   cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
+  template = hf_chat_template(hf_dir)
+  if template:
+    try:
+      chat.check_template(template)
+    except ValueError as e:
+      raise ValueError(f"{hf_dir}'s chat template cannot be used: {e}") from None
+    cfg.data.chat_template = template
+    logging.info("imported %s's chat template into data.chat_template", hf_dir)
+  try:
+    config_lib.validate(cfg)
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(hf_dir, 'config.json')} gives a config that cannot train: "
+                     f"{e}") from None
   return cfg
+
+
+def hf_chat_template(hf_dir):
+  """The chat template a HF directory ships (chat_template.jinja, or tokenizer_config.json's
+  chat_template: a string, or named templates of which 'default' is the one used), or ''."""
+  jinja = os.path.join(hf_dir, "chat_template.jinja")
+  if os.path.isfile(jinja):
+    with open(jinja, encoding="utf-8", errors="replace") as f:
+      return f.read()
+  path = os.path.join(hf_dir, "tokenizer_config.json")
+  if not os.path.isfile(path):
+    return ""
+  try:
+    with open(path, encoding="utf-8") as f:
+      template = json.load(f).get("chat_template") or ""
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    logging.warning("%s cannot be read (%s): no chat template imported", path, e)
+    return ""
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default") or ""
+    if not template:
+      logging.warning("%s has named chat templates %s but no 'default': none imported (set "
+                      "data.chat_template in %s/config.py)", path, sorted(map(str, named)), "WORKDIR")
+  if not isinstance(template, str):
+    raise ValueError(f"{path}: chat_template is a {type(template).__name__}, not a string: fix "
+                     "the file")
+  return template
 
 
 def config_py(cfg, source):
@@ -225,50 +349,28 @@ def config_py(cfg, source):
 
 
 def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
-  """Writes a trainable run into `workdir` from the HF Llama in `hf_dir`; returns a report."""
+  """Writes a trainable run into `workdir` from the HF Llama in `hf_dir`; returns a report.
+  Everything is read and checked (config.json through config.validate, the tokenizer, every
+  tensor's header) before anything is written."""
   fields, hf_cfg, reader = read_hf(hf_dir)
   tok_src = tokenizer or os.path.join(hf_dir, "tokenizer.model")
   if not os.path.isfile(tok_src):
     raise ValueError(f"{hf_dir} has no tokenizer.model (sentencepiece), which training needs: pass "
                      "--tokenizer=PATH to the model's sentencepiece .model file")
-  tok = tokenizer_lib.Tokenizer(tok_src)
+  tok = tokenizer_lib.Tokenizer(tok_src, flag="--tokenizer")
   if tok.vocab_size > fields["vocab_size"]:
     raise ValueError(f"the tokenizer {tok_src} has {tok.vocab_size} pieces, more than the "
                      f"model's vocab_size {fields['vocab_size']}: pass the model's own tokenizer")
   final = os.path.abspath(workdir)
+  cfg = import_config(fields, base_config_path, os.path.join(final, tokenizer_lib.RUN_COPY),
+                      hf_dir)
+  get = check_tensors(reader, cfg.model, hf_cfg, hf_dir)
   tmp = fresh_output_dir(final, "--workdir")
   t0 = time.perf_counter()
   try:
-    cfg = import_config(fields, base_config_path,
-                        os.path.join(final, tokenizer_lib.RUN_COPY))
-    get = check_tensors(reader, cfg.model, hf_cfg, hf_dir)
     os.makedirs(os.path.join(tmp, "tokenizer"))
     shutil.copyfile(tok_src, os.path.join(tmp, tokenizer_lib.RUN_COPY))
-
-    # The trainer's own init fixes the state tree; its parameters and optimizer state are
-    # replaced by the imported ones, everything else (step, RNG, counters) is kept as init makes it.
-    prog = program.build_program(cfg, sharding.make_mesh(cfg.mesh))
-    init, tx, shardings = prog.init, prog.tx, prog.state_shardings
-    params = {}
-    for path, shape in param_table.shapes(cfg.model):
-      target, node = shardings["params"], params
-      for key in path[:-1]:
-        target, node = target[key], node.setdefault(key, {})
-      # One parameter at a time: read, convert, place on the mesh, drop the host copy.
-      node[path[-1]] = jax.device_put(hf.from_hf(path, shape, get), target[path[-1]])
-    fresh = ("params", "opt_state")
-    rest = jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k not in fresh},
-                   out_shardings={k: v for k, v in shardings.items() if k not in fresh})
-    state = {**rest(jax.random.key(cfg.seed)), "params": params,  # init's params: dead code
-             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
-    if jax.tree.structure(state) != jax.tree.structure(prog.abstract_state):
-      raise AssertionError("the imported state does not match the trainer's state tree")
-    ckpt = checkpoint.Checkpointer(run_lib.checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
-                                   async_save=False)
-    ckpt.save(0, state, {}, cfg)
-    ckpt.wait()
-    ckpt.close()
-    del state, params
+    _write_checkpoint(tmp, cfg, get, tok.sha256)
     with open(os.path.join(tmp, "config.py"), "w") as f:
       f.write(config_py(cfg, hf_dir))
     with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -276,9 +378,105 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
     formats.write_json_atomic(os.path.join(tmp, "imported_from.json"),
                               {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
     commit_output_dir(tmp, final)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, (OSError, checkpoint.CheckpointError)):
+      raise WriteError(f"could not write the import to {final} ({_reason(e)}): free disk space "
+                       "or choose another --workdir; nothing was written") from None
     raise
   report = {"workdir": final, "model": fields, "seconds": round(time.perf_counter() - t0, 2)}
   logging.info("imported %s: %s", hf_dir, report)
   return report
+
+
+def _reason(error):
+  """The cause of a failed write in a few words (a CheckpointError's own message names the
+  temporary folder and a rerun's hint, neither of which applies to an import)."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror.lower()
+  if "no space left on device" in str(error):
+    return "no space left on device"
+  return " ".join(str(error.__cause__ or error).split())[:300]
+
+
+class _WithoutOrbaxTracebacks(logging_std.Filter):
+  """orbax logs the traceback of each of its writer threads' failures (82 on a full disk); the
+  failure itself comes back as one CheckpointError, which the command reports in one line."""
+
+  def filter(self, record):
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _write_checkpoint(tmp, cfg, get, tokenizer_sha256):
+  """Step 0 of a run holding the imported parameters. The trainer's own init fixes the state
+  tree; its parameters and optimizer state are replaced by the imported ones, everything else
+  (step, RNG, counters) is kept as init makes it."""
+  prog = program.build_program(cfg, sharding.make_mesh(cfg.mesh))
+  init, tx, shardings = prog.init, prog.tx, prog.state_shardings
+  params = {}
+  for path, shape in param_table.shapes(cfg.model):
+    target, node = shardings["params"], params
+    for key in path[:-1]:
+      target, node = target[key], node.setdefault(key, {})
+    # One parameter at a time: read, convert, place on the mesh, drop the host copy.
+    node[path[-1]] = jax.device_put(hf.from_hf(path, shape, get), target[path[-1]])
+  fresh = ("params", "opt_state")
+  rest = jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k not in fresh},
+                 out_shardings={k: v for k, v in shardings.items() if k not in fresh})
+  state = {**rest(jax.random.key(cfg.seed)), "params": params,  # init's params: dead code
+           "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)}
+  if jax.tree.structure(state) != jax.tree.structure(prog.abstract_state):
+    raise AssertionError("the imported state does not match the trainer's state tree")
+  ckpt = checkpoint.Checkpointer(run_lib.checkpoint_dir(tmp), keep=cfg.train.keep_checkpoints,
+                                 async_save=False)
+  quiet, absl_logger = _WithoutOrbaxTracebacks(), logging_std.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    with _tracebacks_held_back_on_failure():
+      try:
+        ckpt.save(0, state, {}, cfg, tokenizer_sha256=tokenizer_sha256)
+        ckpt.wait()
+      finally:
+        ckpt.close()
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _tracebacks_held_back_on_failure():
+  """Holds back what is written to the stderr file descriptor meanwhile, and gives it back at the
+  end, less its tracebacks when the block failed: after a failed write, tensorstore's pending
+  callbacks find orbax's event loop closed and print one traceback each from C++ (none, or dozens,
+  at random), past any Python filter; the failure itself is reported in one line."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  failed = False
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      text = held.read().decode("utf-8", errors="replace")
+      sys.stderr.write(_without_tracebacks(text) if failed else text)
+      sys.stderr.flush()
+
+
+def _without_tracebacks(text):
+  """`text` less each `Traceback ...` block (its indented lines and the exception's line)."""
+  out, inside = [], False
+  for line in text.splitlines(keepends=True):
+    if line.startswith("Traceback (most recent call last):"):
+      inside = True
+    elif inside and not line.startswith((" ", "\t")):
+      inside = False  # the exception's own line ends the block
+      continue
+    if not inside:
+      out.append(line)
+  return "".join(out)

@@ -112,16 +112,38 @@ def model_fields_from_hf(hf_cfg, source):
   missing = [k for k in required if k not in hf_cfg]
   if missing:
     refuse(f"config.json lacks {', '.join(missing)}")
-  H = hf_cfg["num_attention_heads"]
+  field = lambda key, default=None: _checked_field(hf_cfg, key, default, source)
+  H = field("num_attention_heads")
   return {
-      "vocab_size": hf_cfg["vocab_size"], "d_model": hf_cfg["hidden_size"],
-      "n_layers": hf_cfg["num_hidden_layers"], "n_heads": H,
-      "n_kv_heads": hf_cfg.get("num_key_value_heads") or H,
-      "head_dim": hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // H,
-      "ffn_dim": hf_cfg["intermediate_size"],
-      "max_seq_len": hf_cfg.get("max_position_embeddings", 2048),
-      "rope_theta": float(theta), "norm_eps": float(hf_cfg.get("rms_norm_eps", 1e-6)),
+      "vocab_size": field("vocab_size"), "d_model": field("hidden_size"),
+      "n_layers": field("num_hidden_layers"), "n_heads": H,
+      "n_kv_heads": field("num_key_value_heads", H),
+      "head_dim": field("head_dim", field("hidden_size") // H),
+      "ffn_dim": field("intermediate_size"),
+      "max_seq_len": field("max_position_embeddings", 2048),
+      "rope_theta": _checked_real("rope_theta", theta, source),
+      "norm_eps": _checked_real("rms_norm_eps", hf_cfg.get("rms_norm_eps", 1e-6), source),
   }
+
+
+def _checked_field(hf_cfg, key, default, source):
+  """A count of config.json (heads, layers, sizes): a positive JSON integer; null or absent is
+  `default`. `2.0`, `"1000"` or `true` would reach the config as another type."""
+  value = hf_cfg.get(key)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{source}/config.json: {key}={json.dumps(value)} must be a positive "
+                     "integer (a JSON number without a decimal point): fix the file")
+  return value
+
+
+def _checked_real(key, value, source):
+  """rope_theta / rms_norm_eps: a finite number > 0 (NaN, inf or <= 0 give NaN activations)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    raise ValueError(f"{source}/config.json: {key}={json.dumps(value)} must be a finite number "
+                     "> 0: fix the file")
+  return float(value)
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -245,17 +267,21 @@ class SafetensorsReader:
       path = os.path.join(directory, name)
       if not os.path.exists(path):
         raise ValueError(f"{path} is listed in the index but missing: the download is incomplete")
-      with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-      header.pop("__metadata__", None)
+      n, header = _read_header(path)
       for tensor, info in header.items():
-        if info["dtype"] not in _DTYPES:
-          raise ValueError(f"{path}: tensor {tensor} has dtype {info['dtype']}, not a float type")
         self.tensors[tensor] = (path, 8 + n, info)
 
   def names(self):
     return list(self.tensors)
+
+  def get_finite(self, name):
+    """get(name), refused when it holds NaN or inf: training from it would be NaN from step 1."""
+    x = self.get(name)
+    if not np.isfinite(x).all():
+      bad = int(x.size - np.isfinite(x).sum())
+      raise ValueError(f"{self.tensors[name][0]}: tensor {name} holds {bad} NaN or inf values: "
+                       "the checkpoint is damaged; download or convert it again")
+    return x
 
   def get(self, name):
     if name not in self.tensors:
@@ -271,6 +297,50 @@ class SafetensorsReader:
                        f"{start + end}, the file ends before: the download is incomplete")
     x = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
     return x.astype(np.float32, copy=False)  # fp32 on disk: no second copy
+
+
+def _read_header(path):
+  """(header length, {tensor: info}) of a safetensors file, every entry checked against the file:
+  a damaged header is one line naming the file and the field, not a MemoryError or KeyError."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    if size < 8 or not 2 <= n <= min(size - 8, _MAX_HEADER_BYTES):
+      raise ValueError(f"{path}: the header length field says {n} bytes, the file has {size}: "
+                       "not a safetensors file, or a damaged one; download it again")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{path}: the header is not JSON ({e}): download the file again") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: the header is not a JSON object: download the file again")
+  header.pop("__metadata__", None)
+  for tensor, info in header.items():
+    problem = _header_problem(info, size - 8 - n)
+    if problem:
+      raise ValueError(f"{path}: tensor {tensor} {problem}: download or convert the file again")
+  return n, header
+
+
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+def _header_problem(info, data_bytes):
+  """What is wrong with one tensor's header entry, or None."""
+  if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+    return "lacks dtype, shape or data_offsets in the header"
+  if info["dtype"] not in _DTYPES:
+    return f"has dtype {info['dtype']!r}, not a float type ({', '.join(_DTYPES)})"
+  shape, offsets = info["shape"], info["data_offsets"]
+  ints = lambda v: isinstance(v, list) and all(type(i) is int and i >= 0 for i in v)
+  if not ints(shape) or not ints(offsets) or len(offsets) != 2:
+    return f"has shape {shape!r} and data_offsets {offsets!r}: not lists of non-negative integers"
+  begin, end = offsets
+  if end - begin != math.prod(shape) * _DTYPES[info["dtype"]].itemsize:
+    return f"has data_offsets {offsets}, not the size of shape {shape} in {info['dtype']}"
+  if end > data_bytes:
+    return f"needs data bytes up to {end}, the file holds {data_bytes} (it is truncated)"
+  return None
 
 
 # ----------------------------------------------------------------------------- tokenizer

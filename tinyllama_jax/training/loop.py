@@ -350,7 +350,8 @@ class _Steps:
     self.nonfinite.check(self.saved_step)  # a stopped run keeps its last good checkpoint latest
     with self.watchdog.paused():
       self.run.ckpt.save(step, self.state, self.train_it.get_state(), self.cfg,
-                         self.data_identity)
+                         self.data_identity,
+                         tokenizer_sha256=self.tokenizer.sha256 if self.tokenizer else None)
     self.throughput.start(step)
     self.saved_step = step
 
