@@ -111,6 +111,7 @@ LAYER_NAMES = ("config and tables", "model and data", "checkpoint",
 LAYERS = {
     "tinyllama_jax/__init__.py": 0, "tinyllama_jax/config/": 0, "tinyllama_jax/choices.py": 0,
     "tinyllama_jax/params.py": 0, "tinyllama_jax/data/config.py": 0,
+    "tinyllama_jax/folder_lock.py": 0,
     "tinyllama_jax/kernels/__init__.py": 0,  # the backend table: names; get() loads a kernel by name
     "tinyllama_jax/data/": 1, "tinyllama_jax/kernels/": 1, "tinyllama_jax/model.py": 1,
     "tinyllama_jax/sharding.py": 1, "tinyllama_jax/optim.py": 1, "tinyllama_jax/train_state.py": 1,

@@ -176,11 +176,11 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
   with pytest.raises(ValueError, match="different architecture.*d_model"):
     train_lib.train(micro_config(**{"model.d_model": 96, "train.steps": 4}), str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == before
-  faults.WorkdirLock(str(tmp_path)).release()  # the refused run let go of the workdir
+  faults.workdir_lock(str(tmp_path)).release()  # the refused run let go of the workdir
 
 
 def test_a_second_run_on_a_workdir_is_refused_before_it_touches_it(tmp_path):
-  lock = faults.WorkdirLock(str(tmp_path))  # another train process, as far as train can tell
+  lock = faults.workdir_lock(str(tmp_path))  # another train process, as far as train can tell
   try:
     with pytest.raises(ValueError, match=f"workdir {tmp_path} is in use by train pid"):
       train_lib.train(micro_config(), str(tmp_path))

@@ -291,7 +291,7 @@ def test_workers_of_a_prepare_killed_with_9_stop_with_it(tok, tmp_path):
 _HOLD_LOCK = """
 import sys, time
 from tinyllama_jax.data import prepare
-lock = prepare.OutLock(sys.argv[1])
+lock = prepare.out_lock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
 """

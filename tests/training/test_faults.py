@@ -433,24 +433,24 @@ def _abstract(state):
 
 def test_a_workdir_takes_one_writer_and_a_killed_one_leaves_no_lock(tmp_path):
   workdir = str(tmp_path / "w")
-  lock = faults.WorkdirLock(workdir)
+  lock = faults.workdir_lock(workdir)
   with pytest.raises(ValueError, match=rf"workdir {workdir} is in use by train pid {os.getpid()} "
                                        r"on .*: wait for that run to end, or pass another"):
-    faults.WorkdirLock(workdir)
+    faults.workdir_lock(workdir)
   lock.release()
-  faults.WorkdirLock(workdir).release()
+  faults.workdir_lock(workdir).release()
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time\nfrom tinyllama_jax.training import faults\n"
-       "lock = faults.WorkdirLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(300)", workdir],
+       "lock = faults.workdir_lock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(300)", workdir],
       cwd=fh.REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(ValueError, match=f"in use by train pid {holder.pid} "):
-      faults.WorkdirLock(workdir)
+      faults.workdir_lock(workdir)
   finally:
     holder.kill()  # SIGKILL: no cleanup runs in the holder
     holder.wait()
-  faults.WorkdirLock(workdir).release()
+  faults.workdir_lock(workdir).release()
 
 
 def test_checksums_see_one_flipped_bit_and_swapped_elements():

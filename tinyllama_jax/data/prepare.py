@@ -23,7 +23,6 @@ stopped by signal N (SIGTERM: 143).
 
 import ctypes
 import errno
-import fcntl
 import glob
 import hashlib
 import io
@@ -32,13 +31,12 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
-import time
 
 from absl import logging
 import numpy as np
 
+from tinyllama_jax import folder_lock
 from tinyllama_jax.data import formats
 from tinyllama_jax.data import paths as paths_lib
 from tinyllama_jax.data import progress as progress_lib
@@ -249,31 +247,12 @@ def stop_on_sigterm():
   signal.signal(signal.SIGTERM, handle)
 
 
-class OutLock:
-  """One prepare per output folder: an exclusive flock on OUT/.lock, dropped by the kernel with
-  its process (a killed prepare leaves nothing stuck). Two prepares into one folder would remove
-  each other's staging folders."""
-
-  def __init__(self, out_dir):
-    self.path = os.path.join(out_dir, ".lock")
-    self._file = open(self.path, "a+")  # "a+": no truncating the holder's line before the lock
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.seek(0)
-      holder = self._file.read(512).strip() or "another process"
-      self._file.close()
-      raise ValueError(f"--out={out_dir} is being written by {holder} (lock {self.path}): wait "
-                       "for it to end, or choose another --out") from None
-    self._file.truncate(0)
-    self._file.write(f"prepare pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    self._file.flush()
-
-  def release(self, remove=False):
-    if remove:  # a folder this run made and leaves empty
-      os.unlink(self.path)
-    self._file.close()
+def out_lock(out_dir):
+  """One prepare per output folder (folder_lock.FolderLock on OUT/.lock): two prepares into one
+  folder would remove each other's staging folders."""
+  return folder_lock.FolderLock(
+      out_dir, "prepare", lambda holder, path: f"--out={out_dir} is being written by {holder} "
+      f"(lock {path}): wait for it to end, or choose another --out")
 
 
 def _work(path):
@@ -340,7 +319,7 @@ def prepare(inputs: list[str], tokenizer: tokenizer_lib.Tokenizer, out_dir: str,
   made = _make_out_dirs(out_dir)
   lock = None
   try:
-    lock = OutLock(out_dir)
+    lock = out_lock(out_dir)
     records = _prepare_inputs(inputs, tokenizer, out_dir, options, num_workers, progress)
     _copy_tokenizer(tokenizer, os.path.join(out_dir, TOKENIZER))
     manifest = _manifest(records, tokenizer, options)

@@ -2,17 +2,15 @@
 a second run on the same workdir, and the checks of the environment before step one.
 
 The train loop asks three questions of this module: may I start (`check_environment`,
-`WorkdirLock`; the config's own checks are config.validate), should I stop
+`workdir_lock`; the config's own checks are config.validate), should I stop
 (`Preemption.requested`), and was that step sound (`NonFiniteGuard`). The jitted step itself only
 calls the pure helper `keep_if_nonfinite`.
 """
 
 import errno
 import faulthandler
-import fcntl
 import logging as std_logging
 import os
-import socket
 import shutil
 import signal
 import subprocess
@@ -25,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
+
+from tinyllama_jax import folder_lock
 
 EXIT_GRACE_EXPIRED = 124  # the grace period ran out before the checkpoint was written
 EXIT_FAULT = 3  # docs/reliability.md: a fault the run stopped on
@@ -105,48 +105,17 @@ def check_environment(workdir, abstract_state):
   check_free_disk(os.path.join(workdir, "checkpoints"), state_bytes(abstract_state))
 
 
-class WorkdirLock:
-  """One writer per workdir: an exclusive flock on WORKDIR/.lock, held until release() or the
-  process ends. The kernel drops it with the process, so a crashed or kill -9'd run leaves
-  nothing stuck; the file keeps the holder's pid and host for the refusal's message."""
-
-  def __init__(self, workdir):
-    self.path = os.path.join(workdir, ".lock")
-    os.makedirs(workdir, exist_ok=True)
-    # A file object, not a bare descriptor: one dropped without release() closes, and unlocks,
-    # when it is garbage collected. "a+" creates without truncating the holder's line.
-    self._file = open(self.path, "a+")
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.seek(0)
-      holder = self._file.read(512).strip() or "another process"
-      self.release()
-      raise ValueError(f"workdir {workdir} is in use by {holder} (lock {self.path}): wait for "
-                       "that run to end, or pass another --workdir") from None
-    self._file.truncate(0)
-    self._file.write(f"train pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    self._file.flush()
-
-  def release(self):
-    self._file.close()  # closing the file drops the flock
+def workdir_lock(workdir):
+  """One train per workdir (folder_lock.FolderLock on WORKDIR/.lock)."""
+  os.makedirs(workdir, exist_ok=True)
+  return folder_lock.FolderLock(
+      workdir, "train", lambda holder, path: f"workdir {workdir} is in use by {holder} (lock "
+      f"{path}): wait for that run to end, or pass another --workdir")
 
 
 def workdir_holder(workdir):
-  """Who holds WORKDIR/.lock now ('train pid N on HOST, since ...'), or None when no live process
-  does: the kernel drops a lock with its process, so a dead or reused pid never counts."""
-  try:
-    f = open(os.path.join(workdir, ".lock"))
-  except FileNotFoundError:
-    return None
-  with f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-      return f.read(512).strip() or "another process"
-    fcntl.flock(f, fcntl.LOCK_UN)
-  return None
+  """Who holds WORKDIR/.lock now, or None when no live process does (folder_lock.holder)."""
+  return folder_lock.holder(workdir)
 
 
 def data_error(error):

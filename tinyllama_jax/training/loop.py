@@ -42,7 +42,7 @@ class Run:
     t = cfg.train
     # One run per workdir, locked before anything in it is touched (the checkpointer removes
     # incomplete saves: a live run's); process 0 writes for all processes.
-    self.lock = (faults.WorkdirLock(workdir)
+    self.lock = (faults.workdir_lock(workdir)
                  if jax.process_index() == 0 and "://" not in workdir else None)
     self.ckpt = None
     try:
