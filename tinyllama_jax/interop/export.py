@@ -118,13 +118,25 @@ def signals_raise_interrupted():
     del frame
     for s in stop:
       signal.signal(s, signal.SIG_DFL)
+    _signalled.append(signum)
     raise Interrupted(signum)
+  def unraisable(u):  # the dropped Interrupted is raised again at the commit: no traceback
+    if not isinstance(u.exc_value, Interrupted):
+      previous_hook(u)
   previous = {s: signal.signal(s, handler) for s in stop}
+  previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
   try:
     yield
   finally:
+    _signalled.clear()
+    sys.unraisablehook = previous_hook
     for s, h in previous.items():
       signal.signal(s, h)
+
+
+# A signal whose Interrupted was raised where Python drops exceptions (a gc callback: jax's runs
+# on every collection) would let the writer finish; commit_output_dir raises it again.
+_signalled = []
 
 
 def _umask():
@@ -134,6 +146,8 @@ def _umask():
 
 
 def commit_output_dir(tmp, path):
+  if _signalled:
+    raise Interrupted(_signalled[-1])
   path = os.path.abspath(path)
   if os.path.isdir(path):
     os.rmdir(path)  # empty (checked up front)
