@@ -68,6 +68,7 @@ class Part:
     self.start = time.monotonic()
     self.end = min(self.start + cap_s, end)
     self.smoke, self.seeds, self.parity_steps = run.smoke, run.seeds, run.parity_steps
+    self.decode_kernels, self.tests = run.decode_kernels, run.tests
 
   def left(self):
     return self.end - time.monotonic()
@@ -199,6 +200,11 @@ def parse(argv):
   p.add_argument("--caps", default="", help="part=seconds,... replacing parts' default caps")
   p.add_argument("--parity_seeds", default="0", help="the parity part's seeds: 0,1,2")
   p.add_argument("--parity_steps", type=int, default=600, help="the parity runs' steps")
+  p.add_argument("--decode_kernels", default=";decode_layer=pallas",
+                 help="the decode part's row sets of model.kernels (bench.decode --kernels); "
+                      "the last one is profiled at batch 1")
+  p.add_argument("--tests", default="tests/kernels",
+                 help="the gpu_tests part's test paths, space-separated")
   p.add_argument("--card", default="", help="the card's name in the files (default: nvidia-smi)")
   p.add_argument("--scratch", default="/dev/shm" if os.path.isdir("/dev/shm") else
                  tempfile.gettempdir(), help="where training parts put their runs")

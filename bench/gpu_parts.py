@@ -81,14 +81,16 @@ def attention(part):
 
 
 def decode(part):
-  """Ours against transformers eager and static cache + compile, batch 1 and 16, one process."""
+  """Ours (each --decode_kernels row set) against transformers eager and static cache + compile,
+  batch 1 and 16, one process; the last row set's batch-1 call profiled."""
   out = part.path("decode.json")
   args = (["--config=configs/tiny.py", "--prompt_len=8", "--new_tokens=8", "--batches=1",
            "--dtypes=float32", "--no_torch"] if part.smoke else
-          ["--batches=1,16", "--dtypes=bfloat16"])
+          ["--batches=1,16", "--dtypes=bfloat16",
+           f"--profile_dir={part.scratch('decode-profile')}"])
   part.run([PY, "-m", "bench.decode", *args, "--draft_tokens=",
-            f"--deadline_s={part.inner_deadline()}", f"--out={out}"], "decode",
-           memory_fraction="0.6")
+            f"--kernels={part.decode_kernels}", f"--deadline_s={part.inner_deadline()}",
+            f"--out={out}"], "decode", memory_fraction="0.6")
   return [out]
 
 
@@ -218,7 +220,7 @@ def sweeps(part):
 
 def gpu_tests(part):
   """The gpu-marked kernel tests (Triton and Mosaic GPU lowering, NaN-poisoned outputs)."""
-  part.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/kernels"],
+  part.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *part.tests.split()],
            "gpu-tests", memory_fraction="0.6")
   return [part.log_path("gpu-tests")]
 

@@ -79,6 +79,8 @@ def test_shipped_configs_are_valid(name):
     ({"model.kernels.attention": "mgpu", "train.seq_len": 100}, "'mgpu' needs train.seq_len "
                                                                "(100) to be a multiple of 128"),
     ({"data.packing": "first_fit", "model.kernels.attention": "mgpu"}, "'mgpu' cannot"),
+    ({"model.kernels.decode_layer": "pallas", "model.scan_layers": True},
+     "decode_layer='pallas' needs model.scan_layers=False"),
     ({"mesh.fsdp": 0}, "mesh.fsdp=0 must be -1 (all remaining devices) or >= 1"),
     ({"seed": -1}, "seed=-1 must be >= 0"),
     ({"train.steps": None}, "train.steps=None must be >= 1"),

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tinyllama_jax import kernels, params, sharding
-from tinyllama_jax.kernels import fp8
+from tinyllama_jax.kernels import decode_layer, fp8, rope
 
 # Remat policies by name. The tags are the checkpoint_name()s in `block`; a policy saves the
 # tagged activations it names and recomputes everything else in the backward pass.
@@ -180,10 +180,31 @@ def _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops):
   return ops.attention_cache(q_BTHK, cache["k"], cache["v"], positions_BT), cache
 
 
+def decode_block(w, x_BTD, positions_BT, cache, *, cfg):
+  """`block` for one new token a row (at most 16 rows) as kernels/decode_layer's five kernels,
+  over the layer's weights in their decode layout (decode_layers)."""
+  B, T, D = x_BTD.shape
+  H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  if T != 1 or B > decode_layer.MAX_ROWS:
+    raise ValueError(f"the fused decode layer runs one token a row and at most "
+                     f"{decode_layer.MAX_ROWS} rows, not [{B}, {T}]: decode_layer=xla")
+  cos_BTF, sin_BTF = rope.cos_sin(positions_BT, Dh, cfg.rope_theta)
+  x_BD = x_BTD[:, 0]
+  qkv_BND = decode_layer.norm_gemv(x_BD, w["attn_norm"], w["qkv_NK"], cfg.norm_eps)
+  o_BHD, k, v = decode_layer.attend(qkv_BND.reshape(B, H + 2 * K, Dh), cos_BTF[:, 0],
+                                    sin_BTF[:, 0], cache["k"], cache["v"], positions_BT[:, 0], H)
+  x_BD = decode_layer.gemv_add(o_BHD.reshape(B, H * Dh), w["o_NK"], x_BD)
+  a_BF = decode_layer.norm_gemv_swiglu(x_BD, w["mlp_norm"], w["gate_up_NK"], cfg.norm_eps)
+  return decode_layer.gemv_add(a_BF, w["down_NK"], x_BD)[:, None], {"k": k, "v": v}
+
+
 def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype):
   """One pre-norm Llama layer: x + attn(norm(x)), then x + mlp(norm(x)). Returns (x, this
-  layer's updated KV cache, or None without one)."""
+  layer's updated KV cache, or None without one). Weights in the decode layout
+  (decode_layers) run the step as decode_block."""
   w = {k: v.astype(dtype) for k, v in p.items()}
+  if "qkv_NK" in w:
+    return decode_block(w, x_BTD, positions_BT, cache, cfg=cfg)
   H, K = cfg.n_heads, cfg.n_kv_heads
   proj = projection(cfg)
   # Concatenating tensor-split weights would interleave shards: fuse only without a tensor split.
@@ -346,6 +367,12 @@ def split_layers(params):
   stacked = params["layers"]
   n_layers = next(iter(stacked.values())).shape[0]
   return [{k: v[i] for k, v in stacked.items()} for i in range(n_layers)]
+
+
+def decode_layers(params):
+  """split_layers' dicts in the fused decode layer's layout (decode_layer.layer_weights): the
+  forward's `layers` for decode steps with model.kernels.decode_layer=pallas."""
+  return [decode_layer.layer_weights(p) for p in split_layers(params)]
 
 
 def graphdef(cfg):

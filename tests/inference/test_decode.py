@@ -62,6 +62,31 @@ def test_a_run_trained_in_fp8_decodes_with_bf16_matmuls():
           == decode.decode(params, cfg_bf16, prompts, lengths, max_new_tokens=6))
 
 
+def test_the_fused_decode_layer_gives_the_same_tokens(target):
+  """model.kernels.decode_layer=pallas (interpreted here): the same tokens as the block's own
+  ops, greedy and sampled, one row and rows of different lengths."""
+  params, cfg = target
+  _, fused = tiny_model(0, kernels=fused_kernels(cfg))
+  for lengths in ([7], [3, 11, 20]):
+    prompts, lengths = random_prompts(lengths, seed=len(lengths))
+    for settings in (dict(), dict(temperature=1.0, top_p=0.9, seed=5)):
+      want = decode.decode(params, cfg, prompts, lengths, max_new_tokens=9, chunk=4, **settings)
+      assert decode.decode(params, fused, prompts, lengths, max_new_tokens=9, chunk=4,
+                           **settings) == want
+
+
+def fused_kernels(cfg):
+  return dict(cfg.kernels.to_dict(), decode_layer="pallas")
+
+
+def test_the_fused_decode_layer_takes_at_most_16_rows():
+  _, plain = tiny_model(0)
+  _, cfg = tiny_model(0, kernels=fused_kernels(plain))
+  assert decode.fused_layers(cfg, 16) and not decode.fused_layers(cfg, 17)
+  _, scanned = tiny_model(0, scan_layers=True, kernels=fused_kernels(plain))
+  assert not decode.fused_layers(scanned, 1) and not decode.fused_layers(plain, 1)
+
+
 def test_compiled_programs_are_reused(target):
   params, cfg = target
   decode._DECODERS.clear()

@@ -13,7 +13,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tinyllama_jax.kernels import _pallas, rms_norm, swiglu
+from tinyllama_jax.kernels import _pallas, decode_layer, rms_norm, swiglu
 
 S = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
@@ -31,6 +31,21 @@ CASES = {
     "swiglu_packed": (lambda gu: _sum(swiglu.swiglu_packed_pallas(gu)),
                       [S((8, 2048, 2 * 5632), BF16)], 2),
 }
+# The fused decode layer at batch 1 (GEMVs) and 16 (dots); forward only.
+for _M in (1, 16):
+  CASES.update({
+      f"decode_qkv_{_M}": (lambda x, g, w: decode_layer.norm_gemv(x, g, w, 1e-5),
+                           [S((_M, 2048), BF16), S((2048,), BF16), S((2560, 2048), BF16)], 1),
+      f"decode_down_{_M}": (lambda a, w, r: decode_layer.gemv_add(a, w, r),
+                            [S((_M, 5632), BF16), S((2048, 5632), BF16), S((_M, 2048), BF16)], 1),
+      f"decode_gate_up_{_M}": (lambda x, g, w: decode_layer.norm_gemv_swiglu(x, g, w, 1e-5),
+                               [S((_M, 2048), BF16), S((2048,), BF16), S((11264, 2048), BF16)],
+                               1),
+      f"decode_attend_{_M}": (
+          lambda qkv, c, s, k, v, p: _sum(*decode_layer.attend(qkv, c, s, k, v, p, 32)),
+          [S((_M, 40, 64), BF16), S((_M, 32), jnp.float32), S((_M, 32), jnp.float32),
+           S((_M, 384, 4, 64), BF16), S((_M, 384, 4, 64), BF16), S((_M,), jnp.int32)], 1),
+  })
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

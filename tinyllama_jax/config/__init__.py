@@ -30,6 +30,7 @@ AUTO_KERNELS = ("attention", "swiglu_packed")
 NAN_POLICIES = ("stop", "skip")
 MATMUL_DTYPES = ("bf16", "fp8")
 FP8_GEMM_OUTPUTS = ("float32", "bfloat16")
+DECODE_LAYERS = ("xla", "pallas")
 
 
 def _backends(op):
@@ -82,6 +83,10 @@ def model_config():
   c.kernels.swiglu = choice("auto", _backends("swiglu_packed"))
   # xla materialises the [tokens, vocab] logits; chunked never holds them whole
   c.kernels.cross_entropy = choice("chunked", _backends("cross_entropy"))
+  # A decode step's layer (one new token a row, at most 16 rows): xla runs the block's own ops
+  # (~22 kernels a layer); pallas the five fused kernels of kernels/decode_layer.py, over the
+  # weights transposed once before the loop (a second copy of the layers' weights while decoding).
+  c.kernels.decode_layer = choice("xla", DECODE_LAYERS)
   return c
 
 
@@ -340,6 +345,9 @@ def _cross_field_problems(cfg):
   if m.kernels.attention == "mgpu" and t.seq_len % 128:
     yield (f"model.kernels.attention='mgpu' needs train.seq_len ({t.seq_len}) to be a multiple "
            "of 128: change the length or use attention=pallas")
+  if m.kernels.decode_layer == "pallas" and m.scan_layers:
+    yield ("model.kernels.decode_layer='pallas' needs model.scan_layers=False (a cache per "
+           "layer): set scan_layers=False or decode_layer=xla")
   if o.min_lr > o.lr:
     yield f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}): lower min_lr or raise lr"
   if d.tokenizer_vocab_size > m.vocab_size and d.source in ("stdlib", "text") and not d.tokenizer:

@@ -120,10 +120,17 @@ def pick_fn(greedy):
   return pick
 
 
+def fused_layers(cfg_model, batch):
+  """Whether a decode step runs the fused decode layer (model.kernels.decode_layer=pallas): a
+  loop of at most 16 rows whose forward loops over the layers (one cache a layer)."""
+  return (cfg_model.kernels.get("decode_layer", "xla") == "pallas" and not cfg_model.scan_layers
+          and batch <= model_lib.decode_layer.MAX_ROWS)
+
+
 class Decoder:
   """Compiled prefill and chunk for one (model, batch, cache length, greedy or not, chunk)."""
 
-  def __init__(self, cfg_model, *, length, greedy, chunk, compiler_options=None):
+  def __init__(self, cfg_model, *, batch, length, greedy, chunk, compiler_options=None):
     forward, pick = forward_fn(cfg_model), pick_fn(greedy)
     prefill_logits = prefill_fn(cfg_model, length)
 
@@ -134,8 +141,10 @@ class Decoder:
       return {"cache": cache, "last": first_B, "positions": lengths_B,
               "done": first_B == knobs["eos_id"], "n": jnp.int32(1)}
 
-    def run(params, state, knobs):
-      layers = split_for_loop(params, cfg_model)
+    def run(params, layers, state, knobs):
+      # The fused layer's weights come transposed (`layout`, once a decode call); the others
+      # are split here, once a chunk, which XLA fuses into their consumers.
+      layers = split_for_loop(params, cfg_model) if layers is None else layers
 
       def going(carry):
         i, s, _ = carry
@@ -160,7 +169,9 @@ class Decoder:
     # XLA options of these two programs only (bench.decode --xla_options measures them); the
     # training step compiles with the process's defaults.
     self.prefill = jax.jit(prefill, compiler_options=compiler_options)
-    self.run = jax.jit(run, donate_argnums=1, compiler_options=compiler_options)
+    self.run = jax.jit(run, donate_argnums=2, compiler_options=compiler_options)
+    self.layout = (jax.jit(model_lib.decode_layers) if fused_layers(cfg_model, batch)
+                   else lambda params: None)
 
 
 _DECODERS = {}
@@ -193,8 +204,8 @@ def decode(params, cfg_model, prompts, lengths, *, max_new_tokens, eos_id=None, 
   greedy = temperature == 0.0
   options = tuple(sorted((compiler_options or {}).items()))
   decoder = cached(_DECODERS, (cfg_model.to_json(), len(prompts), length, greedy, chunk, options),
-                   lambda: Decoder(cfg_model, length=length, greedy=greedy, chunk=chunk,
-                                   compiler_options=compiler_options))
+                   lambda: Decoder(cfg_model, batch=len(prompts), length=length, greedy=greedy,
+                                   chunk=chunk, compiler_options=compiler_options))
   params = cast_params(params, cfg_model)  # a no-op when the caller cast them at load
   knobs = knobs_for(cfg_model, max_new_tokens=max_new_tokens, eos_id=eos_id,
                     temperature=temperature, top_p=top_p, seed=seed, n_valid=n_valid)
@@ -207,11 +218,12 @@ def decode(params, cfg_model, prompts, lengths, *, max_new_tokens, eos_id=None, 
         if on_token is not None:
           on_token(i, token)
 
+  layers = decoder.layout(params)
   state = decoder.prefill(params, prompt_batch(prompts, length), lengths, knobs)
   first_B, n, done_B = jax.device_get((state["last"], state["n"], state["done"]))
   emit(first_B[:, None])
   while n < max_new_tokens and not done_B.all():
-    state, out_BC = decoder.run(params, state, knobs)
+    state, out_BC = decoder.run(params, layers, state, knobs)
     out_BC, n, done_B = jax.device_get((out_BC, state["n"], state["done"]))
     emit(out_BC)
   return out

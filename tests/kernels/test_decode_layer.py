@@ -1,0 +1,123 @@
+"""The fused decode layer's kernels against their references on random inputs: interpreted on
+CPU (fp32 tight, bf16 in its band), on the GPU at the 1b shapes (gpu-marked)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_util import assert_close, normal
+from tinyllama_jax.kernels import decode_layer as dl
+from tinyllama_jax.kernels import rope
+
+
+def _gemv_inputs(seed, M, K, N, dtype):
+  k = jax.random.split(jax.random.key(seed), 4)
+  x = normal(k[0], (M, K), dtype)
+  g = (1 + 0.2 * jax.random.normal(k[1], (K,))).astype(dtype)
+  w = (normal(k[2], (N, K), jnp.float32) * K ** -0.5).astype(dtype)
+  r = normal(k[3], (M, N), dtype)
+  return x, g, w, r
+
+
+def _check_gemvs(M, D, N, F, dtype, seed=0):
+  x, g, w, _ = _gemv_inputs(seed, M, D, N, dtype)
+  up = lambda a: a.astype(jnp.float32)  # references from the same rounded values
+  assert_close(dl.norm_gemv(x, g, w, 1e-5), dl.norm_gemv_ref(up(x), up(g), up(w), 1e-5),
+               dtype, f"norm_gemv M={M}")
+  logits = dl.norm_gemv(x, g, w, 1e-5, jnp.float32)
+  assert logits.dtype == jnp.float32
+  assert_close(logits, dl.norm_gemv_ref(up(x), up(g), up(w), 1e-5), dtype, "norm_gemv fp32 out")
+  a, _, w_o, _ = _gemv_inputs(seed + 1, M, N, D, dtype)
+  res = normal(jax.random.key(seed + 3), (M, D), dtype)
+  assert_close(dl.gemv_add(a, w_o, res), dl.gemv_add_ref(up(a), up(w_o), up(res)), dtype,
+               f"gemv_add M={M}")
+  _, _, w_gu, _ = _gemv_inputs(seed + 2, M, D, 2 * F, dtype)
+  assert_close(dl.norm_gemv_swiglu(x, g, w_gu, 1e-5),
+               dl.norm_gemv_swiglu_ref(up(x), up(g), up(w_gu), 1e-5), dtype, f"swiglu M={M}")
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gemvs_match_their_references(M, dtype):
+  # K = 96 is not a power of two (5632 is not): the K loop takes chunks of 32.
+  _check_gemvs(M, D=96, N=48, F=32, dtype=dtype)
+
+
+def _attend_inputs(seed, M, S, H, G, D, dtype, positions):
+  k = jax.random.split(jax.random.key(seed), 3)
+  qkv = normal(k[0], (M, H + 2 * G, D), dtype)
+  kc, vc = normal(k[1], (M, S, G, D), dtype), normal(k[2], (M, S, G, D), dtype)
+  pos = jnp.asarray(positions, jnp.int32)
+  cos, sin = rope.cos_sin(pos[:, None], D, 10000.0)
+  return qkv, cos[:, 0], sin[:, 0], kc, vc, pos
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_matches_rope_cache_write_and_attention(dtype):
+  # Positions at 0 (only its own key), inside a block, at and past block edges, the last slot.
+  positions = [0, 7, 16, 17, 40, 63]
+  args = _attend_inputs(0, len(positions), 64, 8, 2, 16, dtype, positions)
+  o, k, v = dl.attend(*args, 8, block_s=16)
+  o_ref, k_ref, v_ref = dl.attend_ref(*args, 8)
+  assert_close(o, o_ref, dtype, "o")
+  # The caches: the new slot written (bitwise, same rounding), every other slot untouched.
+  np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(v_ref, np.float32))
+  assert_close(k, k_ref, dtype, "k cache")
+  untouched = np.ones(k.shape[:2], bool)
+  untouched[np.arange(len(positions)), positions] = False
+  np.testing.assert_array_equal(np.asarray(k, np.float32)[untouched],
+                                np.asarray(args[3], np.float32)[untouched])
+
+
+def test_attend_ignores_slots_past_the_position():
+  """Slots after a row's position hold stale keys (a longer earlier request): never read."""
+  qkv, cos, sin, kc, vc, pos = _attend_inputs(1, 2, 64, 4, 2, 16, jnp.float32, [5, 30])
+  o, _, _ = dl.attend(qkv, cos, sin, kc, vc, pos, 4, block_s=16)
+  stale = np.arange(64)[None, :, None, None] > np.asarray(pos)[:, None, None, None]
+  o2, _, _ = dl.attend(qkv, cos, sin, jnp.where(stale, 1e3, kc), jnp.where(stale, -1e3, vc), pos,
+                       4, block_s=16)
+  np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
+
+
+def test_bad_shapes_are_one_line_errors():
+  x, g, w, r = _gemv_inputs(0, 17, 64, 32, jnp.float32)
+  with pytest.raises(ValueError, match="17 rows > 16"):
+    dl.norm_gemv(x, g, w, 1e-5)
+  with pytest.raises(ValueError, match="must be \\[N, K\\]"):
+    dl.norm_gemv(x[:4], g, w.T, 1e-5)
+  with pytest.raises(ValueError, match="multiple of block_n"):
+    dl.norm_gemv(x[:4], g, w[:24], 1e-5)
+
+
+def test_layer_weights_are_the_block_weights_transposed():
+  k = jax.random.split(jax.random.key(0), 7)
+  D, H, G, Dh, F = 32, 4, 2, 8, 48
+  p = {"wq": jax.random.normal(k[0], (D, H, Dh)), "wk": jax.random.normal(k[1], (D, G, Dh)),
+       "wv": jax.random.normal(k[2], (D, G, Dh)), "wo": jax.random.normal(k[3], (H, Dh, D)),
+       "w_gate": jax.random.normal(k[4], (D, F)), "w_up": jax.random.normal(k[5], (D, F)),
+       "w_down": jax.random.normal(k[6], (F, D)), "attn_norm": jnp.ones(D),
+       "mlp_norm": jnp.ones(D)}
+  lw = dl.layer_weights(p)
+  x = jax.random.normal(k[0], (3, D))
+  dot = lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(dot(x, lw["qkv_NK"].T)[:, H * Dh:(H + G) * Dh],
+                             jnp.einsum("md,dgk->mgk", x, p["wk"]).reshape(3, -1), rtol=1e-5)
+  np.testing.assert_allclose(dot(x, lw["gate_up_NK"].T)[:, F:], dot(x, p["w_up"]), rtol=1e-5)
+  o = jax.random.normal(k[1], (3, H * Dh))
+  np.testing.assert_allclose(dot(o, lw["o_NK"].T), dot(o, p["wo"].reshape(H * Dh, D)),
+                             rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_decode_layer_kernels_gpu(on_gpu, M):
+  """TinyLlama-1.1B's shapes in bf16 through the Triton lowering."""
+  _check_gemvs(M, D=2048, N=2560, F=5632, dtype=jnp.bfloat16)
+  positions = ([200] if M == 1 else list(range(0, 384, 24)))
+  args = _attend_inputs(0, M, 384, 32, 4, 64, jnp.bfloat16, positions)
+  o, k, v = jax.jit(lambda *a: dl.attend(*a, 32))(*args)
+  o_ref, k_ref, v_ref = dl.attend_ref(*args, 32)
+  assert_close(o, o_ref, jnp.bfloat16, "o")
+  assert_close(k, k_ref, jnp.bfloat16, "k cache")
+  np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(v_ref, np.float32))

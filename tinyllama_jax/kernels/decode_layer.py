@@ -1,0 +1,294 @@
+"""A decode step's layer as five Pallas (Triton) kernels, for steps of at most 16 rows.
+
+Why: at batch 1 the 1b decode step is bound by how many kernels it launches, not by the bytes it
+reads. XLA runs a layer as ~22 kernels (GEMMs and their split-K finalizers, two norms, RoPE, the
+cache writes, the attention's reductions, converts), each a few microseconds on tiny data with a
+~2 us gap after it (bench/NOTES.md, 2026-12-02 and 2026-12-03). Here a layer is five:
+
+  qkv      rms_norm(x) @ Wqkv               the norm is a per-row scale, applied at the end
+  attend   RoPE on q and the new k; the new k and v written into the cache; each query head's
+           attention over its row's slots 0..p (online softmax)
+  o        x + o @ Wo                       the residual add in the epilogue
+  gate_up  silu(h @ Wg) * (h @ Wu), h = rms_norm(x)
+  down     x + a @ Wd
+
+The weights are read in an [N, K] layout (`layer_weights` transposes them once, before the decode
+loop), so a program streams BLOCK_N whole rows of K contiguous elements. The retired GEMVs read
+the model's [K, N] layout as 16-column strips: 32-byte pieces of 2,048 rows, ~0.9 TB/s
+(docs/kernels.md, "Retired").
+
+Rows: one row is a true GEMV (fp32 multiply-adds, no tensor cores); 2..16 rows are one dot of 16
+rows (Triton's smallest), the rows past the batch masked. Forward only: decoding has no backward.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tinyllama_jax.kernels import attention, rope
+
+MAX_ROWS = 16  # a dot tile's rows; more rows is a prefill, which XLA's GEMMs do well
+DOT_ROWS = 16
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _pallas_mods():
+  # Deferred: importing the model must not import Pallas.
+  from jax.experimental import pallas as pl
+  from tinyllama_jax.kernels import _pallas
+  return pl, _pallas
+
+
+# --- the weights' decode layout ------------------------------------------------------------------
+
+
+def layer_weights(p):
+  """One layer's weights in the kernels' [N, K] layout (q, k, v as one; gate then up as one),
+  plus its two norm weights: made once before a decode loop, not once a token."""
+  D = p["wq"].shape[0]
+  qkv_DN = jnp.concatenate([p["wq"].reshape(D, -1), p["wk"].reshape(D, -1),
+                            p["wv"].reshape(D, -1)], axis=1)
+  return {"qkv_NK": qkv_DN.T, "o_NK": p["wo"].reshape(-1, D).T,
+          "gate_up_NK": jnp.concatenate([p["w_gate"], p["w_up"]], axis=1).T,
+          "down_NK": p["w_down"].T, "attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"]}
+
+
+# --- references: the block's own math, fp32 inside ------------------------------------------------
+
+
+def _normed(x_MD, g_D, eps):
+  x = x_MD.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * g_D.astype(jnp.float32)
+
+
+def _dot_t(a_MK, w_NK):
+  return jnp.dot(a_MK.astype(jnp.float32), w_NK.astype(jnp.float32).T,
+                 precision=jax.lax.Precision.HIGHEST)
+
+
+def norm_gemv_ref(x_MD, g_D, w_ND, eps, out_dtype=None):
+  return _dot_t(_normed(x_MD, g_D, eps), w_ND).astype(out_dtype or x_MD.dtype)
+
+
+def gemv_add_ref(a_MK, w_NK, r_MN):
+  return (r_MN.astype(jnp.float32) + _dot_t(a_MK, w_NK)).astype(r_MN.dtype)
+
+
+def norm_gemv_swiglu_ref(x_MD, g_D, w_2FD, eps):
+  gu = _dot_t(_normed(x_MD, g_D, eps), w_2FD)
+  F = gu.shape[-1] // 2
+  return (jax.nn.silu(gu[:, :F]) * gu[:, F:]).astype(x_MD.dtype)
+
+
+# --- the GEMV kernel: one body, its fusions switched by static flags ------------------------------
+
+
+def _gemv_kernel(*refs, rows, K, block_k, norm, swiglu, residual, eps):
+  pl, _ = _pallas_mods()
+  refs = list(refs)
+  x_ref = refs.pop(0)  # [R, K]
+  g_ref = refs.pop(0) if norm else None  # [K]
+  w_refs = [refs.pop(0) for _ in range(2 if swiglu else 1)]  # [BN, K]: (gate, up) or one
+  r_ref = refs.pop(0) if residual else None  # [R, BN]
+  (y_ref,) = refs  # [R, BN]
+  f32 = jnp.float32
+  gemv = rows == 1
+
+  def body(i, carry):
+    accs, ss = carry
+    ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+    x = x_ref[:, ks].astype(f32)  # [R, BK]
+    if norm:
+      # The norm's scale is per row: sum x^2 here, scale the accumulator after the loop.
+      ss = ss + (x * x if gemv else jnp.sum(x * x, axis=1))
+      x = x * g_ref[ks].astype(f32)[None, :]
+    new = []
+    for acc, w_ref in zip(accs, w_refs):
+      w = w_ref[:, ks]  # [BN, BK], K contiguous
+      if gemv:  # elementwise, reduced once after the loop (no cross-thread sums inside it)
+        new.append(acc + w.astype(f32) * x)
+      else:
+        new.append(acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                             preferred_element_type=f32))
+    return tuple(new), ss
+
+  block_n = w_refs[0].shape[0]
+  accs = tuple(jnp.zeros((block_n, block_k) if gemv else (rows, block_n), f32) for _ in w_refs)
+  ss = jnp.zeros((1, block_k) if gemv else (rows,), f32)
+  accs, ss = jax.lax.fori_loop(0, K // block_k, body, (accs, ss))
+  outs = [jnp.sum(a, axis=1)[None, :] for a in accs] if gemv else list(accs)  # [R, BN]
+  if norm:
+    ss = jnp.sum(ss, axis=1) if gemv else ss  # [R]
+    rstd = jax.lax.rsqrt(ss / K + eps)[:, None]
+    outs = [o * rstd for o in outs]
+  if swiglu:
+    gate, up = outs
+    out = gate * jax.nn.sigmoid(gate) * up
+  else:
+    (out,) = outs
+  if residual:
+    out = out + r_ref[...].astype(f32)
+  y_ref[...] = out.astype(y_ref.dtype)
+
+
+def _pow2(n):
+  return n >= 1 and n & (n - 1) == 0
+
+
+def block_k_for(K):
+  """The largest power-of-two chunk <= 512 dividing K (512 at the 1b shapes: 2048, 5632)."""
+  return min(512, K & -K)
+
+
+def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=16, num_warps=4,
+          num_stages=3, interpret=None):
+  pl, _pallas = _pallas_mods()
+  M, K = x_MK.shape
+  N = w_NK.shape[0] // (2 if swiglu else 1)
+  block_k = block_k_for(K)
+  if M > MAX_ROWS:
+    raise ValueError(f"{op}: {M} rows > {MAX_ROWS} (a decode step; a prefill uses the GEMMs)")
+  if w_NK.shape[1] != K:
+    raise ValueError(f"{op}: weight {w_NK.shape} must be [N, K] with K = {K}, x's last dim")
+  if not (_pow2(block_n) and N % block_n == 0 and block_k >= 16):
+    raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n} (a power of two) and "
+                     f"K={K} of 16")
+  rows = 1 if M == 1 else DOT_ROWS  # rows past M: masked by Pallas, never stored
+  whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
+  strip = pl.BlockSpec((rows, block_n), lambda j: (0, j))
+  in_specs, args = [whole(rows, K)], [x_MK]
+  if g_K is not None:
+    in_specs.append(whole(K))
+    args.append(g_K)
+  in_specs.append(pl.BlockSpec((block_n, K), lambda j: (j, 0)))
+  if swiglu:  # program j's up rows are its gate rows + F
+    in_specs.append(pl.BlockSpec((block_n, K), lambda j: (j + N // block_n, 0)))
+  args += [w_NK] * (2 if swiglu else 1)
+  if r_MN is not None:
+    in_specs.append(strip)
+    args.append(r_MN)
+  kernel = functools.partial(_gemv_kernel, rows=rows, K=K, block_k=block_k,
+                             norm=g_K is not None, swiglu=swiglu, residual=r_MN is not None,
+                             eps=float(eps))
+  return _pallas.call(kernel, grid=(N // block_n,), in_specs=in_specs, out_specs=strip,
+                      out_shape=jax.ShapeDtypeStruct((M, N), out_dtype), name=op,
+                      num_warps=num_warps, num_stages=num_stages,
+                      interpret=_pallas.resolve_interpret(interpret))(*args)
+
+
+def norm_gemv(x_MD, g_D, w_ND, eps, out_dtype=None, **tiles):
+  """rms_norm(x) * g @ w.T: [M, N] in out_dtype (x's by default)."""
+  return _gemv("norm_gemv", x_MD, g_D, w_ND, None, eps, out_dtype or x_MD.dtype, **tiles)
+
+
+def gemv_add(a_MK, w_NK, r_MN, **tiles):
+  """r + a @ w.T, in r's dtype (the o and down projections with the residual add)."""
+  return _gemv("gemv_add", a_MK, None, w_NK, r_MN, 0.0, r_MN.dtype, **tiles)
+
+
+def norm_gemv_swiglu(x_MD, g_D, w_2FD, eps, **tiles):
+  """silu(gate) * up of rms_norm(x) * g @ [w_gate | w_up].T: [M, F] in x's dtype."""
+  return _gemv("norm_gemv_swiglu", x_MD, g_D, w_2FD, None, eps, x_MD.dtype, swiglu=True, **tiles)
+
+
+# --- attention of one new token a row over its KV cache -------------------------------------------
+
+
+def attend_ref(qkv_MND, cos_MF, sin_MF, k_MSGD, v_MSGD, positions_M, n_heads):
+  """(o_MHD, k, v): RoPE, the cache write and attention over slots 0..p as the block does them
+  (kernels.rope, kernels.attention), for one token a row; qkv_MND holds q's H heads, then k's,
+  then v's."""
+  H, G = n_heads, k_MSGD.shape[2]
+  cos, sin = cos_MF[:, None], sin_MF[:, None]
+  q = rope.rotate(qkv_MND[:, None, :H], cos, sin)
+  k = rope.rotate(qkv_MND[:, None, H:H + G], cos, sin)[:, 0]
+  rows = jnp.arange(k_MSGD.shape[0])
+  k_MSGD = k_MSGD.at[rows, positions_M].set(k.astype(k_MSGD.dtype))
+  v_MSGD = v_MSGD.at[rows, positions_M].set(qkv_MND[:, H + G:].astype(v_MSGD.dtype))
+  o = attention.attention_cache_xla(q, k_MSGD, v_MSGD, positions_M[:, None])
+  return o[:, 0], k_MSGD, v_MSGD
+
+
+def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_out, v_out, *,
+                   H, G, D, block_s):
+  pl, _ = _pallas_mods()
+  f32 = jnp.float32
+  b, h = pl.program_id(0), pl.program_id(1)
+  g = h // (H // G)
+  half = D // 2
+  lo, hi = pl.ds(0, half), pl.ds(half, half)
+  pos = pos_ref[b]
+  c, s = cos_ref[b, :], sin_ref[b, :]  # [D/2]
+  dt = k_ref.dtype
+
+  def rotated(row):  # RoPE (rotate-half), rounded to the cache's dtype as the block's is
+    x1, x2 = qkv_ref[b, row, lo].astype(f32), qkv_ref[b, row, hi].astype(f32)
+    return ((x1 * c - x2 * s).astype(dt).astype(f32), (x2 * c + x1 * s).astype(dt).astype(f32))
+
+  q1, q2 = rotated(h)
+  k1, k2 = rotated(H + g)
+  v_new = qkv_ref[b, H + G + g, :].astype(dt)
+
+  @pl.when(h % (H // G) == 0)  # one program of the kv head writes its new key and value
+  def _():
+    k_out[b, pos, g, lo] = k1.astype(dt)
+    k_out[b, pos, g, hi] = k2.astype(dt)
+    v_out[b, pos, g, :] = v_new
+
+  scale = D ** -0.5
+
+  def body(j, carry):
+    m, l, acc = carry
+    slots = pl.ds(pl.multiple_of(j * block_s, block_s), block_s)
+    # Slots before the row's position only: this token's slot is written by another program.
+    valid = j * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0) < pos
+    kb1, kb2 = k_ref[b, slots, g, lo].astype(f32), k_ref[b, slots, g, hi].astype(f32)
+    logits = (jnp.sum(kb1 * q1[None, :], axis=1) + jnp.sum(kb2 * q2[None, :], axis=1)) * scale
+    logits = jnp.where(valid, logits, _MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(logits))
+    p = jnp.exp(logits - m_new)
+    alpha = jnp.exp(m - m_new)
+    vb = v_ref[b, slots, g, :].astype(f32)  # [BS, D]
+    acc = acc * alpha + jnp.sum(p[:, None] * vb, axis=0)
+    return m_new, l * alpha + jnp.sum(p), acc
+
+  init = (jnp.float32(_MASK_VALUE), jnp.float32(0.0), jnp.zeros((D,), f32))
+  m, l, acc = jax.lax.fori_loop(0, (pos + block_s - 1) // block_s, body, init)
+  logit = (jnp.sum(k1 * q1) + jnp.sum(k2 * q2)) * scale  # this token's own key
+  m_new = jnp.maximum(m, logit)
+  alpha, p = jnp.exp(m - m_new), jnp.exp(logit - m_new)
+  acc = acc * alpha + p * v_new.astype(f32)
+  o_ref[b, h, :] = (acc / (l * alpha + p)).astype(o_ref.dtype)
+
+
+def attend(qkv_MND, cos_MF, sin_MF, k_MSGD, v_MSGD, positions_M, n_heads, *, block_s=64,
+           num_warps=4, interpret=None):
+  """attend_ref as one kernel: a program per (row, query head). Returns (o_MHD, k, v); the
+  caches are updated in place (aliased)."""
+  pl, _pallas = _pallas_mods()
+  M, S, G, D = k_MSGD.shape
+  H = n_heads
+  if qkv_MND.shape != (M, H + 2 * G, D) or cos_MF.shape != (M, D // 2):
+    raise ValueError(f"attend: qkv {qkv_MND.shape} / cos {cos_MF.shape} do not match a cache "
+                     f"{k_MSGD.shape} with {H} query heads")
+  block_s = min(block_s, S & -S)
+  if S % block_s or not _pow2(D // 2):
+    raise ValueError(f"attend: cache length {S} must be a multiple of {block_s}, head dim {D} "
+                     "twice a power of two")
+  kernel = functools.partial(_attend_kernel, H=H, G=G, D=D, block_s=block_s)
+  out_shape = (jax.ShapeDtypeStruct((M, H, D), qkv_MND.dtype),
+               jax.ShapeDtypeStruct(k_MSGD.shape, k_MSGD.dtype),
+               jax.ShapeDtypeStruct(v_MSGD.shape, v_MSGD.dtype))
+  # No block specs: each program indexes the whole arrays by its (row, head).
+  return pl.pallas_call(
+      kernel, grid=(M, H), out_shape=out_shape, input_output_aliases={4: 1, 5: 2},
+      compiler_params=_triton_params(num_warps, 1), name="attend",
+      interpret=_pallas.resolve_interpret(interpret))(
+          positions_M.astype(jnp.int32), qkv_MND, cos_MF.astype(jnp.float32),
+          sin_MF.astype(jnp.float32), k_MSGD, v_MSGD)
+
+
+def _triton_params(num_warps, num_stages):
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
