@@ -141,11 +141,24 @@ def block_k_for(K):
   return min(512, K & -K)
 
 
-def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=16, num_warps=4,
-          num_stages=3, interpret=None):
+def block_n_for(M, N):
+  """Weight rows a program: 16 for a dot (its smallest N), else as few as keep >= ~512
+  programs (4 an SM of an H100's 132: a program has only its own loads in flight, so fewer
+  programs would leave SMs idle or short of bytes in flight); never below 4."""
+  if M > 1:
+    return 16
+  block_n = 16
+  while block_n > 4 and N // block_n < 512:
+    block_n //= 2
+  return block_n
+
+
+def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=None,
+          num_warps=4, num_stages=3, interpret=None):
   pl, _pallas = _pallas_mods()
   M, K = x_MK.shape
   N = w_NK.shape[0] // (2 if swiglu else 1)
+  block_n = block_n or block_n_for(M, N)
   block_k = block_k_for(K)
   if M > MAX_ROWS:
     raise ValueError(f"{op}: {M} rows > {MAX_ROWS} (a decode step; a prefill uses the GEMMs)")
