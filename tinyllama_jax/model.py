@@ -181,21 +181,23 @@ def _attend(q_BTHK, k_BTGK, v_BTGK, positions_BT, segment_ids_BT, cache, ops):
 
 
 def decode_block(w, x_BTD, positions_BT, cache, *, cfg):
-  """`block` for one new token a row (at most 16 rows) as kernels/decode_layer's five kernels,
-  over the layer's weights in their decode layout (decode_layers)."""
+  """`block` for a few new tokens (at most 16 in all: a decode step, a speculative round) as
+  kernels/decode_layer's five kernels, over the layer's weights in their decode layout
+  (decode_layers)."""
   B, T, D = x_BTD.shape
   H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-  if T != 1 or B > decode_layer.MAX_ROWS:
-    raise ValueError(f"the fused decode layer runs one token a row and at most "
-                     f"{decode_layer.MAX_ROWS} rows, not [{B}, {T}]: decode_layer=xla")
+  if B * T > decode_layer.MAX_ROWS:
+    raise ValueError(f"the fused decode layer runs at most {decode_layer.MAX_ROWS} tokens a "
+                     f"step, not {B} x {T}: set model.kernels.decode_layer=xla")
   cos_BTF, sin_BTF = rope.cos_sin(positions_BT, Dh, cfg.rope_theta)
-  x_BD = x_BTD[:, 0]
-  qkv_BND = decode_layer.norm_gemv(x_BD, w["attn_norm"], w["qkv_NK"], cfg.norm_eps)
-  o_BHD, k, v = decode_layer.attend(qkv_BND.reshape(B, H + 2 * K, Dh), cos_BTF[:, 0],
-                                    sin_BTF[:, 0], cache["k"], cache["v"], positions_BT[:, 0], H)
-  x_BD = decode_layer.gemv_add(o_BHD.reshape(B, H * Dh), w["o_NK"], x_BD)
-  a_BF = decode_layer.norm_gemv_swiglu(x_BD, w["mlp_norm"], w["gate_up_NK"], cfg.norm_eps)
-  return decode_layer.gemv_add(a_BF, w["down_NK"], x_BD)[:, None], {"k": k, "v": v}
+  x_MD = x_BTD.reshape(B * T, D)
+  qkv_MND = decode_layer.norm_gemv(x_MD, w["attn_norm"], w["qkv_NK"], cfg.norm_eps)
+  o_BTHD, k, v = decode_layer.attend(qkv_MND.reshape(B, T, H + 2 * K, Dh), cos_BTF, sin_BTF,
+                                     cache["k"], cache["v"], positions_BT, H)
+  x_MD = decode_layer.gemv_add(o_BTHD.reshape(B * T, H * Dh), w["o_NK"], x_MD)
+  a_MF = decode_layer.norm_gemv_swiglu(x_MD, w["mlp_norm"], w["gate_up_NK"], cfg.norm_eps)
+  x_MD = decode_layer.gemv_add(a_MF, w["down_NK"], x_MD)
+  return x_MD.reshape(B, T, D), {"k": k, "v": v}
 
 
 def block(p, x_BTD, positions_BT, segment_ids_BT, cache=None, *, cfg, ops, dtype):

@@ -33,6 +33,21 @@ def test_greedy_is_the_targets_greedy(target, draft, k):
   assert stats["acceptance"] == 1.0 and stats["tokens_per_call"] > k  # K+1 a call but the last
 
 
+def test_the_fused_decode_layer_verifies_and_drafts(target, draft):
+  """model.kernels.decode_layer=pallas (interpreted): the target's K+1-token verify pass and the
+  draft's steps run the fused kernels; greedy output is still the target's own."""
+  fused = lambda cfg: tiny_model(0, **dict(cfg.to_dict(), kernels=dict(
+      cfg.kernels.to_dict(), decode_layer="pallas")))[1]
+  prompts, lengths = random_prompts([3, 12, 25])
+  want = decode.decode(*target, prompts, lengths, max_new_tokens=12)
+  # 3 rows x (K + 1 = 4) tokens a verify pass: within the fused layer's 16 (4 x 5 is not)
+  assert decode.fused_layers(fused(target[1]), 3 * 4)
+  assert not decode.fused_layers(fused(target[1]), 4 * 5)
+  got, _ = speculative.decode(target[0], fused(target[1]), draft[0], fused(draft[1]), prompts,
+                              lengths, draft_tokens=3, max_new_tokens=12)
+  assert got == want
+
+
 def test_greedy_stops_at_each_rows_eos(target, draft):
   prompts, lengths = random_prompts([5, 9, 14])
   free = decode.decode(*target, prompts, lengths, max_new_tokens=16)

@@ -44,37 +44,50 @@ def test_gemvs_match_their_references(M, dtype):
   _check_gemvs(M, D=96, N=48, F=32, dtype=dtype)
 
 
-def _attend_inputs(seed, M, S, H, G, D, dtype, positions):
+def _attend_inputs(seed, S, H, G, D, dtype, positions_BT):
   k = jax.random.split(jax.random.key(seed), 3)
-  qkv = normal(k[0], (M, H + 2 * G, D), dtype)
-  kc, vc = normal(k[1], (M, S, G, D), dtype), normal(k[2], (M, S, G, D), dtype)
-  pos = jnp.asarray(positions, jnp.int32)
-  cos, sin = rope.cos_sin(pos[:, None], D, 10000.0)
-  return qkv, cos[:, 0], sin[:, 0], kc, vc, pos
+  pos = jnp.asarray(positions_BT, jnp.int32)
+  B, T = pos.shape
+  qkv = normal(k[0], (B, T, H + 2 * G, D), dtype)
+  kc, vc = normal(k[1], (B, S, G, D), dtype), normal(k[2], (B, S, G, D), dtype)
+  cos, sin = rope.cos_sin(pos, D, 10000.0)
+  return qkv, cos, sin, kc, vc, pos
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attend_matches_rope_cache_write_and_attention(dtype):
-  # Positions at 0 (only its own key), inside a block, at and past block edges, the last slot.
-  positions = [0, 7, 16, 17, 40, 63]
-  args = _attend_inputs(0, len(positions), 64, 8, 2, 16, dtype, positions)
-  o, k, v = dl.attend(*args, 8, block_s=16)
-  o_ref, k_ref, v_ref = dl.attend_ref(*args, 8)
+def _check_attend(args, H, dtype, **tiles):
+  o, k, v = dl.attend(*args, H, **tiles)
+  o_ref, k_ref, v_ref = dl.attend_ref(*args, H)
   assert_close(o, o_ref, dtype, "o")
-  # The caches: the new slot written (bitwise, same rounding), every other slot untouched.
+  # The caches: the new slots written (v bitwise: no arithmetic), every other slot untouched.
   np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(v_ref, np.float32))
   assert_close(k, k_ref, dtype, "k cache")
+  pos = np.asarray(args[-1])
   untouched = np.ones(k.shape[:2], bool)
-  untouched[np.arange(len(positions)), positions] = False
+  untouched[np.arange(pos.shape[0])[:, None], pos] = False
   np.testing.assert_array_equal(np.asarray(k, np.float32)[untouched],
                                 np.asarray(args[3], np.float32)[untouched])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_one_token_a_row(dtype):
+  # Positions at 0 (only its own key), inside a block, at and past block edges, the last slot.
+  _check_attend(_attend_inputs(0, 64, 8, 2, 16, dtype, [[0], [7], [16], [17], [40], [63]]), 8,
+                dtype, block_s=16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_several_tokens_a_row(dtype):
+  """A speculative round's verify pass: T consecutive new tokens a row, causal among them."""
+  starts = np.array([0, 13, 16, 58])
+  positions = starts[:, None] + np.arange(4)[None, :]
+  _check_attend(_attend_inputs(1, 64, 4, 2, 16, dtype, positions), 4, dtype, block_s=16)
+
+
 def test_attend_ignores_slots_past_the_position():
   """Slots after a row's position hold stale keys (a longer earlier request): never read."""
-  qkv, cos, sin, kc, vc, pos = _attend_inputs(1, 2, 64, 4, 2, 16, jnp.float32, [5, 30])
+  qkv, cos, sin, kc, vc, pos = _attend_inputs(1, 64, 4, 2, 16, jnp.float32, [[5], [30]])
   o, _, _ = dl.attend(qkv, cos, sin, kc, vc, pos, 4, block_s=16)
-  stale = np.arange(64)[None, :, None, None] > np.asarray(pos)[:, None, None, None]
+  stale = np.arange(64)[None, :, None, None] > np.asarray(pos)[:, :1, None, None]
   o2, _, _ = dl.attend(qkv, cos, sin, jnp.where(stale, 1e3, kc), jnp.where(stale, -1e3, vc), pos,
                        4, block_s=16)
   np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
@@ -114,10 +127,7 @@ def test_layer_weights_are_the_block_weights_transposed():
 def test_decode_layer_kernels_gpu(on_gpu, M):
   """TinyLlama-1.1B's shapes in bf16 through the Triton lowering."""
   _check_gemvs(M, D=2048, N=2560, F=5632, dtype=jnp.bfloat16)
-  positions = ([200] if M == 1 else list(range(0, 384, 24)))
-  args = _attend_inputs(0, M, 384, 32, 4, 64, jnp.bfloat16, positions)
-  o, k, v = jax.jit(lambda *a: dl.attend(*a, 32))(*args)
-  o_ref, k_ref, v_ref = dl.attend_ref(*args, 32)
-  assert_close(o, o_ref, jnp.bfloat16, "o")
-  assert_close(k, k_ref, jnp.bfloat16, "k cache")
-  np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(v_ref, np.float32))
+  positions = [[200]] if M == 1 else [[p] for p in range(0, 384, 24)]
+  _check_attend(_attend_inputs(0, 384, 32, 4, 64, jnp.bfloat16, positions), 32, jnp.bfloat16)
+  _check_attend(_attend_inputs(1, 384, 32, 4, 64, jnp.bfloat16, [[100 + i for i in range(5)]]),
+                32, jnp.bfloat16)

@@ -43,8 +43,8 @@ for _M in (1, 16):
                                1),
       f"decode_attend_{_M}": (
           lambda qkv, c, s, k, v, p: _sum(*decode_layer.attend(qkv, c, s, k, v, p, 32)),
-          [S((_M, 40, 64), BF16), S((_M, 32), jnp.float32), S((_M, 32), jnp.float32),
-           S((_M, 384, 4, 64), BF16), S((_M, 384, 4, 64), BF16), S((_M,), jnp.int32)], 1),
+          [S((_M, 1, 40, 64), BF16), S((_M, 1, 32), jnp.float32), S((_M, 1, 32), jnp.float32),
+           S((_M, 384, 4, 64), BF16), S((_M, 384, 4, 64), BF16), S((_M, 1), jnp.int32)], 1),
   })
 
 

@@ -120,11 +120,21 @@ def pick_fn(greedy):
   return pick
 
 
-def fused_layers(cfg_model, batch):
-  """Whether a decode step runs the fused decode layer (model.kernels.decode_layer=pallas): a
-  loop of at most 16 rows whose forward loops over the layers (one cache a layer)."""
+def fused_layers(cfg_model, tokens):
+  """Whether a loop's steps run the fused decode layer (model.kernels.decode_layer=pallas): at
+  most 16 tokens a step (rows x new tokens a row), a forward that loops over the layers (one
+  cache a layer)."""
   return (cfg_model.kernels.get("decode_layer", "xla") == "pallas" and not cfg_model.scan_layers
-          and batch <= model_lib.decode_layer.MAX_ROWS)
+          and tokens <= model_lib.decode_layer.MAX_ROWS)
+
+
+def layout_fn(cfg_model, tokens):
+  """params -> the loop's `layers` made once before it: the fused decode layer's transposed
+  weights (model.decode_layers) where fused_layers, else None (the loop splits the stacked
+  weights itself, which XLA fuses into their consumers)."""
+  if fused_layers(cfg_model, tokens):
+    return jax.jit(model_lib.decode_layers)
+  return lambda params: None
 
 
 class Decoder:
@@ -170,8 +180,7 @@ class Decoder:
     # training step compiles with the process's defaults.
     self.prefill = jax.jit(prefill, compiler_options=compiler_options)
     self.run = jax.jit(run, donate_argnums=2, compiler_options=compiler_options)
-    self.layout = (jax.jit(model_lib.decode_layers) if fused_layers(cfg_model, batch)
-                   else lambda params: None)
+    self.layout = layout_fn(cfg_model, batch)
 
 
 _DECODERS = {}

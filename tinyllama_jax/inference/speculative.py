@@ -96,7 +96,7 @@ def _advance(s, tokens_BK1, n_B, next_B, knobs, cache_t, cache_d):
 class Speculator:
   """Compiled prefill and rounds for one (target, draft, batch, cache length, greedy, K)."""
 
-  def __init__(self, cfg_target, cfg_draft, *, length, out_len, greedy, k, rounds):
+  def __init__(self, cfg_target, cfg_draft, *, batch, length, out_len, greedy, k, rounds):
     fwd_t, fwd_d = decode_lib.forward_fn(cfg_target), decode_lib.forward_fn(cfg_draft)
     pre_t, pre_d = (decode_lib.prefill_fn(cfg_target, length),
                     decode_lib.prefill_fn(cfg_draft, length))
@@ -156,9 +156,12 @@ class Speculator:
       n_B, next_B = accept(target_BK1V, d_BK, q_BKV, key_a, knobs, greedy)
       return _advance(s, tokens_BK1, n_B, next_B, knobs, cache_t, cache_d)
 
-    def run(params_t, params_d, state, knobs):
-      layers_t = decode_lib.split_for_loop(params_t, cfg_target)  # once, outside the loop
-      layers_d = decode_lib.split_for_loop(params_d, cfg_draft)
+    def run(params_t, params_d, layers_t, layers_d, state, knobs):
+      # Split here (once a call, outside the loop) unless `layout_*` made them before.
+      if layers_t is None:
+        layers_t = decode_lib.split_for_loop(params_t, cfg_target)
+      if layers_d is None:
+        layers_d = decode_lib.split_for_loop(params_d, cfg_draft)
 
       def going(carry):
         i, s = carry
@@ -170,7 +173,11 @@ class Speculator:
       return jax.lax.while_loop(going, body, (jnp.int32(0), state))[1]
 
     self.prefill = jax.jit(prefill)
-    self.run = jax.jit(run, donate_argnums=2)
+    self.run = jax.jit(run, donate_argnums=4)
+    # The fused decode layer where its steps fit: the target scores K+1 tokens a row, the
+    # draft's first step two.
+    self.layout_t = decode_lib.layout_fn(cfg_target, batch * (k + 1))
+    self.layout_d = decode_lib.layout_fn(cfg_draft, batch * 2)
 
 
 _SPECULATORS = {}
@@ -192,7 +199,8 @@ def decode(params_t, cfg_target, params_d, cfg_draft, prompts, lengths, *, draft
   key = (cfg_target.to_json(), cfg_draft.to_json(), len(prompts), length, out_len, greedy, k,
          rounds)
   spec = decode_lib.cached(_SPECULATORS, key, lambda: Speculator(
-      cfg_target, cfg_draft, length=length, out_len=out_len, greedy=greedy, k=k, rounds=rounds))
+      cfg_target, cfg_draft, batch=len(prompts), length=length, out_len=out_len, greedy=greedy,
+      k=k, rounds=rounds))
   params_t = decode_lib.cast_params(params_t, cfg_target)
   params_d = decode_lib.cast_params(params_d, cfg_draft)
   knobs = decode_lib.knobs_for(cfg_target, max_new_tokens=max_new_tokens, eos_id=eos_id,
@@ -206,6 +214,7 @@ def decode(params_t, cfg_target, params_d, cfg_draft, prompts, lengths, *, draft
           on_token(i, token)
       shown[i] = count_B[i]
 
+  layers_t, layers_d = spec.layout_t(params_t), spec.layout_d(params_d)
   state = spec.prefill(params_t, params_d, decode_lib.prompt_batch(prompts, length), lengths,
                        knobs)
   while True:
@@ -213,7 +222,7 @@ def decode(params_t, cfg_target, params_d, cfg_draft, prompts, lengths, *, draft
     emit(out_BN, count_B)
     if done_B.all():
       break
-    state = spec.run(params_t, params_d, state, knobs)
+    state = spec.run(params_t, params_d, layers_t, layers_d, state, knobs)
   drafted, accepted, calls = (int(x.sum()) for x in jax.device_get(
       (state["drafted"], state["accepted"], state["calls"])))
   stats = {"acceptance": accepted / max(drafted, 1),

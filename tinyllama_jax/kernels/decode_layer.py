@@ -103,13 +103,14 @@ def _gemv_kernel(*refs, rows, K, block_k, norm, swiglu, residual, eps):
       # The norm's scale is per row: sum x^2 here, scale the accumulator after the loop.
       ss = ss + (x * x if gemv else jnp.sum(x * x, axis=1))
       x = x * g_ref[ks].astype(f32)[None, :]
+    x = x.astype(w_refs[0].dtype)  # the dot's operand; one row rounds the same way
     new = []
     for acc, w_ref in zip(accs, w_refs):
       w = w_ref[:, ks]  # [BN, BK], K contiguous
       if gemv:  # elementwise, reduced once after the loop (no cross-thread sums inside it)
-        new.append(acc + w.astype(f32) * x)
+        new.append(acc + w.astype(f32) * x.astype(f32))
       else:
-        new.append(acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+        new.append(acc + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
                                              preferred_element_type=f32))
     return tuple(new), ss
 
@@ -205,101 +206,110 @@ def norm_gemv_swiglu(x_MD, g_D, w_2FD, eps, **tiles):
   return _gemv("norm_gemv_swiglu", x_MD, g_D, w_2FD, None, eps, x_MD.dtype, swiglu=True, **tiles)
 
 
-# --- attention of one new token a row over its KV cache -------------------------------------------
+# --- attention of a row's new tokens over its KV cache ------------------------------------------
 
 
-def attend_ref(qkv_MND, cos_MF, sin_MF, k_MSGD, v_MSGD, positions_M, n_heads):
-  """(o_MHD, k, v): RoPE, the cache write and attention over slots 0..p as the block does them
-  (kernels.rope, kernels.attention), for one token a row; qkv_MND holds q's H heads, then k's,
-  then v's."""
-  H, G = n_heads, k_MSGD.shape[2]
-  cos, sin = cos_MF[:, None], sin_MF[:, None]
-  q = rope.rotate(qkv_MND[:, None, :H], cos, sin)
-  k = rope.rotate(qkv_MND[:, None, H:H + G], cos, sin)[:, 0]
-  rows = jnp.arange(k_MSGD.shape[0])
-  k_MSGD = k_MSGD.at[rows, positions_M].set(k.astype(k_MSGD.dtype))
-  v_MSGD = v_MSGD.at[rows, positions_M].set(qkv_MND[:, H + G:].astype(v_MSGD.dtype))
-  o = attention.attention_cache_xla(q, k_MSGD, v_MSGD, positions_M[:, None])
-  return o[:, 0], k_MSGD, v_MSGD
+def attend_ref(qkv_BTND, cos_BTF, sin_BTF, k_BSGD, v_BSGD, positions_BT, n_heads):
+  """(o_BTHD, k, v): RoPE, the cache write and attention over slots 0..p as the block does them
+  (kernels.rope, kernels.attention, model.write_cache's consecutive positions), for T new tokens
+  a row; qkv_BTND holds q's H heads, then k's, then v's."""
+  H, G = n_heads, k_BSGD.shape[2]
+  q = rope.rotate(qkv_BTND[:, :, :H], cos_BTF, sin_BTF)
+  k = rope.rotate(qkv_BTND[:, :, H:H + G], cos_BTF, sin_BTF)
+  write = lambda c_SGD, x_TGD, p: jax.lax.dynamic_update_slice(c_SGD, x_TGD.astype(c_SGD.dtype),
+                                                               (p, 0, 0))
+  k_BSGD = jax.vmap(write)(k_BSGD, k, positions_BT[:, 0])
+  v_BSGD = jax.vmap(write)(v_BSGD, qkv_BTND[:, :, H + G:], positions_BT[:, 0])
+  return attention.attention_cache_xla(q, k_BSGD, v_BSGD, positions_BT), k_BSGD, v_BSGD
 
 
 def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_out, v_out, *,
-                   H, G, D, block_s):
+                   H, G, D, T, block_s):
+  """Program (token r of the flattened [B T] rows, query head h)."""
   pl, _ = _pallas_mods()
   f32 = jnp.float32
-  b, h = pl.program_id(0), pl.program_id(1)
+  r, h = pl.program_id(0), pl.program_id(1)
+  b, t = r // T, r % T
   g = h // (H // G)
   half = D // 2
   lo, hi = pl.ds(0, half), pl.ds(half, half)
-  pos = pos_ref[b]
-  c, s = cos_ref[b, :], sin_ref[b, :]  # [D/2]
+  past = pos_ref[b * T]  # the row's first new position: the slots before it are its past
   dt = k_ref.dtype
-
-  def rotated(row):  # RoPE (rotate-half), rounded to the cache's dtype as the block's is
-    x1, x2 = qkv_ref[b, row, lo].astype(f32), qkv_ref[b, row, hi].astype(f32)
-    return ((x1 * c - x2 * s).astype(dt).astype(f32), (x2 * c + x1 * s).astype(dt).astype(f32))
-
-  q1, q2 = rotated(h)
-  k1, k2 = rotated(H + g)
-  v_new = qkv_ref[b, H + G + g, :].astype(dt)
-
-  @pl.when(h % (H // G) == 0)  # one program of the kv head writes its new key and value
-  def _():
-    k_out[b, pos, g, lo] = k1.astype(dt)
-    k_out[b, pos, g, hi] = k2.astype(dt)
-    v_out[b, pos, g, :] = v_new
-
   scale = D ** -0.5
 
-  def body(j, carry):
+  def rotated(row, head):  # RoPE (rotate-half), rounded to the cache's dtype as the block's is
+    c, s = cos_ref[row, :], sin_ref[row, :]
+    x1, x2 = qkv_ref[row, head, lo].astype(f32), qkv_ref[row, head, hi].astype(f32)
+    return ((x1 * c - x2 * s).astype(dt).astype(f32), (x2 * c + x1 * s).astype(dt).astype(f32))
+
+  q1, q2 = rotated(r, h)
+
+  @pl.when(h % (H // G) == 0)  # one program of the kv head writes the token's key and value
+  def _():
+    k1, k2 = rotated(r, H + g)
+    pos = pos_ref[r]
+    k_out[b, pos, g, lo] = k1.astype(dt)
+    k_out[b, pos, g, hi] = k2.astype(dt)
+    v_out[b, pos, g, :] = qkv_ref[r, H + G + g, :].astype(dt)
+
+  def past_block(j, carry):
     m, l, acc = carry
     slots = pl.ds(pl.multiple_of(j * block_s, block_s), block_s)
-    # Slots before the row's position only: this token's slot is written by another program.
-    valid = j * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0) < pos
+    # Only slots written before this call: the new tokens' slots are being written by others.
+    valid = j * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0) < past
     kb1, kb2 = k_ref[b, slots, g, lo].astype(f32), k_ref[b, slots, g, hi].astype(f32)
     logits = (jnp.sum(kb1 * q1[None, :], axis=1) + jnp.sum(kb2 * q2[None, :], axis=1)) * scale
     logits = jnp.where(valid, logits, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(logits))
     p = jnp.exp(logits - m_new)
     alpha = jnp.exp(m - m_new)
-    vb = v_ref[b, slots, g, :].astype(f32)  # [BS, D]
-    acc = acc * alpha + jnp.sum(p[:, None] * vb, axis=0)
+    acc = acc * alpha + jnp.sum(p[:, None] * v_ref[b, slots, g, :].astype(f32), axis=0)
     return m_new, l * alpha + jnp.sum(p), acc
 
-  init = (jnp.float32(_MASK_VALUE), jnp.float32(0.0), jnp.zeros((D,), f32))
-  m, l, acc = jax.lax.fori_loop(0, (pos + block_s - 1) // block_s, body, init)
-  logit = (jnp.sum(k1 * q1) + jnp.sum(k2 * q2)) * scale  # this token's own key
-  m_new = jnp.maximum(m, logit)
-  alpha, p = jnp.exp(m - m_new), jnp.exp(logit - m_new)
-  acc = acc * alpha + p * v_new.astype(f32)
-  o_ref[b, h, :] = (acc / (l * alpha + p)).astype(o_ref.dtype)
+  def new_token(j, carry):  # the row's new tokens up to this one, from qkv (causal)
+    m, l, acc = carry
+    k1, k2 = rotated(b * T + j, H + g)
+    logit = (jnp.sum(k1 * q1) + jnp.sum(k2 * q2)) * scale
+    m_new = jnp.maximum(m, logit)
+    alpha, p = jnp.exp(m - m_new), jnp.exp(logit - m_new)
+    v = qkv_ref[b * T + j, H + G + g, :].astype(dt).astype(f32)
+    return m_new, l * alpha + p, acc * alpha + p * v
+
+  carry = (jnp.float32(_MASK_VALUE), jnp.float32(0.0), jnp.zeros((D,), f32))
+  carry = jax.lax.fori_loop(0, (past + block_s - 1) // block_s, past_block, carry)
+  m, l, acc = jax.lax.fori_loop(0, t + 1, new_token, carry)
+  o_ref[r, h, :] = (acc / l).astype(o_ref.dtype)
 
 
-def attend(qkv_MND, cos_MF, sin_MF, k_MSGD, v_MSGD, positions_M, n_heads, *, block_s=64,
+def attend(qkv_BTND, cos_BTF, sin_BTF, k_BSGD, v_BSGD, positions_BT, n_heads, *, block_s=64,
            num_warps=4, interpret=None):
-  """attend_ref as one kernel: a program per (row, query head). Returns (o_MHD, k, v); the
-  caches are updated in place (aliased)."""
+  """attend_ref as one kernel: a program per (new token, query head). A row's T new tokens are
+  at consecutive positions. Returns (o_BTHD, k, v); the caches are updated in place (aliased)."""
   pl, _pallas = _pallas_mods()
-  M, S, G, D = k_MSGD.shape
-  H = n_heads
-  if qkv_MND.shape != (M, H + 2 * G, D) or cos_MF.shape != (M, D // 2):
-    raise ValueError(f"attend: qkv {qkv_MND.shape} / cos {cos_MF.shape} do not match a cache "
-                     f"{k_MSGD.shape} with {H} query heads")
+  B, S, G, D = k_BSGD.shape
+  T, H = qkv_BTND.shape[1], n_heads
+  if qkv_BTND.shape != (B, T, H + 2 * G, D) or cos_BTF.shape != (B, T, D // 2):
+    raise ValueError(f"attend: qkv {qkv_BTND.shape} / cos {cos_BTF.shape} do not match a cache "
+                     f"{k_BSGD.shape} with {H} query heads")
   block_s = min(block_s, S & -S)
   if S % block_s or not _pow2(D // 2):
     raise ValueError(f"attend: cache length {S} must be a multiple of {block_s}, head dim {D} "
                      "twice a power of two")
-  kernel = functools.partial(_attend_kernel, H=H, G=G, D=D, block_s=block_s)
-  out_shape = (jax.ShapeDtypeStruct((M, H, D), qkv_MND.dtype),
-               jax.ShapeDtypeStruct(k_MSGD.shape, k_MSGD.dtype),
-               jax.ShapeDtypeStruct(v_MSGD.shape, v_MSGD.dtype))
-  # No block specs: each program indexes the whole arrays by its (row, head).
-  return pl.pallas_call(
+  M = B * T
+  kernel = functools.partial(_attend_kernel, H=H, G=G, D=D, T=T, block_s=block_s)
+  out_shape = (jax.ShapeDtypeStruct((M, H, D), qkv_BTND.dtype),
+               jax.ShapeDtypeStruct(k_BSGD.shape, k_BSGD.dtype),
+               jax.ShapeDtypeStruct(v_BSGD.shape, v_BSGD.dtype))
+  f32 = jnp.float32
+  # No block specs: each program indexes the whole arrays by its (token, head).
+  o, k, v = pl.pallas_call(
       kernel, grid=(M, H), out_shape=out_shape, input_output_aliases={4: 1, 5: 2},
       compiler_params=_triton_params(num_warps, 1), name="attend",
       interpret=_pallas.resolve_interpret(interpret))(
-          positions_M.astype(jnp.int32), qkv_MND, cos_MF.astype(jnp.float32),
-          sin_MF.astype(jnp.float32), k_MSGD, v_MSGD)
+          positions_BT.reshape(M).astype(jnp.int32), qkv_BTND.reshape(M, H + 2 * G, D),
+          cos_BTF.reshape(M, D // 2).astype(f32), sin_BTF.reshape(M, D // 2).astype(f32),
+          k_BSGD, v_BSGD)
+  return o.reshape(B, T, H, D), k, v
 
 
 def _triton_params(num_warps, num_stages):
