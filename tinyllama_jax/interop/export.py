@@ -163,9 +163,8 @@ def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", token
   if dtype not in _EXPORT_DTYPES:
     raise ValueError(f"--dtype={dtype!r}: choose bf16 or fp32")
   max_bytes = hf.parse_size(max_shard_size)
-  step = run_lib.resolve_step(workdir, step)
-  cfg = run_lib.run_config(workdir, step)
-  tok = run_lib.load_tokenizer(cfg, workdir, step, tokenizer, allow_other_tokenizer)
+  step, cfg, tok = run_lib.open_run(workdir, step, tokenizer=tokenizer,
+                                    allow_other_tokenizer=allow_other_tokenizer)
   tok_path = tok.path if tok else None
   dtype_name, np_dtype = _EXPORT_DTYPES[dtype]
   plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
