@@ -19,6 +19,7 @@ from tinyllama_jax.training import metrics
 from tinyllama_jax.sweeps import grid as sweep
 from tinyllama_jax.sweeps import launch as sweep_launch
 from tinyllama_jax.sweeps import summary as sweep_summary
+from interrupt import sigint_after
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -427,6 +428,26 @@ def test_cli_errors_are_one_line(tmp_path):
       "optim.lr, optim.min_lr, optim.b2?"]
   with pytest.raises(ValueError, match="holds no runs"):  # summarize's, without a process
     sweep_summary.summarize(str(tmp_path))
+
+
+SLOW_SWEEP_FILE = textwrap.dedent("""
+    import sys, time
+    from tinyllama_jax.sweeps.grid import product
+    def get_sweep():
+      print("reading the grid", file=sys.stderr, flush=True)
+      time.sleep(300)  # a grid read from a slow file system
+      return product({"seed": [0, 1]})
+""")
+
+
+def test_ctrl_c_while_planning_is_one_line_exit_130_and_creates_nothing(tmp_path):
+  """Before, a KeyboardInterrupt traceback, exit 1."""
+  slow = tmp_path / "slow.py"
+  slow.write_text(SLOW_SWEEP_FILE)
+  status, err, out = sigint_after("sweep", (f"--config={TINY}", f"--sweep={slow}",
+                                            f"--workdir={tmp_path / 'w'}"), "reading the grid")
+  assert (status, err, out) == (130, "interrupted\n", "")
+  assert not (tmp_path / "w").exists()
 
 
 def test_a_run_another_trainer_holds_is_not_reported_finished(tmp_path):
