@@ -1,8 +1,10 @@
 """Sweeps: grids, validation, run names, skip/resume, the print and SLURM launchers, the summary."""
 
+import contextlib
 import csv
 import json
 import os
+import pty
 import re
 import shlex
 import signal
@@ -316,6 +318,40 @@ def test_a_signal_to_the_sweep_reaches_its_trainers_once_and_waits_for_their_sav
   assert [sweep_launch.run_state(run)[0] for run in _plan(tmp_path, [{"seed": 0}, {"seed": 1}],
                                                            fixed={"train.steps": 20})] == \
       ["interrupted", "interrupted"]
+
+
+def test_a_hangup_stops_the_trainers_as_sigterm_and_the_sweep_outlives_its_terminal(tmp_path):
+  """The sweep's output on a terminal that closes, then SIGHUP (an ssh connection dropped): each
+  trainer gets SIGTERM once (SIGHUP would end it without a save) and saves; the sweep, whose
+  lines the closed terminal refuses, waits for them and exits 129. Before, SIGHUP ended the
+  sweep at once and its trainers trained on with nobody waiting for them."""
+  trainer = tmp_path / "signal_train.py"
+  trainer.write_text(SIGNAL_TRAINER)
+  workdir = tmp_path / "sweep"
+  runs = [workdir / "seed0", workdir / "seed1"]
+  terminal, its_end = pty.openpty()
+  proc = subprocess.Popen([sys.executable, "-c", SWEEP_WITH_TRAINER, TINY, str(workdir),
+                           str(trainer)], cwd=REPO, stdout=its_end, stderr=its_end,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+  os.close(its_end)
+  try:
+    deadline = time.monotonic() + 60
+    while not all((r / "started").exists() for r in runs):
+      assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+      time.sleep(0.02)
+    os.close(terminal)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 128 + signal.SIGHUP
+    for r in runs:
+      assert (r / "checkpoints" / "3").is_dir()
+      assert (r / "signals").read_text() == str(int(signal.SIGTERM))
+      assert sweep.read_run_file(str(r))["status"] == "interrupted"
+  finally:
+    for r in runs:  # trainers a sweep left behind
+      pid = sweep.read_run_file(str(r)).get("pid")
+      if pid and not (r / "signals").exists():
+        with contextlib.suppress(ProcessLookupError):
+          os.kill(pid, signal.SIGKILL)
 
 
 def test_device_slots():
