@@ -303,3 +303,23 @@ def test_a_later_import_removes_the_temp_dir_of_a_killed_one(imported, tmp_path)
   assert sorted(leftovers(tmp_path)) == sorted([live.name, other.name]), stale
 
 
+def test_temp_dirs_of_earlier_versions_are_removed_once_a_day_old(tmp_path, caplog):
+  """Earlier versions named the temporary folder `.w.tmp-XXXXXXXX` (no host or pid): never
+  removed before. One unchanged for a day is removed and logged; a younger one (its folder old,
+  a file in it written now: a live writer) is left and counted; other names are not touched."""
+  day_and_more = time.time() - 86400 - 60
+  old, fresh, written_in, other = (tmp_path / n for n in (
+      ".w.tmp-ab_12xyz", ".w.tmp-k3j9q0zz", ".w.tmp-7fh2m1pq", ".w.tmp-my-notes"))
+  for folder in (old, fresh, written_in, other):
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+  for path in (old / "model.safetensors", old, written_in, other / "model.safetensors", other):
+    os.utime(path, (day_and_more, day_and_more))
+  caplog.set_level("WARNING")
+  export.remove_stale_output_dirs(str(tmp_path / "w"))
+  assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, written_in.name, other.name])
+  assert f"removed {old}: the temporary folder of an earlier version's writer, unchanged for " \
+      "1.0 days" in caplog.text
+  assert (f"left 2 temporary folder(s) of an earlier version's writer in {tmp_path} alone: "
+          f"changed within a day, their writer may still run ({written_in.name}, {fresh.name})"
+          in caplog.text), caplog.text

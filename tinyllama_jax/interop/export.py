@@ -15,6 +15,7 @@ output's modes are the umask's, as any file the user writes.
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,20 +63,52 @@ def _tmp_prefix(path):
 def remove_stale_output_dirs(path):
   """Removes the temporary siblings of `path` left by writers that died without cleaning up
   (kill -9, a lost node): each is named `.NAME.tmp-HOST.PID-XXXX`, and one of this host whose
-  PID no longer runs is stale. Another host's, or a live writer's, are left alone."""
+  PID no longer runs is stale. Another host's, or a live writer's, are left alone. Earlier
+  versions named them `.NAME.tmp-XXXXXXXX` (mkdtemp's 8 characters, no host or PID): one untouched
+  for a day is stale; a younger one may be such a version's live writer, and is left alone."""
   parent, prefix = os.path.dirname(path), _tmp_prefix(path)
-  removed = []
-  for name in os.listdir(parent):
+  removed, young = [], []
+  for name in sorted(os.listdir(parent)):
     if not name.startswith(prefix):
       continue
-    host, _, rest = name[len(prefix):].rpartition(".")
+    folder, rest = os.path.join(parent, name), name[len(prefix):]
+    if _EARLIER_VERSIONS_SUFFIX.fullmatch(rest):
+      idle_s = time.time() - _last_change(folder)
+      if idle_s < _EARLIER_VERSIONS_STALE_S:
+        young.append(name)
+        continue
+      shutil.rmtree(folder, ignore_errors=True)
+      logging.warning("removed %s: the temporary folder of an earlier version's writer, "
+                      "unchanged for %.1f days", folder, idle_s / 86400)
+      continue
+    host, _, rest = rest.rpartition(".")
     pid = rest.split("-", 1)[0]
     if host == _HOST and pid.isdigit() and not _alive(int(pid)):
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+      shutil.rmtree(folder, ignore_errors=True)
       removed.append(name)
   if removed:
     logging.warning("removed %d temporary folder(s) of writers that died on this host: %s",
                     len(removed), ", ".join(removed))
+  if young:
+    logging.warning("left %d temporary folder(s) of an earlier version's writer in %s alone: "
+                    "changed within a day, their writer may still run (%s); a later run removes "
+                    "them once a day old", len(young), parent, ", ".join(young))
+
+
+# tempfile.mkdtemp's random part, all an earlier version put after `.NAME.tmp-`.
+_EARLIER_VERSIONS_SUFFIX = re.compile(r"[a-z0-9_]{8}")
+_EARLIER_VERSIONS_STALE_S = 86400
+
+
+def _last_change(folder):
+  """The newest mtime in `folder` (itself included): a writer appending to a file inside leaves
+  the folder's own mtime as it was."""
+  newest = os.lstat(folder).st_mtime
+  for root, dirs, files in os.walk(folder):
+    for name in dirs + files:
+      with contextlib.suppress(OSError):
+        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+  return newest
 
 
 def _alive(pid):
