@@ -73,7 +73,10 @@ def remove_stale_output_dirs(path):
       continue
     folder, rest = os.path.join(parent, name), name[len(prefix):]
     if _EARLIER_VERSIONS_SUFFIX.fullmatch(rest):
-      idle_s = time.time() - _last_change(folder)
+      try:
+        idle_s = time.time() - _last_change(folder)
+      except OSError:  # gone meanwhile (another run removed it), or not ours to read
+        continue
       if idle_s < _EARLIER_VERSIONS_STALE_S:
         young.append(name)
         continue
