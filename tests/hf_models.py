@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-from tinyllama_jax.interop import export
+from tinyllama_jax.interop import export, hf_import
 from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
 from tinyllama_jax.model import Llama
@@ -82,7 +82,7 @@ def imported(tmp_path_factory, tokenizer_file):
   root = tmp_path_factory.mktemp("interop")
   hf_dir, workdir = str(root / "hf"), str(root / "run")
   model = make_hf_llama(hf_dir, tokenizer_file)
-  export.import_hf(hf_dir, workdir, base_config_path=os.path.join(REPO, "configs/tiny.py"))
+  hf_import.import_hf(hf_dir, workdir, base_config_path=os.path.join(REPO, "configs/tiny.py"))
   return hf_dir, model, workdir
 
 
@@ -128,7 +128,7 @@ def hostile_runs(root, tokenizer_file, chat_template=None):
   if chat_template is not None:
     with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
       json.dump({"chat_template": chat_template}, f)
-  export.import_hf(hf_dir, str(root / "run"))
+  hf_import.import_hf(hf_dir, str(root / "run"))
   shutil.copytree(root / "run", root / "edited")
   swap_two_pieces(tokenizer_file, str(root / "edited/tokenizer/tokenizer.model"))
   swap_two_pieces(tokenizer_file, str(root / "swapped.model"))

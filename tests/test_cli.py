@@ -5,6 +5,7 @@ config keys and values absl cannot parse are one line each."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from absl import flags
@@ -82,3 +83,25 @@ def test_a_value_absl_cannot_parse_is_one_line_and_exit_2(monkeypatch, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--config.train.steps=abc" in err[0], err
   assert "invalid literal for int()" in err[0]
+
+
+def test_ctrl_c_is_one_line_and_exit_130_even_where_python_drops_it(capsys):
+  """A KeyboardInterrupt raised where Python drops exceptions (here a __del__; in the commands,
+  jax's gc callback) was printed as `Exception ignored ...` and the command went on; it is
+  delivered again, and ends the command as any Ctrl-C: `interrupted`, exit 130."""
+  class DroppingItsInterrupt:
+    def __del__(self):
+      raise KeyboardInterrupt
+
+  def main(argv):
+    del argv
+    DroppingItsInterrupt()
+    time.sleep(5)  # the delivered interrupt ends this at once
+    print("finished")
+
+  start = time.monotonic()
+  with pytest.raises(SystemExit) as exit_:
+    cli.run(main, argv=["generate"])
+  assert exit_.value.code == 130 and time.monotonic() - start < 4
+  out, err = capsys.readouterr()
+  assert (out, err) == ("", "interrupted\n")

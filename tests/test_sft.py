@@ -15,7 +15,7 @@ import sft_helpers  # noqa: E402
 from tinyllama_jax import config as config_lib, sharding  # noqa: E402
 from tinyllama_jax.checkpoint import run as run_lib  # noqa: E402
 from tinyllama_jax.data import chat  # noqa: E402
-from tinyllama_jax.interop import export  # noqa: E402
+from tinyllama_jax.interop import export, hf_import  # noqa: E402
 from tinyllama_jax.training import loop as train_lib, program  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -196,7 +196,7 @@ def test_init_from_an_hf_import_starts_from_its_parameters(data, tmp_path):
   tok = data[3]
   hf_dir, imported = str(tmp_path / "hf"), str(tmp_path / "imported")
   make_hf_llama(hf_dir, tok.path, intermediate_size=128, max_position_embeddings=T)
-  export.import_hf(hf_dir, imported)
+  hf_import.import_hf(hf_dir, imported)
   cfg = sft_config(data, imported)
   run = train_lib.Run(cfg, str(tmp_path / "w"))
   try:

@@ -13,6 +13,7 @@ import logging as std_logging
 import os
 import signal
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -52,7 +53,8 @@ def define_distributed_flags():
 
 def run(main, *, faults=(), argv=None):
   """Runs `main` as absl's app.run does, after checking every flag name and config key in argv:
-  a ValueError anywhere is one line and exit 2; an exception in `faults` one line and exit 3."""
+  a ValueError anywhere is one line and exit 2; an exception in `faults` one line and exit 3;
+  Ctrl-C (KeyboardInterrupt) the line `interrupted` and exit 130."""
   argv = list(sys.argv if argv is None else argv)
 
   def start():
@@ -67,7 +69,34 @@ def run(main, *, faults=(), argv=None):
       # traceback, and none from the flush at exit either.
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
       sys.exit(128 + signal.SIGPIPE)
-  exit_on_error(start)
+  exit_on_interrupt(lambda: exit_on_error(start))
+
+
+_REDELIVERY_S = 0.02
+
+
+def exit_on_interrupt(fn):
+  """Runs fn(); Ctrl-C anywhere in it is one line, `interrupted`, and exit status 130, not a
+  traceback. A KeyboardInterrupt raised where Python drops exceptions (a gc callback: jax runs
+  one at every collection) is not printed and forgotten: SIGINT comes to the main thread again,
+  a moment later, once this hook has returned (a handler run inside it would be dropped too)."""
+  def unraisable(u):
+    if isinstance(u.exc_value, KeyboardInterrupt):
+      threading.Timer(_REDELIVERY_S, signal.pthread_kill,
+                      (threading.main_thread().ident, signal.SIGINT)).start()
+    else:
+      previous_hook(u)
+  previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+  try:
+    return fn()
+  except KeyboardInterrupt:
+    try:
+      print("interrupted", file=sys.stderr, flush=True)
+    except OSError:
+      pass
+    sys.exit(128 + signal.SIGINT)
+  finally:
+    sys.unraisablehook = previous_hook
 
 
 class OwnInfoOnly(std_logging.Filter):

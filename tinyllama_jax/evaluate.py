@@ -56,21 +56,20 @@ def main(argv):
     return tasks_main()
   if not FLAGS.workdir or not FLAGS.data:
     raise ValueError("--workdir and --data are required")
-  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
-  cfg = run_lib.run_config(FLAGS.workdir, step)
+  files = not evaluate_lib.reads_pipeline(FLAGS.data)
+  step, cfg, tokenizer = run_lib.open_run(
+      FLAGS.workdir, FLAGS.step, tokenizer=FLAGS.tokenizer,
+      allow_other_tokenizer=FLAGS.allow_other_tokenizer,
+      needs_text="--data files are text (--data=split:eval scores the run's own data)" if files
+      else None)
   seq_len = evaluate_lib.check_flags(cfg, seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size,
                         batches=FLAGS.batches)
-  tokenizer = run_lib.load_tokenizer(cfg, FLAGS.workdir, step, FLAGS.tokenizer,
-                                     FLAGS.allow_other_tokenizer)
   params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))
-  pipeline_form = evaluate_lib.data_config_for(cfg, FLAGS.data)
-  if pipeline_form is not None:
-    data_cfg, split = pipeline_form
+  if not files:
+    data_cfg, split = evaluate_lib.data_config_for(cfg, FLAGS.data)
     result = evaluate_lib.evaluate_split(params, data_cfg, tokenizer, split or FLAGS.split, seq_len=seq_len,
                             batch_size=FLAGS.batch_size, batches=FLAGS.batches)
   else:
-    if tokenizer is None:
-      raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer: use --data=split:eval")
     result = evaluate_lib.evaluate_files(params, cfg, tokenizer, FLAGS.data, seq_len=seq_len,
                             batch_size=FLAGS.batch_size, text_field=FLAGS.text_field)
   result.update(step=step, data=FLAGS.data, seq_len=seq_len)
@@ -89,13 +88,9 @@ def tasks_main():
   if FLAGS.out and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.out))):
     raise ValueError(f"--out={FLAGS.out!r}: its folder does not exist")
   manager = lm_eval_tasks.task_manager(names, FLAGS.include_path)
-  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
-  cfg = run_lib.run_config(FLAGS.workdir, step)
-  tok = run_lib.load_tokenizer(cfg, FLAGS.workdir, step, FLAGS.tokenizer,
-                               FLAGS.allow_other_tokenizer)
-  if tok is None:
-    raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): lm-eval "
-                     "tasks are text; pass --tokenizer=PATH")
+  step, cfg, tok = run_lib.open_run(FLAGS.workdir, FLAGS.step, tokenizer=FLAGS.tokenizer,
+                                    allow_other_tokenizer=FLAGS.allow_other_tokenizer,
+                                    needs_text="lm-eval tasks are text")
   lm = lm_eval_backend.JaxLM(jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model)),
                              cfg, tok, batch_size=FLAGS.batch_size)
   results = lm_eval_tasks.evaluate(lm, names, manager, num_fewshot=FLAGS.num_fewshot,

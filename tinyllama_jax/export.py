@@ -4,9 +4,9 @@
       [--tokenizer=PATH]
   python -m tinyllama_jax.export --from_hf=HFDIR --workdir=DIR [--config=configs/1b.py]
 
-The command; interop/export.py does the work (its docstring says what is written, and how a
-failure leaves nothing). Exit status: 2 bad input, 3 writing failed (e.g. a full disk), 128 + N
-stopped by signal N (SIGTERM, SIGINT: the partial output is removed).
+The command; interop/export.py exports and interop/hf_import.py imports (their docstrings say
+what is written, and how a failure leaves nothing). Exit status: 2 bad input, 3 writing failed
+(e.g. a full disk), 128 + N stopped by signal N (SIGTERM, SIGINT: the partial output is removed).
 """
 
 import json
@@ -16,6 +16,7 @@ from absl import app, flags, logging
 
 from tinyllama_jax import cli
 from tinyllama_jax.interop import export as export_lib
+from tinyllama_jax.interop import hf_import
 
 FLAGS = flags.FLAGS
 
@@ -53,7 +54,7 @@ def main(argv):
 
 def _import_or_export():
   if FLAGS.from_hf:
-    report = export_lib.import_hf(FLAGS.from_hf, FLAGS.workdir, base_config_path=FLAGS.config,
+    report = hf_import.import_hf(FLAGS.from_hf, FLAGS.workdir, base_config_path=FLAGS.config,
                                   tokenizer=FLAGS.tokenizer)
     print(f"imported {FLAGS.from_hf} -> {report['workdir']}; continue training with:\n"
           f"  python -m tinyllama_jax.train --config={report['workdir']}/config.py "

@@ -149,13 +149,9 @@ def main(argv):
     raise ValueError("give --prompt=TEXT (repeatable) or --prompts_file=FILE")
   generate_lib.check_settings(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                  top_p=FLAGS.top_p)
-  step = run_lib.resolve_step(FLAGS.workdir, FLAGS.step)
-  cfg = run_lib.run_config(FLAGS.workdir, step)
-  tok = run_lib.load_tokenizer(cfg, FLAGS.workdir, step, FLAGS.tokenizer,
-                               FLAGS.allow_other_tokenizer)
-  if tok is None:
-    raise ValueError(f"the run in {FLAGS.workdir} has no tokenizer (synthetic data): nothing to "
-                     "decode text with (--tokenizer=PATH names one)")
+  step, cfg, tok = run_lib.open_run(FLAGS.workdir, FLAGS.step, tokenizer=FLAGS.tokenizer,
+                                    allow_other_tokenizer=FLAGS.allow_other_tokenizer,
+                                    needs_text="generate writes text")
   tok_path = tok.path
   if FLAGS.chat:
     params = jax.device_put(run_lib.load_params(FLAGS.workdir, step, cfg.model))

@@ -184,3 +184,22 @@ def test_a_trained_run_records_its_tokenizer_and_refuses_an_edited_copy(tmp_path
                      rf"checkpoint {step} in .* trained with \(sha256 {tok.sha256[:12]}\): pass"):
     run_lib.load_tokenizer(cfg, workdir, step)
   assert run_lib.load_tokenizer(cfg, workdir, step, allow_other=True).sha256 != tok.sha256
+
+
+# ----------------------------------------------------------------------------- opening a run
+
+OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")  # synthetic data, step 2
+
+
+def test_open_run_refuses_a_run_without_a_tokenizer_only_where_text_is_needed():
+  """What generate, evaluate and export call: a run without a tokenizer opens (export writes its
+  weights alone) unless the command needs text, then one line names the run, why and the fix;
+  the usual slips are resolve_step's lines."""
+  step, cfg, tok = run_lib.open_run(OLD_RUN)
+  assert (step, cfg.data.source, tok) == (2, "synthetic", None)
+  with pytest.raises(ValueError, match=rf"^the run in {OLD_RUN} has no tokenizer \(synthetic "
+                     r"data\): generate writes text: pass --tokenizer=PATH \(a sentencepiece "
+                     r"\.model with at most 64 pieces\)$"):
+    run_lib.open_run(OLD_RUN, needs_text="generate writes text")
+  with pytest.raises(ValueError, match=r"has no checkpoint for step 5; it has steps \[2\]"):
+    run_lib.open_run(OLD_RUN, 5)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench import eval_speed
 from hf_models import REPO, exported, STDLIB, imported, tokenizer_file  # noqa: F401 (fixtures)
+from interrupt import sigint_after
 from tinyllama_jax.inference import evaluate
 
 
@@ -176,3 +178,16 @@ def test_zstd_and_parquet_files_hold_the_documents_prepare_reads(tmp_path):
   pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
   for name in ("d.jsonl.zst", "d.parquet"):
     assert evaluate.read_documents(str(tmp_path / name)) == (texts[:2], 1), name
+
+
+def test_ctrl_c_while_compiling_is_one_line_exit_130_and_writes_no_out(imported, tmp_path):  # noqa: F811
+  """--tasks with --out, Ctrl-C while the scoring step compiles: `interrupted`, exit 130, no
+  --out file and no temporary file beside it. Before, a KeyboardInterrupt traceback, exit 1."""
+  eval_speed.write_local_tasks(str(tmp_path / "tasks"), n_docs=2)
+  status, err, _ = sigint_after(
+      "evaluate", (f"--workdir={imported[2]}", "--tasks=stdlib_mc",
+                   f"--include_path={tmp_path}/tasks", f"--out={tmp_path}/out.json"),
+      "Compiling jit(_token_scores)", env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+  assert status == 130 and err.strip().splitlines()[-1] == "interrupted", (status, err[-3000:])
+  assert "Traceback" not in err
+  assert os.listdir(tmp_path) == ["tasks"]

@@ -3,13 +3,16 @@ status (tests/hostile.py). The run is the imported random Llama of hf_models, on
 
 import dataclasses
 import json
+import os
 
 import pytest
 
 from hf_models import hostile_runs
-from hostile import Probe, check
+from hostile import REPO, Probe, check
 
 W = "--workdir={tmp}/run"
+# A run trained on synthetic data: no tokenizer.
+OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")
 PROBES = [
     Probe("binary file", (W, "--data={tmp}/blob.bin"), 2,
           "--data: {tmp}/blob.bin is not UTF-8 text (byte 128: binary data"),
@@ -26,6 +29,8 @@ PROBES = [
           "the tokenizer {tmp}/big.model has 1024 pieces, more than the model's vocab_size 512"),
     Probe("the run's copy edited", ("--workdir={tmp}/edited", "--data={tmp}/docs.jsonl.zst"), 2,
           "the tokenizer {tmp}/edited/tokenizer/tokenizer.model (sha256"),
+    Probe("a run without a tokenizer", (f"--workdir={OLD_RUN}", "--data={tmp}/docs.jsonl.zst"), 2,
+          f"the run in {OLD_RUN} has no tokenizer (synthetic data): --data files are text"),
 ]
 
 

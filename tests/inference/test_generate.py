@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from hf_models import REPO, exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
+from interrupt import sigint_after
 from tinyllama_jax import generate as generate_cli
 from tinyllama_jax.inference import decode, generate
 from tinyllama_jax import model as model_lib
@@ -148,3 +149,11 @@ def test_a_batch_keeps_the_space_between_prompt_and_continuation(tokenizer_file)
   new = full[len(prompt):] + [tok.eos_id]
   assert generate_cli.continuation(tok, [tok.bos_id] + prompt, new) == " as j"
   assert tok.decode(new[:-1]) == "as j"  # what the batch printed after the prompt
+
+
+def test_ctrl_c_while_compiling_is_one_line_and_exit_130(imported):  # noqa: F811
+  """Before, a KeyboardInterrupt traceback (raised inside jax's compile), exit 1."""
+  status, err, _ = sigint_after("generate", (f"--workdir={imported[2]}", "--prompt=def f",
+                                             "--max_new_tokens=64"), "Compiling jit(prefill)")
+  assert status == 130 and err.strip().splitlines()[-1] == "interrupted", (status, err[-3000:])
+  assert "Traceback" not in err

@@ -3,13 +3,16 @@ status (tests/hostile.py). The run is the imported random Llama of hf_models, on
 its chat template (tokenizer_config.json's, carried by the import) repeats without bound."""
 
 import dataclasses
+import os
 
 import pytest
 
 from hf_models import hostile_runs
-from hostile import Probe, check, run
+from hostile import REPO, Probe, check, run
 
 W = "--workdir={tmp}/run"
+# A run trained on synthetic data: no tokenizer.
+OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")
 PROBES = [
     Probe("empty prompts file", (W, "--prompts_file={tmp}/empty.txt"), 2,
           "--prompts_file='{tmp}/empty.txt' has no prompt"),
@@ -24,6 +27,8 @@ PROBES = [
           "the tokenizer {tmp}/edited/tokenizer/tokenizer.model (sha256"),
     Probe("a chat template without bound", (W, "--chat", "--prompt=hi"), 2,
           "data.chat_template rendered more than"),
+    Probe("a run without a tokenizer", (f"--workdir={OLD_RUN}", "--prompt=a"), 2,
+          f"the run in {OLD_RUN} has no tokenizer (synthetic data): generate writes text"),
 ]
 
 

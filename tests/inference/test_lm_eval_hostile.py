@@ -9,11 +9,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hostile import Probe, check  # noqa: E402
+from hostile import REPO, Probe, check  # noqa: E402
 from bench import eval_speed  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 LOCAL = ("--include_path={tmp}/tasks", "--out={tmp}/out.json")
+# A run trained on synthetic data: no tokenizer.
+OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")
 
 PROBES = [
     Probe("limit zero", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mc", "--limit=0", *LOCAL),
@@ -30,6 +32,8 @@ PROBES = [
           2, "workdir '{tmp}/empty_run' has no checkpoint"),
     Probe("unknown task", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mcq", *LOCAL), 2,
           "unknown lm-eval task 'stdlib_mcq' (did you mean stdlib_mc"),
+    Probe("a run without a tokenizer", (f"--workdir={OLD_RUN}", "--tasks=stdlib_mc", *LOCAL), 2,
+          f"the run in {OLD_RUN} has no tokenizer (synthetic data): lm-eval tasks are text"),
 ]
 
 

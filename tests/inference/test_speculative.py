@@ -14,7 +14,7 @@ from flax import nnx
 
 from decoding_models import REPO, random_prompts, tiny_model
 from hf_models import make_hf_llama
-from tinyllama_jax.interop import export
+from tinyllama_jax.interop import hf_import
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.inference import decode, speculative
 
@@ -119,7 +119,7 @@ def draft_workdir(tmp_path_factory, tokenizer_file):  # noqa: F811
   root = tmp_path_factory.mktemp("draft")
   make_hf_llama(str(root / "hf"), tokenizer_file, hidden_size=32, intermediate_size=48,
                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-  export.import_hf(str(root / "hf"), str(root / "run"),
+  hf_import.import_hf(str(root / "hf"), str(root / "run"),
                    base_config_path=os.path.join(REPO, "configs/tiny.py"))
   return str(root / "run")
 

@@ -1,10 +1,9 @@
-"""HF interop against the real library: random HF Llama (GQA) -> import -> our logits equal
-HF's -> export -> reload in transformers -> identical tensors and logits; the same from our own
-trained (sharded) checkpoint; the exported tokenizer encodes like ours; bad input fails cleanly.
+"""Export against the real library: an imported random HF Llama (GQA) -> export -> reload in
+transformers -> identical tensors and logits; the same from our own trained (sharded) checkpoint;
+the exported tokenizer encodes like ours; bad input fails cleanly; the output folders export and
+import write through (modes, signals, what killed writers leave). The import itself is
+test_hf_import.py's."""
 
-The helpers at the top are shared with test_generate.py and test_evaluate.py."""
-
-import contextlib
 import errno
 import json
 import os
@@ -24,51 +23,12 @@ import torch
 import transformers
 
 from tinyllama_jax import cli, config as config_lib
-from tinyllama_jax.interop import export
+from tinyllama_jax.interop import export, hf_import
 from tinyllama_jax.interop import hf
-from tinyllama_jax.checkpoint import manager as checkpoint
 from tinyllama_jax.checkpoint import run as run_lib
 from tinyllama_jax.data import tokenizer as tokenizer_lib
-from hf_models import (REPO, TOKENS, hf_logits, imported, load_hf, make_hf_llama, our_logits,  # noqa: F401
+from hf_models import (REPO, TOKENS, hf_logits, imported, load_hf, our_logits,  # noqa: F401
                        stdlib_texts, tokenizer_file)  # (imported, tokenizer_file: fixtures)
-
-
-def test_import_logits_equal_hf(imported):
-  _, model, workdir = imported
-  cfg = run_lib.run_config(workdir, run_lib.resolve_step(workdir))
-  assert (cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.rope_theta) == (4, 2, 500.0)
-  params = run_lib.load_params(workdir, 0, cfg.model)
-  diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
-  assert diff <= 1e-4, diff
-
-
-def test_import_is_a_run_train_continues(imported):
-  """The trainer's own Run restores the import: step 0, same params, fresh data stream."""
-  from tinyllama_jax.training import loop as train_lib
-  hf_dir, _, workdir = imported
-  cfg = config_lib.load_config_file(os.path.join(workdir, "config.py"))
-  assert cfg.data.tokenizer == os.path.join(workdir, "tokenizer", "tokenizer.model")
-  assert os.path.isfile(cfg.data.tokenizer)
-  run = train_lib.Run(cfg, workdir)
-  state, data_state, step = run.initial_state()  # restores and verifies the checksums
-  assert step == 0 and int(state["step"]) == 0 and data_state == {}
-  reader = hf.SafetensorsReader(hf_dir)
-  np.testing.assert_array_equal(np.asarray(state["params"]["layers"]["wk"][1]),
-                                reader.get("model.layers.1.self_attn.k_proj.weight").T.reshape(
-                                    64, 2, 16))
-  assert jax.tree.structure(state) == jax.tree.structure(run.program.abstract_state)
-
-
-def test_import_tied_embeddings(tmp_path, tokenizer_file):
-  """A tied checkpoint (no lm_head.weight on disk) imports as two equal, untied matrices."""
-  hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
-  model = make_hf_llama(hf_dir, tokenizer_file, tie_word_embeddings=True)
-  export.import_hf(hf_dir, workdir)
-  cfg = run_lib.run_config(workdir, 0)
-  params = run_lib.load_params(workdir, 0, cfg.model)
-  np.testing.assert_array_equal(params["lm_head"], params["embed"].T)
-  diff = np.abs(our_logits(params, cfg.model, TOKENS) - hf_logits(model, TOKENS)).max()
-  assert diff <= 1e-4, diff
 
 
 # ----------------------------------------------------------------------------- export
@@ -130,7 +90,7 @@ def test_trained_sharded_checkpoint_roundtrip(tmp_path):
   tokens = TOKENS % 512
   diff = np.abs(hf_logits(load_hf(out), tokens) - our_logits(params, cfg.model, tokens)).max()
   assert diff <= 1e-4, diff
-  export.import_hf(out, back)
+  hf_import.import_hf(out, back)
   jax.tree.map(np.testing.assert_array_equal, run_lib.load_params(back, 0, cfg.model), params)
 
 
@@ -177,8 +137,8 @@ def leftovers(parent):
   return [n for n in os.listdir(parent) if ".tmp-" in n]
 
 
-def test_bad_inputs_fail_cleanly(imported, tmp_path, tokenizer_file):
-  hf_dir, _, workdir = imported
+def test_bad_inputs_fail_cleanly(imported, tmp_path):
+  _, _, workdir = imported
   out = str(tmp_path / "out")
   with pytest.raises(ValueError, match="does not exist"):
     export.export(str(tmp_path / "nope"), out)
@@ -188,35 +148,7 @@ def test_bad_inputs_fail_cleanly(imported, tmp_path, tokenizer_file):
   open(os.path.join(out, "x"), "w").close()
   with pytest.raises(ValueError, match="not empty"):
     export.export(workdir, out)
-
-  not_llama = str(tmp_path / "mistral")
-  make_hf_llama(not_llama)
-  config = json.load(open(os.path.join(not_llama, "config.json")))
-  json.dump({**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"]},
-            open(os.path.join(not_llama, "config.json"), "w"))
-  with pytest.raises(ValueError, match="not a Llama model.*mistral"):
-    export.import_hf(not_llama, str(tmp_path / "w1"))
-
-  pickled = str(tmp_path / "pickled")
-  os.makedirs(pickled)
-  json.dump(config, open(os.path.join(pickled, "config.json"), "w"))
-  open(os.path.join(pickled, "pytorch_model.bin"), "wb").close()
-  with pytest.raises(ValueError, match="pickle is refused.*save_pretrained"):
-    export.import_hf(pickled, str(tmp_path / "w2"))
-
-  with pytest.raises(ValueError, match="no tokenizer.model"):
-    export.import_hf(_no_tokenizer(tmp_path), str(tmp_path / "w3"))
-  with pytest.raises(ValueError, match="not a directory"):
-    export.import_hf(str(tmp_path / "missing"), str(tmp_path / "w4"))
-  for name in ("w1", "w2", "w3", "w4"):
-    assert not os.path.exists(tmp_path / name)
   assert leftovers(tmp_path) == []
-
-
-def _no_tokenizer(tmp_path):
-  d = str(tmp_path / "no_tok")
-  make_hf_llama(d)
-  return d
 
 
 def test_damaged_checkpoint_is_one_line(imported, tmp_path):
@@ -304,7 +236,7 @@ def test_output_modes_follow_the_umask(imported, tmp_path):
   try:
     out, back = str(tmp_path / "out"), str(tmp_path / "back")
     export.export(workdir, out, dtype="fp32")
-    export.import_hf(hf_dir, back)
+    hf_import.import_hf(hf_dir, back)
   finally:
     os.umask(old)
   for top in (out, back):
@@ -327,44 +259,6 @@ def test_cli_one_line_errors(imported, tmp_path):
     assert len(errors) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
   assert os.listdir(tmp_path) == []
-
-
-def test_a_full_disk_during_import_is_one_line_exit_3_and_leaves_nothing(imported, tmp_path,
-                                                                          monkeypatch, capsys):
-  """The checkpoint write failing (CheckpointError: a full disk) was 82 tracebacks, exit 1."""
-  hf_dir = imported[0]
-
-  def full(self, *args, **kwargs):
-    raise checkpoint.CheckpointError("could not write checkpoint 0 (no space left on device)")
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", full)
-  with pytest.raises(SystemExit) as exit_:  # as the command runs it (faults=WriteError)
-    cli.run(lambda argv: export.import_hf(hf_dir, str(tmp_path / "w")),
-            faults=(export.WriteError,), argv=["export"])
-  assert exit_.value.code == 3
-  err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1] == (f"error: could not write the import to {tmp_path}/w (no space left on "
-                    "device): free disk space or choose another --workdir; nothing was written")
-  assert os.listdir(tmp_path) == []
-
-
-def test_import_carries_the_chat_template_of_the_hf_directory(imported, tmp_path):
-  """A HF directory's template (chat_template.jinja first, then tokenizer_config.json's) becomes
-  the run's data.chat_template, and its export's; before, it was dropped and the run chatted in
-  Zephyr's."""
-  hf_dir = str(tmp_path / "hf")
-  shutil.copytree(imported[0], hf_dir)
-  template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
-  with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
-    json.dump({"chat_template": [{"name": "default", "template": template},
-                                 {"name": "tool_use", "template": "{{ 1 }}"}]}, f)
-  export.import_hf(hf_dir, str(tmp_path / "run"))
-  assert run_lib.run_config(str(tmp_path / "run"), 0).data.chat_template == template
-  export.export(str(tmp_path / "run"), str(tmp_path / "back"))  # and back out, to HF
-  with open(tmp_path / "back" / "tokenizer_config.json") as f:
-    assert json.load(f)["chat_template"] == template
-  with open(os.path.join(hf_dir, "chat_template.jinja"), "w") as f:
-    f.write(template + "!")
-  assert export.import_config({}, None, "tok", hf_dir).data.chat_template == template + "!"
 
 
 def _import_process(hf_dir, workdir):
@@ -409,14 +303,23 @@ def test_a_later_import_removes_the_temp_dir_of_a_killed_one(imported, tmp_path)
   assert sorted(leftovers(tmp_path)) == sorted([live.name, other.name]), stale
 
 
-def test_tracebacks_printed_during_a_failed_checkpoint_write_are_held_back(capfd):
-  """What C++ callbacks print on fd 2 while a write fails (tensorstore's, on orbax's closed event
-  loop) is given back without its tracebacks; after a write that succeeds, all of it."""
-  lines = "I kept\nTraceback (most recent call last):\n  File \"x\", line 1\nRuntimeError: closed\n"
-  for fails in (True, False):
-    with contextlib.suppress(checkpoint.CheckpointError):
-      with export._tracebacks_held_back_on_failure():
-        os.write(2, lines.encode())
-        if fails:
-          raise checkpoint.CheckpointError("no space left on device")
-    assert capfd.readouterr().err == ("I kept\n" if fails else lines)
+def test_temp_dirs_of_earlier_versions_are_removed_once_a_day_old(tmp_path, caplog):
+  """Earlier versions named the temporary folder `.w.tmp-XXXXXXXX` (no host or pid): never
+  removed before. One unchanged for a day is removed and logged; a younger one (its folder old,
+  a file in it written now: a live writer) is left and counted; other names are not touched."""
+  day_and_more = time.time() - 86400 - 60
+  old, fresh, written_in, other = (tmp_path / n for n in (
+      ".w.tmp-ab_12xyz", ".w.tmp-k3j9q0zz", ".w.tmp-7fh2m1pq", ".w.tmp-my-notes"))
+  for folder in (old, fresh, written_in, other):
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+  for path in (old / "model.safetensors", old, written_in, other / "model.safetensors", other):
+    os.utime(path, (day_and_more, day_and_more))
+  caplog.set_level("WARNING")
+  export.remove_stale_output_dirs(str(tmp_path / "w"))
+  assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, written_in.name, other.name])
+  assert f"removed {old}: the temporary folder of an earlier version's writer, unchanged for " \
+      "1.0 days" in caplog.text
+  assert (f"left 2 temporary folder(s) of an earlier version's writer in {tmp_path} alone: "
+          f"changed within a day, their writer may still run ({written_in.name}, {fresh.name})"
+          in caplog.text), caplog.text

@@ -1,8 +1,10 @@
 """Sweeps: grids, validation, run names, skip/resume, the print and SLURM launchers, the summary."""
 
+import contextlib
 import csv
 import json
 import os
+import pty
 import re
 import shlex
 import signal
@@ -19,6 +21,7 @@ from tinyllama_jax.training import metrics
 from tinyllama_jax.sweeps import grid as sweep
 from tinyllama_jax.sweeps import launch as sweep_launch
 from tinyllama_jax.sweeps import summary as sweep_summary
+from interrupt import sigint_after
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -317,6 +320,40 @@ def test_a_signal_to_the_sweep_reaches_its_trainers_once_and_waits_for_their_sav
       ["interrupted", "interrupted"]
 
 
+def test_a_hangup_stops_the_trainers_as_sigterm_and_the_sweep_outlives_its_terminal(tmp_path):
+  """The sweep's output on a terminal that closes, then SIGHUP (an ssh connection dropped): each
+  trainer gets SIGTERM once (SIGHUP would end it without a save) and saves; the sweep, whose
+  lines the closed terminal refuses, waits for them and exits 129. Before, SIGHUP ended the
+  sweep at once and its trainers trained on with nobody waiting for them."""
+  trainer = tmp_path / "signal_train.py"
+  trainer.write_text(SIGNAL_TRAINER)
+  workdir = tmp_path / "sweep"
+  runs = [workdir / "seed0", workdir / "seed1"]
+  terminal, its_end = pty.openpty()
+  proc = subprocess.Popen([sys.executable, "-c", SWEEP_WITH_TRAINER, TINY, str(workdir),
+                           str(trainer)], cwd=REPO, stdout=its_end, stderr=its_end,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+  os.close(its_end)
+  try:
+    deadline = time.monotonic() + 60
+    while not all((r / "started").exists() for r in runs):
+      assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+      time.sleep(0.02)
+    os.close(terminal)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=60) == 128 + signal.SIGHUP
+    for r in runs:
+      assert (r / "checkpoints" / "3").is_dir()
+      assert (r / "signals").read_text() == str(int(signal.SIGTERM))
+      assert sweep.read_run_file(str(r))["status"] == "interrupted"
+  finally:
+    for r in runs:  # trainers a sweep left behind
+      pid = sweep.read_run_file(str(r)).get("pid")
+      if pid and not (r / "signals").exists():
+        with contextlib.suppress(ProcessLookupError):
+          os.kill(pid, signal.SIGKILL)
+
+
 def test_device_slots():
   assert sweep_launch.device_slots(1, {"CUDA_VISIBLE_DEVICES": "0,1"}) == [{}]
   assert sweep_launch.device_slots(2, {"CUDA_VISIBLE_DEVICES": "3,4,5"}) == [
@@ -427,6 +464,26 @@ def test_cli_errors_are_one_line(tmp_path):
       "optim.lr, optim.min_lr, optim.b2?"]
   with pytest.raises(ValueError, match="holds no runs"):  # summarize's, without a process
     sweep_summary.summarize(str(tmp_path))
+
+
+SLOW_SWEEP_FILE = textwrap.dedent("""
+    import sys, time
+    from tinyllama_jax.sweeps.grid import product
+    def get_sweep():
+      print("reading the grid", file=sys.stderr, flush=True)
+      time.sleep(300)  # a grid read from a slow file system
+      return product({"seed": [0, 1]})
+""")
+
+
+def test_ctrl_c_while_planning_is_one_line_exit_130_and_creates_nothing(tmp_path):
+  """Before, a KeyboardInterrupt traceback, exit 1."""
+  slow = tmp_path / "slow.py"
+  slow.write_text(SLOW_SWEEP_FILE)
+  status, err, out = sigint_after("sweep", (f"--config={TINY}", f"--sweep={slow}",
+                                            f"--workdir={tmp_path / 'w'}"), "reading the grid")
+  assert (status, err, out) == (130, "interrupted\n", "")
+  assert not (tmp_path / "w").exists()
 
 
 def test_a_run_another_trainer_holds_is_not_reported_finished(tmp_path):

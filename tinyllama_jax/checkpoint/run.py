@@ -1,12 +1,14 @@
 """Reading a run: its checkpoint steps, the config and tokenizer it trained with, its parameters.
 
-export, generate and evaluate read a run only through these: one-line errors for the usual slips
-(no such workdir or step, a damaged checkpoint, a missing tokenizer), and every parameter checked
-against the checksum training stored with it.
+export, generate and evaluate open a run with open_run and read its parameters with
+iter_params / load_params: one-line errors for the usual slips (no such workdir or step, a
+damaged checkpoint, a missing tokenizer), and every parameter checked against the checksum
+training stored with it.
 """
 
 import contextlib
 import os
+from typing import NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -39,6 +41,27 @@ def resolve_step(workdir, step=None):
     raise ValueError(f"workdir {workdir!r} has no checkpoint for step {step}; it has steps "
                      f"{steps}: pass one of them to --step")
   return step
+
+
+class OpenRun(NamedTuple):
+  step: int
+  cfg: ml_collections.ConfigDict
+  tokenizer: Optional[tokenizer_lib.Tokenizer]  # None: a run without one (synthetic data)
+
+
+def open_run(workdir, step=None, *, tokenizer=None, allow_other_tokenizer=False, needs_text=None):
+  """The run in `workdir` as a command reads it: its checkpoint step (latest when None), the
+  config that checkpoint was saved with and its tokenizer (load_tokenizer's, `tokenizer` being
+  the command's --tokenizer), each slip one line. `needs_text`: why the command needs text;
+  given, a run without a tokenizer is refused in one line naming the run, that need and the fix."""
+  step = resolve_step(workdir, step)
+  cfg = run_config(workdir, step)
+  tok = load_tokenizer(cfg, workdir, step, tokenizer, allow_other_tokenizer)
+  if tok is None and needs_text:
+    raise ValueError(f"the run in {workdir} has no tokenizer (synthetic data): {needs_text}: "
+                     "pass --tokenizer=PATH (a sentencepiece .model with at most "
+                     f"{cfg.model.vocab_size} pieces)")
+  return OpenRun(step, cfg, tok)
 
 
 def read_meta(workdir, step):

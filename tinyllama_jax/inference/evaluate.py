@@ -139,6 +139,11 @@ def evaluate_files(params, cfg, tokenizer, spec, *, seq_len, batch_size, text_fi
 PIPELINE_SOURCES = ("prepared", "litpkds")
 
 
+def reads_pipeline(spec):
+  """Whether --data=`spec` is a pipeline form (split:NAME, prepared:DIR, ...), not text files."""
+  return spec.partition(":")[0] in ("split", *PIPELINE_SOURCES)
+
+
 def data_config_for(cfg, spec):
   """(run config whose data section reads `spec`, split) for the pipeline forms of --data, or
   None for files."""

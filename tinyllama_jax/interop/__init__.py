@@ -1,2 +1,2 @@
-"""Interop with Hugging Face / PyTorch: the name and layout mapping (hf.py), export and import
-(export.py)."""
+"""Interop with Hugging Face / PyTorch: the name and layout mapping (hf.py), export (export.py) and
+import (hf_import.py)."""

@@ -28,7 +28,7 @@ SLURM_SCRIPT = "sweep.sbatch"
 
 
 class Interrupted(Exception):
-  """The sweep got SIGTERM or SIGINT: its trainers got it too, saved and ended."""
+  """The sweep got SIGTERM, SIGINT or SIGHUP: its trainers were stopped too, saved and ended."""
 
   def __init__(self, signum):
     self.signum = signum
@@ -103,16 +103,23 @@ class _Forwarder:
   """SIGTERM / SIGINT to the sweep go on to its trainers at once (each finishes its step, saves
   and exits, as under a scheduler's signal); the sweep starts no more runs and waits for them.
   Trainers run in sessions of their own, so a terminal's Ctrl-C reaches them this way only, once:
-  a second signal makes a trainer exit without saving. A second one to the sweep goes on too."""
+  a second signal makes a trainer exit without saving. A second one to the sweep goes on too.
+  SIGHUP (the terminal closed, an ssh connection dropped) stops them the same way, as SIGTERM (a
+  trainer saves on SIGTERM and SIGINT only), and the sweep's own lines then go to /dev/null: a
+  hung-up terminal fails every write, which would end the sweep before its trainers' saves."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
   def __init__(self):
     self.signum = None
-    self._procs, self._previous = [], {}
+    self._procs, self._previous, self._terminal_fds = [], {}, []
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
-      for s in (signal.SIGTERM, signal.SIGINT):
+      for s in self.SIGNALS:
         self._previous[s] = signal.signal(s, self._handle)
+    # Asked now: a hung-up terminal no longer answers isatty.
+    self._terminal_fds = [fd for fd in (1, 2) if os.isatty(fd)]
     return self
 
   def __exit__(self, *exc):
@@ -122,14 +129,27 @@ class _Forwarder:
   def _handle(self, signum, frame):
     del frame
     self.signum = self.signum or signum
+    if signum == signal.SIGHUP:
+      self._leave_the_terminal()
     for proc in self._procs:
       if proc.poll() is None:
-        proc.send_signal(signum)
+        proc.send_signal(_for_trainer(signum))
+
+  def _leave_the_terminal(self):
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in self._terminal_fds:
+      os.dup2(null, fd)
+    os.close(null)
+    self._terminal_fds = []
 
   def started(self, proc):
     self._procs.append(proc)
     if self.signum is not None:  # the signal came while it started
-      proc.send_signal(self.signum)
+      proc.send_signal(_for_trainer(self.signum))
+
+
+def _for_trainer(signum):
+  return signal.SIGTERM if signum == signal.SIGHUP else signum
 
 
 def _start(run, trainer, config_path, env, slot):
@@ -163,7 +183,7 @@ def launch_local(runs, config_path, max_parallel=1, trainer=None, env=None, poll
   """Runs the unfinished runs, max_parallel at a time, each on its own set of GPUs, output in
   RUN/train.log; `trainer` is the command before the run's flags. Returns the failed runs' names.
   A run whose workdir a live trainer holds is skipped. SIGTERM / SIGINT: passed to the trainers,
-  which save; once they ended, Interrupted is raised."""
+  which save (SIGHUP: SIGTERM is); once they ended, Interrupted is raised."""
   env = dict(os.environ if env is None else env)
   env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
   trainer = trainer or [sys.executable, *TRAIN_MODULE]
