@@ -213,14 +213,15 @@ def loop_hlo(cfg_model, batch, length, prompt_len=64, chunk=decode.CHUNK, option
   shapes = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(
       model_lib.Llama(cfg_model, rngs=nnx.Rngs(params=0)), nnx.Param)))
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
-  decoder = decode.Decoder(cfg_model, length=length, greedy=True, chunk=chunk,
+  decoder = decode.Decoder(cfg_model, batch=batch, length=length, greedy=True, chunk=chunk,
                            compiler_options=options)
   knobs = decode.knobs_for(cfg_model, max_new_tokens=chunk, eos_id=None, temperature=0.0,
                            top_p=1.0, seed=0, n_valid=None)
   tokens = jax.ShapeDtypeStruct((batch, prompt_len), np.int32)
   state = jax.eval_shape(decoder.prefill, params, tokens,
                          jax.ShapeDtypeStruct((batch,), np.int32), knobs)
-  return decoder.run.lower(params, state, knobs).compile().as_text()
+  layers = jax.eval_shape(decoder.layout, params)
+  return decoder.run.lower(params, layers, state, knobs).compile().as_text()
 
 
 def count_ops(args, cfg_model):
