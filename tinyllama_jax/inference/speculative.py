@@ -158,10 +158,8 @@ class Speculator:
 
     def run(params_t, params_d, layers_t, layers_d, state, knobs):
       # Split here (once a call, outside the loop) unless `layout_*` made them before.
-      if layers_t is None:
-        layers_t = decode_lib.split_for_loop(params_t, cfg_target)
-      if layers_d is None:
-        layers_d = decode_lib.split_for_loop(params_d, cfg_draft)
+      layers_t = layers_t or decode_lib.split_for_loop(params_t, cfg_target)
+      layers_d = layers_d or decode_lib.split_for_loop(params_d, cfg_draft)
 
       def going(carry):
         i, s = carry
