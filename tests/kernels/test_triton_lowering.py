@@ -31,8 +31,8 @@ CASES = {
     "swiglu_packed": (lambda gu: _sum(swiglu.swiglu_packed_pallas(gu)),
                       [S((8, 2048, 2 * 5632), BF16)], 2),
 }
-# The fused decode layer at batch 1 (GEMVs) and 16 (dots); forward only.
-for _M in (1, 16):
+# The fused decode layer at 1 row (GEMVs), 5 (a masked dot) and 16; forward only.
+for _M in (1, 5, 16):
   CASES.update({
       f"decode_qkv_{_M}": (lambda x, g, w: decode_layer.norm_gemv(x, g, w, 1e-5),
                            [S((_M, 2048), BF16), S((2048,), BF16), S((2560, 2048), BF16)], 1),

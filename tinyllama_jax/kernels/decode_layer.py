@@ -84,8 +84,9 @@ def norm_gemv_swiglu_ref(x_MD, g_D, w_2FD, eps):
 # --- the GEMV kernel: one body, its fusions switched by static flags ------------------------------
 
 
-def _gemv_kernel(*refs, rows, K, block_k, norm, swiglu, residual, eps):
+def _gemv_kernel(*refs, M, rows, K, block_k, norm, swiglu, residual, eps):
   pl, _ = _pallas_mods()
+  from jax.experimental.pallas import triton as plgpu
   refs = list(refs)
   x_ref = refs.pop(0)  # [R, K]
   g_ref = refs.pop(0) if norm else None  # [K]
@@ -94,11 +95,19 @@ def _gemv_kernel(*refs, rows, K, block_k, norm, swiglu, residual, eps):
   (y_ref,) = refs  # [R, BN]
   f32 = jnp.float32
   gemv = rows == 1
+  # Rows past M (a dot of 16 for fewer): Pallas's Triton lowering does not bound a block to its
+  # array, so their loads and stores are masked here.
+  live = (jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < M) if M < rows else None
+
+  def load_rows(ref, cols):
+    if live is None:
+      return ref[:, cols]
+    return plgpu.load(ref.at[:, cols], mask=live, other=0)
 
   def body(i, carry):
     accs, ss = carry
     ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-    x = x_ref[:, ks].astype(f32)  # [R, BK]
+    x = load_rows(x_ref, ks).astype(f32)  # [R, BK]
     if norm:
       # The norm's scale is per row: sum x^2 here, scale the accumulator after the loop.
       ss = ss + (x * x if gemv else jnp.sum(x * x, axis=1))
@@ -129,8 +138,11 @@ def _gemv_kernel(*refs, rows, K, block_k, norm, swiglu, residual, eps):
   else:
     (out,) = outs
   if residual:
-    out = out + r_ref[...].astype(f32)
-  y_ref[...] = out.astype(y_ref.dtype)
+    out = out + load_rows(r_ref, slice(None)).astype(f32)
+  if live is None:
+    y_ref[...] = out.astype(y_ref.dtype)
+  else:
+    plgpu.store(y_ref, out.astype(y_ref.dtype), mask=live)
 
 
 def _pow2(n):
@@ -168,7 +180,7 @@ def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=No
   if not (_pow2(block_n) and N % block_n == 0 and block_k >= 16):
     raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n} (a power of two) and "
                      f"K={K} of 16")
-  rows = 1 if M == 1 else DOT_ROWS  # rows past M: masked by Pallas, never stored
+  rows = 1 if M == 1 else DOT_ROWS
   whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   strip = pl.BlockSpec((rows, block_n), lambda j: (0, j))
   in_specs, args = [whole(rows, K)], [x_MK]
@@ -182,7 +194,7 @@ def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=No
   if r_MN is not None:
     in_specs.append(strip)
     args.append(r_MN)
-  kernel = functools.partial(_gemv_kernel, rows=rows, K=K, block_k=block_k,
+  kernel = functools.partial(_gemv_kernel, M=M, rows=rows, K=K, block_k=block_k,
                              norm=g_K is not None, swiglu=swiglu, residual=r_MN is not None,
                              eps=float(eps))
   return _pallas.call(kernel, grid=(N // block_n,), in_specs=in_specs, out_specs=strip,
