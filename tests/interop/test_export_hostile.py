@@ -109,14 +109,14 @@ def tmp(tmp_path_factory, tokenizer_file):  # noqa: F811
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
-def test_export_hostile(probe, tmp):
+def test_export_hostile(probe, tmp, capfd):
   check("export", dataclasses.replace(probe, message=probe.message.replace("{tmp}", str(tmp))),
-        tmp)
+        tmp, capfd)
   leftovers = [n for n in os.listdir(tmp) if n in ("o", "out", "new") or ".tmp-" in n]
   assert leftovers == [], leftovers
 
 
-def test_import_onto_a_full_disk_is_one_line_exit_3(tmp):
+def test_import_onto_a_full_disk_is_one_line_exit_3(tmp, capfd):
   """A tmpfs too small for the checkpoint (root only, as tests/training's full-disk test): before,
   82 tracebacks of orbax's writer threads and one of the command, exit 1."""
   disk = tmp / "small_disk"
@@ -129,7 +129,7 @@ def test_import_onto_a_full_disk_is_one_line_exit_3(tmp):
     check("export", Probe("import: a full disk", ("--workdir={tmp}/small_disk/w",
                                                    "--from_hf={tmp}/hf"), 3,
                           f"could not write the import to {disk}/w (no space left on device)"),
-          tmp)
+          tmp, capfd)
     assert os.listdir(disk) == []
   finally:
     subprocess.run(["umount", str(disk)], check=False)
