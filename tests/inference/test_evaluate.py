@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from bench import eval_speed
-from hf_models import exported, STDLIB, imported, tokenizer_file  # noqa: F401 (fixtures)
+from hf_models import STDLIB
 from hostile import call
 from interrupt import sigint_after
 from tinyllama_jax.inference import evaluate
 
 
 @pytest.fixture(scope="module")
-def run(exported):  # noqa: F811
+def run(exported):
   return exported
 
 

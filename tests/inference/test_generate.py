@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_models import exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
+from hf_models import our_logits
 from hostile import call
 from interrupt import sigint_after
 from tinyllama_jax import generate as generate_cli
@@ -20,7 +20,7 @@ from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
-def model(exported):  # noqa: F811
+def model(exported):
   return exported
 
 
@@ -136,7 +136,7 @@ def test_settings_out_of_range_are_one_line_errors():
     generate.check_request(cfg_model, [[1], []], **ok)
 
 
-def test_a_batch_keeps_the_space_between_prompt_and_continuation(tokenizer_file):  # noqa: F811
+def test_a_batch_keeps_the_space_between_prompt_and_continuation(tokenizer_file):
   """sentencepiece drops a text's leading space: the continuation of a prompt, decoded alone,
   lost the space after it (`And Jesus saidunto`); decoded with its prompt, it keeps it."""
   tok = tokenizer_lib.Tokenizer(tokenizer_file)
