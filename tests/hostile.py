@@ -8,7 +8,8 @@ A row runs the command's own entry (`run_cli`, what `python -m tinyllama_jax.<co
 the test's process with the row's argv: a process start costs ~2.5 s of CPU importing jax, the
 row itself a fraction of that. The process-wide state a command sets (flags, logging, env, cwd,
 signal handlers, jax config) is put back after each row. A row that needs a process of its own
-(XLA reads XLA_FLAGS once a process) says so (`own_process`) and runs as `python -m`.
+says so (`own_process`, with why: e.g. plan sets jax_num_cpu_devices, which a process sets once,
+before jax starts) and runs as `python -m`.
 """
 
 import contextlib
@@ -38,7 +39,7 @@ class Probe:
   args: tuple        # the command's arguments; "{tmp}" is replaced by the test's tmp_path
   exit_code: int     # 2 bad input, 3 a fault
   message: str       # the error line's first words, after "error: "
-  own_process: bool = False  # run as `python -m`: the row needs a fresh process (say why)
+  own_process: bool = False  # run as `python -m`, for a row a used process cannot run
 
 
 @dataclasses.dataclass
@@ -59,9 +60,9 @@ def run(module, args, tmp, timeout=300, env=None):
 
 def call(module, args, tmp, capfd, timeout=300, env=None):
   """Runs the command `python -m tinyllama_jax.<module> args` runs, in this process, from the
-  repo; returns its Result. A call still running after `timeout` ends this process with every
-  thread's stack (as a hung subprocess would fail the row); a thread the command left running
-  that would keep a process from exiting fails the row."""
+  repo; returns its Result. A call still running after `timeout` ends this process (as a hung
+  subprocess fails the row, the worker's death fails it); a thread the command left running that
+  would keep a process from exiting fails the row."""
   entry = importlib.import_module(f"tinyllama_jax.{module}")
   if not hasattr(entry, "run_cli"):  # a package command: its __main__
     entry = importlib.import_module(f"tinyllama_jax.{module}.__main__")
