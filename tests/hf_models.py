@@ -1,6 +1,8 @@
 """Shared by the interop, inference and checkpoint tests: real text from the stdlib, a small
 sentencepiece model, a random Hugging Face Llama imported as a run (`imported`) and exported back
-(`exported`), and the logits of both stacks. Test files import the fixtures by name."""
+(`exported`), and the logits of both stacks. Test files import the fixtures by name (or their
+folder's conftest.py does). The fixtures are session-scoped, so read-only: a test that changes a
+run changes a copy."""
 
 import glob
 import json
@@ -71,12 +73,12 @@ def load_hf(directory):
                                                            dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory):
   return make_tokenizer(str(tmp_path_factory.mktemp("tok") / "tokenizer.model")).path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def imported(tmp_path_factory, tokenizer_file):
   """(hf_dir, hf_model, workdir): a random HF Llama and its import as a run."""
   root = tmp_path_factory.mktemp("interop")
@@ -92,7 +94,7 @@ TOKENS = np.random.default_rng(0).integers(0, 512, (2, 17))
 # ----------------------------------------------------------------------------- import
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(imported, tmp_path_factory):
   """(params, cfg, tokenizer, workdir, HF model loaded from our fp32 export) of the import."""
   _, _, workdir = imported

@@ -19,6 +19,6 @@ PROBES = [
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=lambda p: p.name)
-def test_config_refuses(probe, tmp_path):
-  proc = check("config", probe, tmp_path, timeout=60)
+def test_config_refuses(probe, tmp_path, capfd):
+  proc = check("config", probe, tmp_path, capfd, timeout=60)
   assert proc.stdout == ""

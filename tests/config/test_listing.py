@@ -2,9 +2,8 @@
 comment; and one run of the command that prints it (config/__main__.py)."""
 
 import os
-import subprocess
-import sys
 
+from hostile import call
 from tinyllama_jax import config as config_lib
 from tinyllama_jax.config import listing
 
@@ -44,11 +43,10 @@ def test_matmul_dtype_is_a_model_key_bf16_by_default_listed_with_its_choices():
   assert "model.matmul_dtype" in config_lib.flat_keys(cfg)  # a model key (the checkpoint's)
 
 
-def test_the_listing_command():
+def test_the_listing_command(tmp_path, capfd):
   """The one run of the command: its exit status and what it prints."""
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.config",
-                         "--config=configs/1b.py", "--config.model.remat=full"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = call("config", ("--config=configs/1b.py", "--config.model.remat=full"), tmp_path, capfd,
+              timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.splitlines()
   assert ("model.remat = 'full'  (default 'none')  [must be one of none, full, save_dots, "

@@ -59,13 +59,13 @@ def test_a_hand_edited_manifest_is_one_error_naming_the_file_and_field(tmp_path,
   assert str(tmp_path / "manifest.json") in str(e.value)
 
 
-def test_train_on_a_hand_edited_manifest_is_one_line_before_anything_runs(tmp_path):
+def test_train_on_a_hand_edited_manifest_is_one_line_before_anything_runs(tmp_path, capfd):
   (tmp_path / "manifest.json").write_text('{"format": "tinyllama_jax.prepared/1", '
                                           '"tokenizer": null, "shards": []}')
   hostile.check("train", hostile.Probe(
       "tokenizer null", ("--config=configs/tiny.py", "--workdir={tmp}/run",
                          "--config.data.source=prepared", "--config.data.paths={tmp}"), 2,
-      f"{tmp_path}/manifest.json: field 'tokenizer' is missing or not an object"), tmp_path)
+      f"{tmp_path}/manifest.json: field 'tokenizer' is missing or not an object"), tmp_path, capfd)
 
 
 def test_shards_rewritten_in_place_change_the_data_identity(tok, small_cfg, tmp_path, caplog):

@@ -1,6 +1,7 @@
 """prepare given what a careless or hostile user gives it: one line naming the flag or the path,
 exit 2, and nothing written to --out."""
 
+import dataclasses
 import os
 import shutil
 
@@ -37,10 +38,9 @@ PROBES = [
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=lambda p: p.name)
-def test_prepare_refuses_bad_input_in_one_line(probe, tok, tmp_path):
+def test_prepare_refuses_bad_input_in_one_line(probe, tok, tmp_path, capfd):
   shutil.copy(tok.path, tmp_path / "tok.model")
   (tmp_path / "in.txt").write_text("one small document")
-  probe = Probe(probe.name, probe.args, probe.exit_code,
-                probe.message.replace("{tmp}", str(tmp_path)))
-  hostile.check("prepare", probe, tmp_path)
+  probe = dataclasses.replace(probe, message=probe.message.replace("{tmp}", str(tmp_path)))
+  hostile.check("prepare", probe, tmp_path, capfd)
   assert not os.path.exists(tmp_path / "out")  # nothing written, not even the folder

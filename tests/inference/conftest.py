@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from decoding_models import tiny_model  # noqa: E402
-from hf_models import imported, tokenizer_file  # noqa: E402, F401 (fixtures)
+from hf_models import exported, imported, tokenizer_file  # noqa: E402, F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

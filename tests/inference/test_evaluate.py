@@ -3,21 +3,20 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from bench import eval_speed
-from hf_models import REPO, exported, STDLIB, imported, tokenizer_file  # noqa: F401 (fixtures)
+from hf_models import STDLIB
+from hostile import call
 from interrupt import sigint_after
 from tinyllama_jax.inference import evaluate
 
 
 @pytest.fixture(scope="module")
-def run(exported):  # noqa: F811
+def run(exported):
   return exported
 
 
@@ -96,7 +95,7 @@ def test_prepared_data(run, tmp_path):
     evaluate.evaluate_split(params, missing, tok, "eval", seq_len=32, batch_size=2, batches=1)
 
 
-def test_bad_data(run, tmp_path):
+def test_bad_data(run, tmp_path, capfd):
   params, cfg, tok, workdir, _ = run
   with pytest.raises(ValueError, match="not a file"):
     evaluate.evaluate_files(params, cfg, tok, str(tmp_path / "nope.txt"), seq_len=32, batch_size=2)
@@ -104,13 +103,11 @@ def test_bad_data(run, tmp_path):
   bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:2: .*--text_field"):
     evaluate.evaluate_files(params, cfg, tok, str(bad), seq_len=32, batch_size=2)
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={workdir}",
-                         f"--data={tmp_path}/missing.jsonl"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+  proc = call("evaluate", (f"--workdir={workdir}", f"--data={tmp_path}/missing.jsonl"), tmp_path,
+              capfd, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --data")
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={workdir}",
-                         f"--data={bad}", "--seq_len=-5"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+  proc = call("evaluate", (f"--workdir={workdir}", f"--data={bad}", "--seq_len=-5"), tmp_path,
+              capfd, timeout=120)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --seq_len=-5: use 1 to")
 

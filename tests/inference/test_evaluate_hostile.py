@@ -48,6 +48,6 @@ def tmp(tmp_path_factory, tokenizer_file):
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
-def test_evaluate_hostile(probe, tmp):
+def test_evaluate_hostile(probe, tmp, capfd):
   check("evaluate", dataclasses.replace(probe, message=probe.message.replace("{tmp}", str(tmp))),
-        tmp)
+        tmp, capfd)

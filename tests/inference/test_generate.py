@@ -2,8 +2,6 @@
 exported model, batched prompts of different lengths included; sampling and streaming."""
 
 import io
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,8 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_models import REPO, exported, imported, our_logits, tokenizer_file  # noqa: F401 (fixtures)
+from hf_models import our_logits
+from hostile import call
 from interrupt import sigint_after
 from tinyllama_jax import generate as generate_cli
 from tinyllama_jax.inference import decode, generate
@@ -21,7 +20,7 @@ from tinyllama_jax.data import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
-def model(exported):  # noqa: F811
+def model(exported):
   return exported
 
 
@@ -98,19 +97,16 @@ def test_stops_at_eos_and_streams(model):
   assert out.getvalue() == tok.decode(ids[0] + body)[len(tok.decode(ids[0])):]
 
 
-def test_cli_generates(model):
+def test_cli_generates(model, tmp_path, capfd):
   _, _, _, workdir, _ = model
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.generate", f"--workdir={workdir}",
-                         "--prompt=def f(x):", "--prompt=import", "--max_new_tokens=5"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = call("generate", (f"--workdir={workdir}", "--prompt=def f(x):", "--prompt=import",
+                           "--max_new_tokens=5"), tmp_path, capfd, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.count("--- [") == 2 and "def f(x):" in proc.stdout
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.generate", f"--workdir={workdir}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = call("generate", (f"--workdir={workdir}",), tmp_path, capfd, timeout=120)
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: give")
-  proc = subprocess.run([sys.executable, "-m", "tinyllama_jax.generate", f"--workdir={workdir}",
-                         "--prompt=x", "--max_new_tokens=-3"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = call("generate", (f"--workdir={workdir}", "--prompt=x", "--max_new_tokens=-3"),
+              tmp_path, capfd, timeout=120)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: --max_new_tokens=-3: generate at")
 
@@ -140,7 +136,7 @@ def test_settings_out_of_range_are_one_line_errors():
     generate.check_request(cfg_model, [[1], []], **ok)
 
 
-def test_a_batch_keeps_the_space_between_prompt_and_continuation(tokenizer_file):  # noqa: F811
+def test_a_batch_keeps_the_space_between_prompt_and_continuation(tokenizer_file):
   """sentencepiece drops a text's leading space: the continuation of a prompt, decoded alone,
   lost the space after it (`And Jesus saidunto`); decoded with its prompt, it keeps it."""
   tok = tokenizer_lib.Tokenizer(tokenizer_file)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from hf_models import hostile_runs
-from hostile import REPO, Probe, check, run
+from hostile import REPO, Probe, call, check
 
 W = "--workdir={tmp}/run"
 # A run trained on synthetic data: no tokenizer.
@@ -42,13 +42,14 @@ def tmp(tmp_path_factory, tokenizer_file):
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
-def test_generate_hostile(probe, tmp):
+def test_generate_hostile(probe, tmp, capfd):
   check("generate", dataclasses.replace(probe, message=probe.message.replace("{tmp}", str(tmp))),
-        tmp)
+        tmp, capfd)
 
 
-def test_another_tokenizer_is_used_when_allowed_with_a_warning(tmp):
-  proc = run("generate", (W, "--prompt=a", "--prompt=b", "--max_new_tokens=2",
-                          "--tokenizer={tmp}/swapped.model", "--allow_other_tokenizer"), tmp)
+def test_another_tokenizer_is_used_when_allowed_with_a_warning(tmp, capfd):
+  proc = call("generate", (W, "--prompt=a", "--prompt=b", "--max_new_tokens=2",
+                           "--tokenizer={tmp}/swapped.model", "--allow_other_tokenizer"),
+              tmp, capfd)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "--allow_other_tokenizer: using it anyway" in proc.stderr

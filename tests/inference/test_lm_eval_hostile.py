@@ -2,6 +2,7 @@
 {tmp} holds local tasks (tasks/), a task file that does not parse (broken/) and a workdir without
 checkpoints (empty_run/)."""
 
+import dataclasses
 import os
 import sys
 
@@ -38,22 +39,25 @@ PROBES = [
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
-def test_probe(probe, tmp_path):
+def test_probe(probe, tmp_path, capfd):
   eval_speed.write_local_tasks(str(tmp_path / "tasks"), n_docs=2)
   (tmp_path / "broken").mkdir()
   (tmp_path / "broken" / "broken.yaml").write_text("task: broken\n  dataset_path: [json\n")
   (tmp_path / "empty_run").mkdir()
-  probe = Probe(probe.name, probe.args, probe.exit_code, probe.message.replace("{tmp}", str(tmp_path)))
-  check("evaluate", probe, tmp_path, env=OFFLINE)
+  probe = dataclasses.replace(probe, message=probe.message.replace("{tmp}", str(tmp_path)))
+  check("evaluate", probe, tmp_path, capfd, env=OFFLINE)
   assert not (tmp_path / "out.json").exists()
 
 
-def test_without_lm_eval_one_line_names_the_install(tmp_path):
-  """lm-eval not installed (a package of its name that fails to import, first on the path)."""
+def test_without_lm_eval_one_line_names_the_install(tmp_path, capfd):
+  """lm-eval not installed (a package of its name that fails to import, first on the path): in
+  a process of its own, whose imports have not met lm_eval yet."""
   shadow = tmp_path / "shadow" / "lm_eval"
   shadow.mkdir(parents=True)
   (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'lm_eval'\")\n")
   (tmp_path / "empty_run").mkdir()
   probe = Probe("no lm-eval", ("--workdir={tmp}/empty_run", "--tasks=tinyllama"), 2,
-                '--tasks needs lm-evaluation-harness, which is not installed: pip install -e ".[eval]"')
-  check("evaluate", probe, tmp_path, env={**OFFLINE, "PYTHONPATH": str(tmp_path / "shadow")})
+                '--tasks needs lm-evaluation-harness, which is not installed: pip install -e ".[eval]"',
+                own_process=True)
+  check("evaluate", probe, tmp_path, capfd,
+        env={**OFFLINE, "PYTHONPATH": str(tmp_path / "shadow")})

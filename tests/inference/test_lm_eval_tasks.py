@@ -4,14 +4,12 @@ written as JSON, the same numbers as the backend in-process)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from hostile import call
 from tinyllama_jax.inference import lm_eval_tasks
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS = {"results": {
     "piqa": {"alias": "piqa", "acc,none": 0.6, "acc_stderr,none": 0.01, "acc_norm,none": 0.5},
@@ -49,14 +47,12 @@ def test_scalars_and_headline():
   assert average == pytest.approx(0.4)
 
 
-def test_evaluate_command_end_to_end(lm_eval_run, tmp_path):
+def test_evaluate_command_end_to_end(lm_eval_run, tmp_path, capfd):
   out = tmp_path / "results.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-  proc = subprocess.run(
-      [sys.executable, "-m", "tinyllama_jax.evaluate", f"--workdir={lm_eval_run['workdir']}",
-       "--tasks=stdlib_mc,stdlib_ppl", f"--include_path={lm_eval_run['tasks']}", "--limit=4",
-       "--batch_size=4", f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=env)
+  env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+  proc = call("evaluate", (f"--workdir={lm_eval_run['workdir']}", "--tasks=stdlib_mc,stdlib_ppl",
+                           f"--include_path={lm_eval_run['tasks']}", "--limit=4", "--batch_size=4",
+                           f"--out={out}"), tmp_path, capfd, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(out.read_text())
   assert set(results) == {"stdlib_mc", "stdlib_ppl"}

@@ -4,8 +4,6 @@ rows of different lengths; bad drafts are one-line errors; the CLI."""
 
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,6 +12,7 @@ from flax import nnx
 
 from decoding_models import REPO, random_prompts, tiny_model
 from hf_models import make_hf_llama
+from hostile import call
 from tinyllama_jax.interop import hf_import
 from tinyllama_jax import model as model_lib
 from tinyllama_jax.inference import decode, speculative
@@ -124,13 +123,12 @@ def draft_workdir(tmp_path_factory, tokenizer_file):  # noqa: F811
   return str(root / "run")
 
 
-def generate_cli(*args):
-  return subprocess.run([sys.executable, "-m", "tinyllama_jax.generate", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=180)
-
-
-def test_cli_speculative(imported, draft_workdir, tmp_path):  # noqa: F811
+def test_cli_speculative(imported, draft_workdir, tmp_path, capfd):  # noqa: F811
   _, _, workdir = imported
+
+  def generate_cli(*args):
+    return call("generate", args, tmp_path, capfd, timeout=180)
+
   prompts = ["--prompt=def f(x):", "--prompt=import os, sys\nclass A:"]
   plain = generate_cli(f"--workdir={workdir}", *prompts, "--max_new_tokens=12")
   assert plain.returncode == 0, plain.stderr[-2000:]

@@ -2,6 +2,8 @@
 hostile user might give, and the one line and exit status it must get (tests/hostile.py). Every
 row fails before a trainer starts."""
 
+import dataclasses
+
 import pytest
 
 from hostile import Probe, check
@@ -29,10 +31,9 @@ PROBES = [
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
-def test_sweep_probe(probe, tmp_path):
+def test_sweep_probe(probe, tmp_path, capfd):
   (tmp_path / "lr.py").write_text("def get_sweep():\n  return {'optim.lr': [1e-3]}\n")
   (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
   (tmp_path / "a_file").write_text("not a directory\n")
-  probe = Probe(probe.name, probe.args, probe.exit_code,
-                probe.message.replace("{tmp}", str(tmp_path)))
-  check("sweep", probe, tmp_path)
+  probe = dataclasses.replace(probe, message=probe.message.replace("{tmp}", str(tmp_path)))
+  check("sweep", probe, tmp_path, capfd)

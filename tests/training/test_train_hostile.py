@@ -1,6 +1,8 @@
 """Hostile input to `train`: each row a command line a careless or hostile user might give, and
 the one line and exit status it must get (tests/hostile.py). Every row fails before a compile."""
 
+import dataclasses
+
 import pytest
 
 from hostile import Probe, check
@@ -25,9 +27,8 @@ PROBES = [
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=[p.name for p in PROBES])
-def test_train_probe(probe, tmp_path):
+def test_train_probe(probe, tmp_path, capfd):
   (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
   (tmp_path / "a_file").write_text("not a directory\n")
-  probe = Probe(probe.name, probe.args, probe.exit_code,
-                probe.message.replace("{tmp}", str(tmp_path)))
-  check("train", probe, tmp_path)
+  probe = dataclasses.replace(probe, message=probe.message.replace("{tmp}", str(tmp_path)))
+  check("train", probe, tmp_path, capfd)
