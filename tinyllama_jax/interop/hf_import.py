@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -250,6 +251,7 @@ def _tracebacks_held_back_on_failure():
       yield
     except BaseException:
       failed = True
+      _drop_closed_loop_errors()
       raise
     finally:
       sys.stderr.flush()
@@ -259,6 +261,31 @@ def _tracebacks_held_back_on_failure():
       text = held.read().decode("utf-8", errors="replace")
       sys.stderr.write(_without_tracebacks(text) if failed else text)
       sys.stderr.flush()
+
+
+# What the writer's leftover callbacks raise once a write failed: the closed loop, or the same
+# failure again (a full disk).
+_REPEATS = ("Event loop is closed", "RESOURCE_EXHAUSTED", "No space left on device")
+
+
+def _repeats_the_failure(exc):
+  return isinstance(exc, (RuntimeError, ValueError, OSError)) and any(
+      s in str(exc) for s in _REPEATS)
+
+
+def _drop_closed_loop_errors():
+  """After a failed write some of those callbacks run later still, past the held-back window
+  (as the process ends, from other threads): each raises 'Event loop is closed' or the write's
+  own error again, as an unraisable exception, a thread's uncaught one, one printed from C++ or
+  an asyncio 'never retrieved' record. They repeat the one failure already reported, so for the rest of the
+  process they are dropped; any other error still prints."""
+  unraisable, in_thread, printed = sys.unraisablehook, threading.excepthook, sys.excepthook
+  sys.unraisablehook = lambda u: None if _repeats_the_failure(u.exc_value) else unraisable(u)
+  threading.excepthook = lambda a: None if _repeats_the_failure(a.exc_value) else in_thread(a)
+  # tensorstore's C++ threads print theirs with PyErr_Print, which calls sys.excepthook.
+  sys.excepthook = lambda t, e, tb: None if _repeats_the_failure(e) else printed(t, e, tb)
+  logging_std.getLogger("asyncio").addFilter(
+      lambda r: not (r.exc_info and _repeats_the_failure(r.exc_info[1])))
 
 
 def _without_tracebacks(text):
