@@ -29,8 +29,6 @@ import jax.numpy as jnp
 from tinyllama_jax.kernels import attention, rope
 
 MAX_ROWS = 16  # a dot tile's rows; more rows is a prefill, which XLA's GEMMs do well
-DOT_ROWS = 16
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _pallas_mods():
@@ -180,7 +178,7 @@ def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=No
   if not (_pow2(block_n) and N % block_n == 0 and block_k >= 16):
     raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n} (a power of two) and "
                      f"K={K} of 16")
-  rows = 1 if M == 1 else DOT_ROWS
+  rows = 1 if M == 1 else MAX_ROWS
   whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   strip = pl.BlockSpec((rows, block_n), lambda j: (0, j))
   in_specs, args = [whole(rows, K)], [x_MK]
@@ -271,7 +269,7 @@ def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_ou
     valid = j * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0) < past
     kb1, kb2 = k_ref[b, slots, g, lo].astype(f32), k_ref[b, slots, g, hi].astype(f32)
     logits = (jnp.sum(kb1 * q1[None, :], axis=1) + jnp.sum(kb2 * q2[None, :], axis=1)) * scale
-    logits = jnp.where(valid, logits, _MASK_VALUE)
+    logits = jnp.where(valid, logits, attention._MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(logits))
     p = jnp.exp(logits - m_new)
     alpha = jnp.exp(m - m_new)
@@ -287,7 +285,7 @@ def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_ou
     v = qkv_ref[b * T + j, H + G + g, :].astype(dt).astype(f32)
     return m_new, l * alpha + p, acc * alpha + p * v
 
-  carry = (jnp.float32(_MASK_VALUE), jnp.float32(0.0), jnp.zeros((D,), f32))
+  carry = (jnp.float32(attention._MASK_VALUE), jnp.float32(0.0), jnp.zeros((D,), f32))
   carry = jax.lax.fori_loop(0, (past + block_s - 1) // block_s, past_block, carry)
   m, l, acc = jax.lax.fori_loop(0, t + 1, new_token, carry)
   o_ref[r, h, :] = (acc / l).astype(o_ref.dtype)
