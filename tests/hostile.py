@@ -29,6 +29,8 @@ import jax
 from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run saved by an earlier version, trained on synthetic data: step 2, no tokenizer.
+OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
             signal.SIGPIPE, signal.SIGALRM)
 

@@ -11,10 +11,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from hostile import OLD_RUN
 from tinyllama_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")  # step 2, no tokenizer
 LIBRARY_LINES = ("event_tracking.py", "checkpointer.py", "async_io_engine.py", "orbax",
                  "Unable to initialize backend")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hf_models import REPO, STDLIB, make_tokenizer, swap_two_pieces
+from hostile import OLD_RUN
 from tinyllama_jax import config as config_lib
 from tinyllama_jax.inference import generate
 from tinyllama_jax.inference import evaluate
@@ -188,7 +189,6 @@ def test_a_trained_run_records_its_tokenizer_and_refuses_an_edited_copy(tmp_path
 
 # ----------------------------------------------------------------------------- opening a run
 
-OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")  # synthetic data, step 2
 
 
 def test_open_run_refuses_a_run_without_a_tokenizer_only_where_text_is_needed():

@@ -3,16 +3,13 @@ status (tests/hostile.py). The run is the imported random Llama of hf_models, on
 
 import dataclasses
 import json
-import os
 
 import pytest
 
 from hf_models import hostile_runs
-from hostile import REPO, Probe, check
+from hostile import OLD_RUN, Probe, check
 
 W = "--workdir={tmp}/run"
-# A run trained on synthetic data: no tokenizer.
-OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")
 PROBES = [
     Probe("binary file", (W, "--data={tmp}/blob.bin"), 2,
           "--data: {tmp}/blob.bin is not UTF-8 text (byte 128: binary data"),

@@ -3,16 +3,13 @@ status (tests/hostile.py). The run is the imported random Llama of hf_models, on
 its chat template (tokenizer_config.json's, carried by the import) repeats without bound."""
 
 import dataclasses
-import os
 
 import pytest
 
 from hf_models import hostile_runs
-from hostile import REPO, Probe, call, check
+from hostile import OLD_RUN, Probe, call, check
 
 W = "--workdir={tmp}/run"
-# A run trained on synthetic data: no tokenizer.
-OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")
 PROBES = [
     Probe("empty prompts file", (W, "--prompts_file={tmp}/empty.txt"), 2,
           "--prompts_file='{tmp}/empty.txt' has no prompt"),

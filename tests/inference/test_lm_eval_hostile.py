@@ -10,13 +10,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hostile import REPO, Probe, check  # noqa: E402
+from hostile import OLD_RUN, Probe, check  # noqa: E402
 from bench import eval_speed  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 LOCAL = ("--include_path={tmp}/tasks", "--out={tmp}/out.json")
-# A run trained on synthetic data: no tokenizer.
-OLD_RUN = os.path.join(REPO, "tests", "fixtures", "ckpt_1dd0a59", "run")
 
 PROBES = [
     Probe("limit zero", ("--workdir={tmp}/empty_run", "--tasks=stdlib_mc", "--limit=0", *LOCAL),
