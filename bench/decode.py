@@ -177,8 +177,17 @@ def row(name, batch, dtype, seconds, new_tokens, **extra):
           "ms_per_token": 1e3 * seconds / new_tokens, "seconds": seconds, **extra}
 
 
+def agreement(tokens, reference):
+  """The share of the reference's tokens another row set reproduces before its first different
+  token, the worst row's (1.0: the same greedy output; random weights make near-ties, so a late
+  divergence is bf16 rounding, an early one a wrong kernel)."""
+  def prefix(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+  return min(prefix(a, b) / max(len(b), 1) for a, b in zip(tokens, reference))
+
+
 def ours_rows(args, cfg_model, clock, rows):
-  params32 = None
+  params32, first = None, {}
   for dtype, (name, spec, options) in itertools.product(args.dtypes.split(","), variants(args)):
     cfg_d = with_dtype(cfg_model, dtype, kernels=spec)
     if params32 is None:
@@ -191,7 +200,7 @@ def ours_rows(args, cfg_model, clock, rows):
         continue
       prompts, lengths = prompt_batch(args, cfg_d, batch)
       try:
-        seconds, _ = best_of(lambda: decode.decode(params, cfg_d, prompts, lengths,
+        seconds, tokens = best_of(lambda: decode.decode(params, cfg_d, prompts, lengths,
                                                    max_new_tokens=args.new_tokens,
                                                    compiler_options=options), clock)
       except Exception as e:  # an option this XLA does not know: a row that says so
@@ -201,7 +210,11 @@ def ours_rows(args, cfg_model, clock, rows):
                      "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print_row(rows[-1])
         continue
-      rows.append(row(name, batch, dtype, seconds, args.new_tokens))
+      extra = {}
+      if (dtype, batch) in first:
+        extra["agrees_with_first_row_set"] = agreement(tokens, first[dtype, batch])
+      first.setdefault((dtype, batch), tokens)
+      rows.append(row(name, batch, dtype, seconds, args.new_tokens, **extra))
       print_row(rows[-1])
   return params32
 
@@ -392,7 +405,8 @@ def print_row(r):
             f"{r[why]}", flush=True)
       return
   extra = "".join(f"  {k}={r[k]:.3g}" for k in ("acceptance", "tokens_per_target_call",
-                                                "speedup_vs_target") if k in r)
+                                                "speedup_vs_target", "agrees_with_first_row_set")
+                  if k in r)
   extra += f"  same_as_target={r['same_as_target']}" if "same_as_target" in r else ""
   print(f"{r['name']:<32} {r['batch']:>5} {r['dtype']:>9} {r['tokens_per_s']:>11.1f} "
         f"{r['ms_per_token']:>9.3f}{extra}", flush=True)
