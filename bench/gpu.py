@@ -8,7 +8,8 @@ named by date, card and commit, and a summary table at the end (printed, and as 
 Parts (bench/gpu_parts.py, in the order given): env (device, versions), step (1b step:
 attention=auto vs cudnn vs the plain JAX step vs torch), attention (bench.attention_backends;
 this card's rows of kernels/attention_auto.json), decode (ours vs transformers eager and static
-cache + compile, batch 1 and 16), spec (a trained target/draft pair's speculative rows), fp8 (the
+cache + compile, batch 1 and 16), decode_kernels (the fused decode layer's kernels against XLA,
+a tile sweep), spec (a trained target/draft pair's speculative rows), fp8 (the
 step in bf16 vs fp8), parity (bf16 vs fp8 from one init, a pair a seed: ~6 min a seed), eval
 (bench.eval_speed, where the tree has it), gemm, kernels, sweeps (the Pallas tile sweeps),
 gpu_tests (the gpu-marked kernel tests).

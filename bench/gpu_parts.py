@@ -94,6 +94,16 @@ def decode(part):
   return [out]
 
 
+def decode_kernels(part):
+  """bench.decode_kernels: the fused decode layer's kernels against XLA's formula of each op, at
+  1 and 16 rows, with their tile sweeps."""
+  out = part.path("decode-kernels.json")
+  part.run([PY, "-m", "bench.decode_kernels", f"--out={out}",
+            f"--budget_s={part.inner_deadline()}"] + (["--smoke"] if part.smoke else []),
+           "decode-kernels", memory_fraction="0.6")
+  return [out]
+
+
 def spec(part):
   """A 1b target and a 4-layer d1024 draft trained on the stdlib text (one tokenizer), then
   speculative K=4 and K=6 at batch 1 against the target alone."""
@@ -231,6 +241,7 @@ PARTS = {
     "step": (step, 240, 240),
     "attention": (attention, 170, 240),
     "decode": (decode, 200, 200),
+    "decode_kernels": (decode_kernels, 240, 200),
     "spec": (spec, 330, 300),
     "fp8": (fp8, 160, 240),
     "parity": (parity, 560, 300),

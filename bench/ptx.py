@@ -36,7 +36,8 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores")
 _LOADS = re.compile(r"(ld\.global(?:\.[a-z0-9]+)*)")
 # cp.async.cg.shared.global [dst], [src], 0x10, src-size;  (the third operand: bytes copied)
-_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)")
+_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],"
+                    r"\s*(0x[0-9a-f]+|\d+)")
 
 
 def _int_attr(config, key):

@@ -20,20 +20,20 @@ def _gemv_inputs(seed, M, K, N, dtype):
   return x, g, w, r
 
 
-def _check_gemvs(M, D, N, F, dtype, seed=0):
+def _check_gemvs(M, D, N, F, dtype, seed=0, **tiles):
   x, g, w, _ = _gemv_inputs(seed, M, D, N, dtype)
   up = lambda a: a.astype(jnp.float32)  # references from the same rounded values
-  assert_close(dl.norm_gemv(x, g, w, 1e-5), dl.norm_gemv_ref(up(x), up(g), up(w), 1e-5),
+  assert_close(dl.norm_gemv(x, g, w, 1e-5, **tiles), dl.norm_gemv_ref(up(x), up(g), up(w), 1e-5),
                dtype, f"norm_gemv M={M}")
-  logits = dl.norm_gemv(x, g, w, 1e-5, jnp.float32)
+  logits = dl.norm_gemv(x, g, w, 1e-5, jnp.float32, **tiles)
   assert logits.dtype == jnp.float32
   assert_close(logits, dl.norm_gemv_ref(up(x), up(g), up(w), 1e-5), dtype, "norm_gemv fp32 out")
   a, _, w_o, _ = _gemv_inputs(seed + 1, M, N, D, dtype)
   res = normal(jax.random.key(seed + 3), (M, D), dtype)
-  assert_close(dl.gemv_add(a, w_o, res), dl.gemv_add_ref(up(a), up(w_o), up(res)), dtype,
-               f"gemv_add M={M}")
+  assert_close(dl.gemv_add(a, w_o, res, **tiles), dl.gemv_add_ref(up(a), up(w_o), up(res)),
+               dtype, f"gemv_add M={M}")
   _, _, w_gu, _ = _gemv_inputs(seed + 2, M, D, 2 * F, dtype)
-  assert_close(dl.norm_gemv_swiglu(x, g, w_gu, 1e-5),
+  assert_close(dl.norm_gemv_swiglu(x, g, w_gu, 1e-5, **tiles),
                dl.norm_gemv_swiglu_ref(up(x), up(g), up(w_gu), 1e-5), dtype, f"swiglu M={M}")
 
 
@@ -42,6 +42,13 @@ def _check_gemvs(M, D, N, F, dtype, seed=0):
 def test_gemvs_match_their_references(M, dtype):
   # K = 96 is not a power of two (5632 is not): the K loop takes chunks of 32.
   _check_gemvs(M, D=96, N=48, F=32, dtype=dtype)
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_gemvs_take_other_tiles(M):
+  # bench.decode_kernels sweeps these; K = 128 in one chunk, or in 4 of 32.
+  _check_gemvs(M, D=128, N=128, F=64, dtype=jnp.float32, block_k=128)
+  _check_gemvs(M, D=128, N=128, F=64, dtype=jnp.float32, block_k=32, block_n=16)
 
 
 def _attend_inputs(seed, S, H, G, D, dtype, positions_BT):
@@ -101,6 +108,8 @@ def test_bad_shapes_are_one_line_errors():
     dl.norm_gemv(x[:4], g, w.T, 1e-5)
   with pytest.raises(ValueError, match="multiple of block_n"):
     dl.norm_gemv(x[:4], g, w[:24], 1e-5)
+  with pytest.raises(ValueError, match="of block_k=48"):
+    dl.norm_gemv(x[:4], g, w, 1e-5, block_k=48)
 
 
 def test_layer_weights_are_the_block_weights_transposed():

@@ -165,19 +165,20 @@ def block_n_for(M, N):
 
 
 def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=None,
-          num_warps=4, num_stages=3, interpret=None):
+          block_k=None, num_warps=4, num_stages=3, interpret=None):
   pl, _pallas = _pallas_mods()
   M, K = x_MK.shape
   N = w_NK.shape[0] // (2 if swiglu else 1)
   block_n = block_n or block_n_for(M, N)
-  block_k = block_k_for(K)
+  block_k = block_k or block_k_for(K)
   if M > MAX_ROWS:
     raise ValueError(f"{op}: {M} rows > {MAX_ROWS} (a decode step; a prefill uses the GEMMs)")
   if w_NK.shape[1] != K:
     raise ValueError(f"{op}: weight {w_NK.shape} must be [N, K] with K = {K}, x's last dim")
-  if not (_pow2(block_n) and N % block_n == 0 and block_k >= 16):
-    raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n} (a power of two) and "
-                     f"K={K} of 16")
+  if not (_pow2(block_n) and N % block_n == 0 and _pow2(block_k) and K % block_k == 0
+          and block_k >= 16):
+    raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n} and K={K} of "
+                     f"block_k={block_k} (powers of two, block_k >= 16)")
   rows = 1 if M == 1 else MAX_ROWS
   whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   strip = pl.BlockSpec((rows, block_n), lambda j: (0, j))
