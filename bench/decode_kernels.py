@@ -50,8 +50,8 @@ SMOKE_SHAPES = {"qkv": (64, 48), "o": (64, 64), "gate_up": (64, 64), "down": (96
                 "attend": None}
 # In priority order (--budget_s may cut the tail). M = 1: a program's loads in flight are its
 # block_n x block_k weights (no pipelining without a dot), hence the longer chunks and fewer rows.
-SWEEP_1 = ["-:-:4:3", "-:1024:4:3", "-:2048:4:3", "-:2048:8:3", "8:-:4:3", "2:2048:4:3",
-           "-:-:8:3"]
+SWEEP_1 = ["-:-:4:3", "-:1024:4:3", "-:2048:4:3", "-:2048:8:3", "-:4096:4:3", "2:2048:4:3",
+           "8:-:4:3", "-:-:8:3"]
 SWEEP_16 = ["-:-:4:3", "-:256:4:4", "-:1024:4:2", "-:-:8:3", "32:-:4:3", "-:128:4:5"]
 ATTEND_SWEEP = ["64:4", "128:4", "32:4", "64:2", "64:8"]
 SMOKE_SWEEP = {1: ["-:-:4:3", "-:32:4:3", "-:48:4:3"], 16: ["-:-:4:3", "-:32:4:3"]}

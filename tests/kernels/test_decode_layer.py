@@ -46,9 +46,10 @@ def test_gemvs_match_their_references(M, dtype):
 
 @pytest.mark.parametrize("M", [1, 5])
 def test_gemvs_take_other_tiles(M):
-  # bench.decode_kernels sweeps these; K = 128 in one chunk, or in 4 of 32.
-  _check_gemvs(M, D=128, N=128, F=64, dtype=jnp.float32, block_k=128)
-  _check_gemvs(M, D=128, N=128, F=64, dtype=jnp.float32, block_k=32, block_n=16)
+  # bench.decode_kernels sweeps these. K = 96: one chunk of 64, then a piece of 32; 3 of 32.
+  _check_gemvs(M, D=96, N=96, F=64, dtype=jnp.float32, block_k=64)
+  _check_gemvs(M, D=96, N=96, F=64, dtype=jnp.float32, block_k=32, block_n=16)
+  assert dl.pow2_pieces(5632 % 2048) == [1024, 512] and dl.pow2_pieces(0) == []
 
 
 def _attend_inputs(seed, S, H, G, D, dtype, positions_BT):
@@ -108,7 +109,7 @@ def test_bad_shapes_are_one_line_errors():
     dl.norm_gemv(x[:4], g, w.T, 1e-5)
   with pytest.raises(ValueError, match="multiple of block_n"):
     dl.norm_gemv(x[:4], g, w[:24], 1e-5)
-  with pytest.raises(ValueError, match="of block_k=48"):
+  with pytest.raises(ValueError, match="block_k=48 a power of two"):
     dl.norm_gemv(x[:4], g, w, 1e-5, block_k=48)
 
 

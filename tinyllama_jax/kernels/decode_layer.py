@@ -102,32 +102,44 @@ def _gemv_kernel(*refs, M, rows, K, block_k, norm, swiglu, residual, eps):
       return ref[:, cols]
     return plgpu.load(ref.at[:, cols], mask=live, other=0)
 
-  def body(i, carry):
-    accs, ss = carry
-    ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-    x = load_rows(x_ref, ks).astype(f32)  # [R, BK]
+  def products(ks):  # one chunk's products: [BN, size] (one row, reduced later) or [R, BN]
+    x = load_rows(x_ref, ks).astype(f32)  # [R, size]
+    sq = x * x if norm else None  # the norm's scale is per row: applied after the loop
     if norm:
-      # The norm's scale is per row: sum x^2 here, scale the accumulator after the loop.
-      ss = ss + (x * x if gemv else jnp.sum(x * x, axis=1))
       x = x * g_ref[ks].astype(f32)[None, :]
     x = x.astype(w_refs[0].dtype)  # the dot's operand; one row rounds the same way
-    new = []
-    for acc, w_ref in zip(accs, w_refs):
-      w = w_ref[:, ks]  # [BN, BK], K contiguous
+    out = []
+    for w_ref in w_refs:
+      w = w_ref[:, ks]  # [BN, size], K contiguous
       if gemv:  # elementwise, reduced once after the loop (no cross-thread sums inside it)
-        new.append(acc + w.astype(f32) * x.astype(f32))
+        out.append(w.astype(f32) * x.astype(f32))
       else:
-        new.append(acc + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
-                                             preferred_element_type=f32))
-    return tuple(new), ss
+        out.append(jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
+                                       preferred_element_type=f32))
+    return out, sq
+
+  def body(i, carry):
+    accs, ss = carry
+    prods, sq = products(pl.ds(pl.multiple_of(i * block_k, block_k), block_k))
+    if norm:
+      ss = ss + (sq if gemv else jnp.sum(sq, axis=1))
+    return tuple(a + p for a, p in zip(accs, prods)), ss
 
   block_n = w_refs[0].shape[0]
   accs = tuple(jnp.zeros((block_n, block_k) if gemv else (rows, block_n), f32) for _ in w_refs)
   ss = jnp.zeros((1, block_k) if gemv else (rows,), f32)
   accs, ss = jax.lax.fori_loop(0, K // block_k, body, (accs, ss))
   outs = [jnp.sum(a, axis=1)[None, :] for a in accs] if gemv else list(accs)  # [R, BN]
+  ss = jnp.sum(ss, axis=1) if gemv else ss  # [R]
+  # K past the last whole chunk (5632 = 2 x 2048 + 1024 + 512): power-of-two pieces, unrolled.
+  start = K // block_k * block_k
+  for size in pow2_pieces(K % block_k):
+    prods, sq = products(pl.ds(start, size))
+    outs = [o + (jnp.sum(p, axis=1)[None, :] if gemv else p) for o, p in zip(outs, prods)]
+    if norm:
+      ss = ss + jnp.sum(sq, axis=1)
+    start += size
   if norm:
-    ss = jnp.sum(ss, axis=1) if gemv else ss  # [R]
     rstd = jax.lax.rsqrt(ss / K + eps)[:, None]
     outs = [o * rstd for o in outs]
   if swiglu:
@@ -150,6 +162,11 @@ def _pow2(n):
 def block_k_for(K):
   """The largest power-of-two chunk <= 512 dividing K (512 at the 1b shapes: 2048, 5632)."""
   return min(512, K & -K)
+
+
+def pow2_pieces(n):
+  """n as descending powers of two (1536 -> 1024, 512): the chunks after the whole ones."""
+  return [1 << b for b in reversed(range(n.bit_length())) if n >> b & 1]
 
 
 def block_n_for(M, N):
@@ -175,10 +192,10 @@ def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=No
     raise ValueError(f"{op}: {M} rows > {MAX_ROWS} (a decode step; a prefill uses the GEMMs)")
   if w_NK.shape[1] != K:
     raise ValueError(f"{op}: weight {w_NK.shape} must be [N, K] with K = {K}, x's last dim")
-  if not (_pow2(block_n) and N % block_n == 0 and _pow2(block_k) and K % block_k == 0
-          and block_k >= 16):
-    raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n} and K={K} of "
-                     f"block_k={block_k} (powers of two, block_k >= 16)")
+  if not (_pow2(block_n) and N % block_n == 0 and _pow2(block_k) and 16 <= block_k <= K
+          and K % 16 == 0):
+    raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n}, K={K} of 16, and "
+                     f"block_k={block_k} a power of two from 16 to K")
   rows = 1 if M == 1 else MAX_ROWS
   whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   strip = pl.BlockSpec((rows, block_n), lambda j: (0, j))
