@@ -10,6 +10,7 @@ Ops (D 2048, 32 query and 4 kv heads of 64, F 5632; M = 1 and 16 rows, bf16):
   qkv      rms_norm(x) @ Wqkv               gate_up  silu(h @ Wg) * (h @ Wu), h = rms_norm(x)
   o        x + o @ Wo                       down     x + a @ Wd
   attend   RoPE, the new k and v written into a 384-slot cache, attention over slots 0..p
+           (p = 200 + the row % 8); attend_long: a 2048-slot cache, p = 1864 + the row % 8
 xla: the model's formula in the model's layout ([K, N] weights), jitted; ours: the kernel on the
 [N, K] layout, one row per config (block_n:block_k:num_warps:num_stages for the GEMVs, '-' for
 the kernel's default; block_s:num_warps for attend). A config the kernel or Triton refuses is a
@@ -19,7 +20,8 @@ of them, so no weight stays in an H100's or H200's 50 MB L2 from one use to the 
 cannot merge two dots that share a weight). After warm-up, `reps` timed loops each enqueue
 `inner` runs and block once; us a call = the loops' median / inner / calls. Launch gaps count, as
 in a decode step. GB/s = weight (attend: cache) bytes / time. max_rel_err: against the fp32
-reference on the same bf16 inputs.
+reference on the same bf16 inputs. attend's caches are not donated here, so both sides copy
+the cache once a call (XLA's update and our aliased write); in the decode loop neither does.
 """
 
 import argparse
@@ -41,19 +43,22 @@ from tinyllama_jax.kernels import rms_norm, rope, swiglu
 EPS = 1e-5
 L2_DEFEAT_BYTES = 150e6
 N_LAYERS = 22
-H, G, DH, CACHE = 32, 4, 64, 384
+H, G, DH = 32, 4, 64
+MAX_CALLS = 64  # attend's caches are small: 150 MB of them would be a program of ~400 calls
 
 # name -> (K, N): N counts the packed gate/up's 2F rows.
 SHAPES = {"qkv": (2048, 2560), "o": (2048, 2048), "gate_up": (2048, 2 * 5632),
-          "down": (5632, 2048), "attend": None}
+          "down": (5632, 2048), "attend": 384, "attend_long": 2048}
 SMOKE_SHAPES = {"qkv": (64, 48), "o": (64, 64), "gate_up": (64, 64), "down": (96, 64),
-                "attend": None}
+                "attend": 32, "attend_long": 64}
 # In priority order (--budget_s may cut the tail). M = 1: a program's loads in flight are its
 # block_n x block_k weights (no pipelining without a dot), hence the longer chunks and fewer rows.
 SWEEP_1 = ["-:-:4:3", "-:1024:4:3", "-:2048:4:3", "-:2048:8:3", "-:4096:4:3", "2:2048:4:3",
            "8:-:4:3", "-:-:8:3"]
 SWEEP_16 = ["-:-:4:3", "-:256:4:4", "-:1024:4:2", "-:-:8:3", "32:-:4:3", "-:128:4:5"]
-ATTEND_SWEEP = ["64:4", "128:4", "32:4", "64:2", "64:8"]
+# A program walks its row's past slots block_s at a time, serially: longer blocks, fewer trips
+# (none spills at 2048 slots: bench.ptx, 94 registers at 64 to 165 at 256 with 4 warps).
+ATTEND_SWEEP = ["64:4", "128:4", "256:4", "256:8", "32:4", "64:8"]
 SMOKE_SWEEP = {1: ["-:-:4:3", "-:32:4:3", "-:48:4:3"], 16: ["-:-:4:3", "-:32:4:3"]}
 SMOKE_ATTEND = ["16:4", "32:4"]
 
@@ -115,12 +120,12 @@ def gemv_inputs(op, M, K, N, key):
   return (x, g, w_NK), (x, g, w_NK.T.copy())
 
 
-def attend_inputs(M, key, smoke):
-  """A row's one new token at position 200 + its row (a 384-slot cache; smoke: 3 + row of 32)."""
-  S, heads, gs, d = (32, 4, 2, 8) if smoke else (CACHE, H, G, DH)
+def attend_inputs(M, S, key, smoke):
+  """A row's one new token at position S - 184 + its row % 8 in an S-slot cache (smoke: 3 +)."""
+  heads, gs, d = (4, 2, 8) if smoke else (H, G, DH)
   k = jax.random.split(key, 3)
   bf = jnp.bfloat16
-  pos = (jnp.arange(M, dtype=jnp.int32) % (S - 8) + (3 if smoke else 200) % (S - 8))[:, None]
+  pos = (jnp.arange(M, dtype=jnp.int32) % 8 + (3 if smoke else S - 184))[:, None]
   qkv = jax.random.normal(k[0], (M, 1, heads + 2 * gs, d), bf)
   cos, sin = rope.cos_sin(pos, d, 10000.0)
   kc, vc = (jax.random.normal(k[1], (M, S, gs, d), bf), jax.random.normal(k[2], (M, S, gs, d), bf))
@@ -154,19 +159,20 @@ def bench_op(op, M, shapes, configs, calls, reps, inner, deadline, smoke):
   """The op's rows at M rows: xla, then ours per config."""
   key = jax.random.key(M)
   n_heads = 4 if smoke else H  # attend_inputs' heads
-  if op == "attend":
-    one, _ = attend_inputs(M, key, smoke)
+  kind = "attend" if op.startswith("attend") else op
+  if kind == "attend":
+    one, _ = attend_inputs(M, shapes[op], key, smoke)
     nbytes = 2 * one[3].size * one[3].dtype.itemsize
-    make = lambda k: attend_inputs(M, k, smoke)
+    make = lambda k: attend_inputs(M, shapes[op], k, smoke)
     K = N = None
   else:
     K, N = shapes[op]
     nbytes = K * N * 2
     make = lambda k: gemv_inputs(op, M, K, N, k)
   if not smoke:
-    calls = max(calls, math.ceil(L2_DEFEAT_BYTES / nbytes))
+    calls = min(max(calls, math.ceil(L2_DEFEAT_BYTES / nbytes)), MAX_CALLS)
   sets = [make(k) for k in jax.random.split(key, calls)]
-  ref = jax.jit(ref_fn(op, n_heads))(*sets[0][0])
+  ref = jax.jit(ref_fn(kind, n_heads))(*sets[0][0])
   base = dict(op=op, m=M, k=K, n=N, mbytes=nbytes / 1e6, calls=calls)
   rows = []
   for impl, config in [("xla", None)] + [("ours", c) for c in configs]:
@@ -176,10 +182,10 @@ def bench_op(op, M, shapes, configs, calls, reps, inner, deadline, smoke):
       continue
     try:
       if impl == "xla":
-        fn, args = xla_fn(op, n_heads), [xla_args for _, xla_args in sets]
+        fn, args = xla_fn(kind, n_heads), [xla_args for _, xla_args in sets]
       else:
-        tiles = attend_config(config) if op == "attend" else gemv_config(config)
-        fn, args = ours_fn(op, tiles, n_heads), [our_args for our_args, _ in sets]
+        tiles = attend_config(config) if kind == "attend" else gemv_config(config)
+        fn, args = ours_fn(kind, tiles, n_heads), [our_args for our_args, _ in sets]
       row["max_rel_err"] = max_rel_err(jax.jit(fn)(*args[0]), ref)
       row["us"] = time_calls(fn, args, reps, inner)
       row["gbs"] = nbytes / (row["us"] * 1e-6) / 1e9
@@ -193,9 +199,12 @@ def bench_op(op, M, shapes, configs, calls, reps, inner, deadline, smoke):
 
 
 def layer_summary(rows, M):
-  """A layer's five ops at M rows, XLA against our best config each (us), and x22 (ms)."""
+  """A layer's five ops at M rows, XLA against our best config each (us), and x22 (ms); one
+  attention (the 384-slot one where both ran)."""
   mine = [r for r in rows if r["m"] == M and r["us"]]
   ops = list(dict.fromkeys(r["op"] for r in rows))
+  if "attend" in ops:
+    ops = [op for op in ops if op != "attend_long"]
   xla = [min((r["us"] for r in mine if r["op"] == op and r["impl"] == "xla"), default=None)
          for op in ops]
   ours = [min((r["us"] for r in mine if r["op"] == op and r["impl"] == "ours"), default=None)
@@ -207,11 +216,12 @@ def layer_summary(rows, M):
 
 
 def print_table(rows, summaries):
-  print(f"{'op':<8}{'M':>3}  {'impl':<5}{'config':<12}{'us':>8}{'GB/s':>7}{'vs xla':>7}"
+  print(f"{'op':<12}{'M':>3}  {'impl':<5}{'config':<12}{'us':>8}{'GB/s':>7}{'vs xla':>7}"
         f"{'err':>9}  note")
   for r in rows:
     f = lambda k, fmt: "-" if r.get(k) is None else fmt.format(r[k])
-    print(f"{r['op']:<8}{r['m']:>3}  {r['impl']:<5}{r['config'] or '-':<12}{f('us', '{:.1f}'):>8}"
+    print(f"{r['op']:<12}{r['m']:>3}  {r['impl']:<5}{r['config'] or '-':<12}"
+          f"{f('us', '{:.1f}'):>8}"
           f"{f('gbs', '{:.0f}'):>7}{f('vs_xla', '{:.2f}'):>7}{f('max_rel_err', '{:.1e}'):>9}"
           f"  {r.get('note', '')[:90]}", flush=True)
   for s in summaries:
@@ -254,7 +264,7 @@ def main(argv=None):
   rows = []
   for M in ms:
     for op in ops:
-      if op == "attend":
+      if op.startswith("attend"):
         configs = (args.attend_configs.split(",") if args.attend_configs else
                    SMOKE_ATTEND if args.smoke else ATTEND_SWEEP)
       else:

@@ -10,27 +10,27 @@ from bench import decode_kernels
 
 def test_smoke_rows_errors_and_the_layer_summary(tmp_path, capsys):
   out = tmp_path / "k.json"
-  assert decode_kernels.main(["--smoke", "--ops=qkv,attend", "--rows=1",
+  assert decode_kernels.main(["--smoke", "--ops=qkv,attend_long", "--rows=1",
                               "--configs=-:-:4:3,-:48:4:3", f"--out={out}"]) == 0
   data = json.loads(out.read_text())
   rows = {(r["op"], r["impl"], r["config"]): r for r in data["rows"]}
   assert set(rows) == {("qkv", "xla", None), ("qkv", "ours", "-:-:4:3"),
-                       ("qkv", "ours", "-:48:4:3"), ("attend", "xla", None),
-                       ("attend", "ours", "16:4"), ("attend", "ours", "32:4")}
+                       ("qkv", "ours", "-:48:4:3"), ("attend_long", "xla", None),
+                       ("attend_long", "ours", "16:4"), ("attend_long", "ours", "32:4")}
   ok = rows["qkv", "ours", "-:-:4:3"]
   assert ok["us"] > 0 and ok["max_rel_err"] < 1e-2 and ok["vs_xla"] > 0
-  assert rows["attend", "ours", "32:4"]["max_rel_err"] < 1e-2
+  assert rows["attend_long", "ours", "32:4"]["max_rel_err"] < 1e-2
   refused = rows["qkv", "ours", "-:48:4:3"]
   assert refused["us"] is None and "block_k=48" in refused["note"]
   (summary,) = data["layer"]
-  assert summary["ops"] == ["qkv", "attend"] and summary["ours_layer_us"] > 0
-  assert "M=1: a layer's qkv+attend" in capsys.readouterr().out
+  assert summary["ops"] == ["qkv", "attend_long"] and summary["ours_layer_us"] > 0
+  assert "M=1: a layer's qkv+attend_long" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
     (["--configs=4:2048:4"], "want block_n:block_k:num_warps:num_stages"),
     (["--attend_configs=64"], "want block_s:num_warps"),
-    (["--ops=lm_head"], "--ops of qkv,o,gate_up,down,attend"),
+    (["--ops=lm_head"], "--ops of qkv,o,gate_up,down,attend,attend_long"),
     (["--rows=17"], "--rows of 1..16"),
 ])
 def test_bad_flags_exit_2_in_one_line(tmp_path, capsys, args, message):
