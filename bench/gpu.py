@@ -8,7 +8,7 @@ named by date, card and commit, and a summary table at the end (printed, and as 
 Parts (bench/gpu_parts.py, in the order given): env (device, versions), step (1b step:
 attention=auto vs cudnn vs the plain JAX step vs torch), attention (bench.attention_backends;
 this card's rows of kernels/attention_auto.json), decode (ours vs transformers eager and static
-cache + compile, batch 1 and 16), decode_kernels (the fused decode layer's kernels against XLA,
+cache + compile, batch 1 and 16), decode_layer (the fused decode layer's kernels against XLA,
 a tile sweep), spec (a trained target/draft pair's speculative rows), fp8 (the
 step in bf16 vs fp8), parity (bf16 vs fp8 from one init, a pair a seed: ~6 min a seed), eval
 (bench.eval_speed, where the tree has it), gemm, kernels, sweeps (the Pallas tile sweeps),
@@ -70,6 +70,7 @@ class Part:
     self.end = min(self.start + cap_s, end)
     self.smoke, self.seeds, self.parity_steps = run.smoke, run.seeds, run.parity_steps
     self.decode_kernels, self.tests = run.decode_kernels, run.tests
+    self.decode_xla_options = run.decode_xla_options
 
   def left(self):
     return self.end - time.monotonic()
@@ -204,6 +205,9 @@ def parse(argv):
   p.add_argument("--decode_kernels", default=";decode_layer=pallas",
                  help="the decode part's row sets of model.kernels (bench.decode --kernels); "
                       "the last one is profiled at batch 1")
+  p.add_argument("--decode_xla_options", default="",
+                 help="the decode part's row sets of XLA options (bench.decode --xla_options), "
+                      "each with every --decode_kernels set")
   p.add_argument("--tests", default="tests/kernels",
                  help="the gpu_tests part's test paths, space-separated")
   p.add_argument("--card", default="", help="the card's name in the files (default: nvidia-smi)")

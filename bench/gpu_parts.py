@@ -81,26 +81,28 @@ def attention(part):
 
 
 def decode(part):
-  """Ours (each --decode_kernels row set) against transformers eager and static cache + compile,
-  batch 1 and 16, one process; the last row set's batch-1 call profiled."""
+  """Ours (each --decode_kernels row set, with each --decode_xla_options set) against
+  transformers eager and static cache + compile, batch 1 and 16, one process; the last row
+  set's batch-1 call profiled."""
   out = part.path("decode.json")
   args = (["--config=configs/tiny.py", "--prompt_len=8", "--new_tokens=8", "--batches=1",
            "--dtypes=float32", "--no_torch"] if part.smoke else
           ["--batches=1,16", "--dtypes=bfloat16",
            f"--profile_dir={part.scratch('decode-profile')}"])
   part.run([PY, "-m", "bench.decode", *args, "--draft_tokens=",
-            f"--kernels={part.decode_kernels}", f"--deadline_s={part.inner_deadline()}",
+            f"--kernels={part.decode_kernels}", f"--xla_options={part.decode_xla_options}",
+            f"--deadline_s={part.inner_deadline()}",
             f"--out={out}"], "decode", memory_fraction="0.6")
   return [out]
 
 
-def decode_kernels(part):
-  """bench.decode_kernels: the fused decode layer's kernels against XLA's formula of each op, at
+def decode_layer(part):
+  """bench.decode_layer: the fused decode layer's kernels against XLA's formula of each op, at
   1 and 16 rows, with their tile sweeps."""
-  out = part.path("decode-kernels.json")
-  part.run([PY, "-m", "bench.decode_kernels", f"--out={out}",
+  out = part.path("decode-layer.json")
+  part.run([PY, "-m", "bench.decode_layer", f"--out={out}",
             f"--budget_s={part.inner_deadline()}"] + (["--smoke"] if part.smoke else []),
-           "decode-kernels", memory_fraction="0.6")
+           "decode-layer", memory_fraction="0.6")
   return [out]
 
 
@@ -241,7 +243,7 @@ PARTS = {
     "step": (step, 240, 240),
     "attention": (attention, 170, 240),
     "decode": (decode, 200, 200),
-    "decode_kernels": (decode_kernels, 240, 200),
+    "decode_layer": (decode_layer, 240, 200),
     "spec": (spec, 330, 300),
     "fp8": (fp8, 160, 240),
     "parity": (parity, 560, 300),

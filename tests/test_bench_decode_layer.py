@@ -1,16 +1,16 @@
-"""bench.decode_kernels on CPU (--smoke: tiny shapes, interpreted): rows for XLA and each config,
+"""bench.decode_layer on CPU (--smoke: tiny shapes, interpreted): rows for XLA and each config,
 a refused config as an error row, the layer summary, one-line refusals of bad flags."""
 
 import json
 
 import pytest
 
-from bench import decode_kernels
+from bench import decode_layer
 
 
 def test_smoke_rows_errors_and_the_layer_summary(tmp_path, capsys):
   out = tmp_path / "k.json"
-  assert decode_kernels.main(["--smoke", "--ops=qkv,attend_long", "--rows=1",
+  assert decode_layer.main(["--smoke", "--ops=qkv,attend_long", "--rows=1",
                               "--configs=-:-:4:3,-:48:4:3", f"--out={out}"]) == 0
   data = json.loads(out.read_text())
   rows = {(r["op"], r["impl"], r["config"]): r for r in data["rows"]}
@@ -34,7 +34,7 @@ def test_smoke_rows_errors_and_the_layer_summary(tmp_path, capsys):
     (["--rows=17"], "--rows of 1..16"),
 ])
 def test_bad_flags_exit_2_in_one_line(tmp_path, capsys, args, message):
-  assert decode_kernels.main(["--smoke", f"--out={tmp_path / 'k.json'}", *args]) == 2
+  assert decode_layer.main(["--smoke", f"--out={tmp_path / 'k.json'}", *args]) == 2
   err = capsys.readouterr().err.strip()
   assert message in err and "\n" not in err
   assert not (tmp_path / "k.json").exists()

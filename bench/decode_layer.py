@@ -2,9 +2,9 @@
 TinyLlama-1.1B's shapes, with a tile sweep: where a decode step's layer time goes, kernel by
 kernel, and which tiles to take.
 
-    python -m bench.decode_kernels --out=k.json        # one GPU: ~2 minutes (--budget_s)
-    python -m bench.decode_kernels --smoke --out=/tmp/k.json   # CPU, interpreted: checks it
-    python -m bench.decode_kernels --rows=1 --configs=4:2048:4:3,-:-:8:- --out=k.json
+    python -m bench.decode_layer --out=k.json        # one GPU: ~2 minutes (--budget_s)
+    python -m bench.decode_layer --smoke --out=/tmp/k.json   # CPU, interpreted: checks it
+    python -m bench.decode_layer --rows=1 --configs=4:2048:4:3,-:-:8:- --out=k.json
 
 Ops (D 2048, 32 query and 4 kv heads of 64, F 5632; M = 1 and 16 rows, bf16):
   qkv      rms_norm(x) @ Wqkv               gate_up  silu(h @ Wg) * (h @ Wu), h = rms_norm(x)
@@ -253,10 +253,10 @@ def main(argv=None):
     for text in filter(None, args.attend_configs.split(",")):
       attend_config(text)
   except ValueError as e:
-    print(f"bench.decode_kernels: {e}", file=sys.stderr)
+    print(f"bench.decode_layer: {e}", file=sys.stderr)
     return 2
   if set(ops) - set(SHAPES) or not set(ms) <= set(range(1, dl.MAX_ROWS + 1)):
-    print(f"bench.decode_kernels: --ops of {','.join(SHAPES)}, --rows of 1..{dl.MAX_ROWS}",
+    print(f"bench.decode_layer: --ops of {','.join(SHAPES)}, --rows of 1..{dl.MAX_ROWS}",
           file=sys.stderr)
     return 2
   calls, reps, inner = (2, 2, 1) if args.smoke else (args.calls, args.reps, args.inner)
