@@ -24,6 +24,7 @@ import sys
 import tempfile
 from unittest import mock
 
+import jax
 from jax._src.interpreters import mlir
 from jax._src.pallas.triton import pallas_call_registration
 
@@ -63,6 +64,7 @@ def kernels_of(name):
     return custom_call(*args, **kwargs)
 
   fn, args = kernel_cases.traced(name)
+  jax.clear_caches()  # a case lowered before in this process would not run the lowering again
   with contextlib.ExitStack() as stack:
     stack.enter_context(mock.patch.object(_pallas, "interpret_default", lambda: False))
     stack.enter_context(mock.patch.object(pallas_call_registration.lowering,

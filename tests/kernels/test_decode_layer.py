@@ -44,11 +44,10 @@ def test_gemvs_match_their_references(M, dtype):
   _check_gemvs(M, D=96, N=48, F=32, dtype=dtype)
 
 
-@pytest.mark.parametrize("M", [1, 5])
-def test_gemvs_take_other_tiles(M):
-  # bench.decode_layer sweeps these. K = 96: one chunk of 64, then a piece of 32; 3 of 32.
-  _check_gemvs(M, D=96, N=96, F=64, dtype=jnp.float32, block_k=64)
-  _check_gemvs(M, D=96, N=96, F=64, dtype=jnp.float32, block_k=32, block_n=16)
+def test_gemvs_take_other_tiles():
+  # bench.decode_layer sweeps these. K = 96 at block_k 64: a whole chunk, then a piece of 32.
+  for M in (1, 5):
+    _check_gemvs(M, D=96, N=96, F=64, dtype=jnp.float32, block_k=64)
   assert dl.pow2_pieces(5632 % 2048) == [1024, 512] and dl.pow2_pieces(0) == []
 
 
