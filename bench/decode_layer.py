@@ -11,6 +11,7 @@ Ops (D 2048, 32 query and 4 kv heads of 64, F 5632; M = 1 and 16 rows, bf16):
   o        x + o @ Wo                       down     x + a @ Wd
   attend   RoPE, the new k and v written into a 384-slot cache, attention over slots 0..p
            (p = 200 + the row % 8); attend_long: a 2048-slot cache, p = 1864 + the row % 8
+  lm_head  rms_norm(x) @ W_lm_head in fp32 (once a token, after the layers; XLA's now)
 xla: the model's formula in the model's layout ([K, N] weights), jitted; ours: the kernel on the
 [N, K] layout, one row per config (block_n:block_k:num_warps:num_stages for the GEMVs, '-' for
 the kernel's default; block_s:num_warps for attend). A config the kernel or Triton refuses is a
@@ -48,9 +49,9 @@ MAX_CALLS = 64  # attend's caches are small: 150 MB of them would be a program o
 
 # name -> (K, N): N counts the packed gate/up's 2F rows.
 SHAPES = {"qkv": (2048, 2560), "o": (2048, 2048), "gate_up": (2048, 2 * 5632),
-          "down": (5632, 2048), "attend": 384, "attend_long": 2048}
+          "down": (5632, 2048), "attend": 384, "attend_long": 2048, "lm_head": (2048, 32000)}
 SMOKE_SHAPES = {"qkv": (64, 48), "o": (64, 64), "gate_up": (64, 64), "down": (96, 64),
-                "attend": 32, "attend_long": 64}
+                "attend": 32, "attend_long": 64, "lm_head": (64, 96)}
 # In priority order (--budget_s may cut the tail). M = 1: a program's loads in flight are its
 # block_n x block_k weights (no pipelining without a dot), hence the longer chunks and fewer rows.
 SWEEP_1 = ["-:-:4:3", "-:1024:4:3", "-:2048:4:3", "-:2048:8:3", "-:4096:4:3", "2:2048:4:3",
@@ -87,7 +88,9 @@ def xla_fn(op, n_heads):
           "down": lambda a, w, r: r + jnp.einsum("mk,kn->mn", a, w),
           "gate_up": lambda x, g, w: swiglu.swiglu_packed_ref(
               jnp.einsum("md,df->mf", norm(x, g), w)),
-          "attend": lambda *a: dl.attend_ref(*a, n_heads)}[op]
+          "attend": lambda *a: dl.attend_ref(*a, n_heads),
+          "lm_head": lambda x, g, w: jnp.einsum("md,dv->mv", norm(x, g), w,
+                                                preferred_element_type=jnp.float32)}[op]
 
 
 def ours_fn(op, tiles, n_heads):
@@ -95,7 +98,8 @@ def ours_fn(op, tiles, n_heads):
           "o": lambda a, w, r: dl.gemv_add(a, w, r, **tiles),
           "down": lambda a, w, r: dl.gemv_add(a, w, r, **tiles),
           "gate_up": lambda x, g, w: dl.norm_gemv_swiglu(x, g, w, EPS, **tiles),
-          "attend": lambda *a: dl.attend(*a, n_heads, **tiles)}[op]
+          "attend": lambda *a: dl.attend(*a, n_heads, **tiles),
+          "lm_head": lambda x, g, w: dl.norm_gemv(x, g, w, EPS, jnp.float32, **tiles)}[op]
 
 
 def ref_fn(op, n_heads):
@@ -104,7 +108,8 @@ def ref_fn(op, n_heads):
   return {"qkv": lambda *a: dl.norm_gemv_ref(*up(a), EPS),
           "o": lambda *a: dl.gemv_add_ref(*up(a)), "down": lambda *a: dl.gemv_add_ref(*up(a)),
           "gate_up": lambda *a: dl.norm_gemv_swiglu_ref(*up(a), EPS),
-          "attend": lambda *a: dl.attend_ref(*up(a), n_heads)}[op]
+          "attend": lambda *a: dl.attend_ref(*up(a), n_heads),
+          "lm_head": lambda *a: dl.norm_gemv_ref(*up(a), EPS, jnp.float32)}[op]
 
 
 def gemv_inputs(op, M, K, N, key):
@@ -199,20 +204,23 @@ def bench_op(op, M, shapes, configs, calls, reps, inner, deadline, smoke):
 
 
 def layer_summary(rows, M):
-  """A layer's five ops at M rows, XLA against our best config each (us), and x22 (ms); one
-  attention (the 384-slot one where both ran)."""
+  """A layer's ops at M rows, XLA against our best config each (us), and a token's (ms): x22,
+  plus the lm_head where it ran; one attention (the 384-slot one where both ran)."""
   mine = [r for r in rows if r["m"] == M and r["us"]]
   ops = list(dict.fromkeys(r["op"] for r in rows))
   if "attend" in ops:
     ops = [op for op in ops if op != "attend_long"]
-  xla = [min((r["us"] for r in mine if r["op"] == op and r["impl"] == "xla"), default=None)
-         for op in ops]
-  ours = [min((r["us"] for r in mine if r["op"] == op and r["impl"] == "ours"), default=None)
-          for op in ops]
+  best = lambda op, impl: min((r["us"] for r in mine if r["op"] == op and r["impl"] == impl),
+                              default=None)
+  layer = [op for op in ops if op != "lm_head"]
+  xla, ours = [best(op, "xla") for op in ops], [best(op, "ours") for op in ops]
   if None in xla or None in ours:
     return None
-  return dict(m=M, ops=ops, xla_layer_us=sum(xla), ours_layer_us=sum(ours),
-              xla_token_ms=sum(xla) * N_LAYERS / 1e3, ours_token_ms=sum(ours) * N_LAYERS / 1e3)
+  head = dict(zip(ops, zip(xla, ours))).get("lm_head", (0.0, 0.0))
+  xla_layer, ours_layer = sum(xla) - head[0], sum(ours) - head[1]
+  return dict(m=M, ops=layer, xla_layer_us=xla_layer, ours_layer_us=ours_layer,
+              lm_head=("lm_head" in ops), xla_token_ms=(xla_layer * N_LAYERS + head[0]) / 1e3,
+              ours_token_ms=(ours_layer * N_LAYERS + head[1]) / 1e3)
 
 
 def print_table(rows, summaries):
@@ -226,7 +234,8 @@ def print_table(rows, summaries):
           f"  {r.get('note', '')[:90]}", flush=True)
   for s in summaries:
     print(f"M={s['m']}: a layer's {'+'.join(s['ops'])} {s['xla_layer_us']:.1f} us (xla) -> "
-          f"{s['ours_layer_us']:.1f} us (ours, best configs); x{N_LAYERS}: "
+          f"{s['ours_layer_us']:.1f} us (ours, best configs); x{N_LAYERS}"
+          f"{' + the lm_head' if s['lm_head'] else ''}: "
           f"{s['xla_token_ms']:.3f} -> {s['ours_token_ms']:.3f} ms a token")
 
 
