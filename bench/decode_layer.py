@@ -28,7 +28,6 @@ the cache once a call (XLA's update and our aliased write); in the decode loop n
 import argparse
 import math
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 import bench
+from bench.kernels import loop_time_ms
 from tinyllama_jax.data import formats
 from tinyllama_jax.kernels import decode_layer as dl
 from tinyllama_jax.kernels import rms_norm, rope, swiglu
@@ -143,15 +143,7 @@ def time_calls(fn, args, reps, inner):
   flat, n = [a for call in args for a in call], len(args[0])
   one = jax.jit(fn)
   many = jax.jit(lambda *f: tuple(one(*f[i:i + n]) for i in range(0, len(f), n)))
-  jax.block_until_ready(many(*flat))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = many(*flat)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times) / len(args) * 1e6
+  return loop_time_ms(many, flat, reps=reps, inner=inner) * 1e3 / len(args)
 
 
 def max_rel_err(y, ref):
