@@ -158,17 +158,19 @@ def bench_op(op, M, shapes, configs, calls, reps, inner, deadline, smoke):
   n_heads = 4 if smoke else H  # attend_inputs' heads
   kind = "attend" if op.startswith("attend") else op
   if kind == "attend":
-    one, _ = attend_inputs(M, shapes[op], key, smoke)
-    nbytes = 2 * one[3].size * one[3].dtype.itemsize
     make = lambda k: attend_inputs(M, shapes[op], k, smoke)
     K = N = None
   else:
     K, N = shapes[op]
-    nbytes = K * N * 2
     make = lambda k: gemv_inputs(op, M, K, N, k)
+  key, first_key = jax.random.split(key)
+  sets = [make(first_key)]
+  # What the op streams: the k and v caches, or the weight.
+  nbytes = (sum(c.size * c.dtype.itemsize for c in sets[0][0][3:5]) if kind == "attend" else
+            K * N * 2)
   if not smoke:
     calls = min(max(calls, math.ceil(L2_DEFEAT_BYTES / nbytes)), MAX_CALLS)
-  sets = [make(k) for k in jax.random.split(key, calls)]
+  sets += [make(k) for k in jax.random.split(key, calls - 1)]
   ref = jax.jit(ref_fn(kind, n_heads))(*sets[0][0])
   base = dict(op=op, m=M, k=K, n=N, mbytes=nbytes / 1e6, calls=calls)
   rows = []
@@ -248,6 +250,8 @@ def main(argv=None):
   shapes = SMOKE_SHAPES if args.smoke else SHAPES
   ops = args.ops.split(",")
   try:
+    if not all(m.isdigit() for m in args.rows.split(",")):
+      raise ValueError(f"--rows={args.rows!r}: want row counts, e.g. 1,16")
     ms = [int(m) for m in args.rows.split(",")]
     for text in filter(None, args.configs.split(",")):
       gemv_config(text)

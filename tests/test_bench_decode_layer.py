@@ -39,6 +39,7 @@ def test_smoke_rows_errors_and_the_layer_summary(tmp_path, capsys):
     (["--attend_configs=64"], "want block_s:num_warps"),
     (["--ops=logits"], "--ops of qkv,o,gate_up,down,attend,attend_long,lm_head"),
     (["--rows=17"], "--rows of 1..16"),
+    (["--rows=1,x"], "--rows='1,x': want row counts"),
 ])
 def test_bad_flags_exit_2_in_one_line(tmp_path, capsys, args, message):
   assert decode_layer.main(["--smoke", f"--out={tmp_path / 'k.json'}", *args]) == 2
