@@ -201,3 +201,35 @@ def test_a_process_that_fails_exits_at_once(tmp_path):
   assert procs[1].returncode == 2, err[-2000:]
   assert err.strip().splitlines()[-1].startswith("error: "), err[-2000:]
   assert "process 1 of 2" in err, err[-2000:]  # it failed after joining the run
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+  """Process 0's metrics.jsonl fills its disk after step 3 (only process 0 writes metrics): it
+  holds the error until the next step's stop agreement, where both processes stop with exit 3
+  and one line each, in seconds; without the agreement process 1 would wait in a collective
+  for the one that left, until the step watchdog."""
+  port = free_port()
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  procs = [subprocess.Popen(
+      [sys.executable, "tests/training/fault_train.py", "--full_at_step=3", "--full_files=metrics",
+       "--config=configs/tiny.py", f"--workdir={tmp_path}/run", f"--coordinator=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}", *args, "--config.train.hang_timeout_s=600"],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 3, err[-3000:]
+  lines = [err.strip().splitlines()[-1] for err in errs]
+  assert lines[0].startswith("error: could not write ") and "metrics.jsonl" in lines[0], errs[0]
+  assert "(no space left on device) at step 3:" in lines[0], lines[0]
+  assert lines[1].startswith("error: process 0 of 2 could not write its files"), errs[1][-3000:]
+  assert "every process stops at step 4" in lines[1], lines[1]
+  assert "no checkpoint was written yet" in lines[1], lines[1]

@@ -60,9 +60,9 @@ def sleep_each_step(seconds):
   a slow step, the signal is read after it."""
   requested = faults.Preemption.requested
 
-  def slow_requested(self):
+  def slow_requested(self, *args, **kwargs):
     time.sleep(seconds)
-    return requested(self)
+    return requested(self, *args, **kwargs)
 
   faults.Preemption.requested = slow_requested
 
@@ -71,10 +71,10 @@ def after_step(n, action):
   """action() once, when the loop asks Preemption.requested after its n-th step (this process's)."""
   requested, calls = faults.Preemption.requested, itertools.count(1)
 
-  def hooked(self):
+  def hooked(self, *args, **kwargs):
     if next(calls) == n:
       action()
-    return requested(self)
+    return requested(self, *args, **kwargs)
 
   faults.Preemption.requested = hooked
 

@@ -52,9 +52,13 @@ class WriteFailed(FaultError):
     """The line the run stops with: the step, the fix, the checkpoints a rerun resumes from."""
     fix = ("free disk space or move --workdir to a bigger disk" if self.no_space else
            "check the disk holding --workdir")
-    where = (f"the complete checkpoints {checkpoints} are intact and a rerun resumes from step "
-             f"{checkpoints[-1]}" if checkpoints else "no checkpoint was written yet")
-    return FaultError(f"{self} at step {step}: {fix}; {where}")
+    return FaultError(f"{self} at step {step}: {fix}; {checkpoints_note(checkpoints)}")
+
+
+def checkpoints_note(checkpoints):
+  """What a stopped run leaves to resume from."""
+  return (f"the complete checkpoints {checkpoints} are intact and a rerun resumes from step "
+          f"{checkpoints[-1]}" if checkpoints else "no checkpoint was written yet")
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -293,12 +297,15 @@ class Preemption:
                  "written: exiting; the next start resumes from the last complete one\n").encode())
     os._exit(EXIT_GRACE_EXPIRED)
 
-  def requested(self):
-    """True once any process got a signal; processes agree, so all of them save the same step."""
-    stop = self.signum is not None
-    if jax.process_count() > 1:  # a tiny all-gather per step: noise next to a real step
-      stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
-    return stop
+  def requested(self, fault=False):
+    """(stop, faulted): stop once any process got a signal, faulted the processes that hold a
+    fault (`fault`: this one does). Processes agree, so all of them save, or stop, at the same
+    step, instead of the others waiting in a collective for one that left."""
+    mine = np.array([self.signum is not None, fault], np.int32)
+    if jax.process_count() == 1:
+      return bool(mine[0]), [0] if fault else []
+    every = multihost_utils.process_allgather(mine)  # [P, 2]: noise next to a real step
+    return bool(np.any(every[:, 0])), [int(p) for p in np.flatnonzero(every[:, 1])]
 
   def seconds_since_signal(self):
     return time.monotonic() - self.received_at if self.received_at is not None else 0.0

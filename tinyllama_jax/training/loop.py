@@ -302,11 +302,6 @@ def _train(run, cfg, workdir, dry_run):
     if data_state:  # an imported model's checkpoint has none: the stream starts fresh
       train_it.set_state(data_state)
     steps = _Steps(run, compiled, train_it, tokenizer, data_identity, tasks, state, saved_step)
-    if jax.process_index() == 0:
-      try:
-        _write_config(cfg, workdir)
-      except faults.WriteFailed as e:
-        raise e.with_checkpoints(steps.step, run.ckpt.all_steps()) from e
     steps.train()
   finally:
     train_it.close()
@@ -316,8 +311,9 @@ def _train(run, cfg, workdir, dry_run):
 
 class _Steps:
   """The steps of one run, with their metrics, checkpoints and evals, until train.steps or a
-  signal. A file that cannot be written (metrics, events, the log) stops the run (exit 3);
-  a step that never completes is the step watchdog's (faults.StepWatchdog)."""
+  signal. A file that cannot be written (metrics, events, the log) stops the run (exit 3), on
+  every process at the same step (_local); a step that never completes is the step watchdog's
+  (faults.StepWatchdog)."""
 
   def __init__(self, run, compiled, train_it, tokenizer, data_identity, tasks, state, saved_step):
     self.run, self.cfg, self.t = run, run.cfg, run.cfg.train
@@ -329,13 +325,18 @@ class _Steps:
     self.nonfinite = faults.NonFiniteGuard(self.t.nan_policy, self.t.max_nan_skips)
     self.last, self.preempted = {}, False
     self.writer = self.console = self.watchdog = None
+    self.fault = None  # (WriteFailed, step): a write of this process's that failed, held (_local)
 
   def train(self):
     try:
       self.writer = metrics.Writer(self.run.workdir, start_step=self.step, cfg=self.cfg)
       with faults.ConsoleWatch() as self.console, \
           faults.StepWatchdog(self.t.hang_timeout_s) as self.watchdog:
+        if jax.process_index() == 0:
+          self._local(_write_config, self.cfg, self.run.workdir)
         self._loop()
+        if self.fault is not None:  # held past the last step's agreement: no one waits now
+          raise self.fault[0]
         self.console.check()
       self.writer.close()
     except faults.WriteFailed as e:
@@ -345,6 +346,35 @@ class _Steps:
       if self.writer is not None:
         with contextlib.suppress(faults.WriteFailed):  # the error already raised is the one told
           self.writer.close()
+
+  def _local(self, write, *args):
+    """write(*args), a write to this process's own files (config.json, metrics, events, the
+    log). Alone, a failure raises at once. With several processes the first failure is held
+    until the next step's agreement (Preemption.requested), where every process stops at the
+    same step: one leaving alone would leave the others blocked in the next collective until
+    jax's coordination service aborts them (SIGABRT, no line) or the step watchdog ends them."""
+    try:
+      write(*args)
+    except faults.WriteFailed as e:
+      if jax.process_count() == 1:
+        raise
+      if self.fault is None:
+        self.fault = (e, self.step)
+        logging.error("%s at step %d: the run stops on every process after the next step",
+                      e, self.step)
+
+  def _stop_together(self, faulted):
+    """Every process ends here, at the same step, once any holds a failed write (_local)."""
+    with self.watchdog.paused():
+      self.run.ckpt.wait()
+    checkpoints = self.run.ckpt.all_steps()
+    if self.fault is not None:
+      error, step = self.fault
+      raise error.with_checkpoints(step, checkpoints) from error
+    raise faults.FaultError(
+        f"process {faulted[0]} of {jax.process_count()} could not write its files (its log "
+        f"says which), so every process stops at step {self.step}: fix that disk; "
+        f"{faults.checkpoints_note(checkpoints)}")
 
   def save(self, step):  # of the loop's current state
     self.nonfinite.check(self.saved_step)  # a stopped run keeps its last good checkpoint latest
@@ -374,7 +404,9 @@ class _Steps:
         self.step += 1
         self.watchdog.beat()
         self.nonfinite.record(self.step, step_metrics)
-        self.preempted = preemption.requested()
+        self.preempted, faulted = preemption.requested(fault=self.fault is not None)
+        if faulted:
+          self._stop_together(faulted)
         if self.step % t.log_every == 0 or self.step == t.steps:
           self._log(step_metrics)
         # The checkpoint comes before the eval: a failing eval never costs trained steps.
@@ -386,7 +418,7 @@ class _Steps:
           self._eval()
         if self.tasks.due(self.step) and not self.preempted:
           with self.watchdog.paused():  # a benchmark pass is no step and may take a while
-            self.writer.scalars(self.step, self.tasks.run(self.state["params"]))
+            self._local(self.writer.scalars, self.step, self.tasks.run(self.state["params"]))
           self.throughput.start(self.step)
         if self.preempted:
           with self.watchdog.paused():
@@ -407,13 +439,13 @@ class _Steps:
     self.last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     self.last.update(self.throughput.report(self.step))
     metrics.console_line(self.step, self.t.steps, self.last)
-    self.console.check()
-    self.writer.scalars(self.step, self.last)
+    self._local(self.console.check)
+    self._local(self.writer.scalars, self.step, self.last)
 
   def _eval(self):
     save = self.save if self.saved_step != self.step else None
     self.last["eval/loss"] = _eval_at(self.step, self.eval_fn, self.state["params"], self.cfg,
                                       self.tokenizer, self.run.program, save=save,
                                       on_batch=self.watchdog.beat)
-    self.writer.scalars(self.step, {"eval/loss": self.last["eval/loss"]})
+    self._local(self.writer.scalars, self.step, {"eval/loss": self.last["eval/loss"]})
     self.throughput.start(self.step)
