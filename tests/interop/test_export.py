@@ -288,6 +288,22 @@ def test_a_signal_during_import_removes_the_temp_dir_in_one_line(imported, tmp_p
   assert os.listdir(tmp_path) == []
 
 
+def test_a_signal_the_moment_the_temp_dir_exists_still_removes_it(tmp_path, monkeypatch):
+  """A signal landing right after the folder's mkdir, before any write (the window that let the
+  import test above leave `.w.tmp-*` behind on a busy machine): the folder is removed."""
+  mkdir = os.mkdir
+
+  def mkdir_then_signal(path, *args, **kwargs):
+    mkdir(path, *args, **kwargs)
+    raise export.Interrupted(signal.SIGTERM)
+
+  monkeypatch.setattr(export.os, "mkdir", mkdir_then_signal)
+  with pytest.raises(export.Interrupted):
+    with export.staged_output_dir(tmp_path / "out", "--out"):
+      pass
+  assert os.listdir(tmp_path) == []
+
+
 def test_a_later_import_removes_the_temp_dir_of_a_killed_one(imported, tmp_path):
   """kill -9 leaves the temporary folder; the next writer of the same output removes it (its
   pid is dead), and leaves one of a live writer or of another host alone."""

@@ -16,11 +16,11 @@ output's modes are the umask's, as any file the user writes.
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 
 import ml_dtypes
@@ -35,8 +35,12 @@ from tinyllama_jax.interop import hf
 # ----------------------------------------------------------------------------- output dirs
 
 
-def fresh_output_dir(path, what):
-  """A temporary sibling of `path` to write into; `path` must be absent or an empty directory."""
+@contextlib.contextmanager
+def staged_output_dir(path, what):
+  """Yields a temporary sibling of `path` to write into and renames it to `path` when the block
+  ends; on any exception (an Interrupted too, wherever it lands) the folder is removed. Its name
+  is chosen before it exists, inside the cleanup's reach: no moment leaves it behind. `path`
+  must be absent or an empty directory."""
   path = os.path.abspath(path)
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise ValueError(f"{what} {path} already exists and is not empty: remove it or choose another")
@@ -44,13 +48,21 @@ def fresh_output_dir(path, what):
   try:
     os.makedirs(parent, exist_ok=True)
     remove_stale_output_dirs(path)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=_tmp_prefix(path) + f"{_HOST}.{os.getpid()}-")
   except OSError as e:
     raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
                      "place") from None
-  # mkdtemp's 0700 would keep the output from a serving account or a colleague: the umask's mode.
-  os.chmod(tmp, 0o777 & ~_umask())
-  return tmp
+  tmp = os.path.join(parent, f"{_tmp_prefix(path)}{_HOST}.{os.getpid()}-{secrets.token_hex(4)}")
+  try:
+    try:
+      os.mkdir(tmp)  # the umask's mode: the output is for a serving account or a colleague too
+    except OSError as e:
+      raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
+                       "place") from None
+    yield tmp
+    commit_output_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 _HOST = socket.gethostname().replace("/", "_")
@@ -166,12 +178,6 @@ def signals_raise_interrupted():
 _signalled = []
 
 
-def _umask():
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def commit_output_dir(tmp, path):
   if _signalled:
     raise Interrupted(_signalled[-1])
@@ -204,16 +210,12 @@ def export(workdir, out, *, step=None, dtype="bf16", max_shard_size="5GB", token
   tok_path = tok.path if tok else None
   dtype_name, np_dtype = _EXPORT_DTYPES[dtype]
   plan = hf.plan_shards(hf.hf_shapes(cfg.model), np_dtype, max_bytes)
-  tmp = fresh_output_dir(out, "--out")
   t0 = time.perf_counter()
   try:
-    _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
-    commit_output_dir(tmp, out)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise _write_error(out, e, plan, np_dtype) from e
-    raise
+    with staged_output_dir(out, "--out") as tmp:
+      _write_export(tmp, workdir, step, cfg, tok_path, plan, dtype_name, np_dtype)
+  except OSError as e:
+    raise _write_error(out, e, plan, np_dtype) from e
   report = {"step": step, "out": os.path.abspath(out), "files": [f for f, _ in plan],
             "dtype": dtype_name, "seconds": round(time.perf_counter() - t0, 2)}
   logging.info("exported step %d of %s to %s", step, workdir, report)

@@ -159,25 +159,21 @@ def import_hf(hf_dir, workdir, *, base_config_path=None, tokenizer=None):
   cfg = import_config(fields, base_config_path, os.path.join(final, tokenizer_lib.RUN_COPY),
                       hf_dir)
   get = check_tensors(reader, cfg.model, hf_cfg, hf_dir)
-  tmp = export.fresh_output_dir(final, "--workdir")
   t0 = time.perf_counter()
   try:
-    os.makedirs(os.path.join(tmp, "tokenizer"))
-    shutil.copyfile(tok_src, os.path.join(tmp, tokenizer_lib.RUN_COPY))
-    _write_checkpoint(tmp, cfg, get, tok.sha256)
-    with open(os.path.join(tmp, "config.py"), "w") as f:
-      f.write(config_py(cfg, hf_dir))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
-    formats.write_json_atomic(os.path.join(tmp, "imported_from.json"),
-                              {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
-    export.commit_output_dir(tmp, final)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, (OSError, checkpoint.CheckpointError)):
-      raise export.WriteError(f"could not write the import to {final} ({_reason(e)}): free disk space "
-                       "or choose another --workdir; nothing was written") from None
-    raise
+    with export.staged_output_dir(final, "--workdir") as tmp:
+      os.makedirs(os.path.join(tmp, "tokenizer"))
+      shutil.copyfile(tok_src, os.path.join(tmp, tokenizer_lib.RUN_COPY))
+      _write_checkpoint(tmp, cfg, get, tok.sha256)
+      with open(os.path.join(tmp, "config.py"), "w") as f:
+        f.write(config_py(cfg, hf_dir))
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        f.write(config_lib.to_json(cfg))
+      formats.write_json_atomic(os.path.join(tmp, "imported_from.json"),
+                                {"source": os.path.abspath(hf_dir), "hf_config": hf_cfg})
+  except (OSError, checkpoint.CheckpointError) as e:
+    raise export.WriteError(f"could not write the import to {final} ({_reason(e)}): free disk "
+                            "space or choose another --workdir; nothing was written") from None
   report = {"workdir": final, "model": fields, "seconds": round(time.perf_counter() - t0, 2)}
   logging.info("imported %s: %s", hf_dir, report)
   return report
