@@ -4,7 +4,7 @@ kernel, and which tiles to take.
 
     python -m bench.decode_layer --out=k.json        # one GPU: ~2 minutes (--budget_s)
     python -m bench.decode_layer --smoke --out=/tmp/k.json   # CPU, interpreted: checks it
-    python -m bench.decode_layer --rows=1 --configs=4:2048:4:3,-:-:8:-,-:-:4:3:dot --out=k.json
+    python -m bench.decode_layer --rows=1 --configs=4:2048:4:3,-:-:8:- --out=k.json
 
 Ops (D 2048, 32 query and 4 kv heads of 64, F 5632; M = 1 and 16 rows, bf16):
   qkv      rms_norm(x) @ Wqkv               gate_up  silu(h @ Wg) * (h @ Wu), h = rms_norm(x)
@@ -13,8 +13,8 @@ Ops (D 2048, 32 query and 4 kv heads of 64, F 5632; M = 1 and 16 rows, bf16):
            (p = 200 + the row % 8); attend_long: a 2048-slot cache, p = 1864 + the row % 8
   lm_head  rms_norm(x) @ W_lm_head in fp32 (once a token, after the layers; XLA's now)
 xla: the model's formula in the model's layout ([K, N] weights), jitted; ours: the kernel on the
-[N, K] layout, one row per config (block_n:block_k:num_warps:num_stages[:dot] for the GEMVs, '-'
-for the kernel's default, ':dot' one row as a 16-row dot; block_s:num_warps for attend). A config the kernel or Triton refuses is a
+[N, K] layout, one row per config (block_n:block_k:num_warps:num_stages for the GEMVs, '-' for
+the kernel's default; block_s:num_warps for attend). A config the kernel or Triton refuses is a
 row with its error.
 Timing: one jit holds `calls` calls (>= 16), each with its own inputs and weight copy (>= 150 MB
 of them, so no weight stays in an H100's or H200's 50 MB L2 from one use to the next, and XLA
@@ -53,10 +53,9 @@ SHAPES = {"qkv": (2048, 2560), "o": (2048, 2048), "gate_up": (2048, 2 * 5632),
 SMOKE_SHAPES = {"qkv": (64, 48), "o": (64, 64), "gate_up": (64, 64), "down": (96, 64),
                 "attend": 32, "attend_long": 64, "lm_head": (64, 96)}
 # In priority order (--budget_s may cut the tail). M = 1: a program's loads in flight are its
-# block_n x block_k weights (no pipelining without a dot), hence the longer chunks and fewer rows,
-# or the one row through the 16-row dot (':dot'), whose loads Triton pipelines.
-SWEEP_1 = ["-:-:4:3", "-:1024:4:3", "-:2048:4:3", "-:-:4:3:dot", "-:256:4:4:dot", "-:2048:8:3",
-           "-:4096:4:3", "2:2048:4:3", "8:-:4:3", "-:-:8:3"]
+# block_n x block_k weights (no pipelining without a dot), hence the longer chunks and fewer rows.
+SWEEP_1 = ["-:-:4:3", "-:1024:4:3", "-:2048:4:3", "-:2048:8:3", "-:4096:4:3", "2:2048:4:3",
+           "8:-:4:3", "-:-:8:3"]
 SWEEP_16 = ["-:-:4:3", "-:256:4:4", "-:1024:4:2", "-:-:8:3", "32:-:4:3", "-:128:4:5"]
 # A program walks its row's past slots block_s at a time, serially: longer blocks, fewer trips
 # (none spills at 2048 slots: bench.ptx, 94 registers at 64 to 165 at 256 with 4 warps).
@@ -66,17 +65,12 @@ SMOKE_ATTEND = ["16:4", "32:4"]
 
 
 def gemv_config(text):
-  """'4:2048:4:3' / '-:-:8:-' / '-:-:4:3:dot' -> tile kwargs (a '-' keeps the kernel's default;
-  a fifth part 'dot' takes one row through the 16-row dot)."""
+  """'4:2048:4:3' / '-:-:8:-' -> tile kwargs (a '-' keeps the kernel's default)."""
   keys = ("block_n", "block_k", "num_warps", "num_stages")
   parts = text.split(":")
-  dot = parts[4:] == ["dot"]
-  if dot:
-    parts = parts[:4]
   if len(parts) != 4 or not all(p == "-" or p.isdigit() for p in parts):
-    raise ValueError(f"config {text!r}: want block_n:block_k:num_warps:num_stages[:dot] "
-                     "('-': default)")
-  return dict({k: int(p) for k, p in zip(keys, parts) if p != "-"}, **({"dot": True} if dot else {}))
+    raise ValueError(f"config {text!r}: want block_n:block_k:num_warps:num_stages ('-': default)")
+  return {k: int(p) for k, p in zip(keys, parts) if p != "-"}
 
 
 def attend_config(text):

@@ -42,13 +42,6 @@ for _M in (1, 5, 16):
           [S((_M, 1, 40, 64), BF16), S((_M, 1, 32), F32), S((_M, 1, 32), F32),
            S((_M, 384, 4, 64), BF16), S((_M, 384, 4, 64), BF16), S((_M, 1), jnp.int32)], 1),
   })
-# One row through the 16-row dot (`dot=True`): does Triton pipeline its weight loads?
-CASES.update({
-    "decode_qkv_1_dot": (lambda x, g, w: decode_layer.norm_gemv(x, g, w, 1e-5, dot=True),
-                         [S((1, 2048), BF16), S((2048,), BF16), S((2560, 2048), BF16)], 1),
-    "decode_down_1_dot": (lambda a, w, r: decode_layer.gemv_add(a, w, r, dot=True),
-                          [S((1, 5632), BF16), S((2048, 5632), BF16), S((1, 2048), BF16)], 1),
-})
 # The final norm + lm_head as the same GEMV, fp32 logits (bench.decode_layer's lm_head row).
 for _M in (1, 16):
   CASES[f"decode_lm_head_{_M}"] = (lambda x, g, w: decode_layer.norm_gemv(x, g, w, 1e-5, F32),

@@ -34,15 +34,6 @@ def test_smoke_rows_errors_and_the_layer_summary(tmp_path, capsys):
   assert "M=1: a layer's qkv+attend_long" in capsys.readouterr().out
 
 
-def test_gemv_configs_parse():
-  assert decode_layer.gemv_config("-:-:4:3") == {"num_warps": 4, "num_stages": 3}
-  assert decode_layer.gemv_config("8:2048:-:-:dot") == {"block_n": 8, "block_k": 2048,
-                                                        "dot": True}
-  for bad in ("-:-:4:3:mma", "-:-:4:3:dot:dot", "x:-:4:3"):
-    with pytest.raises(ValueError, match="want block_n:block_k:num_warps:num_stages"):
-      decode_layer.gemv_config(bad)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--configs=4:2048:4"], "want block_n:block_k:num_warps:num_stages"),
     (["--attend_configs=64"], "want block_s:num_warps"),

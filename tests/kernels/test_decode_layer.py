@@ -51,12 +51,6 @@ def test_gemvs_take_other_tiles():
   assert dl.pow2_pieces(5632 % 2048) == [1024, 512] and dl.pow2_pieces(0) == []
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_one_row_through_the_dot(dtype):
-  # dot=True: the row padded to a 16-row dot, the 15 others masked out of loads and the store.
-  _check_gemvs(1, D=96, N=48, F=32, dtype=dtype, dot=True)
-
-
 def _attend_inputs(seed, S, H, G, D, dtype, positions_BT):
   k = jax.random.split(jax.random.key(seed), 3)
   pos = jnp.asarray(positions_BT, jnp.int32)
@@ -114,8 +108,6 @@ def test_bad_shapes_are_one_line_errors():
     dl.norm_gemv(x[:4], g, w.T, 1e-5)
   with pytest.raises(ValueError, match="multiple of block_n"):
     dl.norm_gemv(x[:4], g, w[:24], 1e-5)
-  with pytest.raises(ValueError, match="need the dot"):
-    dl.norm_gemv(x[:4], g, w, 1e-5, dot=False)
   with pytest.raises(ValueError, match="block_k=48 a power of two"):
     dl.norm_gemv(x[:4], g, w, 1e-5, block_k=48)
 

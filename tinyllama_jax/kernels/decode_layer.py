@@ -18,10 +18,7 @@ the model's [K, N] layout as 16-column strips: 32-byte pieces of 2,048 rows, ~0.
 (docs/kernels.md, "Retired").
 
 Rows: one row is a true GEMV (fp32 multiply-adds, no tensor cores); 2..16 rows are one dot of 16
-rows (Triton's smallest), the rows past the batch masked. One row may take the dot too (`dot=True`):
-Triton pipelines the loads that feed a dot (cp.async, num_stages deep), not a GEMV's, so the dot
-keeps more of the weight in flight a program for 15 wasted rows of tensor-core work, which a
-bandwidth-bound step has to spare. Forward only: decoding has no backward.
+rows (Triton's smallest), the rows past the batch masked. Forward only: decoding has no backward.
 """
 
 import functools
@@ -172,11 +169,11 @@ def pow2_pieces(n):
   return [1 << b for b in reversed(range(n.bit_length())) if n >> b & 1]
 
 
-def block_n_for(dot, N):
+def block_n_for(M, N):
   """Weight rows a program: 16 for a dot (its smallest N), else as few as keep >= ~512
   programs (4 an SM of an H100's 132: a program has only its own loads in flight, so fewer
   programs would leave SMs idle or short of bytes in flight); never below 4."""
-  if dot:
+  if M > 1:
     return 16
   block_n = 16
   while block_n > 4 and N // block_n < 512:
@@ -185,14 +182,11 @@ def block_n_for(dot, N):
 
 
 def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=None,
-          block_k=None, num_warps=4, num_stages=3, dot=None, interpret=None):
+          block_k=None, num_warps=4, num_stages=3, interpret=None):
   pl, _pallas = _pallas_mods()
   M, K = x_MK.shape
   N = w_NK.shape[0] // (2 if swiglu else 1)
-  dot = M > 1 if dot is None else dot
-  if M > 1 and not dot:
-    raise ValueError(f"{op}: {M} rows need the dot (dot=False is for one row)")
-  block_n = block_n or block_n_for(dot, N)
+  block_n = block_n or block_n_for(M, N)
   block_k = block_k or block_k_for(K)
   if M > MAX_ROWS:
     raise ValueError(f"{op}: {M} rows > {MAX_ROWS} (a decode step; a prefill uses the GEMMs)")
@@ -202,7 +196,7 @@ def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=No
           and K % 16 == 0):
     raise ValueError(f"{op}: N={N} must be a multiple of block_n={block_n}, K={K} of 16, and "
                      f"block_k={block_k} a power of two from 16 to K")
-  rows = MAX_ROWS if dot else 1
+  rows = 1 if M == 1 else MAX_ROWS
   whole = lambda *shape: pl.BlockSpec(shape, lambda j: (0,) * len(shape))
   strip = pl.BlockSpec((rows, block_n), lambda j: (0, j))
   in_specs, args = [whole(rows, K)], [x_MK]
