@@ -202,9 +202,9 @@ def parse(argv):
   p.add_argument("--caps", default="", help="part=seconds,... replacing parts' default caps")
   p.add_argument("--parity_seeds", default="0", help="the parity part's seeds: 0,1,2")
   p.add_argument("--parity_steps", type=int, default=600, help="the parity runs' steps")
-  p.add_argument("--decode_kernels", default=";decode_layer=pallas",
-                 help="the decode part's row sets of model.kernels (bench.decode --kernels); "
-                      "the last one is profiled at batch 1")
+  p.add_argument("--decode_kernels", default="decode_layer=xla;",
+                 help="the decode part's row sets of model.kernels (bench.decode --kernels; the "
+                      "first is the others' token reference); the last one is profiled at batch 1")
   p.add_argument("--decode_xla_options", default="",
                  help="the decode part's row sets of XLA options (bench.decode --xla_options), "
                       "each with every --decode_kernels set")

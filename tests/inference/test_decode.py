@@ -84,7 +84,16 @@ def test_the_fused_decode_layer_takes_at_most_16_rows():
   _, cfg = tiny_model(0, kernels=fused_kernels(plain))
   assert decode.fused_layers(cfg, 16) and not decode.fused_layers(cfg, 17)
   _, scanned = tiny_model(0, scan_layers=True, kernels=fused_kernels(plain))
-  assert not decode.fused_layers(scanned, 1) and not decode.fused_layers(plain, 1)
+  _, xla = tiny_model(0, kernels=dict(plain.kernels.to_dict(), decode_layer="xla"))
+  assert not decode.fused_layers(scanned, 1) and not decode.fused_layers(xla, 1)
+
+
+def test_auto_fuses_one_token_steps_on_a_gpu_only(monkeypatch):
+  _, cfg = tiny_model(0)
+  assert cfg.kernels.decode_layer == "auto"
+  assert not decode.fused_layers(cfg, 1)  # this CPU
+  monkeypatch.setattr(decode.jax, "default_backend", lambda: "gpu")
+  assert decode.fused_layers(cfg, 1) and not decode.fused_layers(cfg, 2)
 
 
 def test_compiled_programs_are_reused(target):

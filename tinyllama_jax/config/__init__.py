@@ -30,7 +30,7 @@ AUTO_KERNELS = ("attention", "swiglu_packed")
 NAN_POLICIES = ("stop", "skip")
 MATMUL_DTYPES = ("bf16", "fp8")
 FP8_GEMM_OUTPUTS = ("float32", "bfloat16")
-DECODE_LAYERS = ("xla", "pallas")
+DECODE_LAYERS = ("auto", "xla", "pallas")
 
 
 def _backends(op):
@@ -83,10 +83,12 @@ def model_config():
   c.kernels.swiglu = choice("auto", _backends("swiglu_packed"))
   # xla materialises the [tokens, vocab] logits; chunked never holds them whole
   c.kernels.cross_entropy = choice("chunked", _backends("cross_entropy"))
-  # A decode step's layer (one new token a row, at most 16 rows): xla runs the block's own ops
-  # (~22 kernels a layer); pallas the five fused kernels of kernels/decode_layer.py, over the
-  # weights transposed once before the loop (a second copy of the layers' weights while decoding).
-  c.kernels.decode_layer = choice("xla", DECODE_LAYERS)
+  # A decode step's layer (at most 16 new tokens a step): xla runs the block's own ops (~22
+  # kernels a layer); pallas the five fused kernels of kernels/decode_layer.py, over the weights
+  # transposed once before the loop (a second copy of the layers' weights while decoding). auto:
+  # pallas on a GPU for steps of one token (batch 1), where it won (1.37x at 1b on an H100), xla
+  # for more rows, where its 16-row dots lost (0.61x), and elsewhere (docs/kernels.md).
+  c.kernels.decode_layer = choice("auto", DECODE_LAYERS)
   return c
 
 

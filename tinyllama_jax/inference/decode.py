@@ -121,11 +121,16 @@ def pick_fn(greedy):
 
 
 def fused_layers(cfg_model, tokens):
-  """Whether a loop's steps run the fused decode layer (model.kernels.decode_layer=pallas): at
-  most 16 tokens a step (rows x new tokens a row), a forward that loops over the layers (one
-  cache a layer)."""
-  return (cfg_model.kernels.get("decode_layer", "xla") == "pallas" and not cfg_model.scan_layers
-          and tokens <= model_lib.decode_layer.MAX_ROWS)
+  """Whether a loop's steps of `tokens` tokens (rows x new tokens a row) run the fused decode
+  layer: model.kernels.decode_layer=pallas up to 16 tokens, auto for one token on a GPU (where
+  it wins: docs/kernels.md); both need a forward that loops over the layers (a cache a layer).
+  Runs saved before auto existed keep their xla."""
+  choice = cfg_model.kernels.get("decode_layer", "xla")
+  if cfg_model.scan_layers or tokens > model_lib.decode_layer.MAX_ROWS:
+    return False
+  if choice == "auto":
+    return tokens == 1 and jax.default_backend() == "gpu"
+  return choice == "pallas"
 
 
 def layout_fn(cfg_model, tokens):
