@@ -104,7 +104,9 @@ def _gemv_kernel(*refs, M, rows, K, block_k, norm, swiglu, residual, eps):
 
   def products(ks):  # one chunk's products: [BN, size] (one row, reduced later) or [R, BN]
     x = load_rows(x_ref, ks).astype(f32)  # [R, size]
-    sq = x * x if norm else None  # the norm's scale is per row: applied after the loop
+    # The norm's scale is per row, applied after the loop. One row sums its squares elementwise
+    # here (reduced once after the loop); a dot's rows sum theirs in a prologue (below).
+    sq = x * x if norm and gemv else None
     if norm:
       x = x * g_ref[ks].astype(f32)[None, :]
     x = x.astype(w_refs[0].dtype)  # the dot's operand; one row rounds the same way
@@ -118,27 +120,38 @@ def _gemv_kernel(*refs, M, rows, K, block_k, norm, swiglu, residual, eps):
                                        preferred_element_type=f32))
     return out, sq
 
+  def chunk(i):
+    return pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+
   def body(i, carry):
     accs, ss = carry
-    prods, sq = products(pl.ds(pl.multiple_of(i * block_k, block_k), block_k))
-    if norm:
-      ss = ss + (sq if gemv else jnp.sum(sq, axis=1))
-    return tuple(a + p for a, p in zip(accs, prods)), ss
+    prods, sq = products(chunk(i))
+    return tuple(a + p for a, p in zip(accs, prods)), ss if sq is None else ss + sq
 
   block_n = w_refs[0].shape[0]
-  accs = tuple(jnp.zeros((block_n, block_k) if gemv else (rows, block_n), f32) for _ in w_refs)
+  start = K // block_k * block_k  # K past the last whole chunk: power-of-two pieces, unrolled
+  pieces = []
+  for size in pow2_pieces(K % block_k):  # 5632 = 2 x 2048 + 1024 + 512
+    pieces.append(pl.ds(start, size))
+    start += size
   ss = jnp.zeros((1, block_k) if gemv else (rows,), f32)
+  if norm and not gemv:
+    # The rows' squares before the dot's loop, which then holds only loads, the scale by g and
+    # the dot: their cross-thread sums inside it cost the normed 16-row kernels 1.5-3x against
+    # the plain ones at the 1b shapes (bench/NOTES.md, 2026-12-08). x is small (<= 16 x K).
+    squares = lambda ks: jnp.sum(jnp.square(load_rows(x_ref, ks).astype(f32)), axis=1)
+    ss = jax.lax.fori_loop(0, K // block_k, lambda i, s: s + squares(chunk(i)), ss)
+    for ks in pieces:
+      ss = ss + squares(ks)
+  accs = tuple(jnp.zeros((block_n, block_k) if gemv else (rows, block_n), f32) for _ in w_refs)
   accs, ss = jax.lax.fori_loop(0, K // block_k, body, (accs, ss))
   outs = [jnp.sum(a, axis=1)[None, :] for a in accs] if gemv else list(accs)  # [R, BN]
   ss = jnp.sum(ss, axis=1) if gemv else ss  # [R]
-  # K past the last whole chunk (5632 = 2 x 2048 + 1024 + 512): power-of-two pieces, unrolled.
-  start = K // block_k * block_k
-  for size in pow2_pieces(K % block_k):
-    prods, sq = products(pl.ds(start, size))
+  for ks in pieces:
+    prods, sq = products(ks)
     outs = [o + (jnp.sum(p, axis=1)[None, :] if gemv else p) for o, p in zip(outs, prods)]
-    if norm:
+    if sq is not None:
       ss = ss + jnp.sum(sq, axis=1)
-    start += size
   if norm:
     rstd = jax.lax.rsqrt(ss / K + eps)[:, None]
     outs = [o * rstd for o in outs]
