@@ -341,7 +341,8 @@ class _Steps:
       self.writer.close()
     except faults.WriteFailed as e:
       self.run.ckpt.wait()  # a save in flight is committed (or is the error) before the line
-      raise e.with_checkpoints(self.step, self.run.ckpt.all_steps()) from e
+      step = self.fault[1] if self.fault and self.fault[0] is e else self.step
+      raise e.with_checkpoints(step, self.run.ckpt.all_steps()) from e
     finally:
       if self.writer is not None:
         with contextlib.suppress(faults.WriteFailed):  # the error already raised is the one told
