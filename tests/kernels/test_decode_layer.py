@@ -49,6 +49,8 @@ def test_gemvs_take_other_tiles():
   for M in (1, 5):
     _check_gemvs(M, D=96, N=96, F=64, dtype=jnp.float32, block_k=64)
   assert dl.pow2_pieces(5632 % 2048) == [1024, 512] and dl.pow2_pieces(0) == []
+  assert dl.tail_pieces(5632, 2048) == [(4096, 1024), (5120, 512)]
+  assert dl.tail_pieces(2048, 512) == []
 
 
 def _attend_inputs(seed, S, H, G, D, dtype, positions_BT):

@@ -129,11 +129,7 @@ def _gemv_kernel(*refs, M, rows, K, block_k, norm, swiglu, residual, eps):
     return tuple(a + p for a, p in zip(accs, prods)), ss if sq is None else ss + sq
 
   block_n = w_refs[0].shape[0]
-  start = K // block_k * block_k  # K past the last whole chunk: power-of-two pieces, unrolled
-  pieces = []
-  for size in pow2_pieces(K % block_k):  # 5632 = 2 x 2048 + 1024 + 512
-    pieces.append(pl.ds(start, size))
-    start += size
+  pieces = [pl.ds(start, size) for start, size in tail_pieces(K, block_k)]  # unrolled
   ss = jnp.zeros((1, block_k) if gemv else (rows,), f32)
   if norm and not gemv:
     # The rows' squares before the dot's loop, which then holds only loads, the scale by g and
@@ -180,6 +176,16 @@ def block_k_for(K):
 def pow2_pieces(n):
   """n as descending powers of two (1536 -> 1024, 512): the chunks after the whole ones."""
   return [1 << b for b in reversed(range(n.bit_length())) if n >> b & 1]
+
+
+def tail_pieces(K, block_k):
+  """(start, size) of K's columns past its last whole chunk, as power-of-two pieces (5632 at
+  2048: (4096, 1024), (5120, 512))."""
+  start, out = K // block_k * block_k, []
+  for size in pow2_pieces(K % block_k):
+    out.append((start, size))
+    start += size
+  return out
 
 
 def block_n_for(M, N):
