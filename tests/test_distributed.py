@@ -207,8 +207,8 @@ def test_a_process_that_fails_exits_at_once(tmp_path):
 def test_a_write_that_fails_on_one_process_stops_every_process_at_the_same_step(tmp_path):
   """Process 0's metrics.jsonl fills its disk after step 3 (only process 0 writes metrics): it
   holds the error until the next step's stop agreement, where both processes stop with exit 3
-  and one line each, in seconds; without the agreement process 1 would wait in a collective
-  for the one that left, until the step watchdog."""
+  and one line each, in seconds; without the agreement process 1, waiting in a collective for
+  the one that left, was aborted by jax's coordination service (SIGABRT, no line)."""
   port = free_port()
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)

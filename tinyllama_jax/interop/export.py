@@ -45,15 +45,11 @@ def staged_output_dir(path, what):
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise ValueError(f"{what} {path} already exists and is not empty: remove it or choose another")
   parent = os.path.dirname(path)
-  try:
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_output_dirs(path)
-  except OSError as e:
-    raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "
-                     "place") from None
   tmp = os.path.join(parent, f"{_tmp_prefix(path)}{_HOST}.{os.getpid()}-{secrets.token_hex(4)}")
   try:
     try:
+      os.makedirs(parent, exist_ok=True)
+      remove_stale_output_dirs(path)
       os.mkdir(tmp)  # the umask's mode: the output is for a serving account or a colleague too
     except OSError as e:
       raise ValueError(f"{what} {path} cannot be created ({e.strerror}): choose a writable "

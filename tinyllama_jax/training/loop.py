@@ -366,12 +366,11 @@ class _Steps:
 
   def _stop_together(self, faulted):
     """Every process ends here, at the same step, once any holds a failed write (_local)."""
+    if self.fault is not None:
+      raise self.fault[0]  # train() adds the step it failed at and the checkpoints
     with self.watchdog.paused():
       self.run.ckpt.wait()
     checkpoints = self.run.ckpt.all_steps()
-    if self.fault is not None:
-      error, step = self.fault
-      raise error.with_checkpoints(step, checkpoints) from error
     raise faults.FaultError(
         f"process {faulted[0]} of {jax.process_count()} could not write its files (its log "
         f"says which), so every process stops at step {self.step}: fix that disk; "
