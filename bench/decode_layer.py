@@ -14,7 +14,7 @@ Ops (D 2048, 32 query and 4 kv heads of 64, F 5632; M = 1 and 16 rows, bf16):
   lm_head  rms_norm(x) @ W_lm_head in fp32 (once a token, after the layers; XLA's now)
 xla: the model's formula in the model's layout ([K, N] weights), jitted; ours: the kernel on the
 [N, K] layout, one row per config (block_n:block_k:num_warps:num_stages for the GEMVs, '-' for
-the kernel's default; block_s:num_warps for attend). A config the kernel or Triton refuses is a
+the kernel's default; block_s:num_warps[:split_s] for attend). A config the kernel or Triton refuses is a
 row with its error.
 Timing: one jit holds `calls` calls (>= 16), each with its own inputs and weight copy (>= 150 MB
 of them, so no weight stays in an H100's or H200's 50 MB L2 from one use to the next, and XLA
@@ -59,9 +59,11 @@ SWEEP_1 = ["-:-:4:3", "-:1024:4:3", "-:2048:4:3", "-:2048:8:3", "-:4096:4:3", "2
 SWEEP_16 = ["-:-:4:3", "-:256:4:4", "-:1024:4:2", "-:-:8:3", "32:-:4:3", "-:128:4:5"]
 # A program walks its row's past slots block_s at a time, serially: longer blocks, fewer trips
 # (none spills at 2048 slots: bench.ptx, 94 registers at 64 to 165 at 256 with 4 warps).
-ATTEND_SWEEP = ["64:4", "128:4", "256:4", "256:8", "32:4", "64:8"]
+# block_s:num_warps:split_s, a program per split_s slots (flash-decoding): one or two trips each.
+ATTEND_SWEEP = ["64:4", "128:4", "256:4", "256:8", "32:4", "64:8", "64:4:64", "128:4:128",
+                "64:4:128", "64:8:128"]
 SMOKE_SWEEP = {1: ["-:-:4:3", "-:32:4:3", "-:48:4:3"], 16: ["-:-:4:3", "-:32:4:3"]}
-SMOKE_ATTEND = ["16:4", "32:4"]
+SMOKE_ATTEND = ["16:4", "32:4", "8:4:16"]
 
 
 def gemv_config(text):
@@ -74,10 +76,11 @@ def gemv_config(text):
 
 
 def attend_config(text):
+  """'64:4' / '64:4:128' -> attend's tile kwargs (the third, split_s: slots a program)."""
   parts = text.split(":")
-  if len(parts) != 2 or not all(p.isdigit() for p in parts):
-    raise ValueError(f"config {text!r}: want block_s:num_warps")
-  return {"block_s": int(parts[0]), "num_warps": int(parts[1])}
+  if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+    raise ValueError(f"config {text!r}: want block_s:num_warps or block_s:num_warps:split_s")
+  return dict(zip(("block_s", "num_warps", "split_s"), map(int, parts)))
 
 
 def xla_fn(op, n_heads):
@@ -242,7 +245,7 @@ def main(argv=None):
   ap.add_argument("--rows", default="1,16", help="the M values (batch rows) to time")
   ap.add_argument("--configs", default="", help="the GEMV configs instead of the sweep: "
                   "block_n:block_k:num_warps:num_stages,... ('-': the default)")
-  ap.add_argument("--attend_configs", default="", help="attend's: block_s:num_warps,...")
+  ap.add_argument("--attend_configs", default="", help="attend's: block_s:num_warps[:split_s],...")
   ap.add_argument("--reps", type=int, default=30, help="timed loops; the median is kept")
   ap.add_argument("--inner", type=int, default=4, help="runs of the jit enqueued a loop")
   ap.add_argument("--calls", type=int, default=16, help="op calls (and weight copies) a jit")

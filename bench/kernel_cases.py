@@ -42,6 +42,12 @@ for _M in (1, 5, 16):
           [S((_M, 1, 40, 64), BF16), S((_M, 1, 32), F32), S((_M, 1, 32), F32),
            S((_M, 384, 4, 64), BF16), S((_M, 384, 4, 64), BF16), S((_M, 1), jnp.int32)], 1),
   })
+# Flash-decoding over a 2,048-slot cache: a program per 128 slots and head, one trip each.
+CASES["decode_attend_split_1"] = (
+    lambda qkv, c, s, k, v, p: _sum(*decode_layer.attend(qkv, c, s, k, v, p, 32, block_s=128,
+                                                         split_s=128)),
+    [S((1, 1, 40, 64), BF16), S((1, 1, 32), F32), S((1, 1, 32), F32),
+     S((1, 2048, 4, 64), BF16), S((1, 2048, 4, 64), BF16), S((1, 1), jnp.int32)], 1)
 # The final norm + lm_head as the same GEMV, fp32 logits (bench.decode_layer's lm_head row).
 for _M in (1, 16):
   CASES[f"decode_lm_head_{_M}"] = (lambda x, g, w: decode_layer.norm_gemv(x, g, w, 1e-5, F32),

@@ -17,11 +17,13 @@ def test_smoke_rows_errors_and_the_layer_summary(tmp_path, capsys):
   assert set(rows) == {("qkv", "xla", None), ("qkv", "ours", "-:-:4:3"),
                        ("qkv", "ours", "-:48:4:3"), ("attend_long", "xla", None),
                        ("attend_long", "ours", "16:4"), ("attend_long", "ours", "32:4"),
+                       ("attend_long", "ours", "8:4:16"),
                        ("lm_head", "xla", None), ("lm_head", "ours", "-:-:4:3"),
                        ("lm_head", "ours", "-:48:4:3")}
   ok = rows["qkv", "ours", "-:-:4:3"]
   assert ok["us"] > 0 and ok["max_rel_err"] < 1e-2 and ok["vs_xla"] > 0
   assert rows["attend_long", "ours", "32:4"]["max_rel_err"] < 1e-2
+  assert rows["attend_long", "ours", "8:4:16"]["max_rel_err"] < 1e-2  # four splits combined
   refused = rows["qkv", "ours", "-:48:4:3"]
   assert refused["us"] is None and "block_k=48" in refused["note"]
   assert rows["lm_head", "ours", "-:-:4:3"]["max_rel_err"] < 1e-2

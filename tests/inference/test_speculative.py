@@ -142,6 +142,9 @@ def test_cli_speculative(imported, draft_workdir, tmp_path, capfd):  # noqa: F81
                             "--draft_tokens=0", prompts[0], "--max_new_tokens=4")
   missing = generate_cli(f"--workdir={workdir}", f"--draft_workdir={tmp_path / 'nope'}",
                          prompts[0], "--max_new_tokens=4")
+  (tmp_path / "empty").mkdir()
+  empty = generate_cli(f"--workdir={workdir}", f"--draft_workdir={tmp_path / 'empty'}",
+                       prompts[0], "--max_new_tokens=4")
   other_tok = str(tmp_path / "other")
   shutil.copytree(draft_workdir, other_tok)
   with open(os.path.join(other_tok, "tokenizer", "tokenizer.model"), "ab") as f:
@@ -152,6 +155,7 @@ def test_cli_speculative(imported, draft_workdir, tmp_path, capfd):  # noqa: F81
                       "--prompt=" + "x " * 200, "--max_new_tokens=4")
   for proc, start in ((bad_tokens, "error: --draft_tokens=0: draft at least 1"),
                       (missing, "error: --draft_workdir="),
+                      (empty, f"error: --draft_workdir='{tmp_path / 'empty'}': workdir"),
                       (changed, "error: the draft's tokenizer differs"),
                       (long, "error: a prompt of")):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -40,7 +40,8 @@ def _check_gemvs(M, D, N, F, dtype, seed=0, **tiles):
 @pytest.mark.parametrize("M", [1, 5, 16])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gemvs_match_their_references(M, dtype):
-  # K = 96 is not a power of two (5632 is not): the K loop takes chunks of 32.
+  # K = 96 is not a power of two (5632 is not): a dot's K loop takes chunks of 32, one row's a
+  # chunk of 64 and a piece of 32.
   _check_gemvs(M, D=96, N=48, F=32, dtype=dtype)
 
 
@@ -51,6 +52,7 @@ def test_gemvs_take_other_tiles():
   assert dl.pow2_pieces(5632 % 2048) == [1024, 512] and dl.pow2_pieces(0) == []
   assert dl.tail_pieces(5632, 2048) == [(4096, 1024), (5120, 512)]
   assert dl.tail_pieces(2048, 512) == []
+  assert dl.block_k_for(1, 5632) == 2048 and dl.block_k_for(16, 5632) == 512
 
 
 def _attend_inputs(seed, S, H, G, D, dtype, positions_BT):
@@ -85,11 +87,22 @@ def test_attend_one_token_a_row(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attend_several_tokens_a_row(dtype):
+@pytest.mark.parametrize("split_s", [None, 32])
+def test_attend_several_tokens_a_row(dtype, split_s):
   """A speculative round's verify pass: T consecutive new tokens a row, causal among them."""
   starts = np.array([0, 13, 16, 58])
   positions = starts[:, None] + np.arange(4)[None, :]
-  _check_attend(_attend_inputs(1, 64, 4, 2, 16, dtype, positions), 4, dtype, block_s=16)
+  _check_attend(_attend_inputs(1, 64, 4, 2, 16, dtype, positions), 4, dtype, block_s=16,
+                split_s=split_s)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attend_split_over_the_slots(dtype):
+  """Flash-decoding: a program per 16 slots (and per 8 over two trips), the splits combined.
+  Positions in the first split, at a split's edge, inside one, and splits wholly past them."""
+  args = _attend_inputs(2, 64, 8, 2, 16, dtype, [[0], [15], [16], [33], [63]])
+  _check_attend(args, 8, dtype, block_s=16, split_s=16)
+  _check_attend(args, 8, dtype, block_s=8, split_s=16)
 
 
 def test_attend_ignores_slots_past_the_position():
@@ -112,6 +125,9 @@ def test_bad_shapes_are_one_line_errors():
     dl.norm_gemv(x[:4], g, w[:24], 1e-5)
   with pytest.raises(ValueError, match="block_k=48 a power of two"):
     dl.norm_gemv(x[:4], g, w, 1e-5, block_k=48)
+  attend_args = _attend_inputs(0, 64, 4, 2, 16, jnp.float32, [[3]])
+  with pytest.raises(ValueError, match="multiple of split_s=48"):
+    dl.attend(*attend_args, 4, block_s=16, split_s=48)
 
 
 def test_layer_weights_are_the_block_weights_transposed():

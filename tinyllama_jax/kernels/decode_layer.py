@@ -168,8 +168,13 @@ def _pow2(n):
   return n >= 1 and n & (n - 1) == 0
 
 
-def block_k_for(K):
-  """The largest power-of-two chunk <= 512 dividing K (512 at the 1b shapes: 2048, 5632)."""
+def block_k_for(M, K):
+  """A program's chunk of K. One row: up to 2,048 columns (the 1b shapes' whole K but down's),
+  so a program issues its loads in one or two trips (no dot, no pipelining: the loads one trip
+  has in flight are all it has); a dot: the largest power of two <= 512 dividing K, which keeps
+  its 3-stage pipeline within shared memory (bench/NOTES.md, 2026-12-08)."""
+  if M == 1:
+    return min(2048, 1 << (K.bit_length() - 1))
   return min(512, K & -K)
 
 
@@ -188,16 +193,11 @@ def tail_pieces(K, block_k):
   return out
 
 
-def block_n_for(M, N):
-  """Weight rows a program: 16 for a dot (its smallest N), else as few as keep >= ~512
-  programs (4 an SM of an H100's 132: a program has only its own loads in flight, so fewer
-  programs would leave SMs idle or short of bytes in flight); never below 4."""
-  if M > 1:
-    return 16
-  block_n = 16
-  while block_n > 4 and N // block_n < 512:
-    block_n //= 2
-  return block_n
+def block_n_for(M):
+  """Weight rows a program: 16 for a dot (its smallest N); 2 for one row, the fastest at every
+  1b shape in the one-row sweep with block_k_for's chunks (bench/NOTES.md, 2026-12-08: qkv 9.4
+  us against 9.9 at the old default of 4 x 512, o 8.7 against 13.9, gate_up 22.5 against 23.1)."""
+  return 16 if M > 1 else 2
 
 
 def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=None,
@@ -205,8 +205,8 @@ def _gemv(op, x_MK, g_K, w_NK, r_MN, eps, out_dtype, *, swiglu=False, block_n=No
   pl, _pallas = _pallas_mods()
   M, K = x_MK.shape
   N = w_NK.shape[0] // (2 if swiglu else 1)
-  block_n = block_n or block_n_for(M, N)
-  block_k = block_k or block_k_for(K)
+  block_n = block_n or block_n_for(M)
+  block_k = block_k or block_k_for(M, K)
   if M > MAX_ROWS:
     raise ValueError(f"{op}: {M} rows > {MAX_ROWS} (a decode step; a prefill uses the GEMMs)")
   if w_NK.shape[1] != K:
@@ -270,17 +270,21 @@ def attend_ref(qkv_BTND, cos_BTF, sin_BTF, k_BSGD, v_BSGD, positions_BT, n_heads
   return attention.attention_cache_xla(q, k_BSGD, v_BSGD, positions_BT), k_BSGD, v_BSGD
 
 
-def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_out, v_out, *,
-                   H, G, D, T, block_s):
-  """Program (token r of the flattened [B T] rows, query head h)."""
+def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, *outs, H, G, D, T, block_s,
+                   split_s):
+  """Program (token r of the flattened [B T] rows, query head h, split s of the cache's slots).
+  One split: o_ref holds the head's output. More: o_ref, m_ref and l_ref hold the split's
+  unnormalised sum, running max and sum of weights, which `attend` combines."""
   pl, _ = _pallas_mods()
   f32 = jnp.float32
-  r, h = pl.program_id(0), pl.program_id(1)
+  r, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  o_ref, *stats, k_out, v_out = outs
   b, t = r // T, r % T
   g = h // (H // G)
   half = D // 2
   lo, hi = pl.ds(0, half), pl.ds(half, half)
   past = pos_ref[b * T]  # the row's first new position: the slots before it are its past
+  first = split * split_s  # this program's slots: first .. first + split_s - 1, those before past
   dt = k_ref.dtype
   scale = D ** -0.5
 
@@ -291,7 +295,7 @@ def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_ou
 
   q1, q2 = rotated(r, h)
 
-  @pl.when(h % (H // G) == 0)  # one program of the kv head writes the token's key and value
+  @pl.when((h % (H // G) == 0) & (split == 0))  # one program of the kv head writes k and v
   def _():
     k1, k2 = rotated(r, H + g)
     pos = pos_ref[r]
@@ -301,9 +305,10 @@ def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_ou
 
   def past_block(j, carry):
     m, l, acc = carry
-    slots = pl.ds(pl.multiple_of(j * block_s, block_s), block_s)
+    start = first + j * block_s
+    slots = pl.ds(pl.multiple_of(start, block_s), block_s)
     # Only slots written before this call: the new tokens' slots are being written by others.
-    valid = j * block_s + jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0) < past
+    valid = start + jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0) < past
     kb1, kb2 = k_ref[b, slots, g, lo].astype(f32), k_ref[b, slots, g, hi].astype(f32)
     logits = (jnp.sum(kb1 * q1[None, :], axis=1) + jnp.sum(kb2 * q2[None, :], axis=1)) * scale
     logits = jnp.where(valid, logits, attention._MASK_VALUE)
@@ -323,15 +328,25 @@ def _attend_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, o_ref, k_ou
     return m_new, l * alpha + p, acc * alpha + p * v
 
   carry = (jnp.float32(attention._MASK_VALUE), jnp.float32(0.0), jnp.zeros((D,), f32))
-  carry = jax.lax.fori_loop(0, (past + block_s - 1) // block_s, past_block, carry)
-  m, l, acc = jax.lax.fori_loop(0, t + 1, new_token, carry)
-  o_ref[r, h, :] = (acc / l).astype(o_ref.dtype)
+  blocks = jnp.clip((past - first + block_s - 1) // block_s, 0, split_s // block_s)
+  carry = jax.lax.fori_loop(0, blocks, past_block, carry)
+  m, l, acc = jax.lax.fori_loop(0, jnp.where(split == 0, t + 1, 0), new_token, carry)
+  if stats:
+    m_ref, l_ref = stats
+    o_ref[r, h, split, :] = acc
+    m_ref[r, h, split] = m
+    l_ref[r, h, split] = l
+  else:
+    o_ref[r, h, :] = (acc / l).astype(o_ref.dtype)
 
 
 def attend(qkv_BTND, cos_BTF, sin_BTF, k_BSGD, v_BSGD, positions_BT, n_heads, *, block_s=64,
-           num_warps=4, interpret=None):
-  """attend_ref as one kernel: a program per (new token, query head). A row's T new tokens are
-  at consecutive positions. Returns (o_BTHD, k, v); the caches are updated in place (aliased)."""
+           split_s=None, num_warps=4, interpret=None):
+  """attend_ref as one kernel: a program per (new token, query head), over the cache's slots
+  `block_s` at a time, serially; with split_s (a multiple of block_s) a program per split_s of
+  them too (flash-decoding: more programs, fewer trips each, for long caches), the splits' sums
+  combined after. A row's T new tokens are at consecutive positions. Returns (o_BTHD, k, v);
+  the caches are updated in place (aliased)."""
   pl, _pallas = _pallas_mods()
   B, S, G, D = k_BSGD.shape
   T, H = qkv_BTND.shape[1], n_heads
@@ -339,24 +354,34 @@ def attend(qkv_BTND, cos_BTF, sin_BTF, k_BSGD, v_BSGD, positions_BT, n_heads, *,
     raise ValueError(f"attend: qkv {qkv_BTND.shape} / cos {cos_BTF.shape} do not match a cache "
                      f"{k_BSGD.shape} with {H} query heads")
   block_s = min(block_s, S & -S)
-  if S % block_s or not _pow2(D // 2):
-    raise ValueError(f"attend: cache length {S} must be a multiple of {block_s}, head dim {D} "
-                     "twice a power of two")
-  M = B * T
-  kernel = functools.partial(_attend_kernel, H=H, G=G, D=D, T=T, block_s=block_s)
-  out_shape = (jax.ShapeDtypeStruct((M, H, D), qkv_BTND.dtype),
-               jax.ShapeDtypeStruct(k_BSGD.shape, k_BSGD.dtype),
-               jax.ShapeDtypeStruct(v_BSGD.shape, v_BSGD.dtype))
+  split_s = split_s or S
+  if S % block_s or split_s % block_s or S % split_s or not _pow2(D // 2):
+    raise ValueError(f"attend: cache length {S} must be a multiple of split_s={split_s} and of "
+                     f"block_s={block_s}, split_s of block_s, head dim {D} twice a power of two")
+  M, splits = B * T, S // split_s
+  kernel = functools.partial(_attend_kernel, H=H, G=G, D=D, T=T, block_s=block_s,
+                             split_s=split_s)
   f32 = jnp.float32
-  # No block specs: each program indexes the whole arrays by its (token, head).
-  o, k, v = pl.pallas_call(
-      kernel, grid=(M, H), out_shape=out_shape, input_output_aliases={4: 1, 5: 2},
+  outs = ((jax.ShapeDtypeStruct((M, H, D), qkv_BTND.dtype),) if splits == 1 else
+          (jax.ShapeDtypeStruct((M, H, splits, D), f32), jax.ShapeDtypeStruct((M, H, splits), f32),
+           jax.ShapeDtypeStruct((M, H, splits), f32)))
+  caches = (jax.ShapeDtypeStruct(k_BSGD.shape, k_BSGD.dtype),
+            jax.ShapeDtypeStruct(v_BSGD.shape, v_BSGD.dtype))
+  # No block specs: each program indexes the whole arrays by its (token, head, split).
+  *o, k, v = pl.pallas_call(
+      kernel, grid=(M, H, splits), out_shape=outs + caches,
+      input_output_aliases={4: len(outs), 5: len(outs) + 1},
       compiler_params=_triton_params(num_warps, 1), name="attend",
       interpret=_pallas.resolve_interpret(interpret))(
           positions_BT.reshape(M).astype(jnp.int32), qkv_BTND.reshape(M, H + 2 * G, D),
           cos_BTF.reshape(M, D // 2).astype(f32), sin_BTF.reshape(M, D // 2).astype(f32),
           k_BSGD, v_BSGD)
-  return o.reshape(B, T, H, D), k, v
+  if splits > 1:  # the splits' softmax sums as one (each scaled to the largest max)
+    acc_MHSD, m_MHS, l_MHS = o
+    w_MHS = jnp.exp(m_MHS - jnp.max(m_MHS, axis=2, keepdims=True))
+    o = [(jnp.sum(w_MHS[..., None] * acc_MHSD, axis=2)
+          / jnp.sum(w_MHS * l_MHS, axis=2)[..., None]).astype(qkv_BTND.dtype)]
+  return o[0].reshape(B, T, H, D), k, v
 
 
 def _triton_params(num_warps, num_stages):
