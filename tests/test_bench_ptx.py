@@ -16,7 +16,7 @@ def test_a_case_lowers_to_its_kernels_with_their_launch_settings():
     fn.trace(*args).lower(lowering_platforms=("cuda",))
   (kernel,) = ptx.kernels_of("decode_qkv_1")
   assert kernel["name"] == "norm_gemv"
-  assert kernel["grid"] == [640, 1, 1]  # 2560 rows, 4 a program
+  assert kernel["grid"] == [1280, 1, 1]  # 2560 rows, 2 a program
   assert (kernel["num_warps"], kernel["num_stages"]) == (4, 3)
   assert "tt.func public @norm_gemv" in kernel["ttir"]
   # Forward and backward of a training kernel: two kernels, in lowering order.

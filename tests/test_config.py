@@ -128,7 +128,7 @@ def test_declared_choices_are_the_ones_the_code_acts_on():
     assert "test_backend" in config_lib.choices()["model.kernels.rope"]
     config_lib.validate(tiny(**{"model.kernels.rope": "test_backend"}))
   finally:
-    del kernels._TABLE["rope"]["test_backend"]
+    kernels.unregister("rope", "test_backend")
 
 
 def test_retired_kernels_are_no_choice():

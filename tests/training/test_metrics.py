@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -21,6 +22,18 @@ from lm_eval_runs import tiny_config  # noqa: E402
 from wandb_records import offline_runs  # noqa: E402
 from tinyllama_jax import config as config_lib
 from tinyllama_jax.training import faults, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_train_command_starts_without_importing_torch():
+  """tensorboardX imports torch where it is installed (the test extras have it): 2.5 s of every
+  train start; hidden while it loads, and importable after."""
+  code = ("import sys, tinyllama_jax.train; assert 'torch' not in sys.modules, 'torch imported'; "
+          "import torch; print(torch.__name__)")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0 and proc.stdout.strip() == "torch", proc.stderr[-2000:]
 
 
 

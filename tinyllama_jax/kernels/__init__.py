@@ -106,3 +106,8 @@ def measured_attention(device_kind, head_dim, documents):
 def register(op, backend, target):
   """Adds (or replaces) a backend: `target` is "module:function" with the op's signature."""
   _TABLE.setdefault(op, {})[backend] = target
+
+
+def unregister(op, backend):
+  """Removes a backend `register` added."""
+  del _TABLE[op][backend]

@@ -1,20 +1,39 @@
 """Throughput, MFU, the metrics a run writes (tensorboard events, metrics.jsonl), the console line."""
 
+import contextlib
 import json
 import os
 import secrets
 import socket
 import struct
+import sys
 import time
 
 import jax
 from absl import logging
-from tensorboardX import summary as tb_summary
-from tensorboardX.proto import event_pb2
-from tensorboardX.record_writer import masked_crc32c
 
-from tinyllama_jax import peak_flops
-from tinyllama_jax.training import faults
+
+@contextlib.contextmanager
+def _without_torch():
+  """tensorboardX's package imports torch where it is installed (2.5 s of every train start on
+  a CPU), only to accept torch tensors, which this module never passes: hidden while it loads."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    yield
+  finally:
+    if hide:
+      del sys.modules["torch"]
+
+
+with _without_torch():
+  from tensorboardX import summary as tb_summary
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+
+from tinyllama_jax import peak_flops  # noqa: E402
+from tinyllama_jax.training import faults  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"  # beside tb/ in every workdir: one JSON object of scalars a line
 

@@ -18,6 +18,7 @@ shardings), activations and the peak. Where the peak comes from (--source):
   auto      (default) xla on an accelerator with enough devices, else analytic.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -83,9 +84,15 @@ def planning_config(cfg, remat):
   return cfg
 
 
-def _register_stand_in():
-  # Registered only in this process, only for planning.
+@contextlib.contextmanager
+def _stand_in_registered():
+  """The stand-in as an attention backend while plan traces, then gone: a name no run chooses
+  (a process that plans and then lists or validates configs must not see it)."""
   kernels.register("attention", "plan_flash", "tinyllama_jax.training.plan:attention_stand_in")
+  try:
+    yield
+  finally:
+    kernels.unregister("attention", "plan_flash")
 
 
 # ----------------------------------------------------------------------------- analytic model
@@ -204,9 +211,8 @@ def plan(cfg, n_devices, remats, source="auto"):
   mesh = sharding.make_mesh(cfg.mesh, devices=devices[:n_devices])
   config_lib.validate(cfg, sharding.batch_devices(mesh))
   use_xla = source == "xla" or (source == "auto" and on_accel)
-  if not on_accel:
-    _register_stand_in()
-  return mesh, [plan_one(cfg, mesh, r, use_xla, stand_ins=not on_accel) for r in remats]
+  with _stand_in_registered() if not on_accel else contextlib.nullcontext():
+    return mesh, [plan_one(cfg, mesh, r, use_xla, stand_ins=not on_accel) for r in remats]
 
 
 def format_table(cfg, mesh, plans, memory_gib):
