@@ -6,6 +6,7 @@ prints each completion at the end. With --draft_workdir=DRAFT --draft_tokens=K, 
 decoding: the same output, fewer calls of the target (inference/speculative.py).
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -117,28 +118,32 @@ def define_flags():
   flags.DEFINE_string("system", None, "With --chat: a system message first.")
 
 
+@contextlib.contextmanager
+def naming_the_draft():
+  """The run readers' errors name the target's flags (--step, --tokenizer): say which run failed."""
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(f"--draft_workdir={FLAGS.draft_workdir!r}: {e}") from None
+
+
 def load_draft(cfg, tok_path, prompt_ids):
   """(params, config) of --draft_workdir's latest checkpoint, once it can draft for the target."""
   if not os.path.isdir(FLAGS.draft_workdir):
     raise ValueError(f"--draft_workdir={FLAGS.draft_workdir!r} does not exist: pass a run "
                      "directory (train's --workdir, or an import)")
-  # The run readers' errors name the target's flags (--step, --tokenizer): say which run failed.
-  try:
+  with naming_the_draft():
     step = run_lib.resolve_step(FLAGS.draft_workdir)
     cfg_d = run_lib.run_config(FLAGS.draft_workdir, step)
     draft_tok = run_lib.tokenizer_path(cfg_d, FLAGS.draft_workdir)
-  except ValueError as e:
-    raise ValueError(f"--draft_workdir={FLAGS.draft_workdir!r}: {e}") from None
   same = (draft_tok is not None
           and tokenizer_lib.file_sha256(draft_tok) == tokenizer_lib.file_sha256(tok_path))
   speculative.check_draft(cfg.model, cfg_d.model, draft_tokens=FLAGS.draft_tokens,
                           same_tokenizer=same)
   generate_lib.check_request(cfg_d.model, prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
                 temperature=FLAGS.temperature, top_p=FLAGS.top_p)
-  try:
+  with naming_the_draft():
     params = run_lib.load_params(FLAGS.draft_workdir, step, cfg_d.model)
-  except ValueError as e:
-    raise ValueError(f"--draft_workdir={FLAGS.draft_workdir!r}: {e}") from None
   return decode.cast_params(jax.device_put(params), cfg_d.model), cfg_d.model
 
 
