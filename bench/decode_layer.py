@@ -14,8 +14,8 @@ Ops (D 2048, 32 query and 4 kv heads of 64, F 5632; M = 1 and 16 rows, bf16):
   lm_head  rms_norm(x) @ W_lm_head in fp32 (once a token, after the layers; XLA's now)
 xla: the model's formula in the model's layout ([K, N] weights), jitted; ours: the kernel on the
 [N, K] layout, one row per config (block_n:block_k:num_warps:num_stages for the GEMVs, '-' for
-the kernel's default; block_s:num_warps[:split_s] for attend). A config the kernel or Triton refuses is a
-row with its error.
+the kernel's default; block_s:num_warps[:split_s] for attend). A config the kernel or Triton
+refuses is a row with its error.
 Timing: one jit holds `calls` calls (>= 16), each with its own inputs and weight copy (>= 150 MB
 of them, so no weight stays in an H100's or H200's 50 MB L2 from one use to the next, and XLA
 cannot merge two dots that share a weight). After warm-up, `reps` timed loops each enqueue

@@ -11,7 +11,7 @@ from absl import flags
 jax.config.update("jax_num_cpu_devices", 8)
 # One persistent compilation cache a test process, which the commands it starts share: most tests
 # compile the same tiny programs (a train step, a decode loop), each a second or more on a CPU
-# (the suite: 34 to 26 minutes on 2 cores). A size bound turns on jax's file lock around each
+# (the suite: 55 to 48 CPU-minutes). A size bound turns on jax's file lock around each
 # read and write, so two processes never see a half-written entry.
 _CACHE = tempfile.mkdtemp(prefix="tinyllama-jax-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)

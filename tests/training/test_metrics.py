@@ -36,8 +36,6 @@ def test_the_train_command_starts_without_importing_torch():
   assert proc.returncode == 0 and proc.stdout.strip() == "torch", proc.stderr[-2000:]
 
 
-
-
 def test_wandb_gets_the_scalars_and_a_resume_continues_its_run(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_MODE", "offline")
   cfg = tiny_config()

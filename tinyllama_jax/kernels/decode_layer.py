@@ -368,7 +368,7 @@ def attend(qkv_BTND, cos_BTF, sin_BTF, k_BSGD, v_BSGD, positions_BT, n_heads, *,
   caches = (jax.ShapeDtypeStruct(k_BSGD.shape, k_BSGD.dtype),
             jax.ShapeDtypeStruct(v_BSGD.shape, v_BSGD.dtype))
   # No block specs: each program indexes the whole arrays by its (token, head, split).
-  *o, k, v = pl.pallas_call(
+  *parts, k, v = pl.pallas_call(
       kernel, grid=(M, H, splits), out_shape=outs + caches,
       input_output_aliases={4: len(outs), 5: len(outs) + 1},
       compiler_params=_triton_params(num_warps, 1), name="attend",
@@ -376,12 +376,14 @@ def attend(qkv_BTND, cos_BTF, sin_BTF, k_BSGD, v_BSGD, positions_BT, n_heads, *,
           positions_BT.reshape(M).astype(jnp.int32), qkv_BTND.reshape(M, H + 2 * G, D),
           cos_BTF.reshape(M, D // 2).astype(f32), sin_BTF.reshape(M, D // 2).astype(f32),
           k_BSGD, v_BSGD)
-  if splits > 1:  # the splits' softmax sums as one (each scaled to the largest max)
-    acc_MHSD, m_MHS, l_MHS = o
+  if splits == 1:
+    (o_MHD,) = parts
+  else:  # the splits' softmax sums as one (each scaled to the largest max)
+    acc_MHSD, m_MHS, l_MHS = parts
     w_MHS = jnp.exp(m_MHS - jnp.max(m_MHS, axis=2, keepdims=True))
-    o = [(jnp.sum(w_MHS[..., None] * acc_MHSD, axis=2)
-          / jnp.sum(w_MHS * l_MHS, axis=2)[..., None]).astype(qkv_BTND.dtype)]
-  return o[0].reshape(B, T, H, D), k, v
+    o_MHD = (jnp.sum(w_MHS[..., None] * acc_MHSD, axis=2)
+             / jnp.sum(w_MHS * l_MHS, axis=2)[..., None]).astype(qkv_BTND.dtype)
+  return o_MHD.reshape(B, T, H, D), k, v
 
 
 def _triton_params(num_warps, num_stages):
